@@ -1,0 +1,1 @@
+"""Budget -> plan: cost model, exact solver, seed strategies."""

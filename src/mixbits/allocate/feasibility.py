@@ -1,0 +1,74 @@
+"""Check a budget before any compute, and pick the uniform baseline a budget is compared with.
+
+Both need only layer shapes and the cost model, so they run right after the model's config is
+known and long before calibration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from mixbits.allocate.budget import Budget
+from mixbits.allocate.optimal import Constraints, allowed_options, merged_problem
+from mixbits.allocate.solver import feasible_range
+from mixbits.plan import Plan
+from mixbits.quant.spec import QuantSpec
+from mixbits.sensitivity.table import DamageTable
+
+
+class BudgetInfeasible(ValueError):
+    """A budget no plan can meet; the message names the reachable range."""
+
+
+def shape_table(shapes: Mapping[str, tuple[int, int]], configs: Sequence[QuantSpec]) -> DamageTable:
+    """A damage table with zero damage: enough for cost and feasibility questions."""
+    return DamageTable(tuple(shapes), tuple(shapes.values()), tuple(configs), np.zeros((len(shapes), len(configs))), "none")
+
+
+def check_budget(
+    shapes: Mapping[str, tuple[int, int]],
+    configs: Sequence[QuantSpec],
+    groups: Sequence[Sequence[str]],
+    constraints: Constraints,
+    budget: Budget,
+    fixed_bytes: int,
+) -> float:
+    """Return the budget in stored bits, or raise BudgetInfeasible naming the reachable range."""
+    table = shape_table(shapes, configs)
+    cost, _ = merged_problem(table, groups, allowed_options(table, constraints))
+    cheapest, richest = feasible_range(cost)
+    numel = int(table.numels().sum())
+    bits = budget.to_bits(numel, fixed_bytes)
+    if bits < cheapest:
+        lo, hi = budget.from_bits(cheapest, numel, fixed_bytes), budget.from_bits(richest, numel, fixed_bytes)
+        flag = "--target-bpw" if budget.bpw is not None else "--target-size-mb"
+        raise BudgetInfeasible(
+            f"{flag} {budget.label} cannot be met: with candidate configs "
+            f"{[c.label for c in configs]} and these constraints the cheapest plan needs {lo:.4g} and the "
+            f"richest {hi:.4g}; choose a budget in [{lo:.4g}, {hi:.4g}] or allow fewer bits/larger groups"
+        )
+    if bits > richest * (1 + 1e-12):
+        hi = budget.from_bits(richest, numel, fixed_bytes)
+        lo = budget.from_bits(cheapest, numel, fixed_bytes)
+        flag = "--target-bpw" if budget.bpw is not None else "--target-size-mb"
+        raise BudgetInfeasible(
+            f"{flag} {budget.label} is above the richest reachable plan ({hi:.4g}): nothing would be quantized; "
+            f"choose a budget in [{lo:.4g}, {hi:.4g}]"
+        )
+    return bits
+
+
+def uniform_baseline(
+    shapes: Mapping[str, tuple[int, int]], configs: Sequence[QuantSpec], budget: Budget, fixed_bytes: int
+) -> tuple[QuantSpec, bool]:
+    """The richest uniform config whose storage fits the budget (ties: larger group size wins,
+    for fewer scales); if none fits, the cheapest one. The flag says whether it fits."""
+    numel = sum(o * i for o, i in shapes.values())
+    limit = budget.to_bits(numel, fixed_bytes)
+    priced = [(8 * Plan.uniform(shapes, c).storage_bytes(shapes), c) for c in configs if not c.keep]
+    fitting = [(cost, c) for cost, c in priced if cost <= limit]
+    if fitting:
+        return max(fitting, key=lambda p: (p[0], p[1].group_size or 1 << 30))[1], True
+    return min(priced, key=lambda p: p[0])[1], False

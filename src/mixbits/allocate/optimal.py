@@ -1,0 +1,103 @@
+"""`optimal`: the least total predicted damage under a storage budget, solved exactly.
+
+Units that engines fuse (q/k/v, gate/up) are merged into one choice whose cost and damage
+are the sums of their members', so they always share a config. Pins and keeps remove every
+other option of the units they match; min/max bits remove options outside the range. The
+remaining multiple-choice knapsack is solved exactly by `solver.solve_mckp`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from mixbits.allocate.solver import Solution, solve_mckp
+from mixbits.quant.spec import QuantSpec
+from mixbits.sensitivity.table import DamageTable
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """Per-unit restrictions on the configs allocation may choose."""
+
+    min_bits: int = 2
+    max_bits: int = 16
+    keep: str | None = None  # regex of unit names kept in 16 bit
+    pins: tuple[tuple[str, QuantSpec], ...] = ()  # (regex, spec): matching units take spec
+    tie: bool = True  # fused units share one config
+
+    @staticmethod
+    def parse_pin(text: str) -> tuple[str, QuantSpec]:
+        """Read ``REGEX=SPEC`` (``down_proj=w4g64``) or ``REGEX=BITS`` (``down_proj=4``, group 128)."""
+        if "=" not in text:
+            raise ValueError(f"pin {text!r} must look like 'down_proj=4' or 'down_proj=w4g64'")
+        pattern, value = text.rsplit("=", 1)
+        re.compile(pattern)
+        spec = QuantSpec(int(value)) if value.isdigit() else QuantSpec.parse(value)
+        return pattern, spec
+
+
+def allowed_options(table: DamageTable, constraints: Constraints) -> np.ndarray:
+    """[U, C] mask of the configs each unit may take."""
+    bits = np.array([c.bits for c in table.configs])
+    mask = np.broadcast_to((bits >= constraints.min_bits) & (bits <= constraints.max_bits), table.damage.shape).copy()
+    for u, name in enumerate(table.units):
+        if constraints.keep and re.search(constraints.keep, name):
+            mask[u] = [c.keep for c in table.configs]
+        for pattern, spec in constraints.pins:
+            if re.search(pattern, name):
+                if spec not in table.configs:
+                    raise ValueError(
+                        f"pin {pattern}={spec.label} is not among the candidate configs "
+                        f"{[c.label for c in table.configs]}; add its bits/group size to the candidates"
+                    )
+                mask[u] = [c == spec for c in table.configs]
+    return mask
+
+
+def merged_problem(
+    table: DamageTable, groups: Sequence[Sequence[str]], mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cost and damage per group of tied units; unavailable options are +inf."""
+    index = table.index()
+    unit_cost = table.cost_bits()
+    cost = np.zeros((len(groups), len(table.configs)))
+    damage = np.zeros_like(cost)
+    for g, members in enumerate(groups):
+        rows = [index[m] for m in members]
+        cost[g] = unit_cost[rows].sum(axis=0)
+        damage[g] = table.damage[rows].sum(axis=0)
+        ok = mask[rows].all(axis=0)
+        if not ok.any():
+            raise ValueError(f"tied units {list(members)} have no config allowed for all of them; check --pin/--keep")
+        cost[g, ~ok] = np.inf
+        damage[g, ~ok] = np.inf
+    return cost, damage
+
+
+def unit_groups(units: Sequence[str], tied: Sequence[Sequence[str]], tie: bool) -> list[tuple[str, ...]]:
+    """The tied groups restricted to `units`, or singletons when tying is off."""
+    if not tie:
+        return [(u,) for u in units]
+    present = set(units)
+    groups = [tuple(m for m in g if m in present) for g in tied]
+    groups = [g for g in groups if g]
+    covered = {m for g in groups for m in g}
+    return groups + [(u,) for u in units if u not in covered]
+
+
+def allocate_optimal(
+    table: DamageTable,
+    groups: Sequence[Sequence[str]],
+    budget_bits: float,
+    constraints: Constraints = Constraints(),
+) -> tuple[dict[str, QuantSpec], Solution]:
+    """The exact least-damage choice of config per unit with total stored bits <= budget_bits."""
+    mask = allowed_options(table, constraints)
+    cost, damage = merged_problem(table, groups, mask)
+    solution = solve_mckp(cost, damage, budget_bits)
+    specs = {m: table.configs[c] for g, c in zip(groups, solution.choice) for m in g}
+    return {u: specs[u] for u in table.units}, solution

@@ -1,0 +1,93 @@
+"""Frozen configuration of every stage. The CLI builds these; nothing else reads argv.
+
+Defaults are sized for the embedded demo on 2 CPU cores (about 10 minutes end to end); the
+same fields scale to real runs (`--calib-windows 128 --seqlen 2048 --eval-windows 0`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from mixbits.quant.spec import KEEP, QUANT_BITS, QuantSpec
+
+DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
+DEFAULT_GROUPS = (64, 128)
+
+
+def candidate_configs(bits: tuple[int, ...], groups: tuple[int | None, ...], symmetric: bool = False) -> tuple[QuantSpec, ...]:
+    """Every bits x group size pair, plus keeping the layer in 16 bit (always last)."""
+    for b in bits:
+        if b not in QUANT_BITS:
+            raise ValueError(f"candidate bits {b} not supported; choose from {QUANT_BITS}")
+    specs = [QuantSpec(b, g, symmetric) for b, g in itertools.product(sorted(set(bits)), groups)]
+    return tuple(specs) + (KEEP,)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "wiki"  # calibration text and held-out evaluation text
+    seqlen: int = 512
+    calib_windows: int = 16
+    eval_windows: int = 24  # 0 = every window of the test split
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.seqlen < 16:
+            raise ValueError(f"--seqlen {self.seqlen} is too short; use at least 16 tokens (2048 for paper numbers)")
+        if self.calib_windows < 1:
+            raise ValueError(f"--calib-windows {self.calib_windows} must be at least 1")
+        if self.eval_windows < 0:
+            raise ValueError(f"--eval-windows {self.eval_windows} must be >= 0 (0 = the whole test split)")
+
+
+@dataclass(frozen=True)
+class AllocationConfig:
+    target_bpw: float | None = None
+    target_size_mb: float | None = None
+    bits: tuple[int, ...] = DEFAULT_BITS
+    group_sizes: tuple[int | None, ...] = DEFAULT_GROUPS
+    min_bits: int = 2
+    max_bits: int = 16
+    keep: str | None = None
+    pins: tuple[str, ...] = ()
+    tie: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.target_bpw is None) == (self.target_size_mb is None):
+            raise ValueError("give exactly one of --target-bpw and --target-size-mb")
+        if self.min_bits > self.max_bits:
+            raise ValueError(f"--min-bits {self.min_bits} is above --max-bits {self.max_bits}")
+
+    def configs(self) -> tuple[QuantSpec, ...]:
+        return candidate_configs(self.bits, self.group_sizes)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str = "smollm2-135m"
+    output_dir: Path = Path("runs/demo")
+    device: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    allocation: AllocationConfig = field(default_factory=lambda: AllocationConfig(target_bpw=3.25))
+    plan: Path | None = None  # a given plan replaces sensitivity + allocation
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["output_dir"] = str(self.output_dir)
+        d["plan"] = None if self.plan is None else str(self.plan)
+        return d
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when present, else CPU; anything else must exist on this machine."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} asked for CUDA, but none is available here; use --device auto or cpu")
+    return device

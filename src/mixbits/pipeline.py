@@ -1,0 +1,146 @@
+"""The one place that chains stages: load -> calibrate -> sensitivity -> allocate -> quantize ->
+evaluate -> save. Every input is checked before the first expensive step."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mixbits.allocate.budget import Budget
+from mixbits.allocate.feasibility import check_budget, uniform_baseline
+from mixbits.allocate.optimal import Constraints, allocate_optimal, unit_groups
+from mixbits.config import RunConfig, resolve_device
+from mixbits.data.text import load_text, resolve_text
+from mixbits.data.windows import calibration_windows, eval_windows, text_fingerprint
+from mixbits.eval.perplexity import evaluate_models
+from mixbits.export.native import native_size_bytes, save_native
+from mixbits.model.apply import fake_quantize_model
+from mixbits.model.arch import LinearInfo, find_linears, tied_groups
+from mixbits.model.load import load_model, resolve_model_source
+from mixbits.plan import Plan
+from mixbits.report.results import build_layer_statistics, build_results, write_outputs
+from mixbits.sensitivity.fisher import fisher_table
+from mixbits.sensitivity.table import DamageTable
+from mixbits.timing import StageTimer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything known after loading, before any calibration compute."""
+
+    model: nn.Module
+    tokenizer: object
+    device: torch.device
+    linears: dict[str, LinearInfo]
+    shapes: dict[str, tuple[int, int]]
+    groups: list[tuple[str, ...]]
+    constraints: Constraints
+    budget: Budget
+    budget_bits: float
+    fixed_bytes: int
+    given_plan: Plan | None
+
+
+def constraints_of(cfg: RunConfig) -> Constraints:
+    a = cfg.allocation
+    pins = tuple(Constraints.parse_pin(p) for p in a.pins)
+    return Constraints(min_bits=a.min_bits, max_bits=a.max_bits, keep=a.keep, pins=pins, tie=a.tie)
+
+
+def fixed_bytes_of(model: nn.Module, shapes: dict[str, tuple[int, int]]) -> int:
+    """Bytes of every tensor outside the quantizable linears, stored in 16 bit (tied counted once)."""
+    skip = {f"{n}.weight" for n in shapes}
+    seen, total = set(), 0
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tuple(tensor.shape))
+        if name in skip or key in seen:
+            continue
+        seen.add(key)
+        total += tensor.numel() * (2 if tensor.is_floating_point() else tensor.element_size())
+    return total
+
+
+def prepare(cfg: RunConfig, timer: StageTimer) -> Prepared:
+    """Validate every input (cheap checks first), load the model, check the budget."""
+    resolve_text(cfg.data.dataset)
+    device = resolve_device(cfg.device)
+    constraints = constraints_of(cfg)
+    given = Plan.load(cfg.plan) if cfg.plan is not None else None
+    budget = Budget(cfg.allocation.target_bpw, cfg.allocation.target_size_mb)
+    with timer.stage("load"):
+        source = resolve_model_source(cfg.model)
+        model, tokenizer = load_model(source, device=device)
+    linears = find_linears(model)
+    shapes = {n: (i.out_features, i.in_features) for n, i in linears.items()}
+    groups = unit_groups(tuple(linears), tied_groups(model, linears), constraints.tie)
+    fixed = fixed_bytes_of(model, shapes)
+    if given is not None:
+        given.validate(shapes)
+        budget = Budget(bpw=given.bits_per_weight(shapes))
+        bits = budget.to_bits(sum(o * i for o, i in shapes.values()), fixed)
+    else:
+        bits = check_budget(shapes, cfg.allocation.configs(), groups, constraints, budget, fixed)
+    return Prepared(model, tokenizer, device, linears, shapes, groups, constraints, budget, bits, fixed, given)
+
+
+def calibrate(cfg: RunConfig, p: Prepared, timer: StageTimer) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    d = cfg.data
+    with timer.stage("data"):
+        calib = calibration_windows(p.tokenizer, load_text(d.dataset, "calibration"), d.seqlen, d.calib_windows, d.seed)
+        test = eval_windows(p.tokenizer, load_text(d.dataset, "test"), d.seqlen, d.eval_windows or None)
+    info = {
+        "dataset": d.dataset,
+        "calibration": {"split": "calibration", "windows": len(calib), "seqlen": d.seqlen,
+                        "tokens": calib.numel(), "sha256": text_fingerprint(calib), "seed": d.seed},
+        "test": {"split": "test", "windows": len(test), "seqlen": d.seqlen,
+                 "tokens": test.numel(), "sha256": text_fingerprint(test)},
+    }
+    return calib, test, info
+
+
+def sensitivity(cfg: RunConfig, p: Prepared, calib: torch.Tensor, timer: StageTimer, data_info: dict) -> DamageTable:
+    configs = cfg.allocation.configs()
+    with timer.stage("sensitivity"):
+        damage, scores = fisher_table(p.model, calib, p.linears, configs, device=p.device, progress=cfg.progress)
+    return DamageTable(
+        units=tuple(p.linears), shapes=tuple(p.shapes.values()), configs=configs, damage=damage,
+        method="fisher", scores=scores,
+        meta={"model": cfg.model, "quantizer": "rtn", "calibration": data_info["calibration"]},
+    )
+
+
+def run(cfg: RunConfig) -> dict:
+    """The whole job of `mixbits run`; writes results into cfg.output_dir and returns them."""
+    timer = StageTimer()
+    p = prepare(cfg, timer)
+    calib, test, data_info = calibrate(cfg, p, timer)
+    table, solution, plan = None, None, p.given_plan
+    if plan is None:
+        table = sensitivity(cfg, p, calib, timer, data_info)
+        with timer.stage("allocate"):
+            specs, solution = allocate_optimal(table, p.groups, p.budget_bits, p.constraints)
+        plan = Plan(specs, {"strategy": "optimal", "budget": p.budget.label, "sensitivity": table.method})
+    base_spec, base_fits = uniform_baseline(p.shapes, cfg.allocation.configs(), p.budget, p.fixed_bytes)
+    baseline = Plan.uniform(p.shapes, base_spec, fits_budget=base_fits)
+    with timer.stage("quantize"):
+        models = {"original": p.model,
+                  "mixed": fake_quantize_model(p.model, plan, progress=cfg.progress),
+                  f"uniform {base_spec.label}": fake_quantize_model(p.model, baseline)}
+    with timer.stage("evaluate"):
+        evals = evaluate_models(models, test, device=p.device, reference="original", progress=cfg.progress)
+    out = Path(cfg.output_dir)
+    with timer.stage("save"):
+        sizes = {"original": native_size_bytes(p.model, Plan({})),
+                 "mixed": save_native(models["mixed"], plan, out / "model", p.tokenizer),
+                 f"uniform {base_spec.label}": native_size_bytes(models[f"uniform {base_spec.label}"], baseline)}
+    plans = {"original": Plan({}), "mixed": plan, f"uniform {base_spec.label}": baseline}
+    results = build_results(cfg, p, data_info, evals, plans, sizes, solution, table, timer.seconds)
+    layers = build_layer_statistics(p.linears, table, plan)
+    write_outputs(out, results, layers, plan, table)
+    return results

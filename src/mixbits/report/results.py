@@ -1,0 +1,127 @@
+"""results.json, layer_statistics.json, plan.json and sensitivity.json of a run.
+
+Schema of results.json (`mixbits.results/1`):
+    config            the RunConfig as given
+    environment       versions of python, torch, transformers, mixbits; device
+    model             name, parameters, blocks, quantizable linears and their weights
+    data              dataset, calibration and test windows (count, seqlen, tokens, sha256)
+    evaluation        the perplexity/KL convention in words
+    budget            target, budget in stored bits, the solver's status
+    models            per variant ("original", "mixed", "uniform wXgY"): ppl, nll, kl, top1,
+                      bpw (stored bits per weight over the quantizable linears, cost model),
+                      linear_bytes (those layers' stored bytes, cost model), bytes_on_disk
+                      (the native safetensors file, measured), predicted_damage
+    timings_s         wall seconds per stage
+This module formats and writes; it computes no new measurement.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import torch
+import transformers
+
+import mixbits
+from mixbits.io import atomic_write_json
+from mixbits.eval.perplexity import CONVENTION
+from mixbits.plan import Plan
+from mixbits.quant.cost import layer_storage_bytes
+from mixbits.quant.spec import KEEP
+from mixbits.sensitivity.table import DamageTable
+
+RESULTS_FORMAT = "mixbits.results/1"
+
+
+def environment(device: torch.device) -> dict:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "mixbits": mixbits.__version__,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def predicted_damage(table: DamageTable, plan: Plan) -> float:
+    col = {c: j for j, c in enumerate(table.configs)}
+    keep_col = next(j for j, c in enumerate(table.configs) if c.keep)
+    return float(sum(table.damage[u, col.get(plan.specs.get(n), keep_col)] for u, n in enumerate(table.units)))
+
+
+def build_results(cfg, prepared, data_info, evals, plans, sizes, solution, table, timings) -> dict:
+    shapes = prepared.shapes
+    n_params = sum(t.numel() for t in prepared.model.parameters())
+    variants = {}
+    for name, result in evals.items():
+        plan = plans[name]
+        variants[name] = {
+            **result.to_dict(),
+            "bpw": plan.bits_per_weight(shapes),
+            "linear_bytes": plan.storage_bytes(shapes),
+            "bytes_on_disk": sizes[name],
+            "plan": {s.label: sum(1 for v in plan.specs.values() if v == s) for s in set(plan.specs.values())},
+            "predicted_damage": None if table is None else predicted_damage(table, plan),
+        }
+    return {
+        "format": RESULTS_FORMAT,
+        "config": cfg.to_dict(),
+        "environment": environment(prepared.device),
+        "model": {
+            "name": cfg.model,
+            "parameters": n_params,
+            "blocks": len({i.block for i in prepared.linears.values()}),
+            "quantizable_linears": len(shapes),
+            "quantizable_weights": sum(o * i for o, i in shapes.values()),
+            "other_bytes_fp16": prepared.fixed_bytes,
+        },
+        "data": data_info,
+        "evaluation": {"convention": CONVENTION.format(seqlen=data_info["test"]["seqlen"]), "reference": "original"},
+        "budget": {
+            "target": prepared.budget.label,
+            "bits": prepared.budget_bits,
+            "plan_source": str(cfg.plan) if solution is None else "optimal allocation",
+            "solver": None if solution is None else {
+                "method": solution.method, "optimal": solution.optimal, "cost_bits": solution.cost,
+                "predicted_damage": solution.damage},
+        },
+        "models": variants,
+        "timings_s": dict(timings),
+    }
+
+
+def build_layer_statistics(linears, table: DamageTable | None, plan: Plan) -> dict:
+    """Per linear: shape, chosen spec, its stored bpw, and (with a table) scores and predicted damage."""
+    index = table.index() if table is not None else {}
+    col = {c: j for j, c in enumerate(table.configs)} if table is not None else {}
+    layers = []
+    for name, info in linears.items():
+        spec = plan.specs.get(name, KEEP)
+        row = {
+            "name": name,
+            "block": info.block,
+            "shape": [info.out_features, info.in_features],
+            "params": info.numel,
+            "spec": spec.label,
+            "bits": spec.bits,
+            "group_size": spec.group_size,
+            "bpw": 8 * layer_storage_bytes(info.out_features, info.in_features, spec) / info.numel,
+        }
+        if table is not None:
+            u = index[name]
+            row["scores"] = {k: float(v[u]) for k, v in table.scores.items()}
+            row["predicted_damage"] = float(table.damage[u, col[spec]])
+        layers.append(row)
+    method = table.method if table is not None else None
+    return {"format": "mixbits.layer_statistics/1", "sensitivity_method": method, "layers": layers}
+
+
+def write_outputs(out: Path, results: dict, layers: dict, plan: Plan, table: DamageTable | None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "results.json", results)
+    atomic_write_json(out / "layer_statistics.json", layers)
+    plan.save(out / "plan.json")
+    if table is not None:
+        table.save(out / "sensitivity.json")

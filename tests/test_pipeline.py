@@ -1,0 +1,65 @@
+"""The whole `mixbits run` on a tiny random Llama built in the test."""
+
+import json
+
+import pytest
+import torch
+
+from mixbits.config import AllocationConfig, DataConfig, RunConfig
+from mixbits.export.native import load_native
+from mixbits.pipeline import run
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, tiny_text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = RunConfig(
+        model=str(tiny_model_dir), output_dir=out, device="cpu",
+        data=DataConfig(dataset=str(tiny_text_file), seqlen=32, calib_windows=4, eval_windows=4),
+        allocation=AllocationConfig(target_bpw=3.5, group_sizes=(32, 64)), progress=False,
+    )
+    return cfg, run(cfg)
+
+
+def test_run_writes_the_three_files_and_honest_results(finished_run):
+    cfg, results = finished_run
+    out = cfg.output_dir
+    for name in ("results.json", "layer_statistics.json", "plan.json", "sensitivity.json"):
+        assert (out / name).is_file()
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["models"].keys() == results["models"].keys()
+    models = results["models"]
+    assert set(models) == {"original", "mixed", "uniform w3g64"}
+    assert models["mixed"]["bpw"] <= 3.5 + 1e-9 and models["uniform w3g64"]["bpw"] <= 3.5
+    assert models["original"]["bpw"] == 16.0 and models["original"]["kl"] == pytest.approx(0, abs=1e-6)
+    assert models["mixed"]["bytes_on_disk"] < models["original"]["bytes_on_disk"]
+    assert models["mixed"]["kl"] > 0
+    for stage in ("load", "data", "sensitivity", "allocate", "quantize", "evaluate", "save"):
+        assert stage in results["timings_s"]
+    layers = json.loads((out / "layer_statistics.json").read_text())["layers"]
+    assert len(layers) == 14 and all("fisher_trace" in l["scores"] for l in layers)
+    by_name = {l["name"]: l["spec"] for l in layers}
+    assert by_name["model.layers.0.self_attn.q_proj"] == by_name["model.layers.0.self_attn.v_proj"]
+
+
+def test_saved_model_reloads_with_the_same_logits(finished_run, tiny_model_dir):
+    from mixbits.model.apply import fake_quantize_model
+    from mixbits.model.load import load_model
+    from mixbits.plan import Plan
+
+    cfg, _ = finished_run
+    reloaded = load_native(cfg.output_dir / "model")
+    original, _ = load_model(str(tiny_model_dir))
+    expected = fake_quantize_model(original, Plan.load(cfg.output_dir / "plan.json"))
+    ids = torch.randint(0, 200, (1, 24))
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, expected(input_ids=ids).logits, atol=1e-3)
+
+
+def test_a_given_plan_replaces_allocation(finished_run, tmp_path):
+    cfg, _ = finished_run
+    again = RunConfig(model=cfg.model, output_dir=tmp_path, device="cpu", data=cfg.data,
+                      allocation=cfg.allocation, plan=cfg.output_dir / "plan.json", progress=False)
+    results = run(again)
+    assert results["budget"]["solver"] is None
+    assert not (tmp_path / "sensitivity.json").exists()

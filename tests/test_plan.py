@@ -1,0 +1,61 @@
+import json
+
+import pytest
+
+from mixbits.plan import Plan, PlanError
+from mixbits.quant.spec import QuantSpec
+
+SHAPES = {"a.q": (64, 64), "a.k": (32, 64), "b.down": (64, 128)}
+
+
+def test_save_load_round_trip_json_and_yaml(tmp_path):
+    plan = Plan({"a.q": QuantSpec(3, 128), "a.k": QuantSpec(4, 64, True), "b.down": QuantSpec(16, None)}, {"strategy": "x"})
+    for suffix in (".json", ".yaml"):
+        plan.save(tmp_path / f"plan{suffix}")
+        again = Plan.load(tmp_path / f"plan{suffix}")
+        assert dict(again.specs) == dict(plan.specs) and again.meta["strategy"] == "x"
+
+
+def test_mapping_values_are_accepted(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"layers": {"a.q": {"bits": 5, "group_size": None}}}))
+    assert Plan.load(path).specs["a.q"] == QuantSpec(5, None)
+
+
+@pytest.mark.parametrize(
+    "layers, match",
+    [
+        ({"a.q": "w7g128"}, "bits=7"),
+        ({"a.q": "w4g100"}, "group_size=100"),
+        ({"a.q": "int4"}, "cannot read"),
+        ({"a.q": {"bits": 4, "groupsize": 128}}, "unknown keys"),
+    ],
+)
+def test_malformed_plans_are_rejected_with_the_fix(tmp_path, layers, match):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"layers": layers}))
+    with pytest.raises(PlanError, match=match):
+        Plan.load(path)
+
+
+def test_unknown_layers_are_rejected():
+    with pytest.raises(PlanError, match="does not have"):
+        Plan({"a.v": QuantSpec(4)}).validate(SHAPES)
+
+
+def test_not_a_plan_and_bad_json(tmp_path):
+    (tmp_path / "x.json").write_text("{not json")
+    with pytest.raises(PlanError, match="not valid"):
+        Plan.load(tmp_path / "x.json")
+    (tmp_path / "y.json").write_text("[1, 2]")
+    with pytest.raises(PlanError, match="not a plan"):
+        Plan.load(tmp_path / "y.json")
+    with pytest.raises(PlanError, match="does not exist"):
+        Plan.load(tmp_path / "missing.json")
+
+
+def test_bits_per_weight_counts_overhead_and_kept_layers():
+    plan = Plan({"a.q": QuantSpec(4, 64), "a.k": QuantSpec(4, 64)})
+    bpw = plan.bits_per_weight(SHAPES)
+    quant_bits = (64 * 64 + 32 * 64) * (4 + (16 + 4) / 64)
+    assert bpw == pytest.approx((quant_bits + 64 * 128 * 16) / (64 * 64 + 32 * 64 + 64 * 128))
