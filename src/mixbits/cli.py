@@ -12,10 +12,16 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from mixbits.data.errors import MixbitsDataError
 from mixbits.config import DEFAULT_BITS, DEFAULT_GROUPS, AllocationConfig, DataConfig, RunConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Sensitivity-guided mixed-precision quantization.")
 console = Console()
+
+
+@app.callback()
+def _root() -> None:
+    """mixbits: for a size you choose, the best quantized model, with the evidence."""
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -98,14 +104,9 @@ def run(
             ),
         )
         results = run_pipeline(cfg)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        if type(err).__name__ in ("RuntimeError",):  # unexpected failures keep their traceback
-            raise
+    except (ValueError, FileNotFoundError, MixbitsDataError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
     print_results(results)
     console.print(f"wrote {output_dir}/results.json, layer_statistics.json, plan.json, sensitivity.json, model/")
 
-
-def main() -> None:  # pragma: no cover
-    app()
