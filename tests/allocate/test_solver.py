@@ -192,6 +192,16 @@ def test_fallback_to_highs_when_the_state_list_grows(monkeypatch):
     assert sol.damage == pytest.approx(exact.damage, rel=1e-9)
 
 
+def test_time_limit_gives_a_feasible_unproven_answer():
+    rng = np.random.default_rng(4)
+    cost, damage = sensitivity_table(rng, 200, integer_costs=False)
+    lo, hi = feasible_range(cost)
+    budget = lo + 0.3 * (hi - lo)
+    sol = solve_mckp(cost, damage, budget, time_limit=0.0)
+    assert not sol.optimal and sol.method == "greedy" and sol.cost <= budget
+    assert sol.damage >= solve_mckp(cost, damage, budget).damage
+
+
 def test_many_identical_units_with_tied_options():
     cost = np.tile([0.0, 1.0, 1.0, 2.0, 3.0], (300, 1))
     damage = np.tile([4.0, 2.0, 2.0, 1.0, 1.0], (300, 1))
