@@ -136,9 +136,10 @@ def run(cfg: RunConfig) -> dict:
         evals = evaluate_models(models, test, device=p.device, reference="original", progress=cfg.progress)
     out = Path(cfg.output_dir)
     with timer.stage("save"):
+        # Packed from the original weights: the same codes fake quantization produced.
         sizes = {"original": native_size_bytes(p.model, Plan({})),
-                 "mixed": save_native(models["mixed"], plan, out / "model", p.tokenizer),
-                 f"uniform {base_spec.label}": native_size_bytes(models[f"uniform {base_spec.label}"], baseline)}
+                 "mixed": save_native(p.model, plan, out / "model", p.tokenizer),
+                 f"uniform {base_spec.label}": native_size_bytes(p.model, baseline)}
     plans = {"original": Plan({}), "mixed": plan, f"uniform {base_spec.label}": baseline}
     results = build_results(cfg, p, data_info, evals, plans, sizes, solution, table, timer.seconds)
     layers = build_layer_statistics(p.linears, table, plan)

@@ -19,6 +19,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from collections.abc import Mapping
+
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -27,18 +29,19 @@ from mixbits.io import atomic_write_json
 from mixbits.model.apply import layer_shapes
 from mixbits.model.arch import get_bias, get_weight
 from mixbits.plan import Plan
+from mixbits.quant.affine import QParams
 from mixbits.quant.qlinear import QuantLinear
 
 NATIVE_FORMAT = "mixbits.native/1"
 WEIGHTS = "model.safetensors"
 
 
-def _packed_tensors(model: nn.Module, plan: Plan) -> tuple[dict[str, torch.Tensor], set[str]]:
+def _packed_tensors(model: nn.Module, plan: Plan, qparams: Mapping[str, QParams]) -> tuple[dict[str, torch.Tensor], set[str]]:
     tensors: dict[str, torch.Tensor] = {}
     replaced: set[str] = set()
     for name, spec in plan.quantized().items():
         module = model.get_submodule(name)
-        layer = QuantLinear.from_weight(get_weight(module).detach(), get_bias(module), spec)
+        layer = QuantLinear.from_weight(get_weight(module).detach(), get_bias(module), spec, qparams.get(name))
         for key, value in layer.state_dict().items():
             tensors[f"{name}.{key}"] = value.detach().cpu().contiguous()
         replaced.update({f"{name}.weight", f"{name}.bias"})
@@ -62,11 +65,19 @@ def _plain_tensors(model: nn.Module, skip: set[str]) -> tuple[dict[str, torch.Te
     return tensors, tied
 
 
-def save_native(model: nn.Module, plan: Plan, path: str | Path, tokenizer=None) -> int:
-    """Write the quantized model; returns the bytes of its weights file."""
+def save_native(
+    model: nn.Module, plan: Plan, path: str | Path, tokenizer=None, qparams: Mapping[str, QParams] | None = None
+) -> int:
+    """Write `model` quantized by `plan`; returns the bytes of its weights file.
+
+    `model` holds the weights to quantize: the original ones (min-max parameters are then
+    computed here, exactly as fake quantization does), or weights a quantizer already wrote
+    together with its `qparams`, which then reproduce them exactly. Re-quantizing dequantized
+    weights with fresh min-max parameters is not idempotent, so pass one or the other.
+    """
     path = Path(path)
     plan.validate(layer_shapes(model))
-    packed, replaced = _packed_tensors(model, plan)
+    packed, replaced = _packed_tensors(model, plan, qparams or {})
     plain, tied = _plain_tensors(model, replaced)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))

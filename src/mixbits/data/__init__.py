@@ -1,0 +1,1 @@
+"""Data plumbing: the download cache, embedded texts, and token windows for calibration and evaluation."""

