@@ -29,8 +29,9 @@ def test_run_writes_the_three_files_and_honest_results(finished_run):
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["models"].keys() == results["models"].keys()
     models = results["models"]
-    assert set(models) == {"original", "mixed", "uniform w3g64"}
+    assert set(models) == {"original", "mixed", "uniform w3g64", "uniform w3g32"}
     assert models["mixed"]["bpw"] <= 3.5 + 1e-9 and models["uniform w3g64"]["bpw"] <= 3.5
+    assert models["uniform w3g32"]["bpw"] > 3.5 and not models["uniform w3g32"]["fits_budget"]
     assert models["original"]["bpw"] == 16.0 and models["original"]["kl"] == pytest.approx(0, abs=1e-6)
     assert models["mixed"]["bytes_on_disk"] < models["original"]["bytes_on_disk"]
     assert models["mixed"]["kl"] > 0

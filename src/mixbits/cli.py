@@ -53,11 +53,12 @@ def print_results(results: dict) -> None:
     table = Table(title=f"{results['model']['name']} at {results['budget']['target']} "
                         f"({results['data']['test']['windows']} x {results['data']['test']['seqlen']} test tokens)")
     for col in ("model", "bpw", "MB on disk", "perplexity", "KL (nats/tok)", "top-1 agree"):
-        table.add_column(col, justify="right" if col != "model" else "left")
+        table.add_column(col, justify="right" if col != "model" else "left", no_wrap=True)
     for name, m in results["models"].items():
         kl = "-" if name == "original" else f"{m['kl']:.4f}"
         top1 = "-" if name == "original" else f"{100 * m['top1']:.1f}%"
-        table.add_row(name, f"{m['bpw']:.3f}", f"{m['bytes_on_disk'] / 1e6:.1f}", f"{m['ppl']:.3f}", kl, top1)
+        label = name if m.get("fits_budget", True) else f"{name} (over budget)"
+        table.add_row(label, f"{m['bpw']:.3f}", f"{m['bytes_on_disk'] / 1e6:.1f}", f"{m['ppl']:.3f}", kl, top1)
     console.print(table)
     console.print("stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in results["timings_s"].items()))
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mixbits.allocate.budget import Budget
-from mixbits.allocate.feasibility import check_budget, uniform_baseline
+from mixbits.allocate.feasibility import check_budget, uniform_baselines
 from mixbits.allocate.optimal import Constraints, allocate_optimal, unit_groups
 from mixbits.config import RunConfig, resolve_device
 from mixbits.data.text import load_text, resolve_text
@@ -126,21 +126,19 @@ def run(cfg: RunConfig) -> dict:
         with timer.stage("allocate"):
             specs, solution = allocate_optimal(table, p.groups, p.budget_bits, p.constraints)
         plan = Plan(specs, {"strategy": "optimal", "budget": p.budget.label, "sensitivity": table.method})
-    base_spec, base_fits = uniform_baseline(p.shapes, cfg.allocation.configs(), p.budget, p.fixed_bytes)
-    baseline = Plan.uniform(p.shapes, base_spec, fits_budget=base_fits)
+    plans = {"original": Plan({}), "mixed": plan}
+    for spec, fits in uniform_baselines(p.shapes, cfg.allocation.configs(), p.budget, p.fixed_bytes):
+        plans[f"uniform {spec.label}"] = Plan.uniform(p.shapes, spec, fits_budget=fits)
     with timer.stage("quantize"):
-        models = {"original": p.model,
-                  "mixed": fake_quantize_model(p.model, plan, progress=cfg.progress),
-                  f"uniform {base_spec.label}": fake_quantize_model(p.model, baseline)}
+        models = {name: p.model if name == "original" else fake_quantize_model(p.model, q, progress=cfg.progress)
+                  for name, q in plans.items()}
     with timer.stage("evaluate"):
         evals = evaluate_models(models, test, device=p.device, reference="original", progress=cfg.progress)
     out = Path(cfg.output_dir)
     with timer.stage("save"):
         # Packed from the original weights: the same codes fake quantization produced.
-        sizes = {"original": native_size_bytes(p.model, Plan({})),
-                 "mixed": save_native(p.model, plan, out / "model", p.tokenizer),
-                 f"uniform {base_spec.label}": native_size_bytes(p.model, baseline)}
-    plans = {"original": Plan({}), "mixed": plan, f"uniform {base_spec.label}": baseline}
+        sizes = {name: native_size_bytes(p.model, q) for name, q in plans.items() if name != "mixed"}
+        sizes["mixed"] = save_native(p.model, plan, out / "model", p.tokenizer)
     results = build_results(cfg, p, data_info, evals, plans, sizes, solution, table, timer.seconds)
     layers = build_layer_statistics(p.linears, table, plan)
     write_outputs(out, results, layers, plan, table)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mixbits.allocate.budget import Budget
-from mixbits.allocate.feasibility import BudgetInfeasible, check_budget, shape_table, uniform_baseline
+from mixbits.allocate.feasibility import BudgetInfeasible, check_budget, shape_table, uniform_baselines
 from mixbits.allocate.optimal import Constraints, allocate_optimal, unit_groups
 from mixbits.config import candidate_configs
 from mixbits.plan import Plan
@@ -88,15 +88,14 @@ def test_budget_outside_reachable_range_names_it():
     assert bits == pytest.approx((0.05e6 - 20_000) * 8)
 
 
-def test_uniform_baseline_is_richest_fitting_config():
+def test_uniform_baselines_bracket_the_budget():
     configs = candidate_configs((2, 3, 4), (64, 128))
     shapes = {"x": (128, 128)}
-    spec, fits = uniform_baseline(shapes, configs, Budget(bpw=3.25), 0)
-    assert spec.label == "w3g128" and fits
-    spec, fits = uniform_baseline(shapes, configs, Budget(bpw=3.4), 0)
-    assert spec.label == "w3g64" and fits
-    spec, fits = uniform_baseline(shapes, configs, Budget(bpw=2.0), 0)
-    assert spec.label == "w2g128" and not fits
+    labels = lambda b: [(s.label, fits) for s, fits in uniform_baselines(shapes, configs, Budget(bpw=b), 0)]
+    assert labels(3.25) == [("w3g128", True), ("w3g64", False)]
+    assert labels(3.4) == [("w3g64", True), ("w4g128", False)]
+    assert labels(2.0) == [("w2g128", False)]
+    assert labels(5.0) == [("w4g64", True)]
 
 
 def test_shape_table_costs_follow_cost_model():

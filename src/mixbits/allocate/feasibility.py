@@ -60,15 +60,21 @@ def check_budget(
     return bits
 
 
-def uniform_baseline(
+def uniform_baselines(
     shapes: Mapping[str, tuple[int, int]], configs: Sequence[QuantSpec], budget: Budget, fixed_bytes: int
-) -> tuple[QuantSpec, bool]:
-    """The richest uniform config whose storage fits the budget (ties: larger group size wins,
-    for fewer scales); if none fits, the cheapest one. The flag says whether it fits."""
+) -> list[tuple[QuantSpec, bool]]:
+    """The uniform configs a budget is compared with: the richest one whose storage fits the
+    budget, and the cheapest one above it (so a mixed plan is shown against a uniform model
+    both smaller and larger than itself). Ties in cost: the larger group size wins. The flag
+    says whether the config fits the budget."""
     numel = sum(o * i for o, i in shapes.values())
     limit = budget.to_bits(numel, fixed_bytes)
-    priced = [(8 * Plan.uniform(shapes, c).storage_bytes(shapes), c) for c in configs if not c.keep]
-    fitting = [(cost, c) for cost, c in priced if cost <= limit]
+    priced = [(8 * Plan.uniform(shapes, c).storage_bytes(shapes), c.group_size or 1 << 30, c) for c in configs if not c.keep]
+    fitting = [p for p in priced if p[0] <= limit]
+    above = [p for p in priced if p[0] > limit]
+    out = []
     if fitting:
-        return max(fitting, key=lambda p: (p[0], p[1].group_size or 1 << 30))[1], True
-    return min(priced, key=lambda p: p[0])[1], False
+        out.append((max(fitting, key=lambda p: (p[0], p[1]))[2], True))
+    if above:
+        out.append((min(above, key=lambda p: (p[0], -p[1]))[2], False))
+    return out

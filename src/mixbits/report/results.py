@@ -62,6 +62,7 @@ def build_results(cfg, prepared, data_info, evals, plans, sizes, solution, table
             "bpw": plan.bits_per_weight(shapes),
             "linear_bytes": plan.storage_bytes(shapes),
             "bytes_on_disk": sizes[name],
+            "fits_budget": bool(plan.meta.get("fits_budget", True)),
             "plan": {s.label: sum(1 for v in plan.specs.values() if v == s) for s in set(plan.specs.values())},
             "predicted_damage": None if table is None else predicted_damage(table, plan),
         }

@@ -1,0 +1,181 @@
+"""Every sensitivity method as data, and one call that computes any set of them.
+
+`METHODS` maps a name to the function that computes its damage table, whether it runs
+backward passes, and its kind:
+
+* "predicted": a model of the loss increase from per-linear statistics (Fisher, gradient,
+  Hessian, output error). The model is additive over linears, so block damage is the sum of
+  the members' (`units.to_block_table`), and every config costs only a fake-quantization.
+* "measured": the damage itself, by quantizing a unit and running the windows (divergence,
+  ablation). Block units quantize all their linears together; each config costs passes.
+
+`compute_tables` runs the methods asked for, sharing the one calibration gradient pass between
+"fisher" and "gradient" (`gradient.gradient_fisher_tables`) when both are asked, and records in
+every table's meta: method, kind, granularity, configs_measured, seconds (wall time of the
+method; a shared pass is charged in full to both, with "shared_pass_with" naming the other),
+windows, tokens, options and quantizer "rtn".
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from mixbits.model.arch import LinearInfo
+from mixbits.quant.spec import QuantSpec
+from mixbits.sensitivity.ablation import ablation_table
+from mixbits.sensitivity.divergence import divergence_table
+from mixbits.sensitivity.fisher import fisher_table
+from mixbits.sensitivity.gradient import gradient_fisher_tables, gradient_table
+from mixbits.sensitivity.hessian import hessian_table
+from mixbits.sensitivity.output_error import output_error_table
+from mixbits.sensitivity.table import DamageTable
+from mixbits.sensitivity.units import (
+    block_table, check_granularity, measured_columns, measured_labels, to_block_table, units_of,
+)
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["predicted", "measured"]
+Raw = tuple[np.ndarray, dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Method:
+    fn: Callable[..., Raw]
+    needs_gradients: bool
+    kind: Kind
+    score: str  # the scalar score that ranks units (a key of the function's scores)
+
+
+METHODS: Mapping[str, Method] = MappingProxyType({
+    "fisher": Method(fisher_table, True, "predicted", "fisher_trace"),
+    "gradient": Method(gradient_table, True, "predicted", "gradient_l1"),
+    "hessian": Method(hessian_table, True, "predicted", "hessian_trace"),
+    "output_error": Method(output_error_table, False, "predicted", "output_error"),
+    "divergence": Method(divergence_table, False, "measured", "kl"),
+    "ablation": Method(ablation_table, False, "measured", "delta_ppl"),
+})
+SHARED_PASS = ("fisher", "gradient")
+
+
+def check_methods(methods: Sequence[str]) -> list[str]:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"unknown sensitivity method(s) {unknown or methods!r}; choose from {list(METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"methods {list(methods)} name one method twice")
+    return list(methods)
+
+
+def _kwargs(name: str, options: Mapping[str, Mapping[str, object]], generator: torch.Generator | None) -> dict:
+    kwargs = dict(options.get(name, {}))
+    if name == "hessian" and generator is not None:
+        kwargs.setdefault("generator", generator)
+    return kwargs
+
+
+def _run(name, model, windows, linears, configs, granularity, *, device, progress, measure_configs,
+         options, generator) -> Raw:
+    method = METHODS[name]
+    kwargs = _kwargs(name, options, generator)
+    if method.kind == "measured":
+        units = units_of(linears, granularity)
+        return method.fn(model, windows, units, configs, device=device, progress=progress,
+                         measure_configs=measure_configs, **kwargs)
+    return method.fn(model, windows, linears, configs, device=device, progress=progress, **kwargs)
+
+
+def _raw_tables(methods, model, windows, linears, configs, granularity, **kw) -> dict[str, tuple[Raw, float, dict]]:
+    """method -> ((damage, scores), seconds, extra meta), in the order asked."""
+    out: dict[str, tuple[Raw, float, dict]] = {}
+    if all(m in methods for m in SHARED_PASS):
+        log.info("fisher + gradient: one shared gradient pass")
+        start = time.perf_counter()
+        absolute = bool(kw["options"].get("gradient", {}).get("absolute", False))
+        both = gradient_fisher_tables(model, windows, linears, configs, device=kw["device"],
+                                      progress=kw["progress"], absolute=absolute)
+        seconds = time.perf_counter() - start
+        for m, other in zip(SHARED_PASS, reversed(SHARED_PASS)):
+            out[m] = (both[m], seconds, {"shared_pass_with": other})
+    for m in methods:
+        if m in out:
+            continue
+        log.info("sensitivity method %s ...", m)
+        start = time.perf_counter()
+        raw = _run(m, model, windows, linears, configs, granularity, **kw)
+        out[m] = (raw, time.perf_counter() - start, {})
+        log.info("sensitivity method %s done in %.1f s", m, out[m][1])
+    return {m: out[m] for m in methods}
+
+
+def _jsonable(options: Mapping[str, object]) -> dict:
+    return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)) for k, v in options.items()}
+
+
+def compute_tables(
+    methods: Sequence[str],
+    model: nn.Module,
+    windows: torch.Tensor,
+    linears: Mapping[str, LinearInfo],
+    configs: Sequence[QuantSpec],
+    *,
+    granularity: str = "layer",
+    device: torch.device,
+    progress: bool = True,
+    measure_configs: Sequence[QuantSpec] | None = None,
+    generator: torch.Generator | None = None,
+    options: Mapping[str, Mapping[str, object]] | None = None,
+) -> dict[str, DamageTable]:
+    """{method: DamageTable} over the units of `granularity` ("layer" | "block").
+
+    `windows` LongTensor [n, seqlen] (calibration / profiling); `measure_configs` limits the
+    configs that measured methods run (NaN elsewhere; predicted methods compute all);
+    `generator` feeds the Hessian's random probes; `options[method]` are extra keyword
+    arguments of that method's function (e.g. {"hessian": {"probes": 4}}).
+    """
+    methods = check_methods(methods)
+    granularity = check_granularity(granularity)
+    configs = tuple(configs)
+    if not configs:
+        raise ValueError("configs is empty; pass the candidate QuantSpecs (e.g. config.candidate_configs(...))")
+    measured_columns(configs, measure_configs)  # fail before any compute
+    options = dict(options or {})
+    unknown = [m for m in options if m not in methods]
+    if unknown:
+        raise ValueError(f"options given for {unknown}, which are not among the methods {methods}")
+    raw = _raw_tables(methods, model, windows, linears, configs, granularity, device=device, progress=progress,
+                      measure_configs=measure_configs, options=options, generator=generator)
+    tables = {}
+    for name, ((damage, scores), seconds, extra) in raw.items():
+        kind = METHODS[name].kind
+        meta = {"method": name, "kind": kind, "granularity": granularity,
+                "configs_measured": measured_labels(damage, configs), "seconds": seconds,
+                "windows": int(len(windows)), "tokens": int(windows.numel()),
+                "options": _jsonable(options.get(name, {})), "quantizer": "rtn", **extra}
+        if kind == "measured" and granularity == "block":
+            tables[name] = block_table(units_of(linears, "block"), linears, configs, damage, name, scores, meta)
+            continue
+        table = DamageTable(units=tuple(linears), shapes=tuple((i.out_features, i.in_features) for i in linears.values()),
+                            configs=configs, damage=damage, method=name, scores=scores,
+                            meta={**meta, "granularity": "layer"})
+        tables[name] = to_block_table(table, linears) if granularity == "block" else table
+    return tables
+
+
+def primary_score(table: DamageTable) -> str:
+    """The score key that ranks units of `table`: its method's, else the table's first score."""
+    method = METHODS.get(table.method)
+    if method is not None and method.score in table.scores:
+        return method.score
+    if not table.scores:
+        raise ValueError(f"the {table.method} table has no scores to rank units by")
+    return next(iter(table.scores))
