@@ -25,10 +25,13 @@ The "improved MPQ" rules (seed 001, SG-MPQ):
   (ties up; clipped to the ladder). Without a budget t = 0. With one, t is bisected to the
   largest offset whose plan fits: the plan's cost is a non-decreasing step function of t, so
   this is the richest plan of that shape within the budget (a scale would change the shape).
+  Units with equal n move together, so the plan can sit well below the budget (all-equal
+  scores give a uniform plan).
 - greedy: maximise Σ_u s_u · bits_u subject to stored bits <= budget. Start every group at its
   cheapest config; repeatedly take the upgrade (any allowed config with more bits) with the
   largest gain per extra stored bit, s_group · |group| · Δbits / Δcost, that still fits; ties
-  in that ratio go to the smaller step. The seed's layers were equal-sized blocks and its
+  in that ratio go to the smaller step. Bit-widths stop at 8, as in the seed (fp16 only where
+  a unit has no other option). The seed's layers were equal-sized blocks and its
   budget an unweighted bit mean; with unequal layers the budget is stored bits, so the ratio
   divides by stored bits. Only bit-widths count, so each bit-width is taken at its cheapest
   (largest) group size. Units with s <= 0 gain nothing and stay at their cheapest config.
@@ -137,16 +140,19 @@ def power_law(
     return finish(problem, plan(t), rule)
 
 
-def greedy(problem: Problem) -> StrategyResult:
-    """Cheapest start, then the best Σ s·bits gain per extra stored bit while it fits."""
+def greedy(problem: Problem, cap: int = 8) -> StrategyResult:
+    """Cheapest start, then the best Σ s·bits gain per extra stored bit while it fits;
+    bit-widths above `cap` (the seed's 8) only where a unit has nothing else (keep, pins)."""
     if problem.budget_bits is None:
         raise ValueError("greedy needs a budget (--target-bpw or --target-size-mb)")
-    cost, bits = problem.cost, problem.bits
+    bits = problem.bits
+    capped = np.where(bits[None, :] <= cap, problem.cost, np.inf)
+    cost = np.where(np.isfinite(capped).any(axis=1, keepdims=True), capped, problem.cost)
     rows = np.arange(len(cost))
     weight = problem.score * problem.size  # Σ over members of the shared score
     cheapest = np.where(np.isfinite(cost), cost, np.inf).min(axis=1, keepdims=True)
     choice = np.argmax(np.where(cost == cheapest, bits, -np.inf), axis=1)  # cheapest; ties: more bits
-    room = problem.budget_bits * (1 + REL_TOL) - total_bits(problem, choice)
+    room = problem.budget_bits * (1 + REL_TOL) - float(cost[rows, choice].sum())
     while True:
         step = cost - cost[rows, choice][:, None]
         gain = weight[:, None] * (bits[None, :] - bits[choice][:, None])
@@ -158,4 +164,4 @@ def greedy(problem: Problem) -> StrategyResult:
         near = ok & (ratio >= ratio.max() * (1 - 1e-9))
         g, c = divmod(int(np.argmin(np.where(near, step, np.inf))), cost.shape[1])
         choice[g], room = c, room - step[g, c]
-    return finish(problem, choice, "greedy: max Σ s·bits, best gain per stored bit first, within the budget")
+    return finish(problem, choice, f"greedy: max Σ s·bits (bits <= {cap}), best gain per stored bit first, within the budget")

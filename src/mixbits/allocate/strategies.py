@@ -197,8 +197,10 @@ def ladder(
 
 def snap(rung_bits: np.ndarray, want: np.ndarray) -> np.ndarray:
     """[G] rung position of the bit-width nearest `want` [G] (exact ties go up)."""
-    distance = np.abs(rung_bits - np.asarray(want, dtype=np.float64)[:, None]) - _TIE_UP * rung_bits
-    return np.argmin(np.where(np.isfinite(rung_bits), distance, np.inf), axis=1)
+    real = np.isfinite(rung_bits)
+    rungs = np.where(real, rung_bits, 0.0)
+    distance = np.abs(rungs - np.asarray(want, dtype=np.float64)[:, None]) - _TIE_UP * rungs
+    return np.argmin(np.where(real, distance, np.inf), axis=1)
 
 
 def total_bits(problem: Problem, choice: np.ndarray) -> float:
