@@ -64,3 +64,43 @@ def test_a_given_plan_replaces_allocation(finished_run, tmp_path):
     results = run(again)
     assert results["budget"]["solver"] is None
     assert not (tmp_path / "sensitivity.json").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_run_on_cuda_matches_the_cpu_plan(finished_run, tmp_path):
+    cfg, cpu_results = finished_run
+    on_gpu = RunConfig(model=cfg.model, output_dir=tmp_path, device="cuda", data=cfg.data,
+                       allocation=cfg.allocation, progress=False)
+    results = run(on_gpu)
+    assert results["environment"]["device"].startswith("cuda")
+    for name, m in cpu_results["models"].items():
+        assert results["models"][name]["ppl"] == pytest.approx(m["ppl"], rel=1e-2)
+
+
+@pytest.mark.parametrize("quantizer", ["clip", "gptq"])
+def test_stronger_quantizers_run_end_to_end_and_export_their_own_codes(finished_run, tmp_path, quantizer):
+    cfg, rtn = finished_run
+    again = RunConfig(model=cfg.model, output_dir=tmp_path, device="cpu", data=cfg.data,
+                      allocation=cfg.allocation, plan=cfg.output_dir / "plan.json", quantizer=quantizer, progress=False)
+    results = run(again)
+    layers = results["quantizer"]["mixed"]["layers"]
+    if quantizer == "gptq":  # clip minimises the diag(H)-weighted error, not the full output error
+        assert all(l["error"] <= l["rtn_error"] * (1 + 1e-6) for l in layers.values())
+    assert all(l["error"] >= 0 for l in layers.values())
+    from mixbits.model.load import load_model
+    from mixbits.model.quantize import quantize_model
+    from mixbits.plan import Plan
+
+    original, _ = load_model(str(cfg.model))
+    from mixbits.data.text import load_text
+    from mixbits.data.windows import calibration_windows
+
+    _, tok = load_model(str(cfg.model))
+    calib = calibration_windows(tok, load_text(cfg.data.dataset, "calibration"), cfg.data.seqlen, cfg.data.calib_windows, cfg.data.seed)
+    expected, _ = quantize_model(original, Plan.load(tmp_path / "plan.json"), quantizer=quantizer, windows=calib,
+                                 device="cpu", progress=False)
+    reloaded = load_native(tmp_path / "model")
+    ids = torch.randint(0, 200, (1, 24))
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, expected(input_ids=ids).logits, atol=1e-5)

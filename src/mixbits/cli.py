@@ -82,6 +82,7 @@ def run(
     pin: list[str] = typer.Option([], help="REGEX=BITS or REGEX=SPEC, e.g. down_proj=4 (repeatable)"),
     tie: bool = typer.Option(True, help="fused layers (q/k/v, gate/up) share one config"),
     plan: Optional[Path] = typer.Option(None, help="quantize with this plan (JSON/YAML) instead of allocating one"),
+    quantizer: str = typer.Option("rtn", help="rtn (round-to-nearest), clip (clipping search) or gptq"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
     verbose: bool = typer.Option(True, help="log each stage"),
 ) -> None:
@@ -97,6 +98,7 @@ def run(
             output_dir=output_dir,
             device=device,
             plan=plan,
+            quantizer=quantizer,
             data=DataConfig(dataset=dataset, seqlen=seqlen, calib_windows=calib_windows, eval_windows=eval_windows, seed=seed),
             allocation=AllocationConfig(
                 target_bpw=target_bpw, target_size_mb=target_size_mb, bits=_ints(bits, "--bits"),

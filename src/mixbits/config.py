@@ -14,6 +14,8 @@ import torch
 
 from mixbits.quant.spec import KEEP, QUANT_BITS, QuantSpec
 
+QUANTIZERS = ("rtn", "clip", "gptq")
+
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
 DEFAULT_GROUPS = (64, 128)
 
@@ -74,7 +76,12 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     allocation: AllocationConfig = field(default_factory=lambda: AllocationConfig(target_bpw=3.25))
     plan: Path | None = None  # a given plan replaces sensitivity + allocation
+    quantizer: str = "rtn"  # rtn | clip | gptq
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(f"--quantizer {self.quantizer!r} is not one of {', '.join(QUANTIZERS)}")
 
     def to_dict(self) -> dict:
         d = asdict(self)

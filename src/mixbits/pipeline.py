@@ -18,7 +18,7 @@ from mixbits.data.text import load_text, resolve_text
 from mixbits.data.windows import calibration_windows, eval_windows, text_fingerprint
 from mixbits.eval.perplexity import evaluate_models
 from mixbits.export.native import native_size_bytes, save_native
-from mixbits.model.apply import fake_quantize_model
+from mixbits.model.quantize import quantize_model
 from mixbits.model.arch import LinearInfo, find_linears, tied_groups
 from mixbits.model.load import load_model, resolve_model_source
 from mixbits.plan import Plan
@@ -129,17 +129,21 @@ def run(cfg: RunConfig) -> dict:
     plans = {"original": Plan({}), "mixed": plan}
     for spec, fits in uniform_baselines(p.shapes, cfg.allocation.configs(), p.budget, p.fixed_bytes):
         plans[f"uniform {spec.label}"] = Plan.uniform(p.shapes, spec, fits_budget=fits)
+    models, reports = {"original": p.model}, {}
     with timer.stage("quantize"):
-        models = {name: p.model if name == "original" else fake_quantize_model(p.model, q, progress=cfg.progress)
-                  for name, q in plans.items()}
+        windows = None if cfg.quantizer == "rtn" else calib  # rtn needs no data
+        for name, q in plans.items():
+            if name != "original":
+                models[name], reports[name] = quantize_model(
+                    p.model, q, quantizer=cfg.quantizer, windows=windows, device=p.device, progress=cfg.progress)
     with timer.stage("evaluate"):
         evals = evaluate_models(models, test, device=p.device, reference="original", progress=cfg.progress)
     out = Path(cfg.output_dir)
     with timer.stage("save"):
-        # Packed from the original weights: the same codes fake quantization produced.
         sizes = {name: native_size_bytes(p.model, q) for name, q in plans.items() if name != "mixed"}
-        sizes["mixed"] = save_native(p.model, plan, out / "model", p.tokenizer)
+        sizes["mixed"] = save_native(models["mixed"], plan, out / "model", p.tokenizer, qparams=reports["mixed"].qparams)
     results = build_results(cfg, p, data_info, evals, plans, sizes, solution, table, timer.seconds)
+    results["quantizer"] = {name: r.to_dict() for name, r in reports.items()}
     layers = build_layer_statistics(p.linears, table, plan)
     write_outputs(out, results, layers, plan, table)
     return results

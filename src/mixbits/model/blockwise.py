@@ -131,7 +131,9 @@ def capture_block_inputs(
     extra arguments stay where the model made them. Hooks are removed also when it fails.
     """
     if windows.dim() != 2 or windows.dtype != torch.long or windows.shape[0] == 0:
-        raise ValueError(f"windows must be a non-empty LongTensor [n, seqlen]; got {tuple(windows.shape)} {windows.dtype}")
+        raise ValueError(
+            f"windows must be a non-empty LongTensor [n, seqlen]; got {tuple(windows.shape)} {windows.dtype}"
+        )
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer (windows per forward)")
     _, blocks = find_blocks(model)

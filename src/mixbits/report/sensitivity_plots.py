@@ -59,7 +59,7 @@ def plot_scores(
     if not tables:
         raise ValueError("no tables to plot")
     units = next(iter(tables.values())).units
-    fig = Figure(figsize=(max(8.0, 0.08 * len(units)), 4.5))
+    fig = Figure(figsize=(max(8.0, 0.08 * len(units)), 4.5), layout="constrained")
     ax = fig.add_subplot()
     for method, table in tables.items():
         if table.units != units:
@@ -75,7 +75,7 @@ def plot_scores(
     ax.set_xlabel("unit index (model order)")
     ax.set_ylabel("normalised score")
     ax.set_title(title)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)
 
 
@@ -89,7 +89,7 @@ def _panel(ax, pred: np.ndarray, meas: np.ndarray, labels: Sequence[str], method
     ax.set_xscale("log")
     ax.set_yscale("log")
     rho_text = "n/a" if rho is None or not math.isfinite(rho) else f"{rho:.3f}"
-    ax.set_title(f"{method}: Spearman ρ = {rho_text}" + (f" ({dropped} pts ≤ 0 left out)" if dropped else ""),
+    ax.set_title(f"{method}: Spearman ρ = {rho_text}" + (f"\n({dropped} points ≤ 0 left out)" if dropped else ""),
                  fontsize="small")
     ax.set_xlabel("predicted damage")
 
@@ -108,7 +108,7 @@ def plot_predicted_vs_measured(
         raise ValueError(f"no method of {list(tables)} is in the validation results {list(validation['methods'])}")
     cols = 3 if len(names) > 4 else min(len(names), 2)
     rows = math.ceil(len(names) / cols)
-    fig = Figure(figsize=(4.2 * cols, 3.8 * rows))
+    fig = Figure(figsize=(4.2 * cols, 3.8 * rows), layout="constrained")
     meas_cols = [measured.configs.index(c) for c in configs]
     for i, method in enumerate(names):
         table = tables[method]

@@ -33,21 +33,25 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mixbits.quant.spec import QuantSpec
-from mixbits.sensitivity.divergence import batches, check_windows, next_token_log_probs
-from mixbits.sensitivity.output_error import reference_config
-from mixbits.sensitivity.units import measured_columns, quantized_in_place
+from mixbits.sensitivity.divergence import batches, check_windows, exact_dtype, next_token_logits
+from mixbits.sensitivity.units import measured_columns, quantized_in_place, reference_column
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
 def total_nll(model: nn.Module, windows: torch.Tensor, *, device: torch.device, batch_size: int = 8) -> float:
-    """Σ over windows and positions of −log p(next token), nats (float64 sum)."""
+    """Σ over windows and positions of −log p(next token), nats.
+
+    −log p = logsumexp(logits) − logit[target], in float64 window by window: one unit's ΔNLL
+    can be far below the rounding of float32 log-probs.
+    """
     total = 0.0
     for ids in batches(windows, batch_size):
         ids = ids.to(device)
-        logp = next_token_log_probs(model, ids)
-        total += float(-logp.gather(-1, ids[:, 1:, None]).sum(dtype=torch.float64))
+        for logits, target in zip(next_token_logits(model, ids), ids[:, 1:]):
+            logits = logits.to(exact_dtype(logits.device))
+            total += float((torch.logsumexp(logits, -1) - logits.gather(-1, target[:, None])[:, 0]).sum())
     return total
 
 
@@ -93,7 +97,7 @@ def ablation_table(
     scores "delta_ppl" and "delta_nll" (nats/token) [U] at the reference config."""
     check_windows(windows)
     cols = measured_columns(configs, measure_configs)
-    r = list(configs).index(reference_config([configs[j] for j in cols]))
+    r = reference_column(configs, cols)
     tokens = len(windows) * (windows.shape[1] - 1)
     base = total_nll(model, windows, device=device, batch_size=batch_size) / tokens
     log.info("ablation: base perplexity %.4f on %d tokens; %d units x %d configs", math.exp(base), tokens,
@@ -129,7 +133,7 @@ def classifier_ablation(
         raise ValueError(f"labels has {n} rows and inputs {({k: len(v) for k, v in inputs.items()})}; "
                          "pass the same number (>= 1) of examples in each")
     cols = measured_columns(configs, measure_configs)
-    r = list(configs).index(reference_config([configs[j] for j in cols]))
+    r = reference_column(configs, cols)
     base = accuracy(model, inputs, labels, device=device, batch_size=batch_size)
     log.info("classifier ablation: base accuracy %.4f on %d examples", base, n)
     acc = _sweep(model, units, configs, measure_configs,

@@ -14,8 +14,8 @@ for bit after every measurement (`units.quantized_in_place`).
 
 Cost: U·C forward passes over the windows (no backward), against one pass for the predicted
 methods; `measure_configs` limits the configs run (the others are NaN in the table).
-Memory: the original log-probs are computed once per window and kept, (S−1)·V float32 per
-window; windows are processed in chunks whose cache stays under `max_cache_bytes` (each chunk
+Memory: the original logits are computed once per window and kept, (S−1)·V float32 per
+window (log-probs and divergences are then taken in float64, one window at a time); windows are processed in chunks whose cache stays under `max_cache_bytes` (each chunk
 re-quantizes every unit once, which costs far less than its forward passes).
 
 Trade-off: exact for "this unit alone at this config" on these windows, but blind to how
@@ -33,13 +33,11 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from mixbits.quant.spec import QuantSpec
-from mixbits.sensitivity.output_error import reference_config
-from mixbits.sensitivity.units import measured_columns, quantized_in_place
+from mixbits.sensitivity.units import measured_columns, quantized_in_place, reference_column
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +56,33 @@ def batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def next_token_log_probs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """log p(x_{t+1} | x_≤t) for every position but the last: float32 [b, S−1, V]."""
-    return F.log_softmax(model(input_ids=ids).logits[:, :-1, :].float(), dim=-1)
+def next_token_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Logits for the next token at every position but the last: float32 [b, S−1, V]."""
+    return model(input_ids=ids).logits[:, :-1, :].float()
 
 
-def kl_js_sums(ref: torch.Tensor, logq: torch.Tensor) -> tuple[float, float]:
-    """Σ over positions of KL(p‖q) and JS(p, q), from log-probs [..., V] (float64 sums)."""
-    p, q = ref.exp(), logq.exp()
-    kl = (p * (ref - logq)).sum(dtype=torch.float64)
-    logm = torch.logaddexp(ref, logq) - math.log(2.0)
-    js = 0.5 * (p * (ref - logm)).sum(dtype=torch.float64) + 0.5 * (q * (logq - logm)).sum(dtype=torch.float64)
-    return float(kl), float(js)
+def exact_dtype(device: torch.device) -> torch.dtype:
+    """float64 for divergences and NLL sums; MPS has no float64, so float32 there."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def kl_js_sums(ref_logits: torch.Tensor, logits: torch.Tensor) -> tuple[float, float]:
+    """Σ over positions of KL(p‖q) and JS(p, q) from logits [..., V], p from `ref_logits`.
+
+    Done in float64 (`exact_dtype`), one window at a time: a single unit's KL can be 1e-7
+    nats, below the rounding of float32 log-probs, while the float32 logits of the two runs
+    differ by exactly what the quantized weights change.
+    """
+    kl = js = 0.0
+    for a, b in zip(ref_logits.reshape(-1, *ref_logits.shape[-2:]), logits.reshape(-1, *logits.shape[-2:])):
+        dtype = exact_dtype(a.device)
+        logp = torch.log_softmax(a.to(dtype), dim=-1)
+        logq = torch.log_softmax(b.to(dtype), dim=-1)
+        p, q = logp.exp(), logq.exp()
+        logm = torch.logaddexp(logp, logq) - math.log(2.0)
+        kl += float((p * (logp - logq)).sum())
+        js += float(0.5 * (p * (logp - logm)).sum() + 0.5 * (q * (logq - logm)).sum())
+    return kl, js
 
 
 def _chunks(windows: torch.Tensor, vocab: int, max_bytes: int | None) -> list[torch.Tensor]:
@@ -77,7 +90,7 @@ def _chunks(windows: torch.Tensor, vocab: int, max_bytes: int | None) -> list[to
     size = len(windows) if max_bytes is None else max(1, max_bytes // per_window)
     chunks = list(torch.split(windows, size))
     if len(chunks) > 1:
-        log.info("divergence: %d chunks of %d windows keep the reference log-probs under %d MiB",
+        log.info("divergence: %d chunks of %d windows keep the reference logits under %d MiB",
                  len(chunks), size, max_bytes >> 20)
     return chunks
 
@@ -104,18 +117,20 @@ def divergence_matrices(
             kl[:, j] = js[:, j] = 0.0
     pairs = [(u, j) for u in range(len(units)) for j in cols if not configs[j].keep]
     names = list(units.values())
-    vocab = next_token_log_probs(model, windows[:1, :2].to(device)).shape[-1]
+    vocab = next_token_logits(model, windows[:1, :2].to(device)).shape[-1]
     chunks = _chunks(windows, vocab, max_cache_bytes)
     positions = len(windows) * (windows.shape[1] - 1)
     sums = np.zeros((len(units), len(configs), 2))
+    log.info("divergence: %d units x %d configs, %d forward passes of %d windows each",
+             len(units), len(cols), len(pairs), len(windows))
     bar = tqdm(total=len(chunks) * len(pairs), desc="divergence", disable=not progress, leave=False)
     for chunk in chunks:
         parts = [b.to(device) for b in batches(chunk, batch_size)]
-        refs = [next_token_log_probs(model, ids) for ids in parts]  # once per window per chunk
+        refs = [next_token_logits(model, ids) for ids in parts]  # once per window per chunk
         for u, j in pairs:
             with quantized_in_place(model, names[u], configs[j]):
                 for ids, ref in zip(parts, refs):
-                    sums[u, j] += kl_js_sums(ref, next_token_log_probs(model, ids))
+                    sums[u, j] += kl_js_sums(ref, next_token_logits(model, ids))
             bar.update()
         del refs
     bar.close()
@@ -142,9 +157,8 @@ def divergence_table(
     `units` maps a unit name to the linears quantized together (see `units.units_of`).
     """
     cols = measured_columns(configs, measure_configs)
-    ref = reference_config([configs[j] for j in cols])
+    r = reference_column(configs, cols)
     kl, js = divergence_matrices(model, windows, units, configs, device=device, progress=progress,
                                  measure_configs=measure_configs, batch_size=batch_size,
                                  max_cache_bytes=max_cache_bytes)
-    r = list(configs).index(ref)
     return kl, {"kl": kl[:, r].copy(), "js": js[:, r].copy()}

@@ -39,7 +39,7 @@ from mixbits.sensitivity.hessian import hessian_table
 from mixbits.sensitivity.output_error import output_error_table
 from mixbits.sensitivity.table import DamageTable
 from mixbits.sensitivity.units import (
-    block_table, check_granularity, measured_columns, measured_labels, to_block_table, units_of,
+    block_table, check_granularity, measured_columns, measured_labels, reference_column, to_block_table, units_of,
 )
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,9 @@ def compute_tables(
     configs = tuple(configs)
     if not configs:
         raise ValueError("configs is empty; pass the candidate QuantSpecs (e.g. config.candidate_configs(...))")
-    measured_columns(configs, measure_configs)  # fail before any compute
+    cols = measured_columns(configs, measure_configs)  # fail before any compute
+    if any(METHODS[m].kind == "measured" for m in methods):
+        reference_column(configs, cols)
     options = dict(options or {})
     unknown = [m for m in options if m not in methods]
     if unknown:

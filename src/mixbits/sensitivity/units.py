@@ -203,6 +203,15 @@ def measured_columns(configs: Sequence[QuantSpec], measure_configs: Sequence[Qua
     return [j for j, c in enumerate(configs) if c in wanted]
 
 
+def reference_column(configs: Sequence[QuantSpec], cols: Sequence[int]) -> int:
+    """The column whose damage is a measured method's scalar score: the first quantizing one measured."""
+    for j in cols:
+        if not configs[j].keep:
+            return j
+    raise ValueError(f"the configs measured {[configs[j].label for j in cols]} keep every layer in 16 bit, "
+                     "whose damage is 0 by definition; measure at least one quantizing config")
+
+
 def measured_labels(damage: np.ndarray, configs: Sequence[QuantSpec]) -> list[str]:
     """Labels of the configs with at least one measured (non-NaN) damage."""
     return [c.label for j, c in enumerate(configs) if not np.isnan(damage[:, j]).all()]

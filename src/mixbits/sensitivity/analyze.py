@@ -1,0 +1,234 @@
+"""`mixbits analyze`: compute sensitivity tables by several methods, check them against measured
+damage on held-out text, and write the evidence.
+
+    load model -> calibration windows -> tables (cached per method) [+ an imported seed file]
+    -> [validation: measured damage on held-out windows of the validation split, Spearman ρ
+        per method, cost per method in forward+backward passes, best method]
+    -> sensitivity.json (the best method's table with every method's scores), validation.json,
+       analysis.json (the summary returned), plots/scores.png, plots/validation.png
+
+The best method is `validate.validate_methods`'s pick when validating, else the first method
+asked for. Stages are chained here; every formula lives in its own module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mixbits.config import DEFAULT_BITS, DEFAULT_GROUPS, candidate_configs, resolve_device
+from mixbits.data.text import load_text, resolve_text
+from mixbits.data.windows import calibration_windows, eval_windows, text_fingerprint
+from mixbits.io import atomic_write_json
+from mixbits.model.arch import LinearInfo, find_linears
+from mixbits.model.load import load_model, resolve_model_source, validate_model_name
+from mixbits.quant.spec import QuantSpec
+from mixbits.report.sensitivity_plots import plot_predicted_vs_measured, plot_scores
+from mixbits.sensitivity.cache import cache_key_parts, load_cached, store_cached
+from mixbits.sensitivity.capture import grad_only_on
+from mixbits.sensitivity.methods import METHODS, check_methods, compute_tables, primary_score
+from mixbits.sensitivity.seedfile import read_seed_file, seed_table
+from mixbits.sensitivity.table import DamageTable
+from mixbits.sensitivity.units import block_units, check_granularity
+from mixbits.sensitivity.validate import ranking, validate_methods
+
+log = logging.getLogger(__name__)
+
+ANALYZE_FORMAT = "mixbits.analyze/1"
+MEASURED = tuple(m for m, spec in METHODS.items() if spec.kind == "measured")
+
+
+def _parse(labels: tuple[str, ...], flag: str) -> tuple[QuantSpec, ...]:
+    try:
+        return tuple(QuantSpec.parse(label) for label in labels)
+    except ValueError as err:
+        raise ValueError(f"{flag} {','.join(labels)}: {err}") from None
+
+
+@dataclass(frozen=True)
+class AnalyzeConfig:
+    model: str = "smollm2-135m"
+    dataset: str = "wiki"
+    methods: tuple[str, ...] = ("fisher", "gradient", "output_error")
+    granularity: str = "layer"
+    calib_windows: int = 16
+    seqlen: int = 512
+    seed: int = 0
+    bits: tuple[int, ...] = DEFAULT_BITS
+    group_sizes: tuple[int | None, ...] = DEFAULT_GROUPS
+    measure_configs: tuple[str, ...] | None = None  # configs measured methods run (None: all)
+    validate: bool = True
+    validate_configs: tuple[str, ...] = ("w2g128", "w3g128")
+    validate_windows: int = 8
+    validate_with: str = "divergence"  # measured method on held-out windows: divergence | ablation
+    output_dir: Path = Path("runs/analyze")
+    sensitivity_file: Path | None = None  # seed format {"sensitivity_scores": [...]}, one per block
+    device: str = "auto"
+    progress: bool = True
+    use_cache: bool = True
+
+    def __post_init__(self) -> None:
+        check_methods(self.methods)
+        check_granularity(self.granularity)
+        if self.validate_with not in MEASURED:
+            raise ValueError(f"--validate-with {self.validate_with!r}; use one of {MEASURED}")
+        for flag, value, low in (("--calib-windows", self.calib_windows, 1), ("--seqlen", self.seqlen, 2),
+                                 ("--validate-windows", self.validate_windows, 1)):
+            if value < low:
+                raise ValueError(f"{flag} {value} must be at least {low}")
+        if self.validate and not self.validation_specs():
+            raise ValueError("--validate-configs holds no quantizing config; give e.g. w2g128,w3g128")
+        self.configs()
+
+    def validation_specs(self) -> tuple[QuantSpec, ...]:
+        return tuple(s for s in _parse(self.validate_configs, "--validate-configs") if not s.keep)
+
+    def measure_specs(self) -> tuple[QuantSpec, ...] | None:
+        return None if self.measure_configs is None else _parse(self.measure_configs, "--measure-configs")
+
+    def configs(self) -> tuple[QuantSpec, ...]:
+        """The candidates (bits x groups, keep last), plus validation/measured configs not among them."""
+        base = list(candidate_configs(self.bits, self.group_sizes))
+        extra = [*self.validation_specs(), *(self.measure_specs() or ())]
+        extra = [s for s in dict.fromkeys(extra) if s not in base]
+        return tuple(base[:-1] + extra + base[-1:])
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["output_dir"] = str(self.output_dir)
+        d["sensitivity_file"] = None if self.sensitivity_file is None else str(self.sensitivity_file)
+        return d
+
+
+def time_fwd_bwd(model: nn.Module, windows: torch.Tensor, linears: dict[str, LinearInfo], *,
+                 device: torch.device, sample: int = 4) -> float:
+    """Seconds of one forward + backward (weight gradients of the linears) over all `windows`,
+    timed on the first `sample` windows and scaled to the count."""
+    k = max(1, min(sample, len(windows)))
+    with grad_only_on(model, list(linears)) as weights:
+        start = time.perf_counter()
+        for window in windows[:k]:
+            ids = window.unsqueeze(0).to(device)
+            torch.autograd.grad(model(input_ids=ids, labels=ids).loss, weights)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - start
+    return elapsed * len(windows) / k
+
+
+def _cache_options(method: str, measure_configs) -> dict:
+    if METHODS[method].kind == "measured" and measure_configs is not None:
+        return {"measure_configs": [c.label for c in measure_configs]}
+    return {}
+
+
+def _tables(cfg: AnalyzeConfig, methods, model, linears, windows, configs, device,
+            measure_configs=None) -> tuple[dict[str, DamageTable], set[str]]:
+    """Tables of `methods` on `windows`, from the cache where possible; also the cached names."""
+    calib_sha = text_fingerprint(windows)
+    parts = {m: cache_key_parts(model_name=cfg.model, model=model, linears=linears, calibration_sha256=calib_sha,
+                                configs=configs, method=m, granularity=cfg.granularity,
+                                options=_cache_options(m, measure_configs))
+             for m in methods}
+    found = {m: load_cached(parts[m]) for m in methods} if cfg.use_cache else {}
+    cached = {m for m, t in found.items() if t is not None}
+    missing = [m for m in methods if m not in cached]
+    if missing:
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        fresh = compute_tables(missing, model, windows, linears, configs, granularity=cfg.granularity, device=device,
+                               progress=cfg.progress, measure_configs=measure_configs, generator=gen)
+        for m, table in fresh.items():
+            found[m] = table
+            if cfg.use_cache:
+                store_cached(parts[m], table)
+    return {m: found[m] for m in methods}, cached
+
+
+def _validate(cfg, model, tokenizer, linears, calib, tables, device) -> tuple[dict | None, DamageTable | None, dict]:
+    held = eval_windows(tokenizer, load_text(cfg.dataset, "validation"), cfg.seqlen, cfg.validate_windows)
+    info = {"split": "validation", "windows": len(held), "seqlen": cfg.seqlen, "sha256": text_fingerprint(held)}
+    specs = cfg.validation_specs()
+    measured_tables, _ = _tables(cfg, [cfg.validate_with], model, linears, held, specs, device)
+    measured = measured_tables[cfg.validate_with]
+    comparable = {m: t for m, t in tables.items() if t.units == measured.units}
+    for m in tables.keys() - comparable.keys():
+        log.warning("%s scores other units than --granularity %s; it is not validated", m, cfg.granularity)
+    if not comparable:
+        return None, measured, info
+    costs = {m: float(t.meta.get("seconds", float("nan"))) for m, t in comparable.items()}
+    fwd_bwd = time_fwd_bwd(model, calib, linears, device=device)
+    return validate_methods(comparable, measured, specs, costs, fwd_bwd), measured, info
+
+
+def _with_all_scores(best: DamageTable, tables: dict[str, DamageTable]) -> DamageTable:
+    """The best table, carrying every same-unit table's scores (a score name belongs to one method)."""
+    scores, source = dict(best.scores), {k: best.method for k in best.scores}
+    for m, t in tables.items():
+        if t.units == best.units:
+            for k, v in t.scores.items():
+                if k not in scores:
+                    scores[k], source[k] = v, m
+    return dataclasses.replace(best, scores=scores, meta={**dict(best.meta), "scores_from": source})
+
+
+def _write(cfg, best, tables, validation, measured, linears) -> dict[str, str]:
+    out = Path(cfg.output_dir)
+    files = {"sensitivity": out / "sensitivity.json"}
+    best.save(files["sensitivity"])
+    same = {m: t for m, t in tables.items() if t.units == best.units}
+    block_of = [linears[u].block for u in best.units] if cfg.granularity == "layer" else None
+    files["plot_scores"] = plot_scores(same, out / "plots" / "scores.png",
+                                       score_keys={m: primary_score(t) for m, t in same.items()}, block_of=block_of)
+    if validation is not None:
+        files["validation"] = out / "validation.json"
+        atomic_write_json(files["validation"], validation)
+        files["plot_validation"] = plot_predicted_vs_measured(same, measured, validation,
+                                                              out / "plots" / "validation.png")
+    return {k: str(v) for k, v in files.items()}
+
+
+def analyze(cfg: AnalyzeConfig) -> dict:
+    """The whole job of `mixbits analyze`; writes into cfg.output_dir and returns the summary."""
+    resolve_text(cfg.dataset)
+    validate_model_name(cfg.model)
+    if cfg.sensitivity_file is not None and not Path(cfg.sensitivity_file).is_file():
+        raise ValueError(f"--sensitivity-file {str(cfg.sensitivity_file)!r} does not exist; check the path")
+    device = resolve_device(cfg.device)
+    model, tokenizer = load_model(resolve_model_source(cfg.model), device=device)
+    linears = find_linears(model)
+    calib = calibration_windows(tokenizer, load_text(cfg.dataset, "calibration"), cfg.seqlen, cfg.calib_windows, cfg.seed)
+    configs = cfg.configs()
+    measure = cfg.measure_specs()
+    tables, cached = _tables(cfg, list(cfg.methods), model, linears, calib, configs, device, measure)
+    if cfg.sensitivity_file is not None:
+        scores = read_seed_file(cfg.sensitivity_file, len(block_units(linears)))
+        tables["seed"] = seed_table(scores, model, linears, configs, source=str(cfg.sensitivity_file))
+    validation, measured, held_info = (None, None, None)
+    if cfg.validate:
+        validation, measured, held_info = _validate(cfg, model, tokenizer, linears, calib, tables, device)
+    best_name = (validation or {}).get("best_method") or cfg.methods[0]
+    best = _with_all_scores(tables[best_name], tables)
+    files = _write(cfg, best, tables, validation, measured, linears)
+    summary = {
+        "format": ANALYZE_FORMAT,
+        "config": cfg.to_dict(),
+        "model": {"name": cfg.model, "linears": len(linears), "blocks": len(block_units(linears)),
+                  "parameters": sum(p.numel() for p in model.parameters())},
+        "data": {"dataset": cfg.dataset, "calibration": {"windows": len(calib), "seqlen": cfg.seqlen,
+                 "sha256": text_fingerprint(calib), "seed": cfg.seed}, "validation": held_info},
+        "methods": {m: {"kind": t.meta.get("kind"), "seconds": t.meta.get("seconds"), "cached": m in cached,
+                        "score": primary_score(t)} for m, t in tables.items()},
+        "best_method": best_name,
+        "best_rule": validation["rule"] if validation else "first method asked for (no validation)",
+        "validation": validation,
+        "ranking": ranking(best, primary_score(tables[best_name])),
+        "files": files,
+    }
+    atomic_write_json(Path(cfg.output_dir) / "analysis.json", summary)
+    return summary
