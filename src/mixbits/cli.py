@@ -63,28 +63,59 @@ def print_results(results: dict) -> None:
     console.print("stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in results["timings_s"].items()))
 
 
+# Options shared by the commands that build a RunConfig (typer reads these as metadata only).
+MODEL = typer.Option("smollm2-135m", help="embedded name, Hugging Face hub id, or local HF folder")
+DATASET = typer.Option("wiki", help="wiki, canterbury, wikitext2, c4, or a .txt/.jsonl path")
+SEQLEN = typer.Option(DataConfig.seqlen, help="tokens per window (2048 for paper numbers)")
+CALIB_WINDOWS = typer.Option(DataConfig.calib_windows, help="calibration windows for sensitivity")
+EVAL_WINDOWS = typer.Option(DataConfig.eval_windows, help="test windows to score; 0 = the whole split")
+SEED = typer.Option(0, help="seed of the calibration window sampler")
+BITS = typer.Option(",".join(map(str, DEFAULT_BITS)), help="candidate bit-widths")
+GROUP_SIZES = typer.Option(",".join(map(str, DEFAULT_GROUPS)), help="candidate group sizes (pc = per-channel)")
+MIN_BITS = typer.Option(2, help="no layer below this many bits")
+MAX_BITS = typer.Option(16, help="no layer above this many bits (16 = may keep layers)")
+KEEP = typer.Option(None, help="regex of layers kept in 16 bit")
+PIN = typer.Option([], help="REGEX=BITS or REGEX=SPEC, e.g. down_proj=4 (repeatable)")
+TIE = typer.Option(True, help="fused layers (q/k/v, gate/up) share one config")
+QUANTIZER = typer.Option("rtn", help="rtn (round-to-nearest), clip (clipping search) or gptq")
+DEVICE = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ...")
+VERBOSE = typer.Option(True, help="log each stage")
+
+
+def _run_config(*, model, output_dir, device, quantizer, dataset, seqlen, calib_windows, eval_windows, seed,
+                target_bpw, target_size_mb, bits, group_sizes, min_bits, max_bits, keep, pin, tie, plan=None) -> RunConfig:
+    return RunConfig(
+        model=model, output_dir=output_dir, device=device, plan=plan, quantizer=quantizer,
+        data=DataConfig(dataset=dataset, seqlen=seqlen, calib_windows=calib_windows, eval_windows=eval_windows, seed=seed),
+        allocation=AllocationConfig(
+            target_bpw=target_bpw, target_size_mb=target_size_mb, bits=_ints(bits, "--bits"),
+            group_sizes=_groups(group_sizes), min_bits=min_bits, max_bits=max_bits, keep=keep, pins=tuple(pin), tie=tie,
+        ),
+    )
+
+
 @app.command()
 def run(
-    model: str = typer.Option("smollm2-135m", help="embedded name, Hugging Face hub id, or local HF folder"),
-    target_bpw: Optional[float] = typer.Option(None, help="average stored bits per weight over the block linears"),
+    model: str = MODEL,
+    target_bpw: Optional[float] = typer.Option(None, help="average stored bits per weight over the block linears (default 3.25)"),
     target_size_mb: Optional[float] = typer.Option(None, help="size of the whole saved model in MB (10^6 bytes)"),
     output_dir: Path = typer.Option(Path("runs/demo"), help="where results, plan and model are written"),
-    dataset: str = typer.Option("wiki", help="wiki, canterbury, wikitext2, c4, or a .txt/.jsonl path"),
-    seqlen: int = typer.Option(DataConfig.seqlen, help="tokens per window (2048 for paper numbers)"),
-    calib_windows: int = typer.Option(DataConfig.calib_windows, help="calibration windows for sensitivity"),
-    eval_windows: int = typer.Option(DataConfig.eval_windows, help="test windows to score; 0 = the whole split"),
-    seed: int = typer.Option(0, help="seed of the calibration window sampler"),
-    bits: str = typer.Option(",".join(map(str, DEFAULT_BITS)), help="candidate bit-widths"),
-    group_sizes: str = typer.Option(",".join(map(str, DEFAULT_GROUPS)), help="candidate group sizes (pc = per-channel)"),
-    min_bits: int = typer.Option(2, help="no layer below this many bits"),
-    max_bits: int = typer.Option(16, help="no layer above this many bits (16 = may keep layers)"),
-    keep: Optional[str] = typer.Option(None, help="regex of layers kept in 16 bit"),
-    pin: list[str] = typer.Option([], help="REGEX=BITS or REGEX=SPEC, e.g. down_proj=4 (repeatable)"),
-    tie: bool = typer.Option(True, help="fused layers (q/k/v, gate/up) share one config"),
+    dataset: str = DATASET,
+    seqlen: int = SEQLEN,
+    calib_windows: int = CALIB_WINDOWS,
+    eval_windows: int = EVAL_WINDOWS,
+    seed: int = SEED,
+    bits: str = BITS,
+    group_sizes: str = GROUP_SIZES,
+    min_bits: int = MIN_BITS,
+    max_bits: int = MAX_BITS,
+    keep: Optional[str] = KEEP,
+    pin: list[str] = PIN,
+    tie: bool = TIE,
     plan: Optional[Path] = typer.Option(None, help="quantize with this plan (JSON/YAML) instead of allocating one"),
-    quantizer: str = typer.Option("rtn", help="rtn (round-to-nearest), clip (clipping search) or gptq"),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
-    verbose: bool = typer.Option(True, help="log each stage"),
+    quantizer: str = QUANTIZER,
+    device: str = DEVICE,
+    verbose: bool = VERBOSE,
 ) -> None:
     """Sensitivity -> optimal allocation -> round-to-nearest -> evaluation, in one command."""
     _setup_logging(verbose)
@@ -93,19 +124,11 @@ def run(
     from mixbits.pipeline import run as run_pipeline  # heavy imports only once arguments parse
 
     try:
-        cfg = RunConfig(
-            model=model,
-            output_dir=output_dir,
-            device=device,
-            plan=plan,
-            quantizer=quantizer,
-            data=DataConfig(dataset=dataset, seqlen=seqlen, calib_windows=calib_windows, eval_windows=eval_windows, seed=seed),
-            allocation=AllocationConfig(
-                target_bpw=target_bpw, target_size_mb=target_size_mb, bits=_ints(bits, "--bits"),
-                group_sizes=_groups(group_sizes), min_bits=min_bits, max_bits=max_bits, keep=keep,
-                pins=tuple(pin), tie=tie,
-            ),
-        )
+        cfg = _run_config(
+            model=model, output_dir=output_dir, device=device, quantizer=quantizer, dataset=dataset, seqlen=seqlen,
+            calib_windows=calib_windows, eval_windows=eval_windows, seed=seed, target_bpw=target_bpw,
+            target_size_mb=target_size_mb, bits=bits, group_sizes=group_sizes, min_bits=min_bits, max_bits=max_bits,
+            keep=keep, pin=pin, tie=tie, plan=plan)
         results = run_pipeline(cfg)
     except (ValueError, FileNotFoundError, MixbitsDataError) as err:
         console.print(f"[red]error:[/red] {err}")
@@ -113,3 +136,68 @@ def run(
     print_results(results)
     console.print(f"wrote {output_dir}/results.json, layer_statistics.json, plan.json, sensitivity.json, model/")
 
+
+
+@app.command()
+def sweep(
+    bpw: str = typer.Option("2.5:4.5:0.25", help="budgets: LO:HI:STEP (inclusive) or a comma list"),
+    strategies: str = typer.Option("all", help="comma list of strategies, or all"),
+    uniform: bool = typer.Option(True, help="also evaluate every uniform candidate config at its own size"),
+    model: str = MODEL,
+    output_dir: Path = typer.Option(Path("runs/sweep"), help="where sweep.json and the plots are written"),
+    dataset: str = DATASET,
+    seqlen: int = SEQLEN,
+    calib_windows: int = CALIB_WINDOWS,
+    eval_windows: int = typer.Option(8, help="test windows to score each plan on; 0 = the whole split"),
+    seed: int = SEED,
+    bits: str = BITS,
+    group_sizes: str = GROUP_SIZES,
+    min_bits: int = MIN_BITS,
+    max_bits: int = MAX_BITS,
+    keep: Optional[str] = KEEP,
+    pin: list[str] = PIN,
+    tie: bool = TIE,
+    quantizer: str = QUANTIZER,
+    device: str = DEVICE,
+    verbose: bool = VERBOSE,
+) -> None:
+    """One sensitivity measurement, every budget x strategy solved and evaluated; perplexity vs bpw and MB."""
+    _setup_logging(verbose)
+    from mixbits.allocate.registry import STRATEGIES
+    from mixbits.report.sweep_plots import plot_sweep
+    from mixbits.sweep import SweepConfig, parse_range, run_sweep
+
+    try:
+        budgets = parse_range(bpw)
+        run_cfg = _run_config(
+            model=model, output_dir=output_dir, device=device, quantizer=quantizer, dataset=dataset, seqlen=seqlen,
+            calib_windows=calib_windows, eval_windows=eval_windows, seed=seed, target_bpw=max(budgets),
+            target_size_mb=None, bits=bits, group_sizes=group_sizes, min_bits=min_bits, max_bits=max_bits,
+            keep=keep, pin=pin, tie=tie)
+        names = tuple(STRATEGIES) if strategies == "all" else tuple(x.strip() for x in strategies.split(",") if x.strip())
+        results = run_sweep(SweepConfig(run=run_cfg, budgets_bpw=budgets, strategies=names, uniform=uniform))
+    except (ValueError, FileNotFoundError, MixbitsDataError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    for x in ("bpw", "mb"):
+        plot_sweep(results, output_dir / f"ppl_vs_{x}.png", x=x)
+    print_sweep(results)
+    console.print(f"wrote {output_dir}/sweep.json, ppl_vs_bpw.png, ppl_vs_mb.png")
+
+
+def print_sweep(results: dict) -> None:
+    rows = [r for r in results["rows"] if r["target_bpw"] is not None]
+    budgets = sorted({r["target_bpw"] for r in rows})
+    table = Table(title=f"held-out perplexity by strategy and budget (original {results['original']['ppl']:.3f})")
+    table.add_column("strategy", no_wrap=True)
+    for b in budgets:
+        table.add_column(f"{b:g} bpw", justify="right")
+    for name in dict.fromkeys(r["strategy"] for r in rows):
+        cells = []
+        for b in budgets:
+            r = next((r for r in rows if r["strategy"] == name and r["target_bpw"] == b), None)
+            cells.append("-" if r is None else f"{r['ppl']:.2f}" + ("" if r["miss"] == 0 else f" (+{r['miss']:.2f})"))
+        table.add_row(name, *cells)
+    console.print(table)
+    uni = sorted((r for r in results["rows"] if r["strategy"] == "uniform"), key=lambda r: r["bpw"])
+    console.print("uniform: " + ", ".join(f"{r['rule'].split()[-1]} {r['bpw']:.2f} bpw ppl {r['ppl']:.2f}" for r in uni))

@@ -111,7 +111,8 @@ def sensitivity(cfg: RunConfig, p: Prepared, calib: torch.Tensor, timer: StageTi
     return DamageTable(
         units=tuple(p.linears), shapes=tuple(p.shapes.values()), configs=configs, damage=damage,
         method="fisher", scores=scores,
-        meta={"model": cfg.model, "quantizer": "rtn", "calibration": data_info["calibration"]},
+        meta={"model": cfg.model, "quantizer": "rtn", "calibration": data_info["calibration"],
+              "tied": [list(g) for g in p.groups if len(g) > 1], "other_bytes_fp16": p.fixed_bytes},
     )
 
 
