@@ -113,6 +113,8 @@ def plot_predicted_vs_measured(
     for i, method in enumerate(names):
         table = tables[method]
         index = table.index()
+        if any(u not in index for u in measured.units):
+            raise ValueError(f"the {method} table lacks units of the measured table; plot one granularity at a time")
         pred = table.damage[np.ix_([index[u] for u in measured.units], [table.configs.index(c) for c in configs])]
         ax = fig.add_subplot(rows, cols, i + 1)
         _panel(ax, pred, measured.damage[:, meas_cols], labels, method, validation["methods"][method]["spearman"])

@@ -193,29 +193,8 @@ def _write(cfg, best, tables, validation, measured, linears) -> dict[str, str]:
     return {k: str(v) for k, v in files.items()}
 
 
-def analyze(cfg: AnalyzeConfig) -> dict:
-    """The whole job of `mixbits analyze`; writes into cfg.output_dir and returns the summary."""
-    resolve_text(cfg.dataset)
-    validate_model_name(cfg.model)
-    if cfg.sensitivity_file is not None and not Path(cfg.sensitivity_file).is_file():
-        raise ValueError(f"--sensitivity-file {str(cfg.sensitivity_file)!r} does not exist; check the path")
-    device = resolve_device(cfg.device)
-    model, tokenizer = load_model(resolve_model_source(cfg.model), device=device)
-    linears = find_linears(model)
-    calib = calibration_windows(tokenizer, load_text(cfg.dataset, "calibration"), cfg.seqlen, cfg.calib_windows, cfg.seed)
-    configs = cfg.configs()
-    measure = cfg.measure_specs()
-    tables, cached = _tables(cfg, list(cfg.methods), model, linears, calib, configs, device, measure)
-    if cfg.sensitivity_file is not None:
-        scores = read_seed_file(cfg.sensitivity_file, len(block_units(linears)))
-        tables["seed"] = seed_table(scores, model, linears, configs, source=str(cfg.sensitivity_file))
-    validation, measured, held_info = (None, None, None)
-    if cfg.validate:
-        validation, measured, held_info = _validate(cfg, model, tokenizer, linears, calib, tables, device)
-    best_name = (validation or {}).get("best_method") or cfg.methods[0]
-    best = _with_all_scores(tables[best_name], tables)
-    files = _write(cfg, best, tables, validation, measured, linears)
-    summary = {
+def _summary(cfg, model, linears, calib, held_info, tables, cached, validation, best_name, best, files) -> dict:
+    return {
         "format": ANALYZE_FORMAT,
         "config": cfg.to_dict(),
         "model": {"name": cfg.model, "linears": len(linears), "blocks": len(block_units(linears)),
@@ -230,5 +209,32 @@ def analyze(cfg: AnalyzeConfig) -> dict:
         "ranking": ranking(best, primary_score(tables[best_name])),
         "files": files,
     }
+
+
+def analyze(cfg: AnalyzeConfig) -> dict:
+    """The whole job of `mixbits analyze`; writes into cfg.output_dir and returns the summary."""
+    resolve_text(cfg.dataset)
+    validate_model_name(cfg.model)
+    if cfg.sensitivity_file is not None and not Path(cfg.sensitivity_file).is_file():
+        raise ValueError(f"--sensitivity-file {str(cfg.sensitivity_file)!r} does not exist; check the path")
+    device = resolve_device(cfg.device)
+    model, tokenizer = load_model(resolve_model_source(cfg.model), device=device)
+    linears = find_linears(model)
+    seed_scores = None  # read before any compute: a wrong length fails at once
+    if cfg.sensitivity_file is not None:
+        seed_scores = read_seed_file(cfg.sensitivity_file, len(block_units(linears)))
+    calib = calibration_windows(tokenizer, load_text(cfg.dataset, "calibration"), cfg.seqlen, cfg.calib_windows, cfg.seed)
+    configs = cfg.configs()
+    measure = cfg.measure_specs()
+    tables, cached = _tables(cfg, list(cfg.methods), model, linears, calib, configs, device, measure)
+    if seed_scores is not None:
+        tables["seed"] = seed_table(seed_scores, model, linears, configs, source=str(cfg.sensitivity_file))
+    validation, measured, held_info = (None, None, None)
+    if cfg.validate:
+        validation, measured, held_info = _validate(cfg, model, tokenizer, linears, calib, tables, device)
+    best_name = (validation or {}).get("best_method") or cfg.methods[0]
+    best = _with_all_scores(tables[best_name], tables)
+    files = _write(cfg, best, tables, validation, measured, linears)
+    summary = _summary(cfg, model, linears, calib, held_info, tables, cached, validation, best_name, best, files)
     atomic_write_json(Path(cfg.output_dir) / "analysis.json", summary)
     return summary

@@ -109,7 +109,7 @@ def validate_methods(
         }
     return {
         "measured_method": measured.method,
-        "measured_meta": dict(measured.meta),
+        "measured_meta": {k: v for k, v in measured.meta.items() if k != "members"},
         "configs": [c.label for c in configs],
         "fwd_bwd_seconds": fwd_bwd_seconds,
         "methods": results,
