@@ -69,8 +69,8 @@ def _plans(cfg: SweepConfig, p, table) -> list[dict]:
             log.warning("skipping %s bpw: %s", bpw, err)
             continue
         for name in cfg.strategies:
-            if name == "uniform":
-                continue  # uniform configs are evaluated at their own bpw below
+            if name == "uniform" and cfg.uniform:
+                continue  # every uniform config is evaluated at its own bpw below
             result = run_strategy(name, table, p.groups, bits, constraints=p.constraints)  # tiers ignore bits
             rows.append({"strategy": name, "target_bpw": bpw, "specs": dict(result.specs), "miss": result.miss,
                          "rule": result.rule})
