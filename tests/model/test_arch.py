@@ -5,6 +5,17 @@ from mixbits.model.arch import find_blocks, find_linears, get_weight, set_weight
 from tests.conftest import tiny_bert, tiny_distilbert, tiny_gpt2, tiny_llama
 
 
+def tiny_decoder(config_name: str):
+    """A 2-block random decoder of another Llama-like family (Mistral, Qwen2/3, Gemma)."""
+    import transformers
+
+    config = getattr(transformers, config_name)(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+    )
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
 @pytest.mark.parametrize(
     "build, blocks, per_block, fused",
     [
@@ -12,6 +23,10 @@ from tests.conftest import tiny_bert, tiny_distilbert, tiny_gpt2, tiny_llama
         (tiny_gpt2, "transformer.h", 4, []),
         (tiny_bert, "bert.encoder.layer", 6, [3]),
         (tiny_distilbert, "distilbert.transformer.layer", 6, [3]),
+        (lambda: tiny_decoder("MistralConfig"), "model.layers", 7, [3, 2]),
+        (lambda: tiny_decoder("Qwen2Config"), "model.layers", 7, [3, 2]),
+        (lambda: tiny_decoder("Qwen3Config"), "model.layers", 7, [3, 2]),
+        (lambda: tiny_decoder("GemmaConfig"), "model.layers", 7, [3, 2]),
     ],
 )
 def test_blocks_linears_and_fused_groups(build, blocks, per_block, fused):
