@@ -1,0 +1,7 @@
+"""Quantization-aware training: Block-AP block by block, then optionally E2E-QP on the step sizes.
+
+Entry point: `mixbits.train.run.train_model(model, plan, calib, val, TrainConfig(...), device=...)`
+returns the trained quantized model and a `TrainReport` whose `.qparams` go to `save_native`;
+`mixbits.train.command.train_command` is the whole `mixbits train` command. Kept import-free so
+that the CLI can read `TrainConfig` defaults without loading torch.
+"""
