@@ -23,6 +23,7 @@ from mixbits.model.arch import LinearInfo, find_linears, tied_groups
 from mixbits.model.load import load_model, resolve_model_source
 from mixbits.plan import Plan
 from mixbits.report.results import build_layer_statistics, build_results, write_outputs
+from mixbits.sensitivity.cache import cache_key_parts, cached_table
 from mixbits.sensitivity.fisher import fisher_table
 from mixbits.sensitivity.table import DamageTable
 from mixbits.timing import StageTimer
@@ -105,15 +106,23 @@ def calibrate(cfg: RunConfig, p: Prepared, timer: StageTimer) -> tuple[torch.Ten
 
 
 def sensitivity(cfg: RunConfig, p: Prepared, calib: torch.Tensor, timer: StageTimer, data_info: dict) -> DamageTable:
+    """The Fisher damage table, from the disk cache when the same model, tokens and configs ran before."""
     configs = cfg.allocation.configs()
-    with timer.stage("sensitivity"):
+    parts = cache_key_parts(model_name=cfg.model, model=p.model, linears=p.linears,
+                            calibration_sha256=data_info["calibration"]["sha256"], configs=configs,
+                            method="fisher", granularity="layer")
+
+    def compute() -> DamageTable:
         damage, scores = fisher_table(p.model, calib, p.linears, configs, device=p.device, progress=cfg.progress)
-    return DamageTable(
-        units=tuple(p.linears), shapes=tuple(p.shapes.values()), configs=configs, damage=damage,
-        method="fisher", scores=scores,
-        meta={"model": cfg.model, "quantizer": "rtn", "calibration": data_info["calibration"],
-              "tied": [list(g) for g in p.groups if len(g) > 1], "other_bytes_fp16": p.fixed_bytes},
-    )
+        return DamageTable(
+            units=tuple(p.linears), shapes=tuple(p.shapes.values()), configs=configs, damage=damage,
+            method="fisher", scores=scores,
+            meta={"model": cfg.model, "quantizer": "rtn", "calibration": data_info["calibration"],
+                  "tied": [list(g) for g in p.groups if len(g) > 1], "other_bytes_fp16": p.fixed_bytes},
+        )
+
+    with timer.stage("sensitivity"):
+        return cached_table(parts, compute)
 
 
 def run(cfg: RunConfig) -> dict:
