@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +19,7 @@ from mixbits.train.config import TrainConfig
 from mixbits.config import DEFAULT_BITS, DEFAULT_GROUPS, AllocationConfig, DataConfig, RunConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Sensitivity-guided mixed-precision quantization.")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 120)  # logs and pipes get whole tables
 
 
 @app.callback()
