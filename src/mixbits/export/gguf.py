@@ -1,0 +1,230 @@
+"""GGUF files for llama.cpp and Ollama, written directly from mixbits' codes with the `gguf`
+package, so the plan's per-layer allocation reaches llama.cpp unchanged.
+
+Per layer, the plan's spec picks a ggml legacy type (`ggml_blocks`): 4 bits -> Q4_0
+(symmetric) or Q4_1, 5 bits -> Q5_0 or Q5_1, 8 bits -> Q8_0, fp16 -> F16. llama.cpp has no
+legacy 2-, 3- or 6-bit type (its K-quants re-quantize with their own super-block scheme, which
+would discard mixbits' codes), so such plans are refused before writing, with the nearest
+plan. A row must split into blocks of 32 (`in % 32 == 0`).
+
+What is kept and what is re-quantized. GGUF's group size is fixed at 32 by its blocks.
+`regroup="repeat"` (the default) keeps the plan exactly: a group of 64, 128, 256 or a whole row
+(per-channel) repeats its scale and zero-point in each of its 32-blocks, so the codes, the
+scales and the bits are mixbits' own; only the Q4_1/Q5_1 offset m = -z * s is rounded to fp16,
+and the blocks of an asymmetric 8-bit layer whose codes do not fit Q8_0's signed range around
+their zero-point are re-quantized by llama.cpp's Q8_0 rule (use symmetric 8-bit specs, w8g*s,
+for an exact file). Storage is that
+of group 32 whatever the plan's group size (GGUF pays one scale per 32 weights anyway).
+`regroup="requantize"` instead computes fresh min-max parameters per 32-block at the plan's
+bits and symmetry from the weights the model holds: usually a little more accurate for plans
+at g64 and up, but no longer the model mixbits evaluated (a warning says so).
+
+Other tensors: embeddings, the output head and 2-D kept layers in F16, 1-D tensors (norms,
+biases) in F32 holding their fp16-rounded values, exactly as the native export rounds them.
+Architectures: Llama and Mistral (written as llama, with llama.cpp's rotary row permutation of
+q/k, which transformers and llama.cpp undo on load), Qwen2, Qwen3; tensor names come from
+`gguf`'s own name map. RoPE scaling variants are not written (refused). The tokenizer, when
+given, is written as llama.cpp's converter does (`gguf_vocab`).
+
+Loaders: llama.cpp / Ollama (`ollama create -f Modelfile` with `FROM ./model.gguf`) and
+transformers (`AutoModelForCausalLM.from_pretrained(dir, gguf_file="model.gguf")`, which
+dequantizes to float).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as Q
+from torch import Tensor, nn
+
+from mixbits.export.ggml_blocks import encode_blocks
+from mixbits.export.gguf_vocab import add_tokenizer
+from mixbits.export.rules import ExportError, Rules, require_expressible
+from mixbits.export.staging import staged_file
+from mixbits.export.tensors import StoredLayer, linear_keys, plain_tensors, stored_layers
+from mixbits.model.apply import layer_shapes
+from mixbits.plan import Plan
+from mixbits.quant.affine import QParams, minmax_qparams, quantize
+from mixbits.quant.spec import QuantSpec
+
+log = logging.getLogger(__name__)
+
+RULES = Rules("gguf", bits=(4, 5, 8), row_multiple=32)
+REGROUP = ("repeat", "requantize")
+_FILE_TYPES = {Q.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, Q.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
+               Q.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0, Q.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1,
+               Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}
+
+
+@dataclass(frozen=True)
+class GGUFArch:
+    """How one family is written: its gguf architecture and whether q/k rows are permuted."""
+
+    model_types: tuple[str, ...]
+    arch: gguf.MODEL_ARCH
+    permute_qk: bool
+
+
+ARCHS = (
+    GGUFArch(("llama", "mistral"), gguf.MODEL_ARCH.LLAMA, True),
+    GGUFArch(("qwen2",), gguf.MODEL_ARCH.QWEN2, False),
+    GGUFArch(("qwen3",), gguf.MODEL_ARCH.QWEN3, False),
+)
+
+
+def gguf_arch(config) -> GGUFArch:
+    """The row of ARCHS for a transformers config; ExportError for families not written."""
+    for row in ARCHS:
+        if config.model_type in row.model_types:
+            rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+            if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+                raise ExportError(f"RoPE type {rope.get('rope_type')!r} of this {config.model_type} model is not "
+                                  "written by the GGUF exporter; export it with --format gptq or compressed")
+            return row
+    known = sorted(t for row in ARCHS for t in row.model_types)
+    raise ExportError(f"model type {config.model_type!r} has no GGUF writer; supported: {', '.join(known)}")
+
+
+def rope_row_order(rows: int, heads: int) -> Tensor:
+    """Row permutation taking HF's rotary layout (halves) to llama.cpp's (interleaved pairs)."""
+    half = rows // heads // 2
+    return torch.arange(rows).view(heads, 2, half).transpose(1, 2).reshape(-1)
+
+
+def _permuted(layer: StoredLayer, codes: Tensor, qp: QParams, heads: int | None):
+    if heads is None:
+        return codes, qp, layer.bias
+    order = rope_row_order(codes.shape[0], heads)
+    bias = None if layer.bias is None else layer.bias[order]
+    return codes[order], QParams(qp.scale[order], qp.zero[order]), bias
+
+
+def _regrouped(layer: StoredLayer, regroup: str) -> tuple[Tensor, QParams, QuantSpec]:
+    spec = layer.spec
+    if regroup == "repeat" or spec.group_size == 32:
+        return layer.codes, layer.qparams, spec
+    spec32 = QuantSpec(spec.bits, 32, spec.symmetric)
+    qp = minmax_qparams(layer.weight, spec32)
+    return quantize(layer.weight, qp, spec32), qp, spec32
+
+
+def _rope_heads(name: str, config, arch: GGUFArch) -> int | None:
+    if not arch.permute_qk:
+        return None
+    if name.endswith("q_proj"):
+        return config.num_attention_heads
+    if name.endswith("k_proj"):
+        return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return None
+
+
+def _gguf_name(name_map, key: str) -> str:
+    base, _, suffix = key.rpartition(".")
+    mapped = name_map.get_name(base)
+    if mapped is None:
+        raise ExportError(f"tensor {key!r} has no GGUF name for this architecture; it cannot be written as GGUF")
+    return f"{mapped}.{suffix}"
+
+
+def _quantized_tensors(layers, config, arch, regroup) -> dict[str, tuple[np.ndarray, Q]]:
+    out = {}
+    for name, layer in layers.items():
+        codes, qp, spec = _regrouped(layer, regroup)
+        heads = _rope_heads(name, config, arch)
+        codes, qp, bias = _permuted(layer, codes, qp, heads)
+        kind, blocks = encode_blocks(codes, qp, spec)
+        out[f"{name}.weight"] = (blocks, kind)
+        if bias is not None:
+            out[f"{name}.bias"] = (bias.float().numpy(), Q.F32)
+    return out
+
+
+def _plain(model, layers, config, arch) -> dict[str, tuple[np.ndarray, Q]]:
+    out = {}
+    for key, value in plain_tensors(model, linear_keys(layers)).items():
+        heads = _rope_heads(key.rpartition(".")[0], config, arch)
+        if heads is not None:
+            value = value[rope_row_order(value.shape[0], heads)]
+        kind = Q.F32 if value.dim() == 1 else Q.F16
+        out[key] = (value.float().numpy() if kind == Q.F32 else value.half().numpy(), kind)
+    return out
+
+
+def _add_metadata(writer: gguf.GGUFWriter, config, arch: GGUFArch, file_type, name: str) -> None:
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    rope = getattr(config, "rope_parameters", None) or {}
+    writer.add_name(name)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_vocab_size(config.vocab_size)
+
+
+def _file_type(kinds: list[Q]):
+    quantized = Counter(k for k in kinds if k in _FILE_TYPES)
+    return _FILE_TYPES[quantized.most_common(1)[0][0]] if quantized else gguf.LlamaFileType.MOSTLY_F16
+
+
+def write_gguf(
+    model: nn.Module,
+    plan: Plan,
+    path: str | Path,
+    tokenizer=None,
+    qparams: Mapping[str, QParams] | None = None,
+    *,
+    regroup: str = "repeat",
+    tokenizer_pre: str = "default",
+) -> Path:
+    """Write `model` quantized by `plan` to the GGUF file `path`; see the module docstring."""
+    if regroup not in REGROUP:
+        raise ValueError(f"regroup={regroup!r}; use 'repeat' (keep the plan's codes) or 'requantize' (min-max per 32)")
+    config = model.config
+    arch = gguf_arch(config)
+    require_expressible(RULES, plan, layer_shapes(model))
+    coarse = sorted({s.label for s in plan.quantized().values() if s.group_size != 32})
+    if coarse and regroup == "requantize":
+        log.warning("GGUF blocks hold 32 weights: layers at %s are re-quantized per 32-block (min-max), so the file "
+                    "is not the model mixbits evaluated; regroup='repeat' keeps the plan's codes", ", ".join(coarse))
+    layers = stored_layers(model, plan, qparams)
+    tensors = {**_plain(model, layers, config, arch), **_quantized_tensors(layers, config, arch, regroup)}
+    name_map = gguf.get_tensor_name_map(arch.arch, config.num_hidden_layers)
+    named = {_gguf_name(name_map, key): tensors[key] for key in model.state_dict() if key in tensors}
+    path = Path(path)
+    with staged_file(path) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch.arch])
+        try:
+            _fill(writer, named, config, arch, tokenizer, tokenizer_pre, path.stem)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+    return path
+
+
+def _fill(writer, named, config, arch, tokenizer, tokenizer_pre, name) -> None:
+    _add_metadata(writer, config, arch, _file_type([k for _, k in named.values()]), name)
+    if tokenizer is not None:
+        add_tokenizer(writer, tokenizer, config.vocab_size, tokenizer_pre)
+    for gguf_name, (data, kind) in named.items():
+        writer.add_tensor(gguf_name, data, raw_dtype=None if kind in (Q.F16, Q.F32) else kind)
