@@ -17,6 +17,7 @@ from rich.table import Table
 
 from mixbits.data.errors import MixbitsDataError
 from mixbits.train.config import TrainConfig
+from mixbits.report.console import print_analysis, print_results, print_sweep
 from mixbits.config import DEFAULT_BITS, DEFAULT_GROUPS, AllocationConfig, DataConfig, RunConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Sensitivity-guided mixed-precision quantization.")
@@ -51,20 +52,6 @@ def _groups(text: str) -> tuple[int | None, ...]:
         if x:
             out.append(None if x in ("pc", "none", "-1") else int(x))
     return tuple(out)
-
-
-def print_results(results: dict) -> None:
-    table = Table(title=f"{results['model']['name']} at {results['budget']['target']} "
-                        f"({results['data']['test']['windows']} x {results['data']['test']['seqlen']} test tokens)")
-    for col in ("model", "bpw", "MB on disk", "perplexity", "KL (nats/tok)", "top-1 agree"):
-        table.add_column(col, justify="right" if col != "model" else "left", no_wrap=True)
-    for name, m in results["models"].items():
-        kl = "-" if name == "original" else f"{m['kl']:.4f}"
-        top1 = "-" if name == "original" else f"{100 * m['top1']:.1f}%"
-        label = name if m.get("fits_budget", True) else f"{name} (over budget)"
-        table.add_row(label, f"{m['bpw']:.3f}", f"{m['bytes_on_disk'] / 1e6:.1f}", f"{m['ppl']:.3f}", kl, top1)
-    console.print(table)
-    console.print("stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in results["timings_s"].items()))
 
 
 # Options shared by the commands that build a RunConfig (typer reads these as metadata only).
@@ -137,7 +124,7 @@ def run(
     except (ValueError, FileNotFoundError, MixbitsDataError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
-    print_results(results)
+    print_results(console, results)
     console.print(f"wrote {output_dir}/results.json, layer_statistics.json, plan.json, sensitivity.json, model/")
 
 
@@ -185,54 +172,12 @@ def sweep(
         raise typer.Exit(2) from None
     for x in ("bpw", "mb"):
         plot_sweep(results, output_dir / f"ppl_vs_{x}.png", x=x)
-    print_sweep(results)
+    print_sweep(console, results)
     console.print(f"wrote {output_dir}/sweep.json, ppl_vs_bpw.png, ppl_vs_mb.png")
-
-
-def print_sweep(results: dict) -> None:
-    rows = [r for r in results["rows"] if r["target_bpw"] is not None]
-    budgets = sorted({r["target_bpw"] for r in rows})
-    table = Table(title=f"held-out perplexity by strategy and budget (original {results['original']['ppl']:.3f})")
-    table.add_column("strategy", no_wrap=True)
-    for b in budgets:
-        table.add_column(f"{b:g} bpw", justify="right")
-    for name in dict.fromkeys(r["strategy"] for r in rows):
-        cells = []
-        for b in budgets:
-            r = next((r for r in rows if r["strategy"] == name and r["target_bpw"] == b), None)
-            cells.append("-" if r is None else f"{r['ppl']:.2f}" + ("" if r["miss"] == 0 else f" (+{r['miss']:.2f})"))
-        table.add_row(name, *cells)
-    console.print(table)
-    uni = sorted((r for r in results["rows"] if r["strategy"] == "uniform"), key=lambda r: r["bpw"])
-    console.print("uniform: " + ", ".join(f"{r['rule'].split()[-1]} {r['bpw']:.2f} bpw ppl {r['ppl']:.2f}" for r in uni))
 
 
 def _labels(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
-
-
-def print_analysis(summary: dict, top: int = 10) -> None:
-    table = Table(title=f"{summary['model']['name']}: most sensitive {summary['config']['granularity']}s "
-                        f"by {summary['best_method']}")
-    table.add_column("rank", justify="right")
-    table.add_column("unit", no_wrap=True)
-    table.add_column("score", justify="right")
-    for i, (unit, score) in enumerate(summary["ranking"][:top], 1):
-        table.add_row(str(i), unit, f"{score:.4g}")
-    console.print(table)
-    validation = summary.get("validation")
-    if validation:
-        v = Table(title=f"validation against {validation['measured_method']} on held-out windows "
-                        f"({', '.join(validation['configs'])})")
-        for col in ("method", "Spearman ρ", "seconds", "cost (fwd+bwd passes)"):
-            v.add_column(col, justify="left" if col == "method" else "right")
-        for name, r in validation["methods"].items():
-            mark = " *" if name == validation["best_method"] else ""
-            cost = "-" if r["cost_ratio"] is None else f"{r['cost_ratio']:.2f}"
-            seconds = "-" if r["seconds"] is None else f"{r['seconds']:.1f}"
-            v.add_row(name + mark, f"{r['spearman']:.3f}", seconds, cost)
-        console.print(v)
-        console.print(f"* best: {validation['rule']}")
 
 
 @app.command()
@@ -276,7 +221,7 @@ def analyze(
     except (ValueError, FileNotFoundError, MixbitsDataError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
-    print_analysis(summary)
+    print_analysis(console, summary)
     console.print("wrote " + ", ".join(summary["files"].values()) + f", {output_dir}/analysis.json")
 
 
