@@ -34,8 +34,10 @@ def print_sweep(console: Console, results: dict) -> None:
             cells.append("-" if r is None else f"{r['ppl']:.2f}" + ("" if r["miss"] == 0 else f" (+{r['miss']:.2f})"))
         table.add_row(name, *cells)
     console.print(table)
-    uni = sorted((r for r in results["rows"] if r["strategy"] == "uniform"), key=lambda r: r["bpw"])
-    console.print("uniform: " + ", ".join(f"{r['rule'].split()[-1]} {r['bpw']:.2f} bpw ppl {r['ppl']:.2f}" for r in uni))
+    uni = sorted((r for r in results["rows"] if r["strategy"] == "uniform" and r["target_bpw"] is None),
+                 key=lambda r: r["bpw"])
+    if uni:
+        console.print("uniform: " + ", ".join(f"{r['rule'].split()[-1]} {r['bpw']:.2f} bpw ppl {r['ppl']:.2f}" for r in uni))
 
 
 def print_analysis(console: Console, summary: dict, top: int = 10) -> None:
