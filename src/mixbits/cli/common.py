@@ -1,0 +1,92 @@
+"""What every subcommand shares: the app, the console, logging, parsers and the option constants."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from contextlib import contextmanager
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from mixbits.data.errors import MixbitsDataError
+from mixbits.config import DEFAULT_BITS, DEFAULT_GROUPS, AllocationConfig, DataConfig, RunConfig
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Sensitivity-guided mixed-precision quantization.")
+console = Console(width=None if sys.stdout.isatty() else 120)  # logs and pipes get whole tables
+
+
+@app.callback()
+def _root() -> None:
+    """mixbits: for a size you choose, the best quantized model, with the evidence."""
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+        force=True,
+    )
+
+
+def parse_ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{flag} {text!r} must be comma-separated integers, e.g. 2,3,4") from None
+
+
+def parse_groups(text: str) -> tuple[int | None, ...]:
+    out = []
+    for x in text.split(","):
+        x = x.strip().lower()
+        if x:
+            out.append(None if x in ("pc", "none", "-1") else int(x))
+    return tuple(out)
+
+
+# Options shared by the commands that build a RunConfig (typer reads these as metadata only).
+MODEL = typer.Option("smollm2-135m", help="embedded name, Hugging Face hub id, or local HF folder")
+DATASET = typer.Option("wiki", help="wiki, canterbury, wikitext2, c4, or a .txt/.jsonl path")
+SEQLEN = typer.Option(DataConfig.seqlen, help="tokens per window (2048 for paper numbers)")
+CALIB_WINDOWS = typer.Option(DataConfig.calib_windows, help="calibration windows for sensitivity")
+EVAL_WINDOWS = typer.Option(DataConfig.eval_windows, help="test windows to score; 0 = the whole split")
+SEED = typer.Option(0, help="seed of the calibration window sampler")
+BITS = typer.Option(",".join(map(str, DEFAULT_BITS)), help="candidate bit-widths")
+GROUP_SIZES = typer.Option(",".join(map(str, DEFAULT_GROUPS)), help="candidate group sizes (pc = per-channel)")
+MIN_BITS = typer.Option(2, help="no layer below this many bits")
+MAX_BITS = typer.Option(16, help="no layer above this many bits (16 = may keep layers)")
+KEEP = typer.Option(None, help="regex of layers kept in 16 bit")
+PIN = typer.Option([], help="REGEX=BITS or REGEX=SPEC, e.g. down_proj=4 (repeatable)")
+TIE = typer.Option(True, help="fused layers (q/k/v, gate/up) share one config")
+QUANTIZER = typer.Option("rtn", help="rtn (round-to-nearest), clip (clipping search) or gptq")
+DEVICE = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ...")
+VERBOSE = typer.Option(True, help="log each stage")
+
+
+def run_config(*, model, output_dir, device, quantizer, dataset, seqlen, calib_windows, eval_windows, seed,
+                target_bpw, target_size_mb, bits, group_sizes, min_bits, max_bits, keep, pin, tie, plan=None) -> RunConfig:
+    return RunConfig(
+        model=model, output_dir=output_dir, device=device, plan=plan, quantizer=quantizer,
+        data=DataConfig(dataset=dataset, seqlen=seqlen, calib_windows=calib_windows, eval_windows=eval_windows, seed=seed),
+        allocation=AllocationConfig(
+            target_bpw=target_bpw, target_size_mb=target_size_mb, bits=parse_ints(bits, "--bits"),
+            group_sizes=parse_groups(group_sizes), min_bits=min_bits, max_bits=max_bits, keep=keep, pins=tuple(pin), tie=tie,
+        ),
+    )
+
+
+def parse_labels(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+@contextmanager
+def user_errors(*extra: type[Exception]):
+    """Bad input ends the command with one red line naming the problem and the fix, exit code 2."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, MixbitsDataError, *extra) as err:  # ExportError is a ValueError
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None

@@ -1,0 +1,100 @@
+"""`mixbits run` and `mixbits sweep`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mixbits.cli.common import (
+    user_errors,
+    app, console, setup_logging, run_config, MODEL, DATASET, SEQLEN, CALIB_WINDOWS, EVAL_WINDOWS,
+    SEED, BITS, GROUP_SIZES, MIN_BITS, MAX_BITS, KEEP, PIN, TIE, QUANTIZER, DEVICE, VERBOSE,
+)
+from mixbits.report.console import print_results, print_sweep
+
+
+@app.command()
+def run(
+    model: str = MODEL,
+    target_bpw: Optional[float] = typer.Option(None, help="average stored bits per weight over the block linears (default 3.25)"),
+    target_size_mb: Optional[float] = typer.Option(None, help="size of the whole saved model in MB (10^6 bytes)"),
+    output_dir: Path = typer.Option(Path("runs/demo"), help="where results, plan and model are written"),
+    dataset: str = DATASET,
+    seqlen: int = SEQLEN,
+    calib_windows: int = CALIB_WINDOWS,
+    eval_windows: int = EVAL_WINDOWS,
+    seed: int = SEED,
+    bits: str = BITS,
+    group_sizes: str = GROUP_SIZES,
+    min_bits: int = MIN_BITS,
+    max_bits: int = MAX_BITS,
+    keep: Optional[str] = KEEP,
+    pin: list[str] = PIN,
+    tie: bool = TIE,
+    plan: Optional[Path] = typer.Option(None, help="quantize with this plan (JSON/YAML) instead of allocating one"),
+    quantizer: str = QUANTIZER,
+    device: str = DEVICE,
+    verbose: bool = VERBOSE,
+) -> None:
+    """Sensitivity -> optimal allocation -> round-to-nearest -> evaluation, in one command."""
+    setup_logging(verbose)
+    if target_bpw is None and target_size_mb is None:
+        target_bpw = 3.25
+    from mixbits.pipeline import run as run_pipeline  # heavy imports only once arguments parse
+
+    with user_errors():
+        cfg = run_config(
+            model=model, output_dir=output_dir, device=device, quantizer=quantizer, dataset=dataset, seqlen=seqlen,
+            calib_windows=calib_windows, eval_windows=eval_windows, seed=seed, target_bpw=target_bpw,
+            target_size_mb=target_size_mb, bits=bits, group_sizes=group_sizes, min_bits=min_bits, max_bits=max_bits,
+            keep=keep, pin=pin, tie=tie, plan=plan)
+        results = run_pipeline(cfg)
+    print_results(console, results)
+    console.print(f"wrote {output_dir}/results.json, layer_statistics.json, plan.json, sensitivity.json, model/")
+
+
+
+@app.command()
+def sweep(
+    bpw: str = typer.Option("2.5:4.5:0.25", help="budgets: LO:HI:STEP (inclusive) or a comma list"),
+    strategies: str = typer.Option("all", help="comma list of strategies, or all"),
+    uniform: bool = typer.Option(True, help="also evaluate every uniform candidate config at its own size"),
+    model: str = MODEL,
+    output_dir: Path = typer.Option(Path("runs/sweep"), help="where sweep.json and the plots are written"),
+    dataset: str = DATASET,
+    seqlen: int = SEQLEN,
+    calib_windows: int = CALIB_WINDOWS,
+    eval_windows: int = typer.Option(8, help="test windows to score each plan on; 0 = the whole split"),
+    seed: int = SEED,
+    bits: str = BITS,
+    group_sizes: str = GROUP_SIZES,
+    min_bits: int = MIN_BITS,
+    max_bits: int = MAX_BITS,
+    keep: Optional[str] = KEEP,
+    pin: list[str] = PIN,
+    tie: bool = TIE,
+    quantizer: str = QUANTIZER,
+    device: str = DEVICE,
+    verbose: bool = VERBOSE,
+) -> None:
+    """One sensitivity measurement, every budget x strategy solved and evaluated; perplexity vs bpw and MB."""
+    setup_logging(verbose)
+    from mixbits.allocate.registry import STRATEGIES
+    from mixbits.report.sweep_plots import plot_sweep
+    from mixbits.sweep import SweepConfig, parse_range, run_sweep
+
+    with user_errors():
+        budgets = parse_range(bpw)
+        run_cfg = run_config(
+            model=model, output_dir=output_dir, device=device, quantizer=quantizer, dataset=dataset, seqlen=seqlen,
+            calib_windows=calib_windows, eval_windows=eval_windows, seed=seed, target_bpw=max(budgets),
+            target_size_mb=None, bits=bits, group_sizes=group_sizes, min_bits=min_bits, max_bits=max_bits,
+            keep=keep, pin=pin, tie=tie)
+        names = tuple(STRATEGIES) if strategies == "all" else tuple(x.strip() for x in strategies.split(",") if x.strip())
+        results = run_sweep(SweepConfig(run=run_cfg, budgets_bpw=budgets, strategies=names, uniform=uniform))
+    for x in ("bpw", "mb"):
+        plot_sweep(results, output_dir / f"ppl_vs_{x}.png", x=x)
+    print_sweep(console, results)
+    console.print(f"wrote {output_dir}/sweep.json, ppl_vs_bpw.png, ppl_vs_mb.png")
