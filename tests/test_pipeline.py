@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,3 +105,21 @@ def test_stronger_quantizers_run_end_to_end_and_export_their_own_codes(finished_
     ids = torch.randint(0, 200, (1, 24))
     with torch.no_grad():
         assert torch.allclose(reloaded(input_ids=ids).logits, expected(input_ids=ids).logits, atol=1e-5)
+
+
+def test_gptq_run_allocates_on_the_damage_gptq_leaves(finished_run, tmp_path):
+    from mixbits.sensitivity.table import DamageTable
+
+    cfg, _ = finished_run
+    fisher = DamageTable.load(cfg.output_dir / "sensitivity.json")
+    follow = RunConfig(model=cfg.model, output_dir=tmp_path / "follow", device="cpu", data=cfg.data,
+                       allocation=cfg.allocation, quantizer="gptq", progress=False)
+    run(follow)
+    followed = DamageTable.load(tmp_path / "follow" / "sensitivity.json")
+    assert followed.meta["quantizer"] == "gptq" and fisher.meta["quantizer"] == "rtn"
+    gain = followed.damage[:, :-1] / fisher.damage[:, :-1]
+    assert np.all(gain > 0) and np.all(gain < 1)  # GPTQ leaves less output error than RTN everywhere
+    plain = RunConfig(model=cfg.model, output_dir=tmp_path / "plain", device="cpu", data=cfg.data,
+                      allocation=cfg.allocation, quantizer="gptq", damage="rtn", progress=False)
+    run(plain)
+    assert np.array_equal(DamageTable.load(tmp_path / "plain" / "sensitivity.json").damage, fisher.damage)

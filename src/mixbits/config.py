@@ -15,6 +15,7 @@ import torch
 from mixbits.quant.spec import KEEP, QUANT_BITS, QuantSpec
 
 QUANTIZERS = ("rtn", "clip", "gptq")
+DAMAGE_MODES = ("follow", "rtn")
 
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
 DEFAULT_GROUPS = (64, 128)
@@ -77,11 +78,15 @@ class RunConfig:
     allocation: AllocationConfig = field(default_factory=lambda: AllocationConfig(target_bpw=3.25))
     plan: Path | None = None  # a given plan replaces sensitivity + allocation
     quantizer: str = "rtn"  # rtn | clip | gptq
+    damage: str = "follow"  # follow: Fisher x the quantizer's gain over RTN (sensitivity.follow); rtn: Fisher as is
     progress: bool = True
 
     def __post_init__(self) -> None:
         if self.quantizer not in QUANTIZERS:
             raise ValueError(f"--quantizer {self.quantizer!r} is not one of {', '.join(QUANTIZERS)}")
+        if self.damage not in DAMAGE_MODES:
+            raise ValueError(f"--damage {self.damage!r} is not one of {', '.join(DAMAGE_MODES)} (follow: the damage "
+                             "of the quantizer that will be used; rtn: the damage of round-to-nearest)")
 
     def to_dict(self) -> dict:
         d = asdict(self)

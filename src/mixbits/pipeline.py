@@ -25,6 +25,7 @@ from mixbits.plan import Plan
 from mixbits.report.results import build_layer_statistics, build_results, write_outputs
 from mixbits.sensitivity.cache import cache_key_parts, cached_table
 from mixbits.sensitivity.fisher import fisher_table
+from mixbits.sensitivity.follow import follow_quantizer, gain_table
 from mixbits.sensitivity.table import DamageTable
 from mixbits.timing import StageTimer
 
@@ -106,11 +107,15 @@ def calibrate(cfg: RunConfig, p: Prepared, timer: StageTimer) -> tuple[torch.Ten
 
 
 def sensitivity(cfg: RunConfig, p: Prepared, calib: torch.Tensor, timer: StageTimer, data_info: dict) -> DamageTable:
-    """The Fisher damage table, from the disk cache when the same model, tokens and configs ran before."""
+    """The Fisher damage table, scaled by the quantizer's gain over RTN unless the quantizer is rtn
+    or cfg.damage is "rtn" (`sensitivity.follow`); each table from the disk cache when the same
+    model, tokens and configs ran before."""
     configs = cfg.allocation.configs()
-    parts = cache_key_parts(model_name=cfg.model, model=p.model, linears=p.linears,
-                            calibration_sha256=data_info["calibration"]["sha256"], configs=configs,
-                            method="fisher", granularity="layer")
+
+    def key(method: str) -> dict:
+        return cache_key_parts(model_name=cfg.model, model=p.model, linears=p.linears,
+                               calibration_sha256=data_info["calibration"]["sha256"], configs=configs,
+                               method=method, granularity="layer")
 
     def compute() -> DamageTable:
         damage, scores = fisher_table(p.model, calib, p.linears, configs, device=p.device, progress=cfg.progress)
@@ -121,8 +126,15 @@ def sensitivity(cfg: RunConfig, p: Prepared, calib: torch.Tensor, timer: StageTi
                   "tied": [list(g) for g in p.groups if len(g) > 1], "other_bytes_fp16": p.fixed_bytes},
         )
 
+    def gain() -> DamageTable:
+        return gain_table(p.model, calib, p.linears, configs, quantizer=cfg.quantizer, device=p.device,
+                          progress=cfg.progress, meta={"model": cfg.model, "calibration": data_info["calibration"]})
+
     with timer.stage("sensitivity"):
-        return cached_table(parts, compute)
+        table = cached_table(key("fisher"), compute)
+        if cfg.quantizer != "rtn" and cfg.damage == "follow":
+            table = follow_quantizer(table, cached_table(key(f"gain_{cfg.quantizer}"), gain))
+        return table
 
 
 def run(cfg: RunConfig) -> dict:

@@ -26,6 +26,19 @@ CPU, and a 7B model (224 linears) × 12 configs ≈ 1 h on a GPU. clip ≈ 60 fa
 per layer and config; rtn one. Memory: H of every linear of a chunk at once, as in
 `output_error_table`.
 
+The gain. Output errors are per-layer quantities: they say how much a layer's output moves,
+not how much the loss cares (the block validation of `mixbits analyze` ranks blocks by output
+error with Spearman 0.65, by Fisher with 0.90). So what `mixbits run` allocates with when the
+quantizer is not rtn is the Fisher table scaled, per layer and config, by what the quantizer
+saves over round-to-nearest on that layer's own inputs:
+
+    gain(u, c) = tr((W − Q_c) H (W − Q_c)ᵀ) / tr((W − R_c) H (W − R_c)ᵀ),     R_c = min-max RTN,
+
+    damage_q(u, c) = damage_fisher(u, c) · gain(u, c)                (`sensitivity.follow`).
+
+Both traces come out of the same quantizer call (GPTQ reports its RTN error as well), so the
+gain costs exactly what the output-error table of the quantizer costs.
+
 Source: Frantar et al. 2022 (GPTQ); ExLlamaV2 measures the quantizer's own error per layer
 and bit width the same way to choose its mix.
 """
@@ -49,7 +62,28 @@ from mixbits.sensitivity.output_error import DEFAULT_MAX_GRAM_BYTES, _chunks, re
 
 log = logging.getLogger(__name__)
 
-__all__ = ["quantizer_damage", "quantizer_damage_table"]
+__all__ = ["quantizer_damage", "quantizer_damage_table", "quantizer_errors", "quantizer_errors_table",
+           "quantizer_gain"]
+
+
+def quantizer_errors(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    configs: Sequence[QuantSpec],
+    *,
+    quantizer: str,
+    gptq: GPTQConfig = GPTQConfig(),
+) -> tuple[np.ndarray, np.ndarray]:
+    """(tr((W − Q_c) H (W − Q_c)ᵀ), tr((W − R_c) H (W − R_c)ᵀ)) per config c: the quantizer's output
+    error and min-max RTN's, both sums over the tokens H sums; 0 for keep. weight [out, in], H [in, in]."""
+    check_quantizer(quantizer)
+    w = weight.detach().to(gram.device, torch.float32)
+    err, rtn = np.zeros(len(configs)), np.zeros(len(configs))
+    for j, spec in enumerate(configs):
+        if not spec.keep:
+            q = quantize_weight(w, spec, quantizer, H=gram, gptq=gptq)
+            err[j], rtn[j] = q.error, q.rtn_error
+    return err, rtn
 
 
 def quantizer_damage(
@@ -65,12 +99,49 @@ def quantizer_damage(
     check_quantizer(quantizer)
     if n_tokens <= 0:
         raise ValueError(f"n_tokens={n_tokens}; the Gram matrix must sum at least one token")
-    w = weight.detach().to(gram.device, torch.float32)
-    out = np.zeros(len(configs))
-    for j, spec in enumerate(configs):
-        if not spec.keep:
-            out[j] = quantize_weight(w, spec, quantizer, H=gram, gptq=gptq).error / n_tokens
-    return out
+    return quantizer_errors(weight, gram, configs, quantizer=quantizer, gptq=gptq)[0] / n_tokens
+
+
+def quantizer_gain(errors: np.ndarray, rtn_errors: np.ndarray) -> np.ndarray:
+    """errors / rtn_errors elementwise; 1 where RTN's error is 0 (keep, or a layer RTN stores exactly)."""
+    errors, rtn_errors = np.asarray(errors, np.float64), np.asarray(rtn_errors, np.float64)
+    if errors.shape != rtn_errors.shape:
+        raise ValueError(f"errors {errors.shape} and rtn_errors {rtn_errors.shape} must have one shape")
+    safe = np.where(rtn_errors > 0, rtn_errors, 1.0)
+    return np.where(rtn_errors > 0, errors / safe, 1.0)
+
+
+def quantizer_errors_table(
+    model: nn.Module,
+    windows: torch.Tensor,
+    linears: Mapping[str, LinearInfo],
+    configs: Sequence[QuantSpec],
+    *,
+    quantizer: str,
+    device: torch.device,
+    progress: bool = True,
+    gptq: GPTQConfig = GPTQConfig(),
+    max_gram_bytes: int | None = DEFAULT_MAX_GRAM_BYTES,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(errors [U, C], rtn_errors [U, C], tokens): `quantizer_errors` of every linear, on Gram
+    matrices of the original model's inputs, one forward pass per chunk of linears whose Gram
+    matrices fit in `max_gram_bytes` (None: one pass)."""
+    check_quantizer(quantizer)
+    names = list(linears)
+    row = {name: u for u, name in enumerate(names)}
+    errors, rtn = np.zeros((len(names), len(configs))), np.zeros((len(names), len(configs)))
+    chunks = _chunks(linears, max_gram_bytes)
+    log.info("%s output errors: %d layers x %d configs, %d forward pass(es)",
+             quantizer, len(names), sum(not c.keep for c in configs), len(chunks))
+    n_tokens = 0
+    for chunk in chunks:
+        grams, n_tokens = collect_gram(model, windows, {n: linears[n] for n in chunk}, device=device, progress=progress)
+        for name in tqdm(chunk, desc=f"{quantizer} errors", disable=not progress, leave=False):
+            weight = get_weight(model.get_submodule(name))
+            errors[row[name]], rtn[row[name]] = quantizer_errors(weight, grams[name], configs, quantizer=quantizer,
+                                                                 gptq=gptq)
+        del grams
+    return errors, rtn, n_tokens
 
 
 def quantizer_damage_table(
@@ -90,25 +161,11 @@ def quantizer_damage_table(
 
     scores[f"output_error_{quantizer}"] [U] is each unit's damage at `reference` (default: the
     first quantizing config). Record `quantizer` in the DamageTable meta; it is also the suffix
-    of the score name. One forward pass per chunk of linears whose Gram matrices fit in
-    `max_gram_bytes` (None: one pass).
+    of the score name.
     """
-    check_quantizer(quantizer)
     ref = reference_config(configs, reference)
     columns = list(configs) if ref in configs else [*configs, ref]
-    names = list(linears)
-    row = {name: u for u, name in enumerate(names)}
-    damage = np.zeros((len(names), len(configs)))
-    score = np.zeros(len(names))
-    chunks = _chunks(linears, max_gram_bytes)
-    log.info("%s damage table: %d layers x %d configs, %d forward pass(es)",
-             quantizer, len(names), sum(not c.keep for c in configs), len(chunks))
-    for chunk in chunks:
-        grams, n_tokens = collect_gram(model, windows, {n: linears[n] for n in chunk}, device=device, progress=progress)
-        for name in tqdm(chunk, desc=f"{quantizer} damage", disable=not progress, leave=False):
-            weight = get_weight(model.get_submodule(name))
-            values = quantizer_damage(weight, grams[name], n_tokens, columns, quantizer=quantizer, gptq=gptq)
-            damage[row[name]] = values[: len(configs)]
-            score[row[name]] = values[columns.index(ref)]
-        del grams
-    return damage, {f"output_error_{quantizer}": score}
+    errors, _, n_tokens = quantizer_errors_table(model, windows, linears, columns, quantizer=quantizer, device=device,
+                                                 progress=progress, gptq=gptq, max_gram_bytes=max_gram_bytes)
+    damage = errors / max(n_tokens, 1)
+    return damage[:, : len(configs)], {f"output_error_{quantizer}": damage[:, columns.index(ref)]}
