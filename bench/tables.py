@@ -3,6 +3,7 @@
     python bench/tables.py run runs/demo/results.json
     python bench/tables.py sweep runs/sweep-rtn/sweep.json
     python bench/tables.py analyze runs/analyze/analysis.json
+    python bench/tables.py quantizers runs/quantizers-{rtn,clip,gptq}/sweep.json
 
 It formats; every figure comes from the file, which comes from the command recorded in it.
 """
@@ -73,10 +74,53 @@ def analyze_table(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _cost(sweep: dict, row: dict) -> float:
+    """Wall time of a row in forward passes over the calibration tokens: the quantizer's own time,
+    plus the sensitivity stage for plans allocated from it (uniform plans need none)."""
+    seconds = row["quantize_s"] + (sweep["timings_s"]["sensitivity"] if row["strategy"] != "uniform" else 0.0)
+    return seconds / sweep["forward_s"]
+
+
+def quantizers_table(sweeps: list[dict], tolerance: float = 0.02) -> str:
+    """{quantizer} x {uniform, optimal} at every budget: perplexity and cost; the default is the
+    quantizer of the lowest optimal perplexity, the cheapest within `tolerance` of it, summed over budgets."""
+    budgets = sorted({x["target_bpw"] for s in sweeps for x in s["rows"] if x["target_bpw"] is not None})
+    first = sweeps[0]
+    lines = [f"`{first['model']}`, {first['data']['test']['windows']} x {first['data']['test']['seqlen']} held-out "
+             f"tokens, original ppl {first['original']['ppl']:.2f}; cells: perplexity (bpw) and wall time in forward "
+             f"passes over the {first['data']['calibration']['windows']} x {first['data']['calibration']['seqlen']} "
+             "calibration tokens, measured in the same run (optimal: sensitivity + quantization; uniform: "
+             "quantization)", "",
+             "| quantizer | plan | damage table | " + " | ".join(f"{b:g} bpw | time (× fwd)" for b in budgets) + " |",
+             "|---|---|---|" + "---:|---:|" * len(budgets)]
+    totals = {}
+    for s in sweeps:
+        for strategy in ("uniform", "optimal"):
+            cells = []
+            for b in budgets:
+                x = next((x for x in s["rows"] if x["strategy"] == strategy and x["target_bpw"] == b), None)
+                cells += ["–", "–"] if x is None else [f"{x['ppl']:.2f} ({x['bpw']:.2f})", f"{_cost(s, x):.1f}"]
+                if x is not None and strategy == "optimal":
+                    ppl, cost = totals.get(s["quantizer"], (0.0, 0.0))
+                    totals[s["quantizer"]] = (ppl + x["ppl"], cost + _cost(s, x))
+            damage = s.get("damage", s["sensitivity"]) if strategy == "optimal" else "–"
+            lines.append(f"| {s['quantizer']} | {strategy} | {damage} | " + " | ".join(cells) + " |")
+    best = min(p for p, _ in totals.values())
+    near = {q: c for q, (p, c) in totals.items() if p <= best * (1 + tolerance)}
+    choice = min(near, key=near.get)
+    lines += ["", f"Default: `{choice}` (rule: the lowest summed perplexity of `optimal` over the budgets; among "
+              f"quantizers within {100 * tolerance:g} % of it, the lowest summed time)."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
     kinds = {"run": run_table, "sweep": sweep_table, "analyze": analyze_table}
+    if len(argv) >= 2 and argv[0] == "quantizers":
+        print(quantizers_table([json.loads(Path(f).read_text()) for f in argv[1:]]))
+        return
     if len(argv) != 2 or argv[0] not in kinds:
-        raise SystemExit(f"usage: python bench/tables.py {{{'|'.join(kinds)}}} FILE.json")
+        raise SystemExit(f"usage: python bench/tables.py {{{'|'.join(kinds)}}} FILE.json, "
+                         "or quantizers SWEEP.json [SWEEP.json ...]")
     print(kinds[argv[0]](json.loads(Path(argv[1]).read_text())))
 
 

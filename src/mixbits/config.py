@@ -79,6 +79,7 @@ class RunConfig:
     plan: Path | None = None  # a given plan replaces sensitivity + allocation
     quantizer: str = "rtn"  # rtn | clip | gptq
     damage: str = "follow"  # follow: Fisher x the quantizer's gain over RTN (sensitivity.follow); rtn: Fisher as is
+    use_cache: bool = True  # reuse damage tables cached under MIXBITS_HOME/cache/sensitivity
     progress: bool = True
 
     def __post_init__(self) -> None:

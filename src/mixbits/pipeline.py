@@ -130,10 +130,13 @@ def sensitivity(cfg: RunConfig, p: Prepared, calib: torch.Tensor, timer: StageTi
         return gain_table(p.model, calib, p.linears, configs, quantizer=cfg.quantizer, device=p.device,
                           progress=cfg.progress, meta={"model": cfg.model, "calibration": data_info["calibration"]})
 
+    def get(method: str, fn) -> DamageTable:
+        return cached_table(key(method), fn) if cfg.use_cache else fn()
+
     with timer.stage("sensitivity"):
-        table = cached_table(key("fisher"), compute)
+        table = get("fisher", compute)
         if cfg.quantizer != "rtn" and cfg.damage == "follow":
-            table = follow_quantizer(table, cached_table(key(f"gain_{cfg.quantizer}"), gain))
+            table = follow_quantizer(table, get(f"gain_{cfg.quantizer}", gain))
         return table
 
 

@@ -10,6 +10,7 @@ computed once per pass.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from mixbits.model.quantize import quantize_model
 from mixbits.pipeline import calibrate, prepare, sensitivity
 from mixbits.plan import Plan
 from mixbits.report.results import environment
-from mixbits.timing import StageTimer
+from mixbits.timing import StageTimer, time_forward
 
 log = logging.getLogger(__name__)
 
@@ -91,20 +92,22 @@ def _evaluate(cfg: SweepConfig, p, calib, test, rows) -> dict:
     for row in rows:
         unique.setdefault(row["key"], Plan(row["specs"]))
     keys = list(unique)
-    scores = {}
+    scores, seconds = {}, {}
     windows = None if cfg.run.quantizer == "rtn" else calib
     for start in range(0, len(keys), cfg.models_per_pass):
         chunk = keys[start:start + cfg.models_per_pass]
         models = {"original": p.model}
         for i, key in enumerate(chunk):
+            began = time.perf_counter()
             models[str(i)], _ = quantize_model(p.model, unique[key], quantizer=cfg.run.quantizer, windows=windows,
                                                device=p.device, progress=False)
+            seconds[key] = time.perf_counter() - began
         evals = evaluate_models(models, test, device=p.device, reference="original", progress=cfg.run.progress)
         scores["original"] = evals["original"]
         for i, key in enumerate(chunk):
             scores[key] = evals[str(i)]
         log.info("evaluated %d / %d plans", min(start + cfg.models_per_pass, len(keys)), len(keys))
-    return scores
+    return scores, seconds
 
 
 def run_sweep(cfg: SweepConfig) -> dict:
@@ -117,20 +120,22 @@ def run_sweep(cfg: SweepConfig) -> dict:
     with timer.stage("allocate"):
         rows = _plans(cfg, p, table)
     with timer.stage("evaluate"):
-        scores = _evaluate(cfg, p, calib, test, rows)
+        scores, quantize_s = _evaluate(cfg, p, calib, test, rows)
+    forward_s = time_forward(p.model, calib, device=p.device)
     original = scores["original"]
     out_rows = []
     for row in rows:
         ev = scores[row["key"]]
         out_rows.append({k: v for k, v in row.items() if k not in ("key", "specs")} |
-                        {"ppl": ev.ppl, "kl": ev.kl, "top1": ev.top1,
+                        {"ppl": ev.ppl, "kl": ev.kl, "top1": ev.top1, "quantize_s": quantize_s[row["key"]],
                          "plan": {s.label: sum(1 for x in row["specs"].values() if x == s) for s in set(row["specs"].values())}})
     results = {
         "format": SWEEP_FORMAT, "model": cfg.run.model, "quantizer": cfg.run.quantizer,
         "sensitivity": table.method, "environment": environment(p.device), "data": data_info,
         "evaluation": CONVENTION.format(seqlen=data_info["test"]["seqlen"]),
         "original": {"ppl": original.ppl, "mb": (Plan({}).storage_bytes(p.shapes) + p.fixed_bytes) / 1e6},
-        "rows": out_rows, "timings_s": timer.seconds,
+        "rows": out_rows, "timings_s": timer.seconds, "damage": dict(table.meta).get("damage_rule", table.method),
+        "forward_s": forward_s,  # one forward pass over the calibration tokens, the unit of time ratios
     }
     out = Path(cfg.run.output_dir)
     atomic_write_json(out / "sweep.json", results)

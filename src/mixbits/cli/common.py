@@ -64,14 +64,15 @@ TIE = typer.Option(True, help="fused layers (q/k/v, gate/up) share one config")
 QUANTIZER = typer.Option("rtn", help="rtn (round-to-nearest), clip (clipping search) or gptq")
 DAMAGE = typer.Option("follow", help="follow: allocate on Fisher damage x the quantizer's gain over RTN; "
                                       "rtn: on the damage of round-to-nearest")
+CACHE = typer.Option(True, help="reuse damage tables cached under MIXBITS_HOME/cache/sensitivity")
 DEVICE = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ...")
 VERBOSE = typer.Option(True, help="log each stage")
 
 
-def run_config(*, model, output_dir, device, quantizer, damage, dataset, seqlen, calib_windows, eval_windows, seed,
+def run_config(*, model, output_dir, device, quantizer, damage, cache, dataset, seqlen, calib_windows, eval_windows, seed,
                 target_bpw, target_size_mb, bits, group_sizes, min_bits, max_bits, keep, pin, tie, plan=None) -> RunConfig:
     return RunConfig(
-        model=model, output_dir=output_dir, device=device, plan=plan, quantizer=quantizer, damage=damage,
+        model=model, output_dir=output_dir, device=device, plan=plan, quantizer=quantizer, damage=damage, use_cache=cache,
         data=DataConfig(dataset=dataset, seqlen=seqlen, calib_windows=calib_windows, eval_windows=eval_windows, seed=seed),
         allocation=AllocationConfig(
             target_bpw=target_bpw, target_size_mb=target_size_mb, bits=parse_ints(bits, "--bits"),

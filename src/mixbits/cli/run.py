@@ -9,7 +9,7 @@ import typer
 
 from mixbits.cli.common import (
     user_errors,
-    app, console, setup_logging, run_config, MODEL, DATASET, SEQLEN, CALIB_WINDOWS, DAMAGE, EVAL_WINDOWS,
+    app, console, setup_logging, run_config, CACHE, MODEL, DATASET, SEQLEN, CALIB_WINDOWS, DAMAGE, EVAL_WINDOWS,
     SEED, BITS, GROUP_SIZES, MIN_BITS, MAX_BITS, KEEP, PIN, TIE, QUANTIZER, DEVICE, VERBOSE,
 )
 from mixbits.report.console import print_results, print_sweep
@@ -36,6 +36,7 @@ def run(
     plan: Optional[Path] = typer.Option(None, help="quantize with this plan (JSON/YAML) instead of allocating one"),
     quantizer: str = QUANTIZER,
     damage: str = DAMAGE,
+    cache: bool = CACHE,
     device: str = DEVICE,
     verbose: bool = VERBOSE,
 ) -> None:
@@ -47,7 +48,7 @@ def run(
 
     with user_errors():
         cfg = run_config(
-            model=model, output_dir=output_dir, device=device, quantizer=quantizer, damage=damage, dataset=dataset, seqlen=seqlen,
+            model=model, output_dir=output_dir, device=device, quantizer=quantizer, damage=damage, cache=cache, dataset=dataset, seqlen=seqlen,
             calib_windows=calib_windows, eval_windows=eval_windows, seed=seed, target_bpw=target_bpw,
             target_size_mb=target_size_mb, bits=bits, group_sizes=group_sizes, min_bits=min_bits, max_bits=max_bits,
             keep=keep, pin=pin, tie=tie, plan=plan)
@@ -78,6 +79,7 @@ def sweep(
     tie: bool = TIE,
     quantizer: str = QUANTIZER,
     damage: str = DAMAGE,
+    cache: bool = CACHE,
     device: str = DEVICE,
     verbose: bool = VERBOSE,
 ) -> None:
@@ -90,7 +92,7 @@ def sweep(
     with user_errors():
         budgets = parse_range(bpw)
         run_cfg = run_config(
-            model=model, output_dir=output_dir, device=device, quantizer=quantizer, damage=damage, dataset=dataset, seqlen=seqlen,
+            model=model, output_dir=output_dir, device=device, quantizer=quantizer, damage=damage, cache=cache, dataset=dataset, seqlen=seqlen,
             calib_windows=calib_windows, eval_windows=eval_windows, seed=seed, target_bpw=max(budgets),
             target_size_mb=None, bits=bits, group_sizes=group_sizes, min_bits=min_bits, max_bits=max_bits,
             keep=keep, pin=pin, tie=tie)
