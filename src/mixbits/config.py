@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from mixbits.quant.spec import KEEP, QUANT_BITS, QuantSpec
+from mixbits.train.config import TrainConfig
 
 QUANTIZERS = ("rtn", "clip", "gptq")
 DAMAGE_MODES = ("follow", "rtn")
@@ -80,17 +81,29 @@ class RunConfig:
     quantizer: str = "rtn"  # rtn | clip | gptq
     damage: str = "follow"  # follow: Fisher x the quantizer's gain over RTN (sensitivity.follow); rtn: Fisher as is
     use_cache: bool = True  # reuse damage tables cached under MIXBITS_HOME/cache/sensitivity
+    train: TrainConfig | None = None  # Block-AP (+ E2E-QP) of the mixed plan after quantization; None: PTQ only
+    train_baselines: bool = False  # also train the uniform baselines, for a comparison at equal training
+    resume: bool = False  # continue training from output_dir/checkpoint
     progress: bool = True
 
     def __post_init__(self) -> None:
         if self.quantizer not in QUANTIZERS:
             raise ValueError(f"--quantizer {self.quantizer!r} is not one of {', '.join(QUANTIZERS)}")
+        if self.train is not None and self.train.init != self.quantizer:
+            raise ValueError(f"training starts from the run's quantizer ({self.quantizer}), not {self.train.init}; "
+                             "set TrainConfig(init=...) to the same value")
+        if self.train is not None and self.train.schedule != "fixed" and self.plan is not None:
+            raise ValueError(f"--qat-schedule {self.train.schedule} needs the run's sensitivity, which a given --plan "
+                             "skips; drop --plan or use --qat-schedule fixed")
+        if (self.train_baselines or self.resume) and self.train is None:
+            raise ValueError("--qat-baselines and --resume only apply with --qat")
         if self.damage not in DAMAGE_MODES:
             raise ValueError(f"--damage {self.damage!r} is not one of {', '.join(DAMAGE_MODES)} (follow: the damage "
                              "of the quantizer that will be used; rtn: the damage of round-to-nearest)")
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d["train"] = None if self.train is None else self.train.to_dict()
         d["output_dir"] = str(self.output_dir)
         d["plan"] = None if self.plan is None else str(self.plan)
         return d

@@ -28,6 +28,9 @@ from mixbits.sensitivity.fisher import fisher_table
 from mixbits.sensitivity.follow import follow_quantizer, gain_table
 from mixbits.sensitivity.table import DamageTable
 from mixbits.timing import StageTimer
+from mixbits.train.command import training_windows
+from mixbits.train.run import train_model
+from mixbits.train.schedule import block_sensitivity
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +143,28 @@ def sensitivity(cfg: RunConfig, p: Prepared, calib: torch.Tensor, timer: StageTi
         return table
 
 
+def train_plans(cfg: RunConfig, p: Prepared, plans: dict[str, Plan], models: dict, table: DamageTable | None) -> dict:
+    """Block-AP (+ E2E-QP) of the mixed plan (and of the baselines with cfg.train_baselines), each from
+    the run's quantizer. The post-training model and plan stay in `models` and `plans` as
+    "<name> (init)"; the trained model takes its name. Returns name -> TrainReport."""
+    tcfg = cfg.train
+    windows = training_windows(p.tokenizer, tcfg)
+    sensitivity = None
+    if table is not None and tcfg.schedule != "fixed":
+        scores = dict(zip(table.units, table.scores["fisher_trace"]))
+        sensitivity = block_sensitivity(scores, {n: i.block for n, i in p.linears.items()})
+    out, done = Path(cfg.output_dir), {}
+    for name in [n for n in plans if n == "mixed" or (cfg.train_baselines and n.startswith("uniform"))]:
+        checkpoint = out / "checkpoint" / name.replace(" ", "-")
+        trained, report = train_model(p.model, plans[name], windows["calibration"], windows["validation"], tcfg,
+                                      device=p.device, sensitivity=sensitivity, checkpoint_dir=checkpoint,
+                                      resume=cfg.resume, progress=cfg.progress)
+        models[f"{name} (init)"], models[name] = models[name], trained
+        plans[f"{name} (init)"] = plans[name]
+        done[name] = report
+    return done
+
+
 def run(cfg: RunConfig) -> dict:
     """The whole job of `mixbits run`; writes results into cfg.output_dir and returns them."""
     timer = StageTimer()
@@ -161,6 +186,12 @@ def run(cfg: RunConfig) -> dict:
             if name != "original":
                 models[name], reports[name] = quantize_model(
                     p.model, q, quantizer=cfg.quantizer, windows=windows, device=p.device, progress=cfg.progress)
+    training = {}
+    if cfg.train is not None:
+        with timer.stage("train"):
+            training = train_plans(cfg, p, plans, models, table)
+        for name, report in training.items():
+            reports[f"{name} (init)"], reports[name] = reports[name], report
     with timer.stage("evaluate"):
         evals = evaluate_models(models, test, device=p.device, reference="original", progress=cfg.progress)
     out = Path(cfg.output_dir)
@@ -168,7 +199,10 @@ def run(cfg: RunConfig) -> dict:
         sizes = {name: native_size_bytes(p.model, q) for name, q in plans.items() if name != "mixed"}
         sizes["mixed"] = save_native(models["mixed"], plan, out / "model", p.tokenizer, qparams=reports["mixed"].qparams)
     results = build_results(cfg, p, data_info, evals, plans, sizes, solution, table, timer.seconds)
-    results["quantizer"] = {name: r.to_dict() for name, r in reports.items()}
+    results["quantizer"] = {name: r.to_dict() for name, r in reports.items() if name not in training}
     layers = build_layer_statistics(p.linears, table, plan)
+    if training:
+        results["training"] = {name: report.to_dict() for name, report in training.items()}
+        layers["blocks"] = [b.to_dict() for b in training["mixed"].blocks]
     write_outputs(out, results, layers, plan, table)
     return results

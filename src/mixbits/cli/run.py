@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -13,6 +14,9 @@ from mixbits.cli.common import (
     SEED, BITS, GROUP_SIZES, MIN_BITS, MAX_BITS, KEEP, PIN, TIE, QUANTIZER, DEVICE, VERBOSE,
 )
 from mixbits.report.console import print_results, print_sweep
+from mixbits.train.config import TrainConfig
+
+_T = TrainConfig()
 
 
 @app.command()
@@ -37,10 +41,20 @@ def run(
     quantizer: str = QUANTIZER,
     damage: str = DAMAGE,
     cache: bool = CACHE,
+    qat: bool = typer.Option(False, help="then Block-AP of the mixed plan, starting from --quantizer's result"),
+    qat_epochs: float = typer.Option(_T.epochs, help="Block-AP base epochs per block"),
+    qat_train_size: int = typer.Option(_T.train_size, help="Block-AP training windows (EfficientQAT: 4096)"),
+    qat_val_size: int = typer.Option(_T.val_size, help="validation windows that pick each block's best state"),
+    qat_seqlen: int = typer.Option(_T.seqlen, help="tokens per training window (EfficientQAT: 2048)"),
+    qat_schedule: str = typer.Option(_T.schedule, help="fixed, linear, sqrt, conservative or joint"),
+    qat_total_epoch_budget: bool = typer.Option(False, help="rescale the schedule to the total epochs of fixed"),
+    e2e: bool = typer.Option(False, help="after Block-AP, train the step sizes end to end (E2E-QP)"),
+    qat_baselines: bool = typer.Option(False, help="also train the uniform baselines (comparison at equal training)"),
+    resume: bool = typer.Option(False, help="continue training from OUTPUT_DIR/checkpoint after a crash or kill"),
     device: str = DEVICE,
     verbose: bool = VERBOSE,
 ) -> None:
-    """Sensitivity -> optimal allocation -> round-to-nearest -> evaluation, in one command."""
+    """Sensitivity -> optimal allocation -> quantization (-> Block-AP) -> evaluation, in one command."""
     setup_logging(verbose)
     if target_bpw is None and target_size_mb is None:
         target_bpw = 3.25
@@ -52,6 +66,12 @@ def run(
             calib_windows=calib_windows, eval_windows=eval_windows, seed=seed, target_bpw=target_bpw,
             target_size_mb=target_size_mb, bits=bits, group_sizes=group_sizes, min_bits=min_bits, max_bits=max_bits,
             keep=keep, pin=pin, tie=tie, plan=plan)
+        train_cfg = TrainConfig(
+            dataset=dataset, train_size=qat_train_size, val_size=qat_val_size, seqlen=qat_seqlen, epochs=qat_epochs,
+            schedule=qat_schedule, total_epoch_budget=qat_total_epoch_budget, init=quantizer, e2e=e2e, seed=seed)
+        if not qat and train_cfg != TrainConfig(dataset=dataset, init=quantizer, seed=seed):
+            raise ValueError("--qat-* and --e2e options need --qat (Block-AP); add --qat or drop them")
+        cfg = replace(cfg, train=train_cfg if qat else None, train_baselines=qat_baselines, resume=resume)
         results = run_pipeline(cfg)
     print_results(console, results)
     console.print(f"wrote {output_dir}/results.json, layer_statistics.json, plan.json, sensitivity.json, model/")

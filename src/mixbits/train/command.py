@@ -36,14 +36,20 @@ log = logging.getLogger(__name__)
 REPORT_FORMAT = "mixbits.train-report/1"
 
 
-def _windows(tokenizer, cfg: TrainConfig, eval_count: int) -> dict[str, torch.Tensor]:
+def training_windows(tokenizer, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """Training windows from the calibration split and the windows that pick each block's best state
+    from the validation split (its own documents), both cfg.seqlen tokens, sampled with cfg.seed."""
     return {
         "calibration": calibration_windows(tokenizer, load_text(cfg.dataset, "calibration"), cfg.seqlen,
                                            cfg.train_size, cfg.seed),
         "validation": calibration_windows(tokenizer, load_text(cfg.dataset, "validation"), cfg.seqlen,
                                           cfg.val_size, cfg.seed),
-        "test": eval_windows(tokenizer, load_text(cfg.dataset, "test"), cfg.seqlen, eval_count or None),
     }
+
+
+def _windows(tokenizer, cfg: TrainConfig, eval_count: int) -> dict[str, torch.Tensor]:
+    test = eval_windows(tokenizer, load_text(cfg.dataset, "test"), cfg.seqlen, eval_count or None)
+    return training_windows(tokenizer, cfg) | {"test": test}
 
 
 def _evaluate(models: dict, test: torch.Tensor, device: torch.device, progress: bool) -> dict:
