@@ -148,7 +148,12 @@ def fake_quantize(w: Tensor, spec: QuantSpec, qp: QParams | None = None) -> Tens
         return w.clone()
     if qp is None:
         qp = minmax_qparams(w, spec)
-    return dequantize(quantize(w, qp, spec), qp, spec, dtype=w.dtype)
+    _require_weight(w)
+    _check_qparams(qp, spec, *w.shape)
+    scale, zero = _columns(qp, w.shape[1], spec, w.device)
+    # quantize's then dequantize's arithmetic without the uint8 round trip (codes are exact in float32)
+    q = torch.clamp(torch.round(w.detach().float() / scale) + zero, 0, spec.maxq)
+    return ((q - zero) * scale).to(w.dtype)
 
 
 def round_ste(x: Tensor) -> Tensor:
