@@ -131,11 +131,20 @@ def gradient_fisher_tables(
     progress: bool = True,
     absolute: bool = False,
 ) -> dict[str, Table]:
-    """{"gradient": table, "fisher": table} from ONE calibration pass; each table as `fisher_table`."""
+    """{"gradient": table, "fisher": table} from ONE calibration pass; each table as `fisher_table`.
+
+    Each δ = q_c(w) − w is computed once and feeds both sums, so the two tables cost one
+    fake-quantization per linear and config, like one table alone."""
     mean_grad, fisher = gradient_statistics(model, windows, linears, device=device, progress=progress,
                                             absolute=absolute)
-    grad_table = gradient_table(model, windows, linears, configs, device=device, progress=progress, mean_grad=mean_grad)
-    del mean_grad
-    fisher_dmg = _table(model, linears, configs, fisher, fisher_damage, progress)
+    grad_dmg, fisher_dmg = np.zeros((len(linears), len(configs))), np.zeros((len(linears), len(configs)))
+    for u, name in enumerate(tqdm(linears, desc="damage tables", disable=not progress, leave=False)):
+        w = get_weight(model.get_submodule(name)).detach().to(fisher[name].device, torch.float32)
+        for j, spec in enumerate(configs):
+            if not spec.keep:
+                delta = fake_quantize(w, spec) - w
+                grad_dmg[u, j] = float((mean_grad[name] * delta).abs().sum())
+                fisher_dmg[u, j] = 0.5 * float((fisher[name] * delta.square()).sum())
+    l1 = np.array([float(mean_grad[n].abs().sum()) for n in linears])
     trace = np.array([float(fisher[n].sum()) for n in linears])
-    return {"gradient": grad_table, "fisher": (fisher_dmg, {"fisher_trace": trace})}
+    return {"gradient": (grad_dmg, {"gradient_l1": l1}), "fisher": (fisher_dmg, {"fisher_trace": trace})}
