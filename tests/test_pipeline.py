@@ -40,6 +40,9 @@ def test_run_writes_the_three_files_and_honest_results(finished_run):
         assert stage in results["timings_s"]
     layers = json.loads((out / "layer_statistics.json").read_text())["layers"]
     assert len(layers) == 14 and all("fisher_trace" in l["scores"] for l in layers)
+    run_meta = json.loads((out / "sensitivity.json").read_text())["meta"]["run"]
+    assert run_meta["config"]["model"] == cfg.model and run_meta["environment"]["torch"] == torch.__version__
+    assert len(run_meta["data"]["calibration"]["sha256"]) == 64 and "mixbits" in run_meta["environment"]
     by_name = {l["name"]: l["spec"] for l in layers}
     assert by_name["model.layers.0.self_attn.q_proj"] == by_name["model.layers.0.self_attn.v_proj"]
 

@@ -139,5 +139,6 @@ def run_sweep(cfg: SweepConfig) -> dict:
     }
     out = Path(cfg.run.output_dir)
     atomic_write_json(out / "sweep.json", results)
-    table.save(out / "sensitivity.json")
+    table.with_meta(run={"config": cfg.run.to_dict(), "environment": results["environment"],
+                         "data": data_info}).save(out / "sensitivity.json")
     return results

@@ -22,6 +22,9 @@ def test_analyze_writes_tables_validation_and_plots(tiny_model_dir, tiny_text_fi
     table = DamageTable.load(out / "sensitivity.json")
     assert table.method == summary["best_method"] in cfg.methods
     assert {"fisher_trace", "gradient_l1", "output_error"} <= set(table.scores)
+    run = table.meta["run"]  # what produced the table: config, data hashes, versions
+    assert run["config"]["methods"] == list(cfg.methods) and len(run["data"]["calibration_sha256"]) == 64
+    assert {"torch", "transformers", "mixbits"} <= set(run["environment"])
     validation = json.loads((out / "validation.json").read_text())
     assert set(validation["methods"]) == set(cfg.methods) and validation["measured_method"] == "divergence"
     assert (out / "plots" / "scores.png").stat().st_size > 0 and (out / "plots" / "validation.png").stat().st_size > 0

@@ -124,5 +124,6 @@ def write_outputs(out: Path, results: dict, layers: dict, plan: Plan, table: Dam
     atomic_write_json(out / "results.json", results)
     atomic_write_json(out / "layer_statistics.json", layers)
     plan.save(out / "plan.json")
-    if table is not None:
-        table.save(out / "sensitivity.json")
+    if table is not None:  # the table carries what produced it: the run's config, data hashes and versions
+        run = {k: results[k] for k in ("config", "environment", "data")}
+        table.with_meta(run=run).save(out / "sensitivity.json")

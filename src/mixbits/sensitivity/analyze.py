@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mixbits.report.results import environment
 from mixbits.config import DEFAULT_BITS, DEFAULT_GROUPS, candidate_configs, resolve_device
 from mixbits.data.text import load_text, resolve_text
 from mixbits.data.windows import calibration_windows, eval_windows, text_fingerprint
@@ -233,7 +234,9 @@ def analyze(cfg: AnalyzeConfig) -> dict:
     if cfg.validate:
         validation, measured, held_info = _validate(cfg, model, tokenizer, linears, calib, tables, device)
     best_name = (validation or {}).get("best_method") or cfg.methods[0]
-    best = _with_all_scores(tables[best_name], tables)
+    best = _with_all_scores(tables[best_name], tables).with_meta(run={
+        "config": cfg.to_dict(), "environment": environment(device),
+        "data": {"dataset": cfg.dataset, "calibration_sha256": text_fingerprint(calib), "validation": held_info}})
     files = _write(cfg, best, tables, validation, measured, linears)
     summary = _summary(cfg, model, linears, calib, held_info, tables, cached, validation, best_name, best, files)
     atomic_write_json(Path(cfg.output_dir) / "analysis.json", summary)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 
@@ -46,6 +46,10 @@ class DamageTable:
         object.__setattr__(self, "damage", damage)
         object.__setattr__(self, "scores", MappingProxyType({k: np.asarray(v, float) for k, v in self.scores.items()}))
         object.__setattr__(self, "meta", MappingProxyType(dict(self.meta)))
+
+    def with_meta(self, **extra: object) -> "DamageTable":
+        """The same table with `extra` added to (or replacing keys of) its meta."""
+        return replace(self, meta={**dict(self.meta), **extra})
 
     def cost_bits(self) -> np.ndarray:
         """[U, C] stored bits of each unit under each config, from the cost model."""
