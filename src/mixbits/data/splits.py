@@ -11,11 +11,15 @@ cumulative character axis, so each split gets close to its target share of chara
 With one document per split at least (three documents at least in all). Within a split the
 documents keep their original order. Because the cut is by whole documents, no text is both
 calibrated on and evaluated on.
+
+Labelled examples (sentences of a classification set) are split differently, by
+`stratified_split`: a seeded shuffle within each class, so train and test keep the class balance.
 """
 
 from __future__ import annotations
 
 import hashlib
+import random
 from collections.abc import Sequence
 
 SPLITS = ("calibration", "validation", "test")
@@ -66,3 +70,31 @@ def split_by_document(docs: Sequence[tuple[str, str]], *, what: str = "text") ->
 def split_texts(docs: Sequence[tuple[str, str]], split: str, *, what: str = "text") -> list[str]:
     """The texts of one split of keyed documents."""
     return [docs[i][1] for i in split_by_document(docs, what=what)[check_split(split)]]
+
+
+def stratified_split(labels: Sequence[int], test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, test) indices of a labelled set: per class, a seeded shuffle puts
+    round(test_fraction · n_class) examples in test, the rest in train; both sorted.
+
+    Stratified so that the class balance of both parts is the data's; seeded with its own
+    `random.Random(seed)`, so the split is the same on every machine and Python version.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test fraction {test_fraction!r} must lie strictly between 0 and 1, e.g. 0.3")
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(int(label), []).append(index)
+    rng = random.Random(seed)
+    train, test = [], []
+    for label in sorted(by_class):
+        members = by_class[label]
+        rng.shuffle(members)
+        n_test = round(test_fraction * len(members))
+        if n_test < 1 or n_test >= len(members):
+            raise ValueError(
+                f"class {label} has {len(members)} example(s); a test fraction of {test_fraction} leaves "
+                f"{n_test} of them for testing; every class needs at least one example in train and in test"
+            )
+        test += members[:n_test]
+        train += members[n_test:]
+    return sorted(train), sorted(test)

