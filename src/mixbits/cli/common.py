@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from mixbits.data.errors import MixbitsDataError
 from mixbits.config import DEFAULT_BITS, DEFAULT_GROUPS, AllocationConfig, DataConfig, RunConfig
@@ -91,5 +92,5 @@ def user_errors(*extra: type[Exception]):
     try:
         yield
     except (ValueError, FileNotFoundError, MixbitsDataError, *extra) as err:  # ExportError is a ValueError
-        console.print(f"[red]error:[/red] {err}")
+        console.print(f"[red]error:[/red] {escape(str(err))}")  # messages hold [brackets], e.g. mixbits[hub]
         raise typer.Exit(2) from None
