@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
            "train": base.to_dict(), "device": str(device), "torch": torch.__version__,
            "data": {k: {"windows": len(w), "seqlen": w.shape[1], "sha256": text_fingerprint(w)}
                     for k, w in (*windows.items(), ("test", test))},
-           "original": score(original, original, test, device), "rows": []}
+           "original": evaluate_models({"original": original}, test, device=device, reference="original",
+                                       progress=False)["original"].to_dict(), "rows": []}
     for init in args.inits.split(","):
         began = time.perf_counter()
         start, _ = quantize_model(original, plan, quantizer=init, device=device, progress=False,
