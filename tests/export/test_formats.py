@@ -11,13 +11,13 @@ from transformers import AutoModelForCausalLM
 from mixbits.export import formats, hf_folder
 from mixbits.export.formats import FORMATS, ExportError, expressible, export, fused_groups, nearest_plan
 from mixbits.export.from_native import load_for_export, with_plan
+from mixbits.export.gptq_reference import load_gptq_reference
 from mixbits.export.native import load_native, save_native
 from mixbits.model.apply import layer_shapes
 from mixbits.model.quantize import quantize_model
 from mixbits.plan import Plan
 from mixbits.quant.spec import QuantSpec
 from tests.conftest import make_text, make_tokenizer, tiny_llama
-from tests.export.test_gptq import load_reference
 
 L = "model.layers."
 
@@ -135,7 +135,7 @@ def test_exports_from_the_native_folder_keep_the_quantizer_codes(clipped_run, tm
     assert source.plan.to_dict()["layers"] == plan.to_dict()["layers"] and source.tokenizer is not None
     native = load_native(folder)
     export(source.model, source.plan, tmp_path / "gptq", "gptq", source.tokenizer, source.qparams)
-    rebuilt, _ = load_reference(tmp_path / "gptq")
+    rebuilt, _ = load_gptq_reference(tmp_path / "gptq")
     for name in plan.specs:
         assert torch.equal(rebuilt.get_submodule(name).weight, native.get_submodule(name).dequantized_weight()), name
     pytest.importorskip("compressed_tensors")

@@ -1,19 +1,18 @@
-"""GPTQ export: an independent unpacker written plainly here rebuilds every weight from the
-files, following the `dynamic` rules the way GPTQModel and vLLM match them (`re.match`, first
-rule wins, "-:" skips), and the rebuilt model must give the in-memory model's logits."""
+"""GPTQ export: an independent unpacker written plainly (`export/gptq_reference.py`, none of
+the writer's code) rebuilds every weight from the files, following the `dynamic` rules the way
+GPTQModel and vLLM match them (`re.match`, first rule wins, "-:" skips), and the rebuilt model
+must give the in-memory model's logits."""
 
 from __future__ import annotations
 
 import json
-import re
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from mixbits.export.gptq import refit_zero_groups, write_gptq
+from mixbits.export.gptq_reference import layer_config, load_gptq_reference
 from mixbits.export.rules import ExportError
 from mixbits.model.apply import fake_quantize_model
 from mixbits.plan import Plan
@@ -37,65 +36,10 @@ def mixed_plan() -> Plan:
     return Plan({name: QuantSpec.parse(label) for name, label in labels.items()})
 
 
-def unpack_columns(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """Codes [count, C] from int32 words [W, C]: code i of a column sits at bits i*b .. i*b+b-1
-    of the column's words read as one little-endian stream (so a code may span two words)."""
-    words = packed.astype(np.int64) & 0xFFFFFFFF
-    mask = (1 << bits) - 1
-    out = np.zeros((count, packed.shape[1]), dtype=np.int64)
-    for i in range(count):
-        word, offset = divmod(i * bits, 32)
-        value = words[word] >> offset
-        if offset + bits > 32:
-            value = value | (words[word + 1] << (32 - offset))
-        out[i] = value & mask
-    return out
-
-
-def layer_config(qcfg: dict, name: str) -> dict | None:
-    """GPTQModel's / vLLM's reading of `dynamic`: None when the module is skipped (fp16)."""
-    base = {k: qcfg[k] for k in ("bits", "group_size", "sym")}
-    for pattern, override in qcfg["dynamic"].items():
-        if pattern.startswith("-:"):
-            if re.match(pattern[2:], name):
-                return None
-        elif re.match(pattern.removeprefix("+:"), name):
-            return {**base, **override}
-    return base
-
-
-def rebuild_weight(tensors: dict, name: str, bits: int, zero_offset: int) -> torch.Tensor:
-    qweight, qzeros = tensors[f"{name}.qweight"].numpy(), tensors[f"{name}.qzeros"].numpy()
-    scales, g_idx = tensors[f"{name}.scales"].float().numpy(), tensors[f"{name}.g_idx"].numpy()
-    in_features, out_features = qweight.shape[0] * 32 // bits, qweight.shape[1]
-    q = unpack_columns(qweight, bits, in_features)                            # [in, out]
-    zeros = unpack_columns(qzeros.T, bits, out_features).T + zero_offset     # [G, out]
-    w = (q - zeros[g_idx]).astype(np.float32) * scales[g_idx]
-    return torch.from_numpy(w.T.copy())
-
-
-def load_reference(folder) -> tuple[LlamaForCausalLM, dict]:
-    """A plain Llama holding the weights rebuilt from the GPTQ folder."""
-    cfg = json.loads((folder / "config.json").read_text())
-    qcfg = cfg.pop("quantization_config")
-    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k != "architectures"})).eval()
-    tensors = load_file(str(folder / "model.safetensors"))
-    offset = 1 if qcfg["checkpoint_format"] == "gptq" else 0
-    state = {k: v.float() for k, v in tensors.items() if not k.endswith(("qweight", "qzeros", "scales", "g_idx"))}
-    for key in [k for k in tensors if k.endswith(".qweight")]:
-        name = key.removesuffix(".qweight")
-        config = layer_config(qcfg, name)
-        assert config is not None, f"{name} has codes but its dynamic rule skips it"
-        state[f"{name}.weight"] = rebuild_weight(tensors, name, config["bits"], offset)
-    model.load_state_dict(state, strict=False)
-    model.tie_weights()
-    return model, qcfg
-
-
 def test_rebuilt_weights_give_the_in_memory_logits(tmp_path):
     model, plan = tiny_llama(), mixed_plan()
     write_gptq(model, plan, tmp_path / "gptq")
-    rebuilt, qcfg = load_reference(tmp_path / "gptq")
+    rebuilt, qcfg = load_gptq_reference(tmp_path / "gptq")
     expected = fake_quantize_model(model, plan)
     for name, spec in plan.specs.items():
         got = layer_config(qcfg, name)
@@ -142,7 +86,7 @@ def test_zero_point_zero_is_refit_in_v1_and_kept_in_v2(tmp_path):
     plan = Plan({name: spec})
     for fmt, exact in (("gptq", False), ("gptq_v2", True)):
         write_gptq(model, plan, tmp_path / fmt, checkpoint_format=fmt)
-        rebuilt, _ = load_reference(tmp_path / fmt)
+        rebuilt, _ = load_gptq_reference(tmp_path / fmt)
         expected = fake_quantize_model(model, plan).get_submodule(name).weight
         same = torch.equal(rebuilt.get_submodule(name).weight, expected)
         assert same == exact

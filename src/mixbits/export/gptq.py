@@ -28,11 +28,15 @@ unit exactly (anchored with `$`) and, for fused groups, also vLLM's fused module
 (`qkv_proj`, `gate_up_proj`), which is why fused layers must share one spec.
 
 Who loads it: GPTQModel (`GPTQModel.load(dir)`, CPU included), vLLM and SGLang, which all
-honour `dynamic`. Plain transformers does not load mixed-bit GPTQ: its GPTQ path needs optimum
-and GPTQModel for any GPTQ file and does not document `dynamic`, so load mixed files with
-GPTQModel itself, vLLM or SGLang (none of which this CPU test suite runs). vLLM's
-fast Marlin/Machete kernels take only 4- and 8-bit symmetric layers; vLLM chooses Marlin from
-the global config alone, so when the global spec is 4/8-bit symmetric but a `dynamic` entry asks
+honour `dynamic`. GPTQModel (7.7) refuses an asymmetric v1 file unless its meta names GPTQModel
+>= 0.9 as the quantizer (old AutoGPTQ v1 asymmetric files were broken), so for GPTQModel write
+asymmetric plans as "gptq_v2": it loads them on CPU with its TorchLinear kernel, in float16
+(`export/roundtrip.py`; the same files with that meta entry load too, and match). Plain
+transformers does not load mixed-bit GPTQ: its GPTQ path needs optimum and GPTQModel for any
+GPTQ file and does not document `dynamic`, so load mixed files with GPTQModel itself, vLLM or
+SGLang (this CPU test suite runs GPTQModel only when it is installed). vLLM's fast
+Marlin/Machete kernels take only 4- and 8-bit symmetric layers; vLLM chooses Marlin from the
+global config alone, so when the global spec is 4/8-bit symmetric but a `dynamic` entry asks
 for 2 or 3 bits or asymmetric codes, load with `quantization="gptq"` (the slower gptq_gemm
 kernel, which takes 2, 3, 4 and 8 bits).
 """

@@ -28,7 +28,7 @@ from mixbits.model.arch import get_bias, get_weight
 from mixbits.plan import Plan
 from mixbits.quant.affine import QParams, minmax_qparams, quantize
 from mixbits.quant.packing import pack_bits
-from mixbits.quant.qlinear import _check_storable as check_storable
+from mixbits.quant.qlinear import check_storable
 from mixbits.quant.spec import QuantSpec
 
 

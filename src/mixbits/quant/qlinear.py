@@ -33,7 +33,7 @@ from mixbits.quant.spec import QuantSpec
 _FP16_KEPT = ("scales", "bias")
 
 
-def _check_storable(qp: QParams, spec: QuantSpec) -> None:
+def check_storable(qp: QParams, spec: QuantSpec) -> None:
     """QParams must survive storage unchanged: fp16 scales, integer zeros (fixed when symmetric)."""
     if not torch.equal(qp.scale.float(), qp.scale.half().float()) or not bool((qp.scale > 0).all()):
         raise ValueError(
@@ -96,7 +96,7 @@ class QuantLinear(nn.Module):
         """Quantize and pack `weight` [out, in] (min-max qparams unless given); bias kept in fp16."""
         weight = weight.detach()
         qp = minmax_qparams(weight, spec) if qparams is None else qparams
-        _check_storable(qp, spec)
+        check_storable(qp, spec)
         out_features, in_features = weight.shape
         codes = quantize(weight, qp, spec)
         if spec.symmetric:
