@@ -104,7 +104,9 @@ def quantizers_table(sweeps: list[dict], tolerance: float = 0.02) -> str:
                 if x is not None and strategy == "optimal":
                     ppl, cost = totals.get(s["quantizer"], (0.0, 0.0))
                     totals[s["quantizer"]] = (ppl + x["ppl"], cost + _cost(s, x))
-            damage = s.get("damage", s["sensitivity"]) if strategy == "optimal" else "–"
+            follows = "gain_" in s.get("damage", "")
+            damage = "–" if strategy != "optimal" else f"{s['sensitivity']} × gain_{s['quantizer']}" if follows \
+                else s["sensitivity"]
             lines.append(f"| {s['quantizer']} | {strategy} | {damage} | " + " | ".join(cells) + " |")
     best = min(p for p, _ in totals.values())
     near = {q: c for q, (p, c) in totals.items() if p <= best * (1 + tolerance)}

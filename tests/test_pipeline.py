@@ -17,7 +17,7 @@ def finished_run(tiny_model_dir, tiny_text_file, tmp_path_factory):
     cfg = RunConfig(
         model=str(tiny_model_dir), output_dir=out, device="cpu",
         data=DataConfig(dataset=str(tiny_text_file), seqlen=32, calib_windows=4, eval_windows=4),
-        allocation=AllocationConfig(target_bpw=3.5, group_sizes=(32, 64)), progress=False,
+        allocation=AllocationConfig(target_bpw=3.5, group_sizes=(32, 64)), progress=False, quantizer="rtn",
     )
     return cfg, run(cfg)
 
@@ -74,7 +74,7 @@ def test_a_given_plan_replaces_allocation(finished_run, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_run_on_cuda_matches_the_cpu_plan(finished_run, tmp_path):
     cfg, cpu_results = finished_run
-    on_gpu = RunConfig(model=cfg.model, output_dir=tmp_path, device="cuda", data=cfg.data,
+    on_gpu = RunConfig(model=cfg.model, output_dir=tmp_path, device="cuda", data=cfg.data, quantizer="rtn",
                        allocation=cfg.allocation, progress=False)
     results = run(on_gpu)
     assert results["environment"]["device"].startswith("cuda")

@@ -16,7 +16,7 @@ def config(model_dir, text_file, out, **train):
     return RunConfig(
         model=str(model_dir), output_dir=out, device="cpu",
         data=DataConfig(dataset=str(text_file), seqlen=32, calib_windows=4, eval_windows=4),
-        allocation=AllocationConfig(target_bpw=3.5, group_sizes=(32, 64)), progress=False,
+        allocation=AllocationConfig(target_bpw=3.5, group_sizes=(32, 64)), progress=False, quantizer="rtn",
         train=TrainConfig(dataset=str(text_file), train_size=4, val_size=2, seqlen=32, epochs=1, **train),
     )
 
@@ -74,7 +74,7 @@ def test_bad_qat_options_fail_before_work(tiny_model_dir, tiny_text_file, tmp_pa
         replace_init = config(tiny_model_dir, tiny_text_file, tmp_path, init="gptq")
         del replace_init
     with pytest.raises(ValueError, match="needs the run's sensitivity"):
-        RunConfig(model="x", plan=tmp_path / "plan.json", train=TrainConfig(schedule="sqrt"))
+        RunConfig(model="x", plan=tmp_path / "plan.json", quantizer="rtn", train=TrainConfig(schedule="sqrt"))
     with pytest.raises(ValueError, match="only apply with --qat"):
         RunConfig(model="x", resume=True)
     from typer.testing import CliRunner

@@ -78,7 +78,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     allocation: AllocationConfig = field(default_factory=lambda: AllocationConfig(target_bpw=3.25))
     plan: Path | None = None  # a given plan replaces sensitivity + allocation
-    quantizer: str = "rtn"  # rtn | clip | gptq
+    quantizer: str = "clip"  # rtn | clip | gptq; clip: the lowest perplexity per unit cost (README, bench/quantizers.sh)
     damage: str = "follow"  # follow: Fisher x the quantizer's gain over RTN (sensitivity.follow); rtn: Fisher as is
     use_cache: bool = True  # reuse damage tables cached under MIXBITS_HOME/cache/sensitivity
     train: TrainConfig | None = None  # Block-AP (+ E2E-QP) of the mixed plan after quantization; None: PTQ only

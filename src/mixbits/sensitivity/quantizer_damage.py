@@ -20,10 +20,11 @@ layer as if it were quantized alone, which is also what the allocator assumes.
 
 Cost: one run of the quantizer per layer and config. GPTQ is O(in³ + out·in²) with a Python
 loop over columns; measured per layer at 3 bits: on an H100 ~0.1 s (576×576) to 0.3 s
-(576×1536), 0.75 s at 4096×4096, 2.2 s at 4096×11008; on 2 CPU cores 1-6 s at SmolLM2-135M
-sizes. So SmolLM2-135M (210 linears) × 12 configs ≈ 5 min on a GPU but ~1.5 h on a small
-CPU, and a 7B model (224 linears) × 12 configs ≈ 1 h on a GPU. clip ≈ 60 fake-quantizations
-per layer and config; rtn one. Memory: H of every linear of a chunk at once, as in
+(576×1536), 0.75 s at 4096×4096, 2.2 s at 4096×11008; on 2 idle CPU cores 0.1-0.45 s at
+SmolLM2-135M sizes. So SmolLM2-135M (210 linears) × 12 configs took 6.7 min on this project's
+2-core CPU (shared with another job; `bench/quantizers.sh`), and a 7B model (224 linears) × 12
+configs ≈ 1 h on a GPU. clip ≈ 60 fake-quantizations per layer and config (3.7 min for
+SmolLM2-135M on the same CPU); rtn one. Memory: H of every linear of a chunk at once, as in
 `output_error_table`.
 
 The gain. Output errors are per-layer quantities: they say how much a layer's output moves,
