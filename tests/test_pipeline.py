@@ -103,7 +103,7 @@ def test_stronger_quantizers_run_end_to_end_and_export_their_own_codes(finished_
     _, tok = load_model(str(cfg.model))
     calib = calibration_windows(tok, load_text(cfg.data.dataset, "calibration"), cfg.data.seqlen, cfg.data.calib_windows, cfg.data.seed)
     expected, _ = quantize_model(original, Plan.load(tmp_path / "plan.json"), quantizer=quantizer, windows=calib,
-                                 device="cpu", progress=False)
+                                 device="cpu", progress=False, gptq=again.gptq)
     reloaded = load_native(tmp_path / "model")
     ids = torch.randint(0, 200, (1, 24))
     with torch.no_grad():

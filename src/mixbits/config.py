@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from mixbits.quant.gptq import GPTQConfig
 from mixbits.quant.spec import KEEP, QUANT_BITS, QuantSpec
 from mixbits.train.config import TrainConfig
 
@@ -79,6 +80,7 @@ class RunConfig:
     allocation: AllocationConfig = field(default_factory=lambda: AllocationConfig(target_bpw=3.25))
     plan: Path | None = None  # a given plan replaces sensitivity + allocation
     quantizer: str = "clip"  # rtn | clip | gptq; clip: the lowest perplexity per unit cost (README, bench/quantizers.sh)
+    gptq: GPTQConfig = field(default_factory=lambda: GPTQConfig(clip=True))  # with clip-searched group scales
     damage: str = "follow"  # follow: Fisher x the quantizer's gain over RTN (sensitivity.follow); rtn: Fisher as is
     use_cache: bool = True  # reuse damage tables cached under MIXBITS_HOME/cache/sensitivity
     train: TrainConfig | None = None  # Block-AP (+ E2E-QP) of the mixed plan after quantization; None: PTQ only

@@ -3,6 +3,7 @@ evaluate -> save. Every input is checked before the first expensive step."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,7 +119,8 @@ def sensitivity(cfg: RunConfig, p: Prepared, calib: torch.Tensor, timer: StageTi
     def key(method: str) -> dict:
         return cache_key_parts(model_name=cfg.model, model=p.model, linears=p.linears,
                                calibration_sha256=data_info["calibration"]["sha256"], configs=configs,
-                               method=method, granularity="layer")
+                               method=method, granularity="layer",
+                               options={"gptq": dataclasses.asdict(cfg.gptq)} if method == "gain_gptq" else None)
 
     def compute() -> DamageTable:
         damage, scores = fisher_table(p.model, calib, p.linears, configs, device=p.device, progress=cfg.progress)
@@ -131,7 +133,7 @@ def sensitivity(cfg: RunConfig, p: Prepared, calib: torch.Tensor, timer: StageTi
 
     def gain() -> DamageTable:
         return gain_table(p.model, calib, p.linears, configs, quantizer=cfg.quantizer, device=p.device,
-                          progress=cfg.progress, meta={"model": cfg.model, "calibration": data_info["calibration"]})
+                          progress=cfg.progress, gptq=cfg.gptq, meta={"model": cfg.model, "calibration": data_info["calibration"]})
 
     def get(method: str, fn) -> DamageTable:
         return cached_table(key(method), fn) if cfg.use_cache else fn()
@@ -158,7 +160,7 @@ def train_plans(cfg: RunConfig, p: Prepared, plans: dict[str, Plan], models: dic
         checkpoint = out / "checkpoint" / name.replace(" ", "-")
         trained, report = train_model(p.model, plans[name], windows["calibration"], windows["validation"], tcfg,
                                       device=p.device, sensitivity=sensitivity, checkpoint_dir=checkpoint,
-                                      resume=cfg.resume, progress=cfg.progress)
+                                      resume=cfg.resume, progress=cfg.progress, gptq=cfg.gptq)
         models[f"{name} (init)"], models[name] = models[name], trained
         plans[f"{name} (init)"] = plans[name]
         done[name] = report
@@ -185,7 +187,8 @@ def run(cfg: RunConfig) -> dict:
         for name, q in plans.items():
             if name != "original":
                 models[name], reports[name] = quantize_model(
-                    p.model, q, quantizer=cfg.quantizer, windows=windows, device=p.device, progress=cfg.progress)
+                    p.model, q, quantizer=cfg.quantizer, windows=windows, device=p.device, progress=cfg.progress,
+                    gptq=cfg.gptq)
     training = {}
     if cfg.train is not None:
         with timer.stage("train"):

@@ -100,7 +100,7 @@ def _evaluate(cfg: SweepConfig, p, calib, test, rows) -> dict:
         for i, key in enumerate(chunk):
             began = time.perf_counter()
             models[str(i)], _ = quantize_model(p.model, unique[key], quantizer=cfg.run.quantizer, windows=windows,
-                                               device=p.device, progress=False)
+                                               device=p.device, progress=False, gptq=cfg.run.gptq)
             seconds[key] = time.perf_counter() - began
         evals = evaluate_models(models, test, device=p.device, reference="original", progress=cfg.run.progress)
         scores["original"] = evals["original"]

@@ -12,6 +12,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 
 from mixbits.data.errors import MixbitsDataError
+from mixbits.quant.gptq import GPTQConfig
 from mixbits.config import DEFAULT_BITS, DEFAULT_GROUPS, AllocationConfig, DataConfig, RunConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Sensitivity-guided mixed-precision quantization.")
@@ -66,15 +67,19 @@ QUANTIZER = typer.Option(RunConfig.quantizer, help="clip (clipping search, the m
                                                     "rtn (round-to-nearest) or gptq")
 DAMAGE = typer.Option("follow", help="follow: allocate on Fisher damage x the quantizer's gain over RTN; "
                                       "rtn: on the damage of round-to-nearest")
+GPTQ_CLIP = typer.Option(True, help="gptq: clip-search each group's scale (weighted by diag XᵀX) as it is reached")
+GPTQ_ACT_ORDER = typer.Option(False, help="gptq: process columns by descending diag XᵀX, with static groups "
+                                           "(so every format stores the natural group layout exactly)")
 CACHE = typer.Option(True, help="reuse damage tables cached under MIXBITS_HOME/cache/sensitivity")
 DEVICE = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ...")
 VERBOSE = typer.Option(True, help="log each stage")
 
 
-def run_config(*, model, output_dir, device, quantizer, damage, cache, dataset, seqlen, calib_windows, eval_windows, seed,
+def run_config(*, model, output_dir, device, quantizer, damage, cache, gptq_clip, gptq_act_order, dataset, seqlen, calib_windows, eval_windows, seed,
                 target_bpw, target_size_mb, bits, group_sizes, min_bits, max_bits, keep, pin, tie, plan=None) -> RunConfig:
     return RunConfig(
         model=model, output_dir=output_dir, device=device, plan=plan, quantizer=quantizer, damage=damage, use_cache=cache,
+        gptq=GPTQConfig(clip=gptq_clip, act_order=gptq_act_order, static_groups=gptq_act_order),
         data=DataConfig(dataset=dataset, seqlen=seqlen, calib_windows=calib_windows, eval_windows=eval_windows, seed=seed),
         allocation=AllocationConfig(
             target_bpw=target_bpw, target_size_mb=target_size_mb, bits=parse_ints(bits, "--bits"),

@@ -10,7 +10,7 @@ import typer
 
 from mixbits.cli.common import (
     user_errors,
-    app, console, setup_logging, run_config, CACHE, MODEL, DATASET, SEQLEN, CALIB_WINDOWS, DAMAGE, EVAL_WINDOWS,
+    app, console, setup_logging, run_config, CACHE, GPTQ_ACT_ORDER, GPTQ_CLIP, MODEL, DATASET, SEQLEN, CALIB_WINDOWS, DAMAGE, EVAL_WINDOWS,
     SEED, BITS, GROUP_SIZES, MIN_BITS, MAX_BITS, KEEP, PIN, TIE, QUANTIZER, DEVICE, VERBOSE,
 )
 from mixbits.report.console import print_results, print_sweep
@@ -41,6 +41,8 @@ def run(
     quantizer: str = QUANTIZER,
     damage: str = DAMAGE,
     cache: bool = CACHE,
+    gptq_clip: bool = GPTQ_CLIP,
+    gptq_act_order: bool = GPTQ_ACT_ORDER,
     qat: bool = typer.Option(False, help="then Block-AP of the mixed plan, starting from --quantizer's result"),
     qat_epochs: float = typer.Option(_T.epochs, help="Block-AP base epochs per block"),
     qat_train_size: int = typer.Option(_T.train_size, help="Block-AP training windows (EfficientQAT: 4096)"),
@@ -62,7 +64,8 @@ def run(
 
     with user_errors():
         cfg = run_config(
-            model=model, output_dir=output_dir, device=device, quantizer=quantizer, damage=damage, cache=cache, dataset=dataset, seqlen=seqlen,
+            model=model, output_dir=output_dir, device=device, quantizer=quantizer, damage=damage, cache=cache, gptq_clip=gptq_clip, gptq_act_order=gptq_act_order,
+            dataset=dataset, seqlen=seqlen,
             calib_windows=calib_windows, eval_windows=eval_windows, seed=seed, target_bpw=target_bpw,
             target_size_mb=target_size_mb, bits=bits, group_sizes=group_sizes, min_bits=min_bits, max_bits=max_bits,
             keep=keep, pin=pin, tie=tie, plan=plan)
@@ -100,6 +103,8 @@ def sweep(
     quantizer: str = QUANTIZER,
     damage: str = DAMAGE,
     cache: bool = CACHE,
+    gptq_clip: bool = GPTQ_CLIP,
+    gptq_act_order: bool = GPTQ_ACT_ORDER,
     device: str = DEVICE,
     verbose: bool = VERBOSE,
 ) -> None:
@@ -112,7 +117,8 @@ def sweep(
     with user_errors():
         budgets = parse_range(bpw)
         run_cfg = run_config(
-            model=model, output_dir=output_dir, device=device, quantizer=quantizer, damage=damage, cache=cache, dataset=dataset, seqlen=seqlen,
+            model=model, output_dir=output_dir, device=device, quantizer=quantizer, damage=damage, cache=cache, gptq_clip=gptq_clip, gptq_act_order=gptq_act_order,
+            dataset=dataset, seqlen=seqlen,
             calib_windows=calib_windows, eval_windows=eval_windows, seed=seed, target_bpw=max(budgets),
             target_size_mb=None, bits=bits, group_sizes=group_sizes, min_bits=min_bits, max_bits=max_bits,
             keep=keep, pin=pin, tie=tie)

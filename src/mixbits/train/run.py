@@ -36,6 +36,7 @@ from mixbits.model.blockwise import block_on
 from mixbits.model.quantize import quantize_model
 from mixbits.plan import Plan
 from mixbits.quant.affine import QParams
+from mixbits.quant.gptq import GPTQConfig
 from mixbits.train.activations import Stream, advance, capture_stream
 from mixbits.train.block_ap import BlockHParams, BlockOutcome, train_block
 from mixbits.train.checkpoint import BlockCheckpoint
@@ -193,6 +194,7 @@ def train_model(
     resume: bool = False,
     progress: bool = True,
     on_block_done: Callable[[int], None] | None = None,
+    gptq: GPTQConfig = GPTQConfig(),
 ) -> tuple[nn.Module, TrainReport]:
     """A quantized, trained copy of `model` (the original is untouched) and its report.
 
@@ -200,6 +202,7 @@ def train_model(
     sensitivity: raw score per block index (min-max normalised here), needed by every schedule
     but `fixed`. checkpoint_dir: where finished blocks are saved; resume: continue from it.
     on_block_done(i): called after block i is finished and checkpointed (progress, tests).
+    gptq: the GPTQ settings of a gptq init.
     """
     start = time.perf_counter()
     _check_windows(calib_windows, "calib_windows")
@@ -212,7 +215,7 @@ def train_model(
         checkpoint_dir, run.fingerprint(calib_windows, val_windows), resume=resume)
     finished = set(ckpt.finished()) if ckpt is not None else set()
     model_q, init = quantize_model(model, plan, quantizer=cfg.init, device=device, batch_size=cfg.batch_size,
-                                   windows=None if cfg.init == "rtn" else calib_windows, progress=progress)
+                                   windows=None if cfg.init == "rtn" else calib_windows, progress=progress, gptq=gptq)
     qparams = dict(init.qparams)
     stats = _block_loop(run, model_q, {"train": calib_windows, "val": val_windows}, ckpt, finished, qparams,
                         on_block_done)
