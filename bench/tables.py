@@ -82,6 +82,13 @@ def _cost(sweep: dict, row: dict) -> float:
     return seconds / sweep["forward_s"]
 
 
+def _quantizer(sweep: dict) -> str:
+    """The quantizer's name; GPTQ with its group-scale rule (files without the field ran min-max)."""
+    if sweep["quantizer"] != "gptq":
+        return sweep["quantizer"]
+    return "gptq + clip" if (sweep.get("gptq") or {}).get("clip") else "gptq (min-max)"
+
+
 def quantizers_table(sweeps: list[dict], tolerance: float = 0.02) -> str:
     """{quantizer} x {uniform, optimal} at every budget: perplexity and cost; the default is the
     quantizer of the lowest optimal perplexity, the cheapest within `tolerance` of it, summed over budgets."""
@@ -102,12 +109,12 @@ def quantizers_table(sweeps: list[dict], tolerance: float = 0.02) -> str:
                 x = next((x for x in s["rows"] if x["strategy"] == strategy and x["target_bpw"] == b), None)
                 cells += ["–", "–"] if x is None else [f"{x['ppl']:.2f} ({x['bpw']:.2f})", f"{_cost(s, x):.1f}"]
                 if x is not None and strategy == "optimal":
-                    ppl, cost = totals.get(s["quantizer"], (0.0, 0.0))
-                    totals[s["quantizer"]] = (ppl + x["ppl"], cost + _cost(s, x))
+                    ppl, cost = totals.get(_quantizer(s), (0.0, 0.0))
+                    totals[_quantizer(s)] = (ppl + x["ppl"], cost + _cost(s, x))
             follows = "gain_" in s.get("damage", "")
             damage = "–" if strategy != "optimal" else f"{s['sensitivity']} × gain_{s['quantizer']}" if follows \
                 else s["sensitivity"]
-            lines.append(f"| {s['quantizer']} | {strategy} | {damage} | " + " | ".join(cells) + " |")
+            lines.append(f"| {_quantizer(s)} | {strategy} | {damage} | " + " | ".join(cells) + " |")
     best = min(p for p, _ in totals.values())
     near = {q: c for q, (p, c) in totals.items() if p <= best * (1 + tolerance)}
     choice = min(near, key=near.get)

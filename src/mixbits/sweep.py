@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from mixbits.allocate.budget import Budget
@@ -131,6 +131,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
                          "plan": {s.label: sum(1 for x in row["specs"].values() if x == s) for s in set(row["specs"].values())}})
     results = {
         "format": SWEEP_FORMAT, "model": cfg.run.model, "quantizer": cfg.run.quantizer,
+        "gptq": asdict(cfg.run.gptq) if cfg.run.quantizer == "gptq" else None,
         "sensitivity": table.method, "environment": environment(p.device), "data": data_info,
         "evaluation": CONVENTION.format(seqlen=data_info["test"]["seqlen"]),
         "original": {"ppl": original.ppl, "mb": (Plan({}).storage_bytes(p.shapes) + p.fixed_bytes) / 1e6},
