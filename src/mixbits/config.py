@@ -79,7 +79,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     allocation: AllocationConfig = field(default_factory=lambda: AllocationConfig(target_bpw=3.25))
     plan: Path | None = None  # a given plan replaces sensitivity + allocation
-    quantizer: str = "clip"  # rtn | clip | gptq; clip: the lowest perplexity per unit cost (README, bench/quantizers.sh)
+    quantizer: str = "gptq"  # rtn | clip | gptq; gptq (+ clip): chosen by bench/quantizers.sh (README "Quantizers")
     gptq: GPTQConfig = field(default_factory=lambda: GPTQConfig(clip=True))  # with clip-searched group scales
     damage: str = "follow"  # follow: Fisher x the quantizer's gain over RTN (sensitivity.follow); rtn: Fisher as is
     use_cache: bool = True  # reuse damage tables cached under MIXBITS_HOME/cache/sensitivity

@@ -63,8 +63,8 @@ MAX_BITS = typer.Option(16, help="no layer above this many bits (16 = may keep l
 KEEP = typer.Option(None, help="regex of layers kept in 16 bit")
 PIN = typer.Option([], help="REGEX=BITS or REGEX=SPEC, e.g. down_proj=4 (repeatable)")
 TIE = typer.Option(True, help="fused layers (q/k/v, gate/up) share one config")
-QUANTIZER = typer.Option(RunConfig.quantizer, help="clip (clipping search, the measured best per unit cost), "
-                                                    "rtn (round-to-nearest) or gptq")
+QUANTIZER = typer.Option(RunConfig.quantizer, help="gptq (with --gptq-clip: chosen by measurement), clip "
+                                                    "(clipping search alone) or rtn (round-to-nearest)")
 DAMAGE = typer.Option("follow", help="follow: allocate on Fisher damage x the quantizer's gain over RTN; "
                                       "rtn: on the damage of round-to-nearest")
 GPTQ_CLIP = typer.Option(True, help="gptq: clip-search each group's scale (weighted by diag XᵀX) as it is reached")
