@@ -1,6 +1,7 @@
 """Frozen configuration of every stage. The CLI builds these; nothing else reads argv.
 
-Defaults are sized for the embedded demo on 2 CPU cores (about 10 minutes end to end); the
+Defaults are sized for the embedded demo on 2 CPU cores (about 25 minutes end to end with the
+default GPTQ, ~10 with --quantizer clip); the
 same fields scale to real runs (`--calib-windows 128 --seqlen 2048 --eval-windows 0`).
 """
 
