@@ -34,8 +34,9 @@ def export_cmd(
     setup_logging(verbose)
     if fmt not in EXPORT_FORMATS:
         raise typer.BadParameter(f"--format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-    from mixbits.export.formats import expressible, export as export_model, fused_groups, nearest_plan
-    from mixbits.export.from_native import load_for_export, with_plan
+    from mixbits.export.formats import expressible, export as export_model, fused_groups
+    from mixbits.export.from_native import load_for_export
+    from mixbits.export.roundtrip import source_for
     from mixbits.model.apply import layer_shapes
     from mixbits.model.load import load_model
 
@@ -48,9 +49,9 @@ def export_cmd(
         if nearest and expressible(fmt, source.plan, shapes, fused):
             name = json.loads((run_dir / "results.json").read_text())["config"]["model"]
             original, _ = load_model(name)
-            plan = nearest_plan(fmt, source.plan, shapes, fused)
-            source = with_plan(source, original, plan)
-            console.print(f"the plan was adjusted to what {fmt} stores (bits rounded up); changed layers re-quantized")
+            source, changed = source_for(fmt, source, original)
+            console.print(f"the plan was adjusted to what {fmt} stores (bits rounded up); {changed} changed layers "
+                          "re-quantized")
         path = export_model(source.model, source.plan, target, fmt, source.tokenizer, source.qparams, **options)
         if nearest and path.is_file():  # folder formats record their plan in mixbits-export.json / mixbits.json
             source.plan.save(path.with_suffix(".plan.json"))

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mixbits.eval.classification import accuracy_of, classifier_logits
 from mixbits.quant.spec import QuantSpec
 from mixbits.sensitivity.divergence import batches, check_windows, exact_dtype, next_token_logits
 from mixbits.sensitivity.units import measured_columns, quantized_in_place, reference_column
@@ -59,12 +60,7 @@ def total_nll(model: nn.Module, windows: torch.Tensor, *, device: torch.device, 
 def accuracy(model: nn.Module, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor, *,
              device: torch.device, batch_size: int = 32) -> float:
     """Fraction of examples whose argmax logit equals the label; `inputs` are [N, L] tensors."""
-    correct = 0
-    for start in range(0, len(labels), batch_size):
-        batch = {k: v[start:start + batch_size].to(device) for k, v in inputs.items()}
-        pred = model(**batch).logits.argmax(-1).cpu()
-        correct += int((pred == labels[start:start + batch_size].cpu()).sum())
-    return correct / len(labels)
+    return accuracy_of(classifier_logits(model, inputs, device=device, batch_size=batch_size), labels.cpu())
 
 
 def _sweep(model, units, configs, measure_configs, metric, progress: bool, desc: str) -> np.ndarray:
