@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from mixbits.iterative import IterativeConfig
 from mixbits.quant.gptq import GPTQConfig
 from mixbits.quant.spec import KEEP, QUANT_BITS, QuantSpec
 from mixbits.train.config import TrainConfig
@@ -87,6 +88,10 @@ class RunConfig:
     train: TrainConfig | None = None  # Block-AP (+ E2E-QP) of the mixed plan after quantization; None: PTQ only
     train_baselines: bool = False  # also train the uniform baselines, for a comparison at equal training
     resume: bool = False  # continue training from output_dir/checkpoint
+    iterative: IterativeConfig | None = None  # quantize least-sensitive units first until a perplexity limit
+    tasks: tuple[str, ...] = ()  # zero-shot tasks (lm-eval) scored on the original and mixed models
+    task_limit: int | None = None  # documents per task (None: all)
+    report: bool = True  # write report.html (and plots/) into output_dir
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -104,9 +109,20 @@ class RunConfig:
             raise ValueError(f"--damage {self.damage!r} is not one of {', '.join(DAMAGE_MODES)} (follow: the damage "
                              "of the quantizer that will be used; rtn: the damage of round-to-nearest)")
 
+        if self.iterative is not None and self.plan is not None:
+            raise ValueError("--iterative builds its own plan; drop --plan or --iterative")
+        if self.iterative is not None and self.iterative.spec not in self.allocation.configs():
+            raise ValueError(f"--iterative-spec {self.iterative.spec.label} is not among the candidate configs "
+                             f"{[c.label for c in self.allocation.configs()[:-1]]}; add its bits to --bits and "
+                             "its group size to --group-sizes")
+        if self.task_limit is not None and self.task_limit < 1:
+            raise ValueError(f"--task-limit {self.task_limit} must be at least 1 (or omitted for every document)")
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["train"] = None if self.train is None else self.train.to_dict()
+        d["iterative"] = None if self.iterative is None else self.iterative.to_dict()
+        d["tasks"] = list(self.tasks)
         d["output_dir"] = str(self.output_dir)
         d["plan"] = None if self.plan is None else str(self.plan)
         return d

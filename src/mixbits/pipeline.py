@@ -3,6 +3,7 @@ evaluate -> save. Every input is checked before the first expensive step."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from mixbits.config import RunConfig, resolve_device
 from mixbits.data.text import load_text, resolve_text
 from mixbits.data.windows import calibration_windows, eval_windows, text_fingerprint
 from mixbits.eval.perplexity import evaluate_models
+from mixbits.iterative import iterative_quantize, iterative_summary, sensitivity_order
+from mixbits.model.apply import round_to_storage
 from mixbits.export.native import native_size_bytes, save_native
 from mixbits.model.quantize import quantize_model
 from mixbits.model.arch import LinearInfo, find_linears, tied_groups
@@ -145,6 +148,34 @@ def sensitivity(cfg: RunConfig, p: Prepared, calib: torch.Tensor, timer: StageTi
         return table
 
 
+def iterate(cfg: RunConfig, p: Prepared, calib: torch.Tensor, table: DamageTable) -> tuple[Plan, dict, dict]:
+    """Iterative mode (`mixbits.iterative`): the plan it reached, the models it made ("mixed", and
+    the uniform model at the target config it took weights from: model, QuantizeReport) and the
+    `iterative` section of results.json."""
+    it, d = cfg.iterative, cfg.data
+    val = eval_windows(p.tokenizer, load_text(d.dataset, "validation"), d.seqlen, it.windows)
+    uniform = Plan.uniform(p.shapes, it.spec)
+    q_model, q_report = quantize_model(p.model, uniform, quantizer=cfg.quantizer,
+                                       windows=None if cfg.quantizer == "rtn" else calib, device=p.device,
+                                       progress=cfg.progress, gptq=cfg.gptq)
+    base = copy.deepcopy(p.model)
+    round_to_storage(base, Plan({}))  # kept layers are stored in 16 bit: measure them that way
+
+    def validation_ppl(model: nn.Module) -> float:
+        return evaluate_models({"m": model}, val, device=p.device, progress=False)["m"].ppl
+
+    order = sensitivity_order(table, p.groups, it.spec)
+    mixed, result = iterative_quantize(base, q_model, order, it, p.shapes, validation_ppl)
+    del base
+    keep = result.plan.quantized()
+    m_report = dataclasses.replace(q_report, layers={n: r for n, r in q_report.layers.items() if n in keep},
+                                   qparams={n: q for n, q in q_report.qparams.items() if n in keep},
+                                   g_idx={n: g for n, g in q_report.g_idx.items() if n in keep})
+    summary = iterative_summary(result, it, p.shapes, {"split": "validation", "windows": len(val), "seqlen": d.seqlen},
+                                f"predicted damage at {it.spec.label} ({table.method}), least first")
+    return result.plan, {"mixed": (mixed, m_report), f"uniform {it.spec.label}": (q_model, q_report)}, summary
+
+
 def train_plans(cfg: RunConfig, p: Prepared, plans: dict[str, Plan], models: dict, table: DamageTable | None) -> dict:
     """Block-AP (+ E2E-QP) of the mixed plan (and of the baselines with cfg.train_baselines), each from
     the run's quantizer. The post-training model and plan stay in `models` and `plans` as
@@ -172,20 +203,31 @@ def run(cfg: RunConfig) -> dict:
     timer = StageTimer()
     p = prepare(cfg, timer)
     calib, test, data_info = calibrate(cfg, p, timer)
-    table, solution, plan = None, None, p.given_plan
+    table, solution, plan, made, iterative = None, None, p.given_plan, {}, None
     if plan is None:
         table = sensitivity(cfg, p, calib, timer, data_info)
+    if cfg.iterative is not None:
+        with timer.stage("iterative"):
+            plan, made, iterative = iterate(cfg, p, calib, table)
+        budget = Budget(bpw=plan.bits_per_weight(p.shapes))  # baselines are judged at the size it reached
+        p = dataclasses.replace(p, budget=budget, budget_bits=budget.to_bits(sum(o * i for o, i in p.shapes.values()),
+                                                                             p.fixed_bytes))
+    elif plan is None:
         with timer.stage("allocate"):
             specs, solution = allocate_optimal(table, p.groups, p.budget_bits, p.constraints)
         plan = Plan(specs, {"strategy": "optimal", "budget": p.budget.label, "sensitivity": table.method})
     plans = {"original": Plan({}), "mixed": plan}
     for spec, fits in uniform_baselines(p.shapes, cfg.allocation.configs(), p.budget, p.fixed_bytes):
         plans[f"uniform {spec.label}"] = Plan.uniform(p.shapes, spec, fits_budget=fits)
+    for name in made:  # iterative: also the model with every unit at the target config (always smaller)
+        plans.setdefault(name, Plan.uniform(p.shapes, cfg.iterative.spec, fits_budget=True))
     models, reports = {"original": p.model}, {}
     with timer.stage("quantize"):
         windows = None if cfg.quantizer == "rtn" else calib  # rtn needs no data
         for name, q in plans.items():
-            if name != "original":
+            if name in made:  # the iterative mode made these already
+                models[name], reports[name] = made[name]
+            elif name != "original":
                 models[name], reports[name] = quantize_model(
                     p.model, q, quantizer=cfg.quantizer, windows=windows, device=p.device, progress=cfg.progress,
                     gptq=cfg.gptq)
@@ -204,6 +246,8 @@ def run(cfg: RunConfig) -> dict:
     results = build_results(cfg, p, data_info, evals, plans, sizes, solution, table, timer.seconds)
     results["quantizer"] = {name: r.to_dict() for name, r in reports.items() if name not in training}
     layers = build_layer_statistics(p.linears, table, plan)
+    if iterative is not None:
+        results["iterative"] = iterative
     if training:
         results["training"] = {name: report.to_dict() for name, report in training.items()}
         layers["blocks"] = [b.to_dict() for b in training["mixed"].blocks]

@@ -14,9 +14,16 @@ from mixbits.cli.common import (
     SEED, BITS, GROUP_SIZES, MIN_BITS, MAX_BITS, KEEP, PIN, TIE, QUANTIZER, DEVICE, VERBOSE,
 )
 from mixbits.report.console import print_results, print_sweep
+from mixbits.iterative import IterativeConfig
+from mixbits.quant.spec import QuantSpec
 from mixbits.train.config import TrainConfig
 
 _T = TrainConfig()
+_I = IterativeConfig()
+
+
+def parse_names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
 @app.command()
@@ -53,6 +60,17 @@ def run(
     e2e: bool = typer.Option(False, help="after Block-AP, train the step sizes end to end (E2E-QP)"),
     qat_baselines: bool = typer.Option(False, help="also train the uniform baselines (comparison at equal training)"),
     resume: bool = typer.Option(False, help="continue training from OUTPUT_DIR/checkpoint after a crash or kill"),
+    iterative: bool = typer.Option(False, help="instead of a budget: quantize the least sensitive units first, a "
+                                                "few per step, until validation perplexity rises by --max-ppl-increase"),
+    iterative_spec: str = typer.Option(_I.spec.label, help="iterative: the config each unit moves to"),
+    layers_per_iteration: int = typer.Option(_I.layers_per_iteration, help="iterative: units quantized per step"),
+    max_ppl_increase: float = typer.Option(_I.max_ppl_increase, help="iterative: relative limit (0.01 = 1 percent)"),
+    max_iterations: int = typer.Option(_I.max_iterations, help="iterative: most steps"),
+    iterative_windows: int = typer.Option(_I.windows, help="iterative: validation windows scored per step"),
+    tasks: str = typer.Option("", help="zero-shot tasks through lm-eval, comma list: bb_* (embedded, offline) or "
+                                       "lm-eval names such as piqa,arc_easy,hellaswag,winogrande (need the hub)"),
+    task_limit: Optional[int] = typer.Option(None, help="documents per zero-shot task (default: all)"),
+    report: bool = typer.Option(True, help="write report.html and plots/ into OUTPUT_DIR"),
     device: str = DEVICE,
     verbose: bool = VERBOSE,
 ) -> None:
@@ -74,10 +92,19 @@ def run(
             schedule=qat_schedule, total_epoch_budget=qat_total_epoch_budget, init=quantizer, e2e=e2e, seed=seed)
         if not qat and train_cfg != TrainConfig(dataset=dataset, init=quantizer, seed=seed):
             raise ValueError("--qat-* and --e2e options need --qat (Block-AP); add --qat or drop them")
-        cfg = replace(cfg, train=train_cfg if qat else None, train_baselines=qat_baselines, resume=resume)
+        it_cfg = IterativeConfig(spec=QuantSpec.parse(iterative_spec), layers_per_iteration=layers_per_iteration,
+                                 max_ppl_increase=max_ppl_increase, max_iterations=max_iterations,
+                                 windows=iterative_windows)
+        if not iterative and it_cfg != _I:
+            raise ValueError("--iterative-spec, --layers-per-iteration, --max-ppl-increase, --max-iterations and "
+                             "--iterative-windows need --iterative; add it or drop them")
+        cfg = replace(cfg, train=train_cfg if qat else None, train_baselines=qat_baselines, resume=resume,
+                      iterative=it_cfg if iterative else None, tasks=parse_names(tasks), task_limit=task_limit,
+                      report=report)
         results = run_pipeline(cfg)
     print_results(console, results)
-    console.print(f"wrote {output_dir}/results.json, layer_statistics.json, plan.json, sensitivity.json, model/")
+    wrote = "results.json, layer_statistics.json, plan.json, sensitivity.json, model/" + (", report.html" if report else "")
+    console.print(f"wrote {output_dir}/{wrote}")
 
 
 

@@ -17,7 +17,21 @@ def print_results(console: Console, results: dict) -> None:
         label = name if m.get("fits_budget", True) else f"{name} (over budget)"
         table.add_row(label, f"{m['bpw']:.3f}", f"{m['bytes_on_disk'] / 1e6:.1f}", f"{m['ppl']:.3f}", kl, top1)
     console.print(table)
+    if "iterative" in results:
+        print_iterative(console, results["iterative"])
     console.print("stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in results["timings_s"].items()))
+
+
+def print_iterative(console: Console, it: dict) -> None:
+    """The iterative path: one row per step, the rolled-back one marked."""
+    table = Table(title=f"iterative to {it['spec']}, limit +{100 * it['max_ppl_increase']:g} % over validation ppl "
+                        f"{it['original_ppl']:.3f}; stopped: {it['stopped']}")
+    for col in ("step", "linears", "bpw", "val. ppl", "increase", ""):
+        table.add_column(col, justify="right" if col else "left", no_wrap=True)
+    for s in it["steps"]:
+        table.add_row(str(s["step"]), f"+{len(s['units'])}", f"{s['bpw']:.3f}", f"{s['ppl']:.3f}",
+                      f"{100 * s['increase']:+.2f} %", "kept" if s["accepted"] else "rolled back")
+    console.print(table)
 
 
 def print_sweep(console: Console, results: dict) -> None:

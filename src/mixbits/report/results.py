@@ -12,6 +12,9 @@ Schema of results.json (`mixbits.results/1`):
                       linear_bytes (those layers' stored bytes, cost model), bytes_on_disk
                       (the native safetensors file, measured), predicted_damage
     timings_s         wall seconds per stage
+    iterative         (with --iterative) the path: every step, its units, bpw, validation ppl, kept or not
+    zeroshot          (with --tasks) lm-eval accuracy per task and model
+    training          (with --qat) per trained plan, the TrainReport
 This module formats and writes; it computes no new measurement.
 """
 
@@ -83,7 +86,8 @@ def build_results(cfg, prepared, data_info, evals, plans, sizes, solution, table
         "budget": {
             "target": prepared.budget.label,
             "bits": prepared.budget_bits,
-            "plan_source": str(cfg.plan) if solution is None else "optimal allocation",
+            "plan_source": ("optimal allocation" if solution is not None else str(cfg.plan) if cfg.plan is not None
+                            else "iterative mode" if cfg.iterative is not None else "given"),
             "solver": None if solution is None else {
                 "method": solution.method, "optimal": solution.optimal, "cost_bits": solution.cost,
                 "predicted_damage": solution.damage},

@@ -1,0 +1,179 @@
+"""Iterative mode: quantize the least sensitive units first, a few at a time, and stop at a
+perplexity limit.
+
+The allocation solver picks a plan for a size the user names; the iterative mode answers the
+other question, "how much can I quantize before the model gets worse than X": units (a linear,
+or a group of linears that must share a config such as q/k/v) are sorted by their predicted
+damage at one target config (`--iterative-spec`, default w4g128), ascending. Each step moves
+the next `layers_per_iteration` units to that config and measures validation perplexity (its
+own documents: neither calibration nor test text). With p0 the original's validation
+perplexity, a step is kept while
+
+    p / p0 - 1  <=  max_ppl_increase                                    (relative increase)
+
+The first step beyond the limit is rolled back and the walk stops ("threshold"); it also
+stops after `max_iterations` steps, or when every unit is quantized. The path (every step,
+kept or not) is reported.
+
+Each unit's quantized weights are computed once, by the run's quantizer on the uniform plan at
+the target config (for gptq and clip: on calibration inputs of the already quantized earlier
+blocks, the standard sequential way); steps swap those weights in, so the model after the last
+kept step is exactly the model that was measured, and its QParams are those of the uniform run.
+Trade-off: one validation evaluation per step, instead of the damage table's prediction of
+the whole plan; greedy order, no look-ahead (the exact solver in `allocate` is the tool for a
+size budget).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from mixbits.model.arch import get_weight, set_weight
+from mixbits.plan import Plan
+from mixbits.quant.spec import QuantSpec
+from mixbits.sensitivity.table import DamageTable
+
+log = logging.getLogger(__name__)
+
+STOP_REASONS = ("threshold", "max_iterations", "all_quantized")
+
+
+@dataclass(frozen=True)
+class IterativeConfig:
+    spec: QuantSpec = QuantSpec(4, 128)
+    layers_per_iteration: int = 5
+    max_ppl_increase: float = 0.01  # relative: 0.01 = 1 % above the original's validation perplexity
+    max_iterations: int = 100
+    windows: int = 4  # validation windows scored after each step (cfg.data.seqlen tokens each)
+
+    def __post_init__(self) -> None:
+        if self.spec.keep:
+            raise ValueError("--iterative-spec must be a quantized config such as w4g128, not 16-bit keep")
+        if self.layers_per_iteration < 1:
+            raise ValueError(f"--layers-per-iteration {self.layers_per_iteration} must be at least 1")
+        if not self.max_ppl_increase > 0:
+            raise ValueError(f"--max-ppl-increase {self.max_ppl_increase} must be > 0 (relative: 0.05 = 5 %)")
+        if self.max_iterations < 1:
+            raise ValueError(f"--max-iterations {self.max_iterations} must be at least 1")
+        if self.windows < 1:
+            raise ValueError(f"--iterative-windows {self.windows} must be at least 1")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["spec"] = self.spec.label
+        return d
+
+
+@dataclass(frozen=True)
+class Step:
+    step: int
+    units: tuple[str, ...]  # the linears this step moved to the target config
+    quantized_units: int  # linears at the target config after the step (if kept)
+    bpw: float
+    ppl: float
+    increase: float  # ppl / original ppl - 1
+    accepted: bool
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["units"] = list(self.units)
+        return d
+
+
+@dataclass(frozen=True)
+class IterativeResult:
+    plan: Plan
+    steps: tuple[Step, ...]
+    stopped: str
+    original_ppl: float
+    order: tuple[tuple[str, ...], ...] = field(default=())
+
+    @property
+    def final(self) -> Step | None:
+        kept = [s for s in self.steps if s.accepted]
+        return kept[-1] if kept else None
+
+
+def exceeds(ppl: float, original_ppl: float, max_increase: float) -> bool:
+    """The stop rule: the relative increase over the original is above the limit (NaN exceeds)."""
+    increase = ppl / original_ppl - 1.0
+    return not increase <= max_increase
+
+
+def sensitivity_order(table: DamageTable, groups: Sequence[tuple[str, ...]], spec: QuantSpec) -> list[tuple[str, ...]]:
+    """Groups sorted by their summed predicted damage at `spec`, least first (model order breaks ties)."""
+    if spec not in table.configs:
+        raise ValueError(f"the damage table has no column for {spec.label}; its configs are "
+                         f"{[c.label for c in table.configs]} (add the bits/group size to --bits/--group-sizes)")
+    col, index = table.configs.index(spec), table.index()
+    missing = [n for g in groups for n in g if n not in index]
+    if missing:
+        raise ValueError(f"the damage table has no row for {missing[:3]}; it was computed for another model")
+    damage = [float(sum(table.damage[index[n], col] for n in g)) for g in groups]
+    order = np.argsort(np.asarray(damage), kind="stable")
+    return [tuple(groups[i]) for i in order]
+
+
+@torch.no_grad()
+def iterative_quantize(
+    model: nn.Module,
+    quantized: nn.Module,
+    order: Sequence[tuple[str, ...]],
+    cfg: IterativeConfig,
+    shapes: Mapping[str, tuple[int, int]],
+    evaluate: Callable[[nn.Module], float],
+) -> tuple[nn.Module, IterativeResult]:
+    """Walk `order`, moving units from `model` (their 16-bit storage values) to `quantized`'s
+    weights; returns the model after the last kept step and the path. Neither input is changed."""
+    work = copy.deepcopy(model)
+    original_ppl = evaluate(work)
+    specs: dict[str, QuantSpec] = {}
+    steps: list[Step] = []
+    chunks = [order[i:i + cfg.layers_per_iteration] for i in range(0, len(order), cfg.layers_per_iteration)]
+    stopped = "all_quantized"
+    for number, chunk in enumerate(chunks, start=1):
+        if number > cfg.max_iterations:
+            stopped = "max_iterations"
+            break
+        names = tuple(n for g in chunk for n in g)
+        before = {n: get_weight(work.get_submodule(n)).clone() for n in names}
+        for n in names:
+            set_weight(work.get_submodule(n), get_weight(quantized.get_submodule(n)))
+        trial = Plan({**specs, **{n: cfg.spec for n in names}})
+        ppl = evaluate(work)
+        ok = not exceeds(ppl, original_ppl, cfg.max_ppl_increase)
+        steps.append(Step(number, names, len(trial.quantized()) if ok else len(specs), trial.bits_per_weight(shapes),
+                          ppl, ppl / original_ppl - 1.0, ok))
+        log.info("iterative step %d: +%d linears -> %.3f bpw, ppl %.4g (%+.2f %%) %s", number, len(names),
+                 steps[-1].bpw, ppl, 100 * steps[-1].increase, "kept" if ok else "rolled back")
+        if not ok:
+            for n, w in before.items():
+                set_weight(work.get_submodule(n), w)
+            stopped = "threshold"
+            break
+        specs = dict(trial.specs)
+    plan = Plan(specs, {"strategy": "iterative", "spec": cfg.spec.label, "max_ppl_increase": cfg.max_ppl_increase})
+    return work, IterativeResult(plan, tuple(steps), stopped, original_ppl, tuple(order))
+
+
+def iterative_summary(result: IterativeResult, cfg: IterativeConfig, shapes: Mapping[str, tuple[int, int]],
+                      validation: Mapping[str, int], order_words: str) -> dict:
+    """The `iterative` section of results.json (schema in docs/schema.md)."""
+    final = result.final
+    return {
+        **cfg.to_dict(),
+        "order": order_words,
+        "validation": dict(validation),
+        "original_ppl": result.original_ppl,
+        "steps": [s.to_dict() for s in result.steps],
+        "stopped": result.stopped,
+        "final": {"quantized_units": len(result.plan.quantized()), "bpw": result.plan.bits_per_weight(shapes),
+                  "ppl": final.ppl if final is not None else result.original_ppl},
+    }
