@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install demo test clean
+.PHONY: install browser demo test clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -15,10 +15,17 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# Debian's Chromium, for the tests that open a run's report.html headless and check every plot renders.
+# Where it cannot be installed (not root, no apt), those tests say so and skip.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1; } || \
+	  echo "chromium could not be installed here: the browser tests will skip"
+
 demo: install
 	$(VENV)/bin/mixbits run --model smollm2-135m --target-bpw 3.25 --output-dir runs/demo
 
-test: install
+test: install browser
 	$(PY) -m pytest -q
 
 clean:

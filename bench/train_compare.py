@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,15 +24,14 @@ from mixbits.config import resolve_device
 from mixbits.data.text import load_text
 from mixbits.data.windows import eval_windows, text_fingerprint
 from mixbits.eval.perplexity import evaluate_models
+from mixbits.experiments.schedules import arm_config, trained_row, untrained_row
 from mixbits.io import atomic_write_json
 from mixbits.model.arch import find_linears
 from mixbits.model.load import load_model, resolve_model_source
-from mixbits.model.quantize import quantize_model
 from mixbits.plan import Plan
 from mixbits.sensitivity.table import DamageTable
 from mixbits.train.command import training_windows
 from mixbits.train.config import TrainConfig
-from mixbits.train.run import train_model
 from mixbits.train.schedule import block_sensitivity
 
 log = logging.getLogger("train_compare")
@@ -55,11 +52,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     a.add_argument("--device", default="auto")
     a.add_argument("--output-dir", type=Path, default=Path("runs/train-compare"))
     return a.parse_args(argv)
-
-
-def score(original, model, test, device) -> dict:
-    return evaluate_models({"original": original, "q": model}, test, device=device, reference="original",
-                           progress=False)["q"].to_dict()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -83,27 +75,13 @@ def main(argv: list[str] | None = None) -> dict:
            "original": evaluate_models({"original": original}, test, device=device, reference="original",
                                        progress=False)["original"].to_dict(), "rows": []}
     for init in args.inits.split(","):
-        began = time.perf_counter()
-        start, _ = quantize_model(original, plan, quantizer=init, device=device, progress=False,
-                                  windows=None if init == "rtn" else windows["calibration"], batch_size=base.batch_size)
-        out["rows"].append({"init": init, "run": "untrained", "seconds": time.perf_counter() - began,
-                            **score(original, start, test, device)})
-        del start
+        out["rows"].append(untrained_row(original, plan, init, windows, test, device=device,
+                                         batch_size=base.batch_size))
         for run in args.runs.split(","):
-            schedule, _, extra = run.partition("+")
-            cfg = replace(base, init=init, schedule=schedule, total_epoch_budget=schedule != "fixed", e2e=extra == "e2e")
-            began = time.perf_counter()
-            model_q, report = train_model(original, plan, windows["calibration"], windows["validation"], cfg,
-                                          device=device, sensitivity=sensitivity, progress=False, resume=True,
-                                          checkpoint_dir=args.output_dir / "checkpoint" / f"{init}-{schedule}")
-            blocks = report.blocks
-            out["rows"].append({
-                "init": init, "run": run, "seconds": time.perf_counter() - began,
-                "total_epochs": sum(b.epochs for b in blocks), "resumed_blocks": len(report.resumed_blocks),
-                "improved_blocks": sum(b.loss_end < b.loss_start for b in blocks), "blocks": len(blocks),
-                "mean_ratio": sum(b.ratio for b in blocks) / len(blocks), "e2e": report.e2e,
-                **score(original, model_q, test, device)})
-            del model_q
+            checkpoint = args.output_dir / "checkpoint" / f"{init}-{run.partition('+')[0]}"  # X+e2e replays X
+            out["rows"].append(trained_row(original, plan, windows, test, arm_config(base, init, run), run,
+                                           device=device, sensitivity=sensitivity, resume=True,
+                                           checkpoint_dir=checkpoint))
             atomic_write_json(args.output_dir / "compare.json", out)
             log.info("%s / %s: ppl %.3f", init, run, out["rows"][-1]["ppl"])
     atomic_write_json(args.output_dir / "compare.json", out)

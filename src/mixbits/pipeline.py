@@ -252,4 +252,17 @@ def run(cfg: RunConfig) -> dict:
         results["training"] = {name: report.to_dict() for name, report in training.items()}
         layers["blocks"] = [b.to_dict() for b in training["mixed"].blocks]
     write_outputs(out, results, layers, plan, table)
+    if cfg.report:
+        write_run_report(out)
     return results
+
+
+def write_run_report(out: Path) -> Path:
+    """report.html from the files just written; if it fails, the results stay saved and say how to retry."""
+    from mixbits.report.html import write_report  # matplotlib only when a report is asked for
+
+    try:
+        return write_report(out)
+    except Exception:
+        log.error("the run's results are saved in %s, but its report failed; retry with `mixbits report %s`", out, out)
+        raise
