@@ -78,6 +78,11 @@ def fixed_bytes_of(model: nn.Module, shapes: dict[str, tuple[int, int]]) -> int:
 def prepare(cfg: RunConfig, timer: StageTimer) -> Prepared:
     """Validate every input (cheap checks first), load the model, check the budget."""
     resolve_text(cfg.data.dataset)
+    if cfg.tasks:  # names, and the data sets behind them, before anything expensive
+        from mixbits.eval.zeroshot import check_options, resolve_tasks
+
+        check_options(cfg.tasks, limit=cfg.task_limit, batch_size=8)
+        resolve_tasks(cfg.tasks, limit=cfg.task_limit)
     device = resolve_device(cfg.device)
     constraints = constraints_of(cfg)
     given = Plan.load(cfg.plan) if cfg.plan is not None else None
@@ -239,6 +244,14 @@ def run(cfg: RunConfig) -> dict:
             reports[f"{name} (init)"], reports[name] = reports[name], report
     with timer.stage("evaluate"):
         evals = evaluate_models(models, test, device=p.device, reference="original", progress=cfg.progress)
+    zeroshot = None
+    if cfg.tasks:
+        from mixbits.eval.zeroshot import evaluate_zeroshot
+
+        with timer.stage("zeroshot"):
+            zeroshot = evaluate_zeroshot({"original": p.model, "mixed": models["mixed"]}, p.tokenizer, cfg.tasks,
+                                         device=p.device, limit=cfg.task_limit, seed=cfg.data.seed,
+                                         progress=cfg.progress)
     out = Path(cfg.output_dir)
     with timer.stage("save"):
         sizes = {name: native_size_bytes(p.model, q) for name, q in plans.items() if name != "mixed"}
@@ -248,6 +261,8 @@ def run(cfg: RunConfig) -> dict:
     layers = build_layer_statistics(p.linears, table, plan)
     if iterative is not None:
         results["iterative"] = iterative
+    if zeroshot is not None:
+        results["zeroshot"] = zeroshot
     if training:
         results["training"] = {name: report.to_dict() for name, report in training.items()}
         layers["blocks"] = [b.to_dict() for b in training["mixed"].blocks]

@@ -3,6 +3,6 @@
 exit code 2."""
 
 from mixbits.cli.common import app
-from mixbits.cli import analyze, classify, experiments, export, report, run, train  # noqa: E402,F401  (importing registers the commands)
+from mixbits.cli import analyze, classify, experiments, export, report, run, train, zeroshot  # noqa: E402,F401  (importing registers the commands)
 
 __all__ = ["app"]

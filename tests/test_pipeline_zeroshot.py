@@ -1,0 +1,43 @@
+"""`mixbits run --tasks`: zero-shot accuracy of the original and the mixed model in results.json and
+the report; a bad task name stops the run before the model loads."""
+
+import json
+
+import pytest
+
+from mixbits.config import AllocationConfig, DataConfig, RunConfig
+from mixbits.data.errors import MixbitsDataError
+from mixbits.pipeline import run
+
+
+def _cfg(model_dir, text_file, out, tasks, limit=4) -> RunConfig:
+    return RunConfig(
+        model=str(model_dir), output_dir=out, device="cpu", quantizer="rtn", progress=False,
+        data=DataConfig(dataset=str(text_file), seqlen=32, calib_windows=2, eval_windows=2),
+        allocation=AllocationConfig(target_bpw=3.5, group_sizes=(32,)), tasks=tasks, task_limit=limit,
+    )
+
+
+@pytest.mark.embedded
+def test_run_scores_both_models_on_the_same_documents_and_reports_them(tiny_model_dir, tiny_text_file, tmp_path):
+    cfg = _cfg(tiny_model_dir, tiny_text_file, tmp_path, ("bb_winowhy_cloze",))
+    results = run(cfg)
+    task = json.loads((tmp_path / "results.json").read_text())["zeroshot"]["tasks"]["bb_winowhy_cloze"]
+    assert task == results["zeroshot"]["tasks"]["bb_winowhy_cloze"]
+    assert task["docs"] == 4 and task["chance"] == pytest.approx(0.5) and set(task["models"]) == {"original", "mixed"}
+    for scores in task["models"].values():
+        assert 0 <= scores["acc"] <= 1 and scores["acc"] * 4 == pytest.approx(round(scores["acc"] * 4))
+    assert "zeroshot" in results["timings_s"]
+    assert "bb_winowhy_cloze" in (tmp_path / "report.html").read_text()
+
+
+def test_unknown_task_stops_the_run_before_the_model_loads(tiny_model_dir, tiny_text_file, tmp_path, monkeypatch):
+    import mixbits.pipeline as pipeline
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the task names were checked")
+
+    monkeypatch.setattr(pipeline, "load_model", no_load)
+    with pytest.raises(MixbitsDataError, match="bb_no_such_task"):
+        run(_cfg(tiny_model_dir, tiny_text_file, tmp_path, ("bb_no_such_task",)))
+    assert not (tmp_path / "results.json").exists()
