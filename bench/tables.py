@@ -5,6 +5,7 @@
     python bench/tables.py analyze runs/analyze/analysis.json
     python bench/tables.py quantizers runs/quantizers-{rtn,clip,gptq}/sweep.json
     python bench/tables.py classify runs/classify-minilm/classify.json
+    python bench/tables.py zeroshot runs/demo/results.json      (or a zeroshot.json)
 
 It formats; every figure comes from the file, which comes from the command recorded in it.
 """
@@ -144,8 +145,33 @@ def classify_table(r: dict) -> str:
     return "\n".join(lines)
 
 
+def zeroshot_table(r: dict) -> str:
+    """Zero-shot accuracy per task and model (a zeroshot.json, or results.json with a zeroshot section);
+    `*` marks a score above chance by more than two standard errors."""
+    z = r.get("zeroshot", r)
+    labels = list(next(iter(z["tasks"].values()))["models"])
+    lines = [f"lm-eval {z['lm_eval']}, {z['num_fewshot']}-shot, first {z['limit']} documents per task; "
+             "acc / acc_norm ± standard error; `*` = above chance by > 2 standard errors", "",
+             "| task | docs | chance | " + " | ".join(f"{m} acc | {m} acc_norm" for m in labels) + " |",
+             "|---|---:|---:|" + "---:|---:|" * len(labels)]
+
+    def cell(v: float, se: float, chance: float | None) -> str:
+        star = " *" if chance is not None and v - chance > 2 * se else ""
+        return f"{v:.3f} ± {se:.3f}{star}"
+
+    for task, e in z["tasks"].items():
+        cells = []
+        for m in labels:
+            s = e["models"][m]
+            cells += [cell(s["acc"], s["acc_stderr"], e["chance"]), cell(s["acc_norm"], s["acc_norm_stderr"], e["chance"])]
+        chance = "–" if e["chance"] is None else f"{e['chance']:.3f}"
+        lines.append(f"| {task} | {e['docs']} | {chance} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
-    kinds = {"run": run_table, "sweep": sweep_table, "analyze": analyze_table, "classify": classify_table}
+    kinds = {"run": run_table, "sweep": sweep_table, "analyze": analyze_table, "classify": classify_table,
+             "zeroshot": zeroshot_table}
     if len(argv) >= 2 and argv[0] == "quantizers":
         print(quantizers_table([json.loads(Path(f).read_text()) for f in argv[1:]]))
         return

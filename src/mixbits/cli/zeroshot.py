@@ -11,7 +11,9 @@ from rich.table import Table
 
 from mixbits.cli.common import DEVICE, VERBOSE, app, console, parse_labels, setup_logging, user_errors
 
-DEFAULT_TASKS = "bb_physical_intuition,bb_social_iqa,bb_winowhy,bb_goal_step_wikihow_step_inference"
+# The embedded tasks the original smollm2-135m scores above chance on by > 2 stderr (README "Zero-shot tasks").
+DEFAULT_TASKS = ("bb_social_iqa_cloze,bb_goal_step_wikihow_goal_inference_cloze,"
+                 "bb_goal_step_wikihow_step_inference_cloze,bb_general_knowledge_cloze")
 
 
 def _run_model_name(run_dir: Path) -> str:
