@@ -3,9 +3,11 @@ its own way, with its own recommended settings, and the result is scored like ev
 
 GPTQModel (optional; not installable beside torch 2.13 with its dependencies, so it is put on
 PYTHONPATH with `pip install --no-deps --target $GPTQMODEL_DIR ...`, README "Export formats"):
-`GPTQModel.load(original, QuantizeConfig(bits=b, group_size=128))` then `.quantize()` on the very
-calibration windows mixbits calibrates on (token ids, no re-tokenization), its defaults
-otherwise (symmetric, act-group-aware ordering, damp 0.05, true-sequential), saved as GPTQ v1.
+`GPTQModel.load(original, QuantizeConfig(bits=b, group_size=128, mse=m))` then `.quantize()` on the
+very calibration windows mixbits calibrates on (token ids, no re-tokenization), its defaults
+otherwise (symmetric, act-group-aware ordering, damp 0.05, true-sequential), saved as GPTQ v1;
+m = 0 (its default: each group's min-max range) and m = 2.4 (its grid search of each group's
+range under the L2.4 error, what the GPTQ authors' code offers as `--mse`; mixbits' GPTQ clips too).
 The saved folder is read back by mixbits' plain GPTQ unpacker (`export.gptq_reference`) into a
 float32 model, so the row measures the quantizer, not GPTQModel's float16 CPU kernel.
 Its bytes: every tensor the file stores for the block linears (qweight, qzeros, scales, g_idx).
@@ -40,6 +42,7 @@ from mixbits.model.load import resolve_model_source
 from mixbits.plan import Plan
 
 GPTQ_BITS = (2, 3, 4)
+GPTQ_MSE = (0.0, 2.4)  # its default (min-max group range) and its clip search with the L2.4 error the GPTQ paper's code used
 TORCHAO_BITS = (2, 3, 4)
 TORCHAO_GROUPS = (32, 64, 128)
 TORCHAO_VARIANTS = ("asymmetric", "symmetric-hqq")
@@ -69,23 +72,25 @@ def _gptq_folder_bytes(folder, layers) -> int:
 
 def gptqmodel_rows(bench) -> list[Row]:
     rows = []
-    for bits in GPTQ_BITS:
-        row = Row("gptqmodel", f"w{bits}g128", {"bits": bits, "group_size": 128, "calibration": "the same windows"},
-                  lambda: None)
-        row.build = _gptqmodel_builder(bench, row, bits, 128)
-        rows.append(row)
+    for mse in GPTQ_MSE:
+        for bits in GPTQ_BITS:
+            label = f"w{bits}g128" + (f" mse{mse:g}" if mse else "")
+            row = Row("gptqmodel", label, {"bits": bits, "group_size": 128, "calibration": "the same windows"},
+                      lambda: None)
+            row.build = _gptqmodel_builder(bench, row, bits, 128, mse)
+            rows.append(row)
     return rows
 
 
-def _gptqmodel_builder(bench, row: Row, bits: int, group: int):
+def _gptqmodel_builder(bench, row: Row, bits: int, group: int, mse: float):
     def build() -> Built:
         GPTQModel, QuantizeConfig = _import_gptqmodel()
-        folder = bench.out / "gptqmodel" / row.label
+        folder = bench.out / "gptqmodel" / row.label.replace(" ", "-")
         if not (folder / "config.json").is_file():
             tmp = folder.with_name(folder.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            model = GPTQModel.load(resolve_model_source(bench.args.model), QuantizeConfig(bits=bits, group_size=group),
-                                   device="cpu")
+            qcfg = QuantizeConfig(bits=bits, group_size=group, mse=mse)
+            model = GPTQModel.load(resolve_model_source(bench.args.model), qcfg, device="cpu")
             ids = bench.calib.tolist()
             model.quantize([{"input_ids": w, "attention_mask": [1] * len(w)} for w in ids], batch_size=1)
             model.save(str(tmp))

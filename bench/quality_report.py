@@ -7,6 +7,8 @@ more counts as equal: plans solved for one budget land that close to it) and at 
 them, so that it is a comparison at equal size, and whether that is lower ("mixbits ahead") or
 not ("peer ahead"); a row with no such mixbits row says so. The plot shows perplexity and KL
 against MB of the quantized layers, one marker set per arm, log y, one row of panels per domain.
+"build s" is the seconds the row took to build in the run that measured it (a file reused from an
+earlier run counts only its loading); bench/end_to_end.py measures what each tool's job costs.
 """
 
 from __future__ import annotations
@@ -36,10 +38,17 @@ def _ok(rows: dict) -> list[dict]:
     return [r for r in rows.values() if r["status"] == "ok"]
 
 
-def best_mixbits(row: dict, rows: list[dict], domain: str) -> dict | None:
+def rtn_weights(row: dict) -> bool:
+    """A mixbits row whose weights are rounded to nearest (no calibration data touches them; the
+    allocation still comes from the Fisher table measured on calibration windows)."""
+    return row["arm"] == "optimal-rtn" or (row["arm"] == "optimal-matched" and row["label"].endswith(" rtn"))
+
+
+def best_mixbits(row: dict, rows: list[dict], domain: str, rtn_only: bool = False) -> dict | None:
     """The mixbits optimal row of lowest perplexity among those of at most this row's bytes (0.1 %
-    more counts as the same size) and at least WINDOW of them: a comparison at equal size."""
-    mine = [r for r in rows if r["arm"] in MIXBITS_BEST and domain in r["domains"]
+    more counts as the same size) and at least WINDOW of them: a comparison at equal size.
+    `rtn_only`: among the rows with round-to-nearest weights only."""
+    mine = [r for r in rows if r["arm"] in MIXBITS_BEST and domain in r["domains"] and (not rtn_only or rtn_weights(r))
             and WINDOW * row["linear_bytes"] <= r["linear_bytes"] <= TIE * row["linear_bytes"]]
     return min(mine, key=lambda r: r["domains"][domain]["ppl"]) if mine else None
 
@@ -73,23 +82,43 @@ def budget_table(data: dict) -> str:
 
 def _pair(row: dict, rows: list[dict], domain: str) -> str:
     mine, theirs = best_mixbits(row, rows, domain), row["domains"][domain]["ppl"]
+    rtn = best_mixbits(row, rows, domain, rtn_only=True)
+    rtn_cell = f"{rtn['domains'][domain]['ppl']:.2f}" if rtn else "–"
     if mine is None:
-        return f"{theirs:.2f} | –"
+        return f"{theirs:.2f} | – | {rtn_cell}"
     ours = mine["domains"][domain]["ppl"]
     a, b = f"{theirs:.2f}", f"{ours:.2f} ({mine['arm'].removeprefix('optimal-')} {mine['label']})"
-    return f"**{a}** | {b}" if theirs <= ours else f"{a} | **{b}**"
+    return (f"**{a}** | {b}" if theirs <= ours else f"{a} | **{b}**") + f" | {rtn_cell}"
 
 
 def peer_table(data: dict) -> str:
-    """Each other tool's row beside the best mixbits optimal row of the same size, both domains."""
+    """Each other tool's row beside the best mixbits optimal row of the same size and the best one
+    with round-to-nearest weights, on every domain."""
     rows = _ok(data["rows"])
     peers = sorted((r for r in rows if r["arm"] in SUMMARY_ARMS), key=lambda r: (SUMMARY_ARMS.index(r["arm"]), r["bpw"]))
     domains = list(data["meta"]["original"])
-    head = " | ".join(f"{d}: tool | {d}: mixbits, same size" for d in domains)
-    lines = [f"| tool | row | bpw | {head} |", "|---|---|---:|" + "---:|---|" * len(domains)]
+    head = " | ".join(f"{d}: tool | {d}: mixbits | {d}: mixbits RTN" for d in domains)
+    lines = [f"| tool | row | bpw | {head} |", "|---|---|---:|" + "---:|---|---:|" * len(domains)]
     for r in peers:
         lines.append(f"| {r['arm']} | {r['label']} | {r['bpw']:.3f} | "
                      + " | ".join(_pair(r, rows, d) for d in domains) + " |")
+    return "\n".join(lines)
+
+
+def headline(data: dict) -> str:
+    """Per tool and domain: of its rows that have a mixbits row of the same size, how many mixbits
+    beats (best mixbits row; mixbits with round-to-nearest weights) and how many beat mixbits."""
+    rows = _ok(data["rows"])
+    domains = list(data["meta"]["original"])
+    lines = ["| tool | domain | rows compared | mixbits ahead | peer ahead | mixbits RTN ahead |", "|---|---|---:|---:|---:|---:|"]
+    for arm in [a for a in SUMMARY_ARMS if any(r["arm"] == a for r in rows)]:
+        for d in domains:
+            theirs = [r for r in rows if r["arm"] == arm and d in r["domains"]]
+            pairs = [(r, best_mixbits(r, rows, d), best_mixbits(r, rows, d, rtn_only=True)) for r in theirs]
+            pairs = [p for p in pairs if p[1] is not None]
+            ahead = sum(m["domains"][d]["ppl"] < r["domains"][d]["ppl"] for r, m, _ in pairs)
+            rtn = sum(q is not None and q["domains"][d]["ppl"] < r["domains"][d]["ppl"] for r, _, q in pairs)
+            lines.append(f"| {arm} | {d} | {len(pairs)} | {ahead} | {len(pairs) - ahead} | {rtn} |")
     return "\n".join(lines)
 
 
@@ -100,7 +129,7 @@ def _cell(x: float | None, fmt: str) -> str:
 def domain_table(data: dict, domain: str) -> str:
     rows = list(data["rows"].values())
     ok = sorted((r for r in rows if r["status"] == "ok" and domain in r["domains"]), key=lambda r: r["linear_bytes"])
-    lines = ["| arm | row | MB | bpw | perplexity | KL | top-1 | seconds | best mixbits optimal at 90–100 % of this size |",
+    lines = ["| arm | row | MB | bpw | perplexity | KL | top-1 | build s | best mixbits optimal at 90–100 % of this size |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in ok:
         d = r["domains"][domain]
@@ -138,8 +167,10 @@ def markdown(data: dict) -> str:
     originals = ", ".join(f"`{d}` {r['ppl']:.2f}" for d, r in data["meta"].get("original", {}).items())
     parts = ["# Quality at equal size", "", header(data), "", f"Original perplexity: {originals}.", "",
              "## mixbits at each budget (perplexity, " + " / ".join(data["meta"].get("original", {})) + ")", "",
-             budget_table(data), "", "## Each tool beside mixbits at the same size (perplexity; the lower in bold)",
-             "", peer_table(data), ""]
+             budget_table(data), "", "## Where mixbits is ahead at equal size", "", headline(data), "",
+             "## Each tool beside mixbits at the same size (perplexity; the lower of tool and best mixbits in bold)",
+             "", "`mixbits`: the best mixbits optimal row at 90-100 % of the tool's bytes (quantizer in brackets); "
+             "`mixbits RTN`: the best of those whose weights are rounded to nearest.", "", peer_table(data), ""]
     for domain, ref in data["meta"].get("original", {}).items():
         counts = ", ".join(f"{k}: {v}" for k, v in tally(data, domain).items())
         parts += [f"## Every row on `{domain}` (original perplexity {ref['ppl']:.2f})", "", f"Rows compared: {counts}.",
