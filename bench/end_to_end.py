@@ -8,8 +8,9 @@ Every step is its own process (imports, loading, computing and saving all count)
 clock around it, with its peak resident memory from the kernel's rusage of that process
 (`os.wait4`: the largest RSS of it and of anything it waited for). The subjects:
 
-  mixbits-rtn / -gptq    `mixbits run --no-cache` at --bpw (sensitivity measured afresh, optimal
-                         allocation, quantization, save); `--eval-windows 1`, and the evaluate
+  mixbits-rtn / -gptq    `mixbits run --no-cache --no-baselines` at --bpw (sensitivity measured
+                         afresh, optimal allocation, quantization of the mixed model only, save);
+                         `--eval-windows 1`, and the evaluate
                          stage its own timer reports (results.json timings_s) is subtracted:
                          no other tool evaluates
   mixbits-gptq-qat       the same with `--qat --e2e` (Block-AP, then E2E-QP)
@@ -119,8 +120,8 @@ def _mixbits(args, name: str, extra: list[str], settings: str) -> Subject:
     out = args.out / name
     argv = [str(Path(sys.executable).with_name("mixbits")), "run", "--model", args.model, "--dataset", args.dataset,
             "--seqlen", str(args.seqlen), "--calib-windows", str(args.calib_windows), "--eval-windows", "1",
-            "--target-bpw", f"{args.bpw:g}", "--no-cache", "--no-report", "--device", "cpu", "--output-dir", str(out),
-            *extra]
+            "--target-bpw", f"{args.bpw:g}", "--no-cache", "--no-baselines", "--no-report", "--device", "cpu",
+            "--output-dir", str(out), *extra]
     return Subject(name, settings, [Step(name, tuple(argv), results=str(out / "results.json"),
                                          excluded=("evaluate",))])
 
@@ -171,8 +172,7 @@ def subjects(args, hf: str, ids: Path, text: Path) -> list[Subject]:
         "mixbits-rtn": lambda: _mixbits(args, "mixbits-rtn", ["--quantizer", "rtn"], f"optimal at {args.bpw:g} bpw, RTN"),
         "mixbits-gptq": lambda: _mixbits(args, "mixbits-gptq", ["--quantizer", "gptq"],
                                          f"optimal at {args.bpw:g} bpw, GPTQ with clip search"),
-        "mixbits-gptq-qat": lambda: _mixbits(args, "mixbits-gptq-qat", ["--quantizer", "gptq", "--qat", "--e2e",
-                                                                        "--no-qat-baselines"],
+        "mixbits-gptq-qat": lambda: _mixbits(args, "mixbits-gptq-qat", ["--quantizer", "gptq", "--qat", "--e2e"],
                                              f"optimal at {args.bpw:g} bpw, GPTQ, Block-AP + E2E-QP (defaults)"),
         "llamacpp": lambda: _llamacpp(args, hf, text, False),
         "llamacpp-imatrix": lambda: _llamacpp(args, hf, text, True),

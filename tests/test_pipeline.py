@@ -126,3 +126,20 @@ def test_gptq_run_allocates_on_the_damage_gptq_leaves(finished_run, tmp_path):
                       allocation=cfg.allocation, quantizer="gptq", damage="rtn", progress=False)
     run(plain)
     assert np.array_equal(DamageTable.load(tmp_path / "plain" / "sensitivity.json").damage, fisher.damage)
+
+
+def test_no_baselines_quantizes_and_scores_only_the_mixed_model(finished_run, tmp_path):
+    cfg, full = finished_run
+    lean = RunConfig(model=cfg.model, output_dir=tmp_path, device="cpu", data=cfg.data, allocation=cfg.allocation,
+                     progress=False, quantizer="rtn", baselines=False)
+    results = run(lean)
+    assert set(results["models"]) == {"original", "mixed"}
+    assert results["models"]["mixed"]["ppl"] == pytest.approx(full["models"]["mixed"]["ppl"], rel=1e-5)
+    assert (tmp_path / "report.html").is_file() and (tmp_path / "model").is_dir()
+
+
+def test_training_the_baselines_needs_them():
+    from mixbits.train.config import TrainConfig
+
+    with pytest.raises(ValueError, match="--no-baselines"):
+        RunConfig(quantizer="rtn", train=TrainConfig(init="rtn"), train_baselines=True, baselines=False)

@@ -86,6 +86,7 @@ class RunConfig:
     damage: str = "follow"  # follow: Fisher x the quantizer's gain over RTN (sensitivity.follow); rtn: Fisher as is
     use_cache: bool = True  # reuse damage tables cached under MIXBITS_HOME/cache/sensitivity
     train: TrainConfig | None = None  # Block-AP (+ E2E-QP) of the mixed plan after quantization; None: PTQ only
+    baselines: bool = True  # also quantize and score the uniform configs around the budget (False: the mixed model only)
     train_baselines: bool = False  # also train the uniform baselines, for a comparison at equal training
     resume: bool = False  # continue training from output_dir/checkpoint
     iterative: IterativeConfig | None = None  # quantize least-sensitive units first until a perplexity limit
@@ -103,6 +104,8 @@ class RunConfig:
         if self.train is not None and self.train.schedule != "fixed" and self.plan is not None:
             raise ValueError(f"--qat-schedule {self.train.schedule} needs the run's sensitivity, which a given --plan "
                              "skips; drop --plan or use --qat-schedule fixed")
+        if self.train_baselines and not self.baselines:
+            raise ValueError("--qat-baselines trains the uniform baselines, which --no-baselines leaves out; drop one")
         if (self.train_baselines or self.resume) and self.train is None:
             raise ValueError("--qat-baselines and --resume only apply with --qat")
         if self.damage not in DAMAGE_MODES:

@@ -222,7 +222,8 @@ def run(cfg: RunConfig) -> dict:
             specs, solution = allocate_optimal(table, p.groups, p.budget_bits, p.constraints)
         plan = Plan(specs, {"strategy": "optimal", "budget": p.budget.label, "sensitivity": table.method})
     plans = {"original": Plan({}), "mixed": plan}
-    for spec, fits in uniform_baselines(p.shapes, cfg.allocation.configs(), p.budget, p.fixed_bytes):
+    baselines = uniform_baselines(p.shapes, cfg.allocation.configs(), p.budget, p.fixed_bytes) if cfg.baselines else ()
+    for spec, fits in baselines:
         plans[f"uniform {spec.label}"] = Plan.uniform(p.shapes, spec, fits_budget=fits)
     for name in made:  # iterative: also the model with every unit at the target config (always smaller)
         plans.setdefault(name, Plan.uniform(p.shapes, cfg.iterative.spec, fits_budget=True))

@@ -58,6 +58,8 @@ def run(
     qat_schedule: str = typer.Option(_T.schedule, help="fixed, linear, sqrt, conservative or joint"),
     qat_total_epoch_budget: bool = typer.Option(False, help="rescale the schedule to the total epochs of fixed"),
     e2e: bool = typer.Option(False, help="after Block-AP, train the step sizes end to end (E2E-QP)"),
+    baselines: bool = typer.Option(True, help="also quantize and score the uniform configs around the budget "
+                                               "(--no-baselines: only the mixed model, e.g. to time the job)"),
     qat_baselines: bool = typer.Option(False, help="also train the uniform baselines (comparison at equal training)"),
     resume: bool = typer.Option(False, help="continue training from OUTPUT_DIR/checkpoint after a crash or kill"),
     iterative: bool = typer.Option(False, help="instead of a budget: quantize the least sensitive units first, a "
@@ -98,7 +100,8 @@ def run(
         if not iterative and it_cfg != _I:
             raise ValueError("--iterative-spec, --layers-per-iteration, --max-ppl-increase, --max-iterations and "
                              "--iterative-windows need --iterative; add it or drop them")
-        cfg = replace(cfg, train=train_cfg if qat else None, train_baselines=qat_baselines, resume=resume,
+        cfg = replace(cfg, train=train_cfg if qat else None, baselines=baselines, train_baselines=qat_baselines,
+                      resume=resume,
                       iterative=it_cfg if iterative else None, tasks=parse_names(tasks), task_limit=task_limit,
                       report=report)
         results = run_pipeline(cfg)
