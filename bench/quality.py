@@ -18,6 +18,7 @@ every row). Rows, one arm each (see quality_mixbits.py, quality_llamacpp.py, qua
   gptqmodel            GPTQModel 2/3/4-bit g128 on the same calibration windows
   torchao              torchao int-N weight-only configs
   optimal-matched      mixbits' optimal plan at exactly each other row's size (after the others)
+  optimal-matched-g32  the same with group size 32 among the candidates, beside calibrated peers
 
 Every row is written to OUT/quality.json as soon as it is measured; a rerun skips finished rows.
 OUT/quality.md (one table per domain, sorted by bytes, each peer row marked "mixbits ahead" or
@@ -56,7 +57,7 @@ from mixbits.timing import StageTimer  # noqa: E402
 log = logging.getLogger("quality")
 
 ARMS = ("uniform-rtn", "optimal-rtn", "optimal-clip", "optimal-gptq", "heuristics", "blockap", "llamacpp",
-        "llamacpp-imatrix", "gptqmodel", "torchao", "optimal-matched")
+        "llamacpp-imatrix", "gptqmodel", "torchao", "optimal-matched", "optimal-matched-g32")
 DEFAULT_ARMS = tuple(a for a in ARMS if a != "optimal-clip")
 MATCHED = ("uniform-rtn", "heuristics", "llamacpp", "llamacpp-imatrix", "gptqmodel", "torchao")
 
@@ -235,8 +236,12 @@ def main(argv: list[str] | None = None) -> dict:
     store = Store(args.out / "quality.json", meta(bench, argv))
     measure(rows, store, bench.p.model, bench.windows, bench.n_weights, bench.p.device, args.models_per_pass)
     if "optimal-matched" in args.arms:
-        measure(mixbits_arms.matched_rows(bench, to_match(store.data["rows"])), store, bench.p.model, bench.windows, bench.n_weights,
-                bench.p.device, args.models_per_pass)
+        measure(mixbits_arms.matched_rows(bench, to_match(store.data["rows"])), store, bench.p.model, bench.windows,
+                bench.n_weights, bench.p.device, args.models_per_pass)
+    if "optimal-matched-g32" in args.arms:
+        rows = mixbits_arms.matched_rows(bench, to_match(store.data["rows"]), group_sizes=(32, 64, 128),
+                                         calibrated_only=True)
+        measure(rows, store, bench.p.model, bench.windows, bench.n_weights, bench.p.device, args.models_per_pass)
     store.data["meta"]["notes"] = bench.notes
     store.save()
     print(report(args.out, store.data))

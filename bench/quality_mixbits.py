@@ -11,6 +11,9 @@
 * `optimal-matched`: the optimal plan at exactly the measured bpw of each other tool's row, uniform
   config and fixed-tier heuristic (built after those are measured), so that each has a mixbits
   plan of the same size beside it.
+* `optimal-matched-g32`: the same beside the calibrated peers, with group size 32 added to
+  the candidates (`mixbits run --group-sizes 32,64,128`): llama.cpp's 32-weight blocks cost
+  4.5 bits per weight at 4 bits (fp16 scale, no zero), mixbits' w4g64 the same.
 
 Plans come from `mixbits.sweep`'s plan rows (one damage table, every strategy and budget), so the
 benchmark allocates exactly as `mixbits sweep` does. Bytes are the cost model's stored bytes of the
@@ -41,16 +44,20 @@ QUANTIZER_SETTINGS = {"rtn": "min-max round-to-nearest", "clip": "per-group clip
                       "second moment", "gptq": "GPTQ (sequential blocks, clip-searched group scales)"}
 
 
-def _table(bench, quantizer: str):
-    """The damage table `mixbits run --quantizer q` allocates on (cached on disk after the first run)."""
+def _cfg(bench, quantizer: str, group_sizes: tuple | None = None):
     cfg = replace(bench.cfg, quantizer=quantizer)
-    return sensitivity(cfg, bench.p, bench.calib, StageTimer(), bench.data_info)
+    return cfg if group_sizes is None else replace(cfg, allocation=replace(cfg.allocation, group_sizes=group_sizes))
+
+
+def _table(bench, quantizer: str, group_sizes: tuple | None = None):
+    """The damage table `mixbits run --quantizer q [--group-sizes ...]` allocates on (cached on disk)."""
+    return sensitivity(_cfg(bench, quantizer, group_sizes), bench.p, bench.calib, StageTimer(), bench.data_info)
 
 
 def plan_rows(bench, quantizer: str, budgets: tuple[float, ...], strategies: tuple[str, ...], uniform: bool) -> list[dict]:
     """mixbits.sweep's rows: strategy, target_bpw, specs, bpw, key (identical plans share it), rule."""
-    sweep = SweepConfig(run=replace(bench.cfg, quantizer=quantizer), budgets_bpw=budgets or (8.0,),
-                        strategies=strategies, uniform=uniform)
+    sweep = SweepConfig(run=_cfg(bench, quantizer), budgets_bpw=budgets or (8.0,), strategies=strategies,
+                        uniform=uniform)
     return _plans(sweep, bench.p, _table(bench, quantizer))
 
 
@@ -152,24 +159,31 @@ def blockap_rows(bench) -> list[Row]:
 CALIBRATED_PEERS = ("llamacpp-imatrix", "gptqmodel")
 
 
-def matched_rows(bench, peers: list[dict]) -> list[Row]:
+def matched_rows(bench, peers: list[dict], group_sizes: tuple | None = None, calibrated_only: bool = False) -> list[Row]:
     """The optimal plan at each measured peer row's bpw (rounded down to 1e-4 bpw), once per size
     and quantizer: peers that calibrate on data (an importance matrix, GPTQ) are matched by mixbits
-    with its calibrated quantizer, data-free peers with its data-free one (`--match-quantizers`)."""
+    with its calibrated quantizer, data-free peers with its data-free one (`--match-quantizers`).
+    With `group_sizes` (arm `optimal-matched-g32`, given (32, 64, 128)): candidates of those group
+    sizes instead of the default ones, for the calibrated peers only (`calibrated_only`)."""
     data_free, calibrated = bench.args.match_quantizers
+    arm = "optimal-matched" if group_sizes is None else "optimal-matched-g32"
     tables, rows, done = {}, [], set()
     for peer in sorted(peers, key=lambda r: r["bpw"]):
+        if calibrated_only and peer["arm"] not in CALIBRATED_PEERS:
+            continue
         quantizer = calibrated if peer["arm"] in CALIBRATED_PEERS else data_free
         bpw = int(peer["bpw"] * 1e4) / 1e4
         if (bpw, quantizer) in done:
             continue
         done.add((bpw, quantizer))
         if quantizer not in tables:
-            tables[quantizer] = _table(bench, quantizer)
-        sweep = SweepConfig(run=replace(bench.cfg, quantizer=quantizer), budgets_bpw=(bpw,), strategies=("optimal",),
+            tables[quantizer] = _table(bench, quantizer, group_sizes)
+        sweep = SweepConfig(run=_cfg(bench, quantizer, group_sizes), budgets_bpw=(bpw,), strategies=("optimal",),
                             uniform=False)
         found = _plans(sweep, bench.p, tables[quantizer])  # empty (and a warning logged) where no plan reaches bpw
-        rows += [plan_row(bench, "optimal-matched", f"{bpw:.3f} bpw {quantizer}", r["specs"], quantizer,
-                          {"budget_bpw": bpw, "matches": f"{peer['arm']}/{peer['label']}",
-                           "damage": "fisher" if quantizer == "rtn" else f"fisher x gain_{quantizer}"}) for r in found]
+        settings = {"budget_bpw": bpw, "matches": f"{peer['arm']}/{peer['label']}",
+                    "damage": "fisher" if quantizer == "rtn" else f"fisher x gain_{quantizer}"}
+        if group_sizes is not None:
+            settings["group_sizes"] = list(group_sizes)
+        rows += [plan_row(bench, arm, f"{bpw:.3f} bpw {quantizer}", r["specs"], quantizer, settings) for r in found]
     return rows

@@ -19,11 +19,13 @@ from quality_rows import MIXBITS_BEST
 
 SUMMARY_ARMS = ("uniform-rtn", "llamacpp", "llamacpp-imatrix", "gptqmodel", "torchao")
 ARM_ORDER = ("optimal-rtn", "optimal-clip", "optimal-gptq", "blockap", "blockap-clip", "blockap-gptq", "optimal-matched",
-             "uniform-rtn", "heuristics", "llamacpp", "llamacpp-imatrix", "gptqmodel", "torchao", "reference")
+             "optimal-matched-g32", "uniform-rtn", "heuristics", "llamacpp", "llamacpp-imatrix", "gptqmodel", "torchao",
+             "reference")
 STYLE = {  # arm -> (marker, line): mixbits' optimal arms as lines, peers as markers
     "optimal-rtn": ("o", "-"), "optimal-clip": ("o", "-"), "optimal-gptq": ("o", "-"), "blockap": ("*", "-"),
     "blockap-clip": ("*", "-"), "blockap-gptq": ("*", "-"),
-    "optimal-matched": (".", ""), "uniform-rtn": ("s", ":"), "heuristics": ("x", ""), "llamacpp": ("v", "--"),
+    "optimal-matched": (".", ""), "optimal-matched-g32": ("1", ""), "uniform-rtn": ("s", ":"), "heuristics": ("x", ""),
+    "llamacpp": ("v", "--"),
     "llamacpp-imatrix": ("^", "--"), "gptqmodel": ("D", "--"), "torchao": ("P", ""), "reference": ("|", ""),
 }
 
@@ -66,7 +68,7 @@ def verdict(row: dict, rows: list[dict], domain: str) -> str:
 
 def budget_table(data: dict) -> str:
     """mixbits' optimal arms at their budgets: perplexity per domain."""
-    rows = [r for r in _ok(data["rows"]) if r["arm"] in MIXBITS_BEST and r["arm"] != "optimal-matched"]
+    rows = [r for r in _ok(data["rows"]) if r["arm"] in MIXBITS_BEST and not r["arm"].startswith("optimal-matched")]
     arms = [a for a in ARM_ORDER if any(r["arm"] == a for r in rows)]
     budgets = sorted({r["settings"]["budget_bpw"] for r in rows})
     domains = list(data["meta"]["original"])
