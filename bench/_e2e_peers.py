@@ -4,7 +4,8 @@
     python bench/_e2e_peers.py torchao JOB.json
 
 JOB.json: {"model": HF folder, "out": folder to write, "calibration": [[token ids], ...],
-"bits": N, "group": G, "variant": "asymmetric" | "symmetric-hqq" (torchao)}. Each job does what
+"bits": N, "group": G, "mse": GPTQModel's clip-search norm (0: off), "variant": "asymmetric" |
+"symmetric-hqq" (torchao)}. Each job does what
 that tool's users do, start to finish: load the original checkpoint, quantize, save the result.
 Nothing of mixbits is imported here, so the process pays only for the peer's own imports.
 """
@@ -22,7 +23,8 @@ def gptqmodel(job: dict) -> None:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # GPTQModel refuses fewer than 4 cores otherwise
     from gptqmodel import GPTQModel, QuantizeConfig
 
-    model = GPTQModel.load(job["model"], QuantizeConfig(bits=job["bits"], group_size=job["group"]), device="cpu")
+    config = QuantizeConfig(bits=job["bits"], group_size=job["group"], mse=job.get("mse", 0.0))
+    model = GPTQModel.load(job["model"], config, device="cpu")
     model.quantize([{"input_ids": w, "attention_mask": [1] * len(w)} for w in job["calibration"]], batch_size=1)
     model.save(job["out"])
 

@@ -77,7 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.add_argument("--seqlen", type=int, default=512)
     a.add_argument("--bpw", type=float, default=4.25, help="mixbits' budget")
     a.add_argument("--llamacpp-type", default="Q3_K_S", help="4.23 bpw on SmolLM2's 576-wide rows (Q4_0 fallback)")
-    a.add_argument("--gptq", default="4,128", help="GPTQModel bits,group")
+    a.add_argument("--gptq", default="4,128,2.4", help="GPTQModel bits,group,mse (2.4: its clip search, its better "
+                   "setting in bench/quality.py's table)")
     a.add_argument("--torchao", default="4,64,symmetric-hqq", help="torchao bits,group,variant")
     a.add_argument("--subjects", default=",".join(SUBJECTS))
     a.add_argument("--threads", type=int, default=os.cpu_count(), help="threads every tool may use")
@@ -166,7 +167,8 @@ def _peer(args, name: str, job: dict, settings: str, module: str) -> Subject:
 
 def subjects(args, hf: str, ids: Path, text: Path) -> list[Subject]:
     calibration = json.loads(ids.read_text())
-    bits, group = (int(x) for x in args.gptq.split(","))
+    bits, group, mse = args.gptq.split(",")
+    bits, group, mse = int(bits), int(group), float(mse)
     tb, tg, variant = args.torchao.split(",")
     made = {
         "mixbits-rtn": lambda: _mixbits(args, "mixbits-rtn", ["--quantizer", "rtn"], f"optimal at {args.bpw:g} bpw, RTN"),
@@ -177,8 +179,8 @@ def subjects(args, hf: str, ids: Path, text: Path) -> list[Subject]:
         "llamacpp": lambda: _llamacpp(args, hf, text, False),
         "llamacpp-imatrix": lambda: _llamacpp(args, hf, text, True),
         "gptqmodel": lambda: _peer(args, "gptqmodel", {"model": hf, "out": str(args.out / "gptqmodel" / "model"),
-                                                        "calibration": calibration, "bits": bits, "group": group},
-                                   f"w{bits}g{group}, its defaults", "gptqmodel"),
+                                                        "calibration": calibration, "bits": bits, "group": group, "mse": mse},
+                                   f"w{bits}g{group}, mse={mse:g}, its defaults otherwise", "gptqmodel"),
         "torchao": lambda: _peer(args, "torchao", {"model": hf, "out": str(args.out / "torchao" / "model"),
                                                     "bits": int(tb), "group": int(tg), "variant": variant},
                                  f"int{tb} g{tg} {variant}", "torchao"),
