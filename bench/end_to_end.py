@@ -13,7 +13,8 @@ clock around it, with its peak resident memory from the kernel's rusage of that 
                          `--eval-windows 1`, and the evaluate
                          stage its own timer reports (results.json timings_s) is subtracted:
                          no other tool evaluates
-  mixbits-gptq-qat       the same with `--qat --e2e` (Block-AP, then E2E-QP)
+  mixbits-gptq-rtn-damage  the same with `--damage rtn`: allocated on RTN's damage, no GPTQ gain table
+  mixbits-gptq-qat       the same as mixbits-gptq with `--qat --e2e` (Block-AP, then E2E-QP)
   llamacpp               llama.cpp's convert_hf_to_gguf.py (F16), then llama-quantize TYPE
   llamacpp-imatrix       the same conversion, llama-imatrix on the calibration text, llama-quantize
   gptqmodel              GPTQModel.load + quantize on the calibration windows + save (_e2e_peers.py)
@@ -45,7 +46,8 @@ from quality_rows import NotRun  # noqa: E402
 from mixbits.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-SUBJECTS = ("mixbits-rtn", "mixbits-gptq", "mixbits-gptq-qat", "llamacpp", "llamacpp-imatrix", "gptqmodel", "torchao")
+SUBJECTS = ("mixbits-rtn", "mixbits-gptq", "mixbits-gptq-rtn-damage", "mixbits-gptq-qat", "llamacpp", "llamacpp-imatrix",
+            "gptqmodel", "torchao")
 BASELINE = "mixbits-rtn"
 
 
@@ -174,6 +176,9 @@ def subjects(args, hf: str, ids: Path, text: Path) -> list[Subject]:
         "mixbits-rtn": lambda: _mixbits(args, "mixbits-rtn", ["--quantizer", "rtn"], f"optimal at {args.bpw:g} bpw, RTN"),
         "mixbits-gptq": lambda: _mixbits(args, "mixbits-gptq", ["--quantizer", "gptq"],
                                          f"optimal at {args.bpw:g} bpw, GPTQ with clip search"),
+        "mixbits-gptq-rtn-damage": lambda: _mixbits(args, "mixbits-gptq-rtn-damage",
+                                                    ["--quantizer", "gptq", "--damage", "rtn"],
+                                                    f"optimal at {args.bpw:g} bpw on RTN's damage, GPTQ with clip search"),
         "mixbits-gptq-qat": lambda: _mixbits(args, "mixbits-gptq-qat", ["--quantizer", "gptq", "--qat", "--e2e"],
                                              f"optimal at {args.bpw:g} bpw, GPTQ, Block-AP + E2E-QP (defaults)"),
         "llamacpp": lambda: _llamacpp(args, hf, text, False),

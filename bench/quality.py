@@ -11,6 +11,7 @@ every row). Rows, one arm each (see quality_mixbits.py, quality_llamacpp.py, qua
 
   uniform-rtn          every bits/group pair of mixbits' candidates, round-to-nearest
   optimal-rtn / -clip / -gptq   mixbits' optimal plan at each budget with that quantizer
+  optimal-gptq-rtn-damage       the optimal-rtn plan quantized with GPTQ (`--damage rtn`)
   heuristics           the seeds' allocation strategies at each budget (round-to-nearest)
   blockap[-gptq]       optimal plans from RTN [GPTQ] trained with Block-AP, then E2E-QP (--train-budgets)
   llamacpp[-imatrix]   llama-quantize of the same original weights, K-quant types, without / with
@@ -56,7 +57,8 @@ from mixbits.timing import StageTimer  # noqa: E402
 
 log = logging.getLogger("quality")
 
-ARMS = ("uniform-rtn", "optimal-rtn", "optimal-clip", "optimal-gptq", "heuristics", "blockap", "llamacpp",
+ARMS = ("uniform-rtn", "optimal-rtn", "optimal-clip", "optimal-gptq", "optimal-gptq-rtn-damage", "heuristics", "blockap",
+        "llamacpp",
         "llamacpp-imatrix", "gptqmodel", "torchao", "optimal-matched", "optimal-matched-g32")
 DEFAULT_ARMS = tuple(a for a in ARMS if a != "optimal-clip")
 MATCHED = ("uniform-rtn", "heuristics", "llamacpp", "llamacpp-imatrix", "gptqmodel", "torchao")
@@ -196,6 +198,8 @@ def rows_for(bench: Bench) -> list:
     for q, budgets in (("rtn", args.budgets), ("clip", args.budgets), ("gptq", args.gptq_budgets)):
         if f"optimal-{q}" in arms:
             rows += mixbits_arms.optimal_rows(bench, q, budgets)
+    if "optimal-gptq-rtn-damage" in arms:
+        rows += mixbits_arms.optimal_rows(bench, "gptq", args.gptq_budgets, rtn_damage=True)
     if "heuristics" in arms:
         rows += mixbits_arms.heuristic_rows(bench, seen)
     if "llamacpp" in arms or "llamacpp-imatrix" in arms:

@@ -4,6 +4,8 @@
 * `optimal-<q>`: the exact least-predicted-damage plan at each budget (`allocate_optimal` on the
   Fisher table, scaled by the quantizer's gain over RTN unless q is rtn, as `mixbits run` does),
   quantized with q (rtn; clip; gptq with clip-searched group scales, mixbits' default).
+* `optimal-gptq-rtn-damage`: the optimal-rtn plan quantized with GPTQ (`--damage rtn`: no gain
+  measurement, the cheap way to run GPTQ in mixbits).
 * `heuristics`: the seeds' strategies at each budget; fixed-tier rules that ignore the budget
   give one plan each, and a plan already measured by another row is not measured twice.
 * `blockap` / `blockap-<q>`: the optimal plan at a few budgets, initialised by round-to-nearest /
@@ -105,11 +107,15 @@ def uniform_rows(bench, seen: dict) -> list[Row]:
     return rows
 
 
-def optimal_rows(bench, quantizer: str, budgets: tuple[float, ...]) -> list[Row]:
-    damage = "fisher" if quantizer == "rtn" else f"fisher x gain_{quantizer}"
-    return [plan_row(bench, f"optimal-{quantizer}", f"{r['target_bpw']:g} bpw", r["specs"], quantizer,
+def optimal_rows(bench, quantizer: str, budgets: tuple[float, ...], rtn_damage: bool = False) -> list[Row]:
+    """`optimal-<q>`: allocated on the damage q leaves (`--damage follow`); with `rtn_damage`
+    (`optimal-<q>-rtn-damage`, `--damage rtn`): on round-to-nearest's damage, which skips measuring
+    q's gain per layer and config, then quantized with q."""
+    damage = "fisher" if quantizer == "rtn" or rtn_damage else f"fisher x gain_{quantizer}"
+    arm = f"optimal-{quantizer}" + ("-rtn-damage" if rtn_damage else "")
+    return [plan_row(bench, arm, f"{r['target_bpw']:g} bpw", r["specs"], quantizer,
                      {"budget_bpw": r["target_bpw"], "damage": damage})
-            for r in plan_rows(bench, quantizer, budgets, ("optimal",), False)]
+            for r in plan_rows(bench, "rtn" if rtn_damage else quantizer, budgets, ("optimal",), False)]
 
 
 def heuristic_rows(bench, seen: dict) -> list[Row]:

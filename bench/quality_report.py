@@ -18,11 +18,13 @@ from pathlib import Path
 from quality_rows import MIXBITS_BEST
 
 SUMMARY_ARMS = ("uniform-rtn", "llamacpp", "llamacpp-imatrix", "gptqmodel", "torchao")
-ARM_ORDER = ("optimal-rtn", "optimal-clip", "optimal-gptq", "blockap", "blockap-clip", "blockap-gptq", "optimal-matched",
+ARM_ORDER = ("optimal-rtn", "optimal-clip", "optimal-gptq", "optimal-gptq-rtn-damage", "blockap", "blockap-clip",
+             "blockap-gptq", "optimal-matched",
              "optimal-matched-g32", "uniform-rtn", "heuristics", "llamacpp", "llamacpp-imatrix", "gptqmodel", "torchao",
              "reference")
 STYLE = {  # arm -> (marker, line): mixbits' optimal arms as lines, peers as markers
-    "optimal-rtn": ("o", "-"), "optimal-clip": ("o", "-"), "optimal-gptq": ("o", "-"), "blockap": ("*", "-"),
+    "optimal-rtn": ("o", "-"), "optimal-clip": ("o", "-"), "optimal-gptq": ("o", "-"),
+    "optimal-gptq-rtn-damage": ("o", ":"), "blockap": ("*", "-"),
     "blockap-clip": ("*", "-"), "blockap-gptq": ("*", "-"),
     "optimal-matched": (".", ""), "optimal-matched-g32": ("1", ""), "uniform-rtn": ("s", ":"), "heuristics": ("x", ""),
     "llamacpp": ("v", "--"),
