@@ -140,6 +140,7 @@ def _llamacpp(args, hf: str, text: Path, imatrix: bool) -> Subject:
         return subject
     src = bin_dir.parent / "src" / "vendor" / "llama.cpp"
     folder, t = args.out / "llamacpp", str(args.threads)
+    folder.mkdir(parents=True, exist_ok=True)
     f16, matrix = folder / "f16.gguf", folder / "imatrix.gguf"
     subject.steps.append(Step("llamacpp-convert", (sys.executable, str(src / "convert_hf_to_gguf.py"), hf, "--outtype",
                                                    "f16", "--outfile", str(f16)),

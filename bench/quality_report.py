@@ -18,6 +18,7 @@ from pathlib import Path
 from quality_rows import MIXBITS_BEST
 
 SUMMARY_ARMS = ("uniform-rtn", "llamacpp", "llamacpp-imatrix", "gptqmodel", "torchao")
+HEADLINE_ARMS = SUMMARY_ARMS + ("heuristics",)
 ARM_ORDER = ("optimal-rtn", "optimal-clip", "optimal-gptq", "optimal-gptq-rtn-damage", "blockap", "blockap-clip",
              "blockap-gptq", "optimal-matched",
              "optimal-matched-g32", "uniform-rtn", "heuristics", "llamacpp", "llamacpp-imatrix", "gptqmodel", "torchao",
@@ -115,7 +116,7 @@ def headline(data: dict) -> str:
     rows = _ok(data["rows"])
     domains = list(data["meta"]["original"])
     lines = ["| tool | domain | rows compared | mixbits ahead | peer ahead | mixbits RTN ahead |", "|---|---|---:|---:|---:|---:|"]
-    for arm in [a for a in SUMMARY_ARMS if any(r["arm"] == a for r in rows)]:
+    for arm in [a for a in HEADLINE_ARMS if any(r["arm"] == a for r in rows)]:
         for d in domains:
             theirs = [r for r in rows if r["arm"] == arm and d in r["domains"]]
             pairs = [(r, best_mixbits(r, rows, d), best_mixbits(r, rows, d, rtn_only=True)) for r in theirs]
