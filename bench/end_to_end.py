@@ -232,6 +232,17 @@ def measure(subject: Subject, steps_done: dict, args) -> dict:
             "seconds": sum(r["seconds"] for _, r in records), "peak_rss_mib": max(r["peak_rss_mib"] for _, r in records)}
 
 
+def _step_cell(name: str, step: dict) -> str:
+    """A step's seconds; for a mixbits run, its own stages (evaluation left out) and the rest of the
+    process (interpreter start, imports, writing results) as "other"."""
+    if "stages_s" not in step:
+        return f"{name} {step['seconds']:.1f}".strip()
+    stages = {k: v for k, v in step["stages_s"].items() if k not in step.get("excluded_s", {})}
+    other = step["seconds"] - sum(stages.values())
+    parts = [f"{k} {v:.1f}" for k, v in stages.items() if v >= 0.5] + [f"other {other:.1f}"]
+    return ", ".join(parts)
+
+
 def table(data: dict) -> str:
     base = data["subjects"].get(BASELINE, {}).get("seconds")
     lines = ["| tool | settings | steps (seconds) | seconds | x mixbits-rtn | peak RSS (MiB) |",
@@ -240,7 +251,7 @@ def table(data: dict) -> str:
         if r["status"] != "ok":
             lines.append(f"| {name} | {r['settings']} | {r['status']} | – | – | – |")
             continue
-        steps = ", ".join(f"{k.removeprefix(name + '-')} {s['seconds']:.1f}" for k, s in r["steps"].items())
+        steps = "; ".join(_step_cell(k.removeprefix(name + "-").removeprefix(name), s) for k, s in r["steps"].items())
         ratio = f"{r['seconds'] / base:.2f}" if base else "–"
         lines.append(f"| {name} | {r['settings']} | {steps} | {r['seconds']:.1f} | {ratio} | {r['peak_rss_mib']:.0f} |")
     m = data["meta"]
