@@ -247,11 +247,12 @@ def table(data: dict) -> str:
     base = data["subjects"].get(BASELINE, {}).get("seconds")
     lines = ["| tool | settings | steps (seconds) | seconds | x mixbits-rtn | peak RSS (MiB) |",
              "|---|---|---|---:|---:|---:|"]
-    for name, r in data["subjects"].items():
+    for name, r in sorted(data["subjects"].items(), key=lambda kv: SUBJECTS.index(kv[0]) if kv[0] in SUBJECTS else 99):
         if r["status"] != "ok":
             lines.append(f"| {name} | {r['settings']} | {r['status']} | – | – | – |")
             continue
-        steps = "; ".join(_step_cell(k.removeprefix(name + "-").removeprefix(name), s) for k, s in r["steps"].items())
+        steps = "; ".join(_step_cell(k.rsplit("-", 1)[-1] if len(r["steps"]) > 1 else "one process", s)
+                          for k, s in r["steps"].items())
         ratio = f"{r['seconds'] / base:.2f}" if base else "–"
         lines.append(f"| {name} | {r['settings']} | {steps} | {r['seconds']:.1f} | {ratio} | {r['peak_rss_mib']:.0f} |")
     m = data["meta"]
