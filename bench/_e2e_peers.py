@@ -5,7 +5,7 @@
 
 JOB.json: {"model": HF folder, "out": folder to write, "calibration": [[token ids], ...],
 "bits": N, "group": G, "mse": GPTQModel's clip-search norm (0: off), "variant": "asymmetric" |
-"symmetric-hqq" (torchao)}. Each job does what
+"symmetric-hqq" (torchao), "device": "cpu" | "cuda"}. Each job does what
 that tool's users do, start to finish: load the original checkpoint, quantize, save the result.
 Nothing of mixbits is imported here, so the process pays only for the peer's own imports.
 """
@@ -24,7 +24,7 @@ def gptqmodel(job: dict) -> None:
     from gptqmodel import GPTQModel, QuantizeConfig
 
     config = QuantizeConfig(bits=job["bits"], group_size=job["group"], mse=job.get("mse", 0.0))
-    model = GPTQModel.load(job["model"], config, device="cpu")
+    model = GPTQModel.load(job["model"], config, device=job.get("device", "cpu"))
     model.quantize([{"input_ids": w, "attention_mask": [1] * len(w)} for w in job["calibration"]], batch_size=1)
     model.save(job["out"])
 
@@ -45,7 +45,7 @@ def torchao(job: dict) -> None:
     config = IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{job['bits']}"), granularity=PerGroup(job["group"]),
                                   mapping_type=mapping, intx_choose_qparams_algorithm=algorithm,
                                   scale_dtype=torch.float16)
-    model = AutoModelForCausalLM.from_pretrained(job["model"], torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(job["model"], torch_dtype=torch.float32).to(job.get("device", "cpu"))
     quantize_(model, config, filter_fn=lambda module, fqn: isinstance(module, torch.nn.Linear) and ".layers." in fqn)
     Path(job["out"]).mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), Path(job["out"]) / "model.pt")

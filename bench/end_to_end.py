@@ -84,6 +84,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.add_argument("--torchao", default="4,64,symmetric-hqq", help="torchao bits,group,variant")
     a.add_argument("--subjects", default=",".join(SUBJECTS))
     a.add_argument("--threads", type=int, default=os.cpu_count(), help="threads every tool may use")
+    a.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where mixbits, GPTQModel and torchao run "
+                   "(llama.cpp's tools are built for the CPU)")
     a.add_argument("--out", type=Path, default=Path("runs/end_to_end"))
     a.add_argument("--fresh", action="store_true", help="measure every subject again")
     a.add_argument("--quick", action="store_true")
@@ -123,7 +125,7 @@ def _mixbits(args, name: str, extra: list[str], settings: str) -> Subject:
     out = args.out / name
     argv = [str(Path(sys.executable).with_name("mixbits")), "run", "--model", args.model, "--dataset", args.dataset,
             "--seqlen", str(args.seqlen), "--calib-windows", str(args.calib_windows), "--eval-windows", "1",
-            "--target-bpw", f"{args.bpw:g}", "--no-cache", "--no-baselines", "--no-report", "--device", "cpu",
+            "--target-bpw", f"{args.bpw:g}", "--no-cache", "--no-baselines", "--no-report", "--device", args.device,
             "--output-dir", str(out), *extra]
     return Subject(name, settings, [Step(name, tuple(argv), results=str(out / "results.json"),
                                          excluded=("evaluate",))])
@@ -185,10 +187,12 @@ def subjects(args, hf: str, ids: Path, text: Path) -> list[Subject]:
         "llamacpp": lambda: _llamacpp(args, hf, text, False),
         "llamacpp-imatrix": lambda: _llamacpp(args, hf, text, True),
         "gptqmodel": lambda: _peer(args, "gptqmodel", {"model": hf, "out": str(args.out / "gptqmodel" / "model"),
-                                                        "calibration": calibration, "bits": bits, "group": group, "mse": mse},
+                                                        "calibration": calibration, "bits": bits, "group": group, "mse": mse,
+                                                        "device": args.device},
                                    f"w{bits}g{group}, mse={mse:g}, its defaults otherwise", "gptqmodel"),
         "torchao": lambda: _peer(args, "torchao", {"model": hf, "out": str(args.out / "torchao" / "model"),
-                                                    "bits": int(tb), "group": int(tg), "variant": variant},
+                                                    "bits": int(tb), "group": int(tg), "variant": variant,
+                                                    "device": args.device},
                                  f"int{tb} g{tg} {variant}", "torchao"),
     }
     return [made[name]() for name in args.subjects]
@@ -270,7 +274,8 @@ def main(argv: list[str] | None = None) -> dict:
     path = args.out / "end_to_end.json"
     old = json.loads(path.read_text()) if path.is_file() and not args.fresh else {}
     meta = {"command": shlex.join(["python", "bench/end_to_end.py", *(sys.argv[1:] if argv is None else argv)]),
-            "model": args.model, "bpw": args.bpw, "threads": args.threads, "machine": machine_info(torch.device("cpu")),
+            "model": args.model, "bpw": args.bpw, "threads": args.threads,
+            "machine": machine_info(torch.device(args.device)),
             "calibration": f"{args.calib_windows} x {args.seqlen} `{args.dataset}` calibration windows"}
     if old and old["meta"]["model"] != args.model:
         raise SystemExit(f"{path} holds results for {old['meta']['model']}; use another --out or --fresh")
