@@ -20,6 +20,7 @@ every row). Rows, one arm each (see quality_mixbits.py, quality_llamacpp.py, qua
   torchao              torchao int-N weight-only configs
   optimal-matched      mixbits' optimal plan at exactly each other row's size (after the others)
   optimal-matched-g32  the same with group size 32 among the candidates, beside calibrated peers
+                       (opt-in with --arms: its GPTQ gain table over 18 configs is the slowest step)
 
 Every row is written to OUT/quality.json as soon as it is measured; a rerun skips finished rows.
 OUT/quality.md (one table per domain, sorted by bytes, each peer row marked "mixbits ahead" or
@@ -60,7 +61,7 @@ log = logging.getLogger("quality")
 ARMS = ("uniform-rtn", "optimal-rtn", "optimal-clip", "optimal-gptq", "optimal-gptq-rtn-damage", "heuristics", "blockap",
         "llamacpp",
         "llamacpp-imatrix", "gptqmodel", "torchao", "optimal-matched", "optimal-matched-g32")
-DEFAULT_ARMS = tuple(a for a in ARMS if a != "optimal-clip")
+DEFAULT_ARMS = tuple(a for a in ARMS if a not in ("optimal-clip", "optimal-matched-g32"))  # opt-in: see bench/README.md
 MATCHED = ("uniform-rtn", "heuristics", "llamacpp", "llamacpp-imatrix", "gptqmodel", "torchao")
 
 
