@@ -165,7 +165,9 @@ def header(data: dict) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
     windows = ", ".join(f"`{d}` {w['windows']} x {w['seqlen']}" for d, w in m["windows"].items())
     return (f"`{m['model']}`; held-out test windows {windows} (mixbits' token ids, the same for every row); "
-            f"calibration {m['calibration']}. {m['date']}, {m['machine']}; {versions}.\n\n`{m['command']}`")
+            f"calibration {m['calibration']}. {m['date']}, {m['machine']}; {versions}.\n\n"
+            + "\n".join(f"`{c}`" + "  " * (i < len(m.get("commands", [])) - 1)
+                        for i, c in enumerate(m.get("commands") or [m["command"]])))
 
 
 def markdown(data: dict) -> str:

@@ -70,7 +70,9 @@ class Store:
             old = json.loads(path.read_text())
             self._check_same_windows(old["meta"], meta)
             self.data["rows"] = old.get("rows", {})
-            self.data["meta"] = {**old["meta"], **meta, "original": old["meta"].get("original", {})}
+            commands = old["meta"].get("commands") or [old["meta"]["command"]]
+            commands += [meta["command"]] if meta["command"] not in commands else []
+            self.data["meta"] = {**old["meta"], **meta, "original": old["meta"].get("original", {}), "commands": commands}
 
     @staticmethod
     def _check_same_windows(old: dict, new: dict) -> None:
