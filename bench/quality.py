@@ -37,7 +37,6 @@ import platform
 import shlex
 import sys
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import quality_llamacpp  # noqa: E402
+from _measure import _cpu_model, _version  # noqa: E402
 import quality_mixbits as mixbits_arms  # noqa: E402
 import quality_peers  # noqa: E402
 import quality_report  # noqa: E402
@@ -163,16 +163,8 @@ def setup(args: argparse.Namespace) -> Bench:
     return Bench(args, cfg, p, calib, info, windows, args.out)
 
 
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else platform.processor()
+    cpu = _cpu_model()
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return f"{cpu}, {platform.os.cpu_count()} cores, {torch.get_num_threads()} torch threads{gpu}"
 

@@ -7,28 +7,16 @@ says why, and that a rerun measures nothing again.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def _load(name: str):
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.bench import load_bench_script
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    e2e = _load("end_to_end")
+    e2e = load_bench_script("end_to_end")
     out = tmp_path_factory.mktemp("e2e")
     argv = ["--quick", "--out", str(out), "--subjects", "mixbits-rtn", "--threads", "1"]
     return e2e, e2e.main(argv), out, argv

@@ -11,22 +11,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from tests.bench import load_bench_script
+
 MIXBITS_ARMS = ("uniform-rtn", "optimal-rtn", "heuristics")
-
-
-def _load(name: str):
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def _llamacpp_ready() -> bool:
@@ -44,7 +34,7 @@ def _llamacpp_ready() -> bool:
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    quality = _load("quality")
+    quality = load_bench_script("quality")
     arms = MIXBITS_ARMS + (("llamacpp", "llamacpp-imatrix") if _llamacpp_ready() else ())
     out = tmp_path_factory.mktemp("quality")
     argv = ["--quick", "--out", str(out), "--arms", ",".join(arms), "--no-build-llamacpp"]

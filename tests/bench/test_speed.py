@@ -7,24 +7,19 @@ fields are numbers, and the JSON, markdown and plot are written.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import statistics
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from tests.bench import load_bench_script
 
 
 @pytest.fixture(scope="module")
 def speed():
-    spec = importlib.util.spec_from_file_location("bench_speed", BENCH / "speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("speed")
 
 
 @pytest.fixture(scope="module")
