@@ -22,6 +22,7 @@ from types import MappingProxyType
 
 import yaml
 
+from mixbits.errors import UserError
 from mixbits.io import atomic_write_text
 from mixbits.quant.cost import layer_storage_bytes
 from mixbits.quant.spec import QuantSpec
@@ -29,7 +30,7 @@ from mixbits.quant.spec import QuantSpec
 PLAN_FORMAT = "mixbits.plan/1"
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """A plan that cannot be applied to the model it was given."""
 
 

@@ -13,12 +13,13 @@ import numpy as np
 from mixbits.allocate.budget import Budget
 from mixbits.allocate.optimal import Constraints, allowed_options, merged_problem
 from mixbits.allocate.solver import feasible_range
+from mixbits.errors import UserError
 from mixbits.plan import Plan
 from mixbits.quant.spec import QuantSpec
 from mixbits.sensitivity.table import DamageTable
 
 
-class BudgetInfeasible(ValueError):
+class BudgetInfeasible(UserError):
     """A budget no plan can meet; the message names the reachable range."""
 
 

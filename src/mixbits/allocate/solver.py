@@ -49,13 +49,15 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_array
 
+from mixbits.errors import UserError
+
 REL_TOL = 1e-9  # a total within budget * (1 + REL_TOL) fits
 METHODS = ("auto", "milp", "dp")
 DP_MAX_CELLS = 50_000_000  # units x budget states the dp may tabulate
 FRONTIER_MAX_STATES = 5_000_000  # states kept over all steps, or candidates in one, before HiGHS takes over
 
 
-class BudgetError(ValueError):
+class BudgetError(UserError):
     """The budget is below the cheapest reachable total cost; the raw totals are attributes."""
 
     def __init__(self, budget: float, cheapest: float, richest: float) -> None:

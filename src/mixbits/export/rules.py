@@ -17,11 +17,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from mixbits.errors import UserError
 from mixbits.plan import Plan
 from mixbits.quant.spec import KEEP, VALID_GROUP_SIZES, QuantSpec
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """A plan or model that a format cannot store; raised before anything is written."""
 
 
