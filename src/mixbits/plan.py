@@ -19,13 +19,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import Optional
 
 import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mixbits.errors import UserError
 from mixbits.io import atomic_write_text
 from mixbits.quant.cost import layer_storage_bytes
-from mixbits.quant.spec import QuantSpec
+from mixbits.quant.spec import VALID_BITS, VALID_GROUP_SIZES, QuantSpec
+from mixbits.safeload import load_file
 
 PLAN_FORMAT = "mixbits.plan/1"
 
@@ -86,27 +89,90 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: object, source: str = "plan") -> "Plan":
+        """Validate `data` field by field (strict types: 4.5 bits or "false" are refused, never cast)."""
         if not isinstance(data, Mapping) or not isinstance(data.get("layers"), Mapping):
             raise PlanError(f"{source} is not a plan: expected a mapping with a 'layers' mapping of name -> spec")
+        unknown = sorted(set(map(str, data)) - {"format", "layers", "meta"})
+        if unknown:
+            raise PlanError(f"{source} has unknown top-level key(s) {unknown}; a plan has format, layers and meta")
         fmt = data.get("format", PLAN_FORMAT)
         if fmt != PLAN_FORMAT:
             raise PlanError(f"{source} has format {fmt!r}; this mixbits reads {PLAN_FORMAT!r}")
+        meta = data.get("meta") or {}
+        if not isinstance(meta, Mapping):
+            raise PlanError(f"{source}: 'meta' is {type(meta).__name__} {meta!r}; it must be a mapping (or absent)")
         specs = {}
         for name, value in data["layers"].items():
-            try:
-                specs[name] = QuantSpec.parse(value) if isinstance(value, str) else QuantSpec.from_dict(dict(value))
-            except (ValueError, TypeError) as err:
-                raise PlanError(f"{source}: layer {name!r}: {err}") from err
-        return cls(specs, data.get("meta") or {})
+            if not isinstance(name, str):
+                raise PlanError(f"{source}: layer name {name!r} is of type {type(name).__name__}; layer names are strings")
+            specs[name] = _layer_spec(value, f"{source}: layer {name!r}")
+        return cls(specs, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
+        """Read a plan file (JSON, or YAML by suffix) with the limits of `mixbits.safeload`.
+
+        A plan that quantizes no layer is refused: running it would measure the original model."""
         path = Path(path)
         if not path.is_file():
             raise PlanError(f"plan file {str(path)!r} does not exist; write one with `mixbits allocate` or `mixbits run`")
-        text = path.read_text()
+        source = f"plan file {str(path)!r}"
         try:
-            data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as err:
-            raise PlanError(f"plan file {str(path)!r} is not valid {path.suffix.lstrip('.') or 'JSON'}: {err}") from err
-        return cls.from_dict(data, source=f"plan file {str(path)!r}")
+            data = load_file(path, "plan file")
+        except UserError as err:
+            raise PlanError(str(err)) from None
+        plan = cls.from_dict(data, source=source)
+        if not plan.quantized():
+            raise PlanError(
+                f"{source} quantizes no layer ({len(plan.specs)} layer(s), all kept in 16 bit); give at least one "
+                "layer a spec such as \"w4g128\", or run without --plan to let mixbits allocate one"
+            )
+        return plan
+
+
+class _SpecFields(BaseModel):
+    """A layer's spec written as a mapping; strict: no casts from float, string or bool."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    bits: int
+    group_size: Optional[int] = 128
+    symmetric: bool = False
+
+
+_ACCEPTED = {
+    "bits": f"an integer, one of {VALID_BITS} (16 keeps the layer)",
+    "group_size": f"an integer, one of {tuple(g for g in VALID_GROUP_SIZES if g)}, or null for per-channel",
+    "symmetric": "true or false (a boolean, not a string)",
+}
+
+
+def _layer_spec(value: object, where: str) -> QuantSpec:
+    """The QuantSpec of one plan entry; `where` ("plan file 'p.json': layer 'x'") leads every error."""
+    if isinstance(value, str):
+        try:
+            return QuantSpec.parse(value)
+        except ValueError as err:
+            raise PlanError(f"{where}: {err}") from None
+    if not isinstance(value, Mapping):
+        raise PlanError(f"{where}: {value!r} is of type {type(value).__name__}; write a spec label such as \"w4g128\" "
+                        "or a mapping {bits, group_size, symmetric}")
+    try:
+        fields = _SpecFields.model_validate(dict(value))
+    except ValidationError as err:
+        raise PlanError(f"{where}: " + "; ".join(_describe(e) for e in err.errors())) from None
+    try:
+        return QuantSpec(fields.bits, fields.group_size, fields.symmetric)
+    except ValueError as err:
+        raise PlanError(f"{where}: {err}") from None
+
+
+def _describe(error: Mapping) -> str:
+    """One pydantic error as "field 'bits' = 4.5 (float): expected an integer, one of ..."."""
+    field_name = str(error["loc"][0]) if error["loc"] else "?"
+    if error["type"] == "extra_forbidden":
+        return f"unknown keys [{field_name!r}]; allowed: bits, group_size, symmetric"
+    if error["type"] == "missing":
+        return f"field {field_name!r} is missing; it must be {_ACCEPTED.get(field_name, 'given')}"
+    value = error.get("input")
+    accepted = _ACCEPTED.get(field_name, error["msg"])
+    return f"field {field_name!r} = {value!r} ({type(value).__name__}) is not accepted; it must be {accepted}"
