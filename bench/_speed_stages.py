@@ -37,12 +37,13 @@ from mixbits.allocate.optimal import Constraints, allocate_optimal, unit_groups
 from mixbits.eval.perplexity import evaluate_models
 from mixbits.export.formats import FORMATS, export
 from mixbits.model.arch import tied_groups
-from mixbits.model.quantize import QUANTIZERS, quantize_model
-from mixbits.pipeline import fixed_bytes_of
-from mixbits.sensitivity.analyze import time_fwd_bwd
+from mixbits.config import QUANTIZERS
+from mixbits.model.quantize import quantize_model
+from mixbits.model.arch import fixed_bytes_of
+from mixbits.jobs.analyze import time_fwd_bwd
 from mixbits.sensitivity.hessian import top_eigenvalues
 from mixbits.sensitivity.methods import METHODS, compute_tables
-from mixbits.train.config import TrainConfig
+from mixbits.config import TrainConfig
 from mixbits.train.e2e_qp import E2EParams, train_step_sizes
 from mixbits.train.run import train_model
 

@@ -18,7 +18,7 @@
   4.5 bits per weight at 4 bits (Q4_0: fp16 scale, no zero); mixbits' w4g32 4.63 (fp16 scale
   and a 4-bit zero), its default smallest group (w4g64) 4.31.
 
-Plans come from `mixbits.sweep`'s plan rows (one damage table, every strategy and budget), so the
+Plans come from `mixbits.jobs.sweep`'s plan rows (one damage table, every strategy and budget), so the
 benchmark allocates exactly as `mixbits sweep` does. Bytes are the cost model's stored bytes of the
 block linears (`Plan.storage_bytes`), `linear_bytes` in results.json.
 """
@@ -34,10 +34,10 @@ from mixbits.model.quantize import quantize_model
 from mixbits.pipeline import sensitivity
 from mixbits.plan import Plan
 from mixbits.quant.gptq import GPTQConfig
-from mixbits.sweep import SweepConfig, _plans
+from mixbits.jobs.sweep import SweepConfig, _plans
 from mixbits.timing import StageTimer
-from mixbits.train.command import training_windows
-from mixbits.train.config import TrainConfig
+from mixbits.train.windows import training_windows
+from mixbits.config import TrainConfig
 from mixbits.train.run import train_model
 
 log = logging.getLogger("quality")
@@ -58,7 +58,7 @@ def _table(bench, quantizer: str, group_sizes: tuple | None = None):
 
 
 def plan_rows(bench, quantizer: str, budgets: tuple[float, ...], strategies: tuple[str, ...], uniform: bool) -> list[dict]:
-    """mixbits.sweep's rows: strategy, target_bpw, specs, bpw, key (identical plans share it), rule."""
+    """mixbits.jobs.sweep's rows: strategy, target_bpw, specs, bpw, key (identical plans share it), rule."""
     sweep = SweepConfig(run=_cfg(bench, quantizer), budgets_bpw=budgets or (8.0,), strategies=strategies,
                         uniform=uniform)
     return _plans(sweep, bench.p, _table(bench, quantizer))

@@ -25,7 +25,7 @@ from mixbits.data.windows import calibration_windows
 from mixbits.io import atomic_write_json
 from mixbits.model.arch import find_linears
 from mixbits.model.load import load_model, resolve_model_source
-from mixbits.sensitivity.analyze import time_fwd_bwd
+from mixbits.jobs.analyze import time_fwd_bwd
 from mixbits.sensitivity.fisher import fisher_table
 from mixbits.sensitivity.gradient import gradient_fisher_tables
 

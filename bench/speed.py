@@ -46,7 +46,7 @@ from _speed_subjects import (  # noqa: E402
 from mixbits.config import resolve_device  # noqa: E402
 from mixbits.io import atomic_write_json  # noqa: E402
 from mixbits.model.load import load_model, resolve_model_source  # noqa: E402
-from mixbits.train.config import TrainConfig  # noqa: E402
+from mixbits.config import TrainConfig  # noqa: E402
 
 log = logging.getLogger("speed")
 

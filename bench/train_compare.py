@@ -24,14 +24,14 @@ from mixbits.config import resolve_device
 from mixbits.data.text import load_text
 from mixbits.data.windows import eval_windows, text_fingerprint
 from mixbits.eval.perplexity import evaluate_models
-from mixbits.experiments.schedules import arm_config, trained_row, untrained_row
+from mixbits.jobs.schedules import arm_config, trained_row, untrained_row
 from mixbits.io import atomic_write_json
 from mixbits.model.arch import find_linears
 from mixbits.model.load import load_model, resolve_model_source
 from mixbits.plan import Plan
 from mixbits.sensitivity.table import DamageTable
-from mixbits.train.command import training_windows
-from mixbits.train.config import TrainConfig
+from mixbits.train.windows import training_windows
+from mixbits.config import TrainConfig
 from mixbits.train.schedule import block_sensitivity
 
 log = logging.getLogger("train_compare")

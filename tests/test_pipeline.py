@@ -139,7 +139,7 @@ def test_no_baselines_quantizes_and_scores_only_the_mixed_model(finished_run, tm
 
 
 def test_training_the_baselines_needs_them():
-    from mixbits.train.config import TrainConfig
+    from mixbits.config import TrainConfig
 
     with pytest.raises(ValueError, match="--no-baselines"):
         RunConfig(quantizer="rtn", train=TrainConfig(init="rtn"), train_baselines=True, baselines=False)

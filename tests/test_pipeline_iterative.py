@@ -13,7 +13,7 @@ from mixbits.data.text import load_text
 from mixbits.data.windows import eval_windows
 from mixbits.eval.perplexity import evaluate_models
 from mixbits.export.native import load_native
-from mixbits.iterative import IterativeConfig
+from mixbits.config import IterativeConfig
 from mixbits.model.load import load_model
 from mixbits.pipeline import run
 from mixbits.plan import Plan

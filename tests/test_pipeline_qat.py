@@ -9,7 +9,7 @@ from mixbits.cli import app
 from mixbits.config import AllocationConfig, DataConfig, RunConfig
 from mixbits.export.native import load_native
 from mixbits.pipeline import run
-from mixbits.train.config import TrainConfig
+from mixbits.config import TrainConfig
 
 
 def config(model_dir, text_file, out, **train):

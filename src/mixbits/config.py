@@ -8,18 +8,19 @@ same fields scale to real runs (`--calib-windows 128 --seqlen 2048 --eval-window
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from mixbits.iterative import IterativeConfig
+from mixbits.errors import UserError
 from mixbits.quant.gptq import GPTQConfig
 from mixbits.quant.spec import KEEP, QUANT_BITS, QuantSpec
-from mixbits.train.config import TrainConfig
 
-QUANTIZERS = ("rtn", "clip", "gptq")
+QUANTIZERS = ("rtn", "clip", "gptq")  # how a plan's weights are rounded (model.quantize); also QAT's starting point
 DAMAGE_MODES = ("follow", "rtn")
+SCHEDULES = ("fixed", "linear", "sqrt", "conservative", "joint")  # QAT schedules (train.schedule)
 
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
 DEFAULT_GROUPS = (64, 128)
@@ -29,7 +30,7 @@ def candidate_configs(bits: tuple[int, ...], groups: tuple[int | None, ...], sym
     """Every bits x group size pair, plus keeping the layer in 16 bit (always last)."""
     for b in bits:
         if b not in QUANT_BITS:
-            raise ValueError(f"candidate bits {b} not supported; choose from {QUANT_BITS}")
+            raise UserError(f"candidate bits {b} not supported; choose from {QUANT_BITS}")
     specs = [QuantSpec(b, g, symmetric) for b, g in itertools.product(sorted(set(bits)), groups)]
     return tuple(specs) + (KEEP,)
 
@@ -44,11 +45,11 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.seqlen < 16:
-            raise ValueError(f"--seqlen {self.seqlen} is too short; use at least 16 tokens (2048 for paper numbers)")
+            raise UserError(f"--seqlen {self.seqlen} is too short; use at least 16 tokens (2048 for paper numbers)")
         if self.calib_windows < 1:
-            raise ValueError(f"--calib-windows {self.calib_windows} must be at least 1")
+            raise UserError(f"--calib-windows {self.calib_windows} must be at least 1")
         if self.eval_windows < 0:
-            raise ValueError(f"--eval-windows {self.eval_windows} must be >= 0 (0 = the whole test split)")
+            raise UserError(f"--eval-windows {self.eval_windows} must be >= 0 (0 = the whole test split)")
 
 
 @dataclass(frozen=True)
@@ -65,12 +66,148 @@ class AllocationConfig:
 
     def __post_init__(self) -> None:
         if (self.target_bpw is None) == (self.target_size_mb is None):
-            raise ValueError("give exactly one of --target-bpw and --target-size-mb")
+            raise UserError("give exactly one of --target-bpw and --target-size-mb")
         if self.min_bits > self.max_bits:
-            raise ValueError(f"--min-bits {self.min_bits} is above --max-bits {self.max_bits}")
+            raise UserError(f"--min-bits {self.min_bits} is above --max-bits {self.max_bits}")
 
     def configs(self) -> tuple[QuantSpec, ...]:
         return candidate_configs(self.bits, self.group_sizes)
+
+
+def check_schedule(name: str) -> str:
+    if name not in SCHEDULES:
+        raise UserError(f"schedule={name!r} is not known; use one of {', '.join(SCHEDULES)}")
+    return name
+
+
+def weight_lr_for_bits(bits: int) -> float:
+    """EfficientQAT's weight learning rate: 2e-5 at 2 bits, 1e-5 at 3 bits and above."""
+    return 2e-5 if bits <= 2 else 1e-5
+
+
+# Left out of checkpoint fingerprints: where data waits (never changes a number), which windows
+# to cut (the windows themselves are hashed), and E2E-QP (it runs after the last block).
+_NOT_BLOCKWISE = ("offload", "offload_dir", "dataset", "train_size", "val_size", "seqlen",
+                  "e2e", "e2e_epochs", "e2e_lr", "e2e_batch_size", "e2e_grad_clip")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Quantization-aware training: Block-AP, then optionally E2E-QP (`mixbits.train`).
+
+    Defaults are EfficientQAT's published ones (Chen et al. 2024, `main_block_ap.py` and the
+    `examples/` scripts of OpenGVLab/EfficientQAT): AdamW without weight decay, quant-parameter lr
+    1e-4, weight lr 2e-5 at 2 bits and 1e-5 at 3-4 bits (1e-5 above 4 bits too), cosine decay to
+    lr / 20, 2 epochs, batch 2, gradient clipping at 0.3; E2E-QP trains the step sizes 1 epoch with
+    lr 2e-5 at 2 bits / 1e-5 above and clipping at 0.3. Only the data sizes are cut down so the
+    default runs on 2 CPU cores in minutes; `TrainConfig.paper()` gives EfficientQAT's sizes
+    (4096 training windows, 64 validation windows, 2048 tokens each). EfficientQAT's E2E batch is
+    4 windows x 8 accumulated; mixbits does not accumulate gradients, so paper() uses batches of 4
+    and E2E-QP takes 8x more, smaller steps than the paper's.
+
+    train_size / val_size / seqlen / dataset say which windows the train job cuts
+    (`train.windows.training_windows`); `train_model` itself takes the windows. epochs may be
+    fractional (a schedule scales them); patience None never stops early. weight_lr / e2e_lr None:
+    the per-bits rule above for each linear. offload: activations wait on disk (offload_dir,
+    default the system temp) instead of in CPU memory.
+    """
+
+    dataset: str = "wiki"
+    train_size: int = 32
+    val_size: int = 8
+    seqlen: int = 256
+    epochs: float = 2.0
+    batch_size: int = 2
+    quant_lr: float = 1e-4
+    weight_lr: float | None = None
+    min_lr_factor: float = 20.0
+    weight_decay: float = 0.0
+    grad_clip: float | None = 0.3
+    patience: int | None = None
+    schedule: str = "fixed"
+    total_epoch_budget: bool = False
+    init: str = "rtn"
+    max_nonfinite: int = 5
+    offload: bool = False
+    offload_dir: Path | None = None
+    e2e: bool = False
+    e2e_epochs: float = 1.0
+    e2e_lr: float | None = None
+    e2e_batch_size: int = 2
+    e2e_grad_clip: float | None = 0.3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_schedule(self.schedule)
+        if self.init not in QUANTIZERS:
+            raise UserError(f"init={self.init!r} is not known; use one of {', '.join(QUANTIZERS)}")
+        for name in ("train_size", "val_size", "seqlen", "batch_size", "e2e_batch_size", "max_nonfinite"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise UserError(f"{name}={value!r} must be a positive integer")
+        for name in ("epochs", "e2e_epochs"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise UserError(f"{name}={value!r} must be a positive number of epochs (fractions allowed)")
+        for name in ("quant_lr", "weight_lr", "e2e_lr", "grad_clip", "e2e_grad_clip"):
+            value = getattr(self, name)
+            if value is not None and (not math.isfinite(value) or value <= 0):
+                raise UserError(f"{name}={value!r} must be a positive number (or None for the default)")
+        if self.min_lr_factor < 1:
+            raise UserError(f"min_lr_factor={self.min_lr_factor!r} must be >= 1 (the cosine ends at lr / factor)")
+        if self.weight_decay < 0:
+            raise UserError(f"weight_decay={self.weight_decay!r} must be >= 0")
+        if self.patience is not None and self.patience < 1:
+            raise UserError(f"patience={self.patience!r} must be a positive number of epochs, or None (never stop)")
+
+    @classmethod
+    def paper(cls, **overrides) -> "TrainConfig":
+        """EfficientQAT's data sizes (4096 x 2048 training tokens, 64 validation windows)."""
+        return cls(**{"train_size": 4096, "val_size": 64, "seqlen": 2048, "e2e_batch_size": 4, **overrides})
+
+    def weight_lr_of(self, bits: int) -> float:
+        return self.weight_lr if self.weight_lr is not None else weight_lr_for_bits(bits)
+
+    def e2e_lr_of(self, bits: int) -> float:
+        return self.e2e_lr if self.e2e_lr is not None else weight_lr_for_bits(bits)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["offload_dir"] = None if self.offload_dir is None else str(self.offload_dir)
+        return d
+
+    def blockwise_dict(self) -> dict:
+        """The fields that decide the Block-AP numbers: what a resumed run must share."""
+        return {k: v for k, v in self.to_dict().items() if k not in _NOT_BLOCKWISE}
+
+
+@dataclass(frozen=True)
+class IterativeConfig:
+    """Iterative mode (`jobs.iterative`): move `layers_per_iteration` units at a time to `spec`,
+    least sensitive first, while validation perplexity stays within `max_ppl_increase` (relative)."""
+
+    spec: QuantSpec = QuantSpec(4, 128)
+    layers_per_iteration: int = 5
+    max_ppl_increase: float = 0.01  # relative: 0.01 = 1 % above the original's validation perplexity
+    max_iterations: int = 100
+    windows: int = 4  # validation windows scored after each step (cfg.data.seqlen tokens each)
+
+    def __post_init__(self) -> None:
+        if self.spec.keep:
+            raise UserError("--iterative-spec must be a quantized config such as w4g128, not 16-bit keep")
+        if self.layers_per_iteration < 1:
+            raise UserError(f"--layers-per-iteration {self.layers_per_iteration} must be at least 1")
+        if not self.max_ppl_increase > 0:
+            raise UserError(f"--max-ppl-increase {self.max_ppl_increase} must be > 0 (relative: 0.05 = 5 %)")
+        if self.max_iterations < 1:
+            raise UserError(f"--max-iterations {self.max_iterations} must be at least 1")
+        if self.windows < 1:
+            raise UserError(f"--iterative-windows {self.windows} must be at least 1")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["spec"] = self.spec.label
+        return d
 
 
 @dataclass(frozen=True)
@@ -97,29 +234,29 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if self.quantizer not in QUANTIZERS:
-            raise ValueError(f"--quantizer {self.quantizer!r} is not one of {', '.join(QUANTIZERS)}")
+            raise UserError(f"--quantizer {self.quantizer!r} is not one of {', '.join(QUANTIZERS)}")
         if self.train is not None and self.train.init != self.quantizer:
-            raise ValueError(f"training starts from the run's quantizer ({self.quantizer}), not {self.train.init}; "
+            raise UserError(f"training starts from the run's quantizer ({self.quantizer}), not {self.train.init}; "
                              "set TrainConfig(init=...) to the same value")
         if self.train is not None and self.train.schedule != "fixed" and self.plan is not None:
-            raise ValueError(f"--qat-schedule {self.train.schedule} needs the run's sensitivity, which a given --plan "
+            raise UserError(f"--qat-schedule {self.train.schedule} needs the run's sensitivity, which a given --plan "
                              "skips; drop --plan or use --qat-schedule fixed")
         if self.train_baselines and not self.baselines:
-            raise ValueError("--qat-baselines trains the uniform baselines, which --no-baselines leaves out; drop one")
+            raise UserError("--qat-baselines trains the uniform baselines, which --no-baselines leaves out; drop one")
         if (self.train_baselines or self.resume) and self.train is None:
-            raise ValueError("--qat-baselines and --resume only apply with --qat")
+            raise UserError("--qat-baselines and --resume only apply with --qat")
         if self.damage not in DAMAGE_MODES:
-            raise ValueError(f"--damage {self.damage!r} is not one of {', '.join(DAMAGE_MODES)} (follow: the damage "
+            raise UserError(f"--damage {self.damage!r} is not one of {', '.join(DAMAGE_MODES)} (follow: the damage "
                              "of the quantizer that will be used; rtn: the damage of round-to-nearest)")
 
         if self.iterative is not None and self.plan is not None:
-            raise ValueError("--iterative builds its own plan; drop --plan or --iterative")
+            raise UserError("--iterative builds its own plan; drop --plan or --iterative")
         if self.iterative is not None and self.iterative.spec not in self.allocation.configs():
-            raise ValueError(f"--iterative-spec {self.iterative.spec.label} is not among the candidate configs "
+            raise UserError(f"--iterative-spec {self.iterative.spec.label} is not among the candidate configs "
                              f"{[c.label for c in self.allocation.configs()[:-1]]}; add its bits to --bits and "
                              "its group size to --group-sizes")
         if self.task_limit is not None and self.task_limit < 1:
-            raise ValueError(f"--task-limit {self.task_limit} must be at least 1 (or omitted for every document)")
+            raise UserError(f"--task-limit {self.task_limit} must be at least 1 (or omitted for every document)")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -137,5 +274,5 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} asked for CUDA, but none is available here; use --device auto or cpu")
+        raise UserError(f"--device {name} asked for CUDA, but none is available here; use --device auto or cpu")
     return device

@@ -19,11 +19,12 @@ from mixbits.config import RunConfig, resolve_device
 from mixbits.data.text import load_text, resolve_text
 from mixbits.data.windows import calibration_windows, eval_windows, text_fingerprint
 from mixbits.eval.perplexity import evaluate_models
-from mixbits.iterative import iterative_quantize, iterative_summary, sensitivity_order
+from mixbits.allocate.iterative import sensitivity_order
+from mixbits.jobs.iterative import iterative_quantize, iterative_summary
 from mixbits.model.apply import round_to_storage
 from mixbits.export.native import native_size_bytes, save_native
 from mixbits.model.quantize import quantize_model
-from mixbits.model.arch import LinearInfo, find_linears, tied_groups
+from mixbits.model.arch import LinearInfo, find_linears, fixed_bytes_of, tied_groups
 from mixbits.model.load import load_model, resolve_model_source
 from mixbits.plan import Plan
 from mixbits.report.results import build_layer_statistics, build_results, write_outputs
@@ -32,7 +33,7 @@ from mixbits.sensitivity.fisher import fisher_table
 from mixbits.sensitivity.follow import follow_quantizer, gain_table
 from mixbits.sensitivity.table import DamageTable
 from mixbits.timing import StageTimer
-from mixbits.train.command import training_windows
+from mixbits.train.windows import training_windows
 from mixbits.train.run import train_model
 from mixbits.train.schedule import block_sensitivity
 
@@ -60,19 +61,6 @@ def constraints_of(cfg: RunConfig) -> Constraints:
     a = cfg.allocation
     pins = tuple(Constraints.parse_pin(p) for p in a.pins)
     return Constraints(min_bits=a.min_bits, max_bits=a.max_bits, keep=a.keep, pins=pins, tie=a.tie)
-
-
-def fixed_bytes_of(model: nn.Module, shapes: dict[str, tuple[int, int]]) -> int:
-    """Bytes of every tensor outside the quantizable linears, stored in 16 bit (tied counted once)."""
-    skip = {f"{n}.weight" for n in shapes}
-    seen, total = set(), 0
-    for name, tensor in model.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr(), tuple(tensor.shape))
-        if name in skip or key in seen:
-            continue
-        seen.add(key)
-        total += tensor.numel() * (2 if tensor.is_floating_point() else tensor.element_size())
-    return total
 
 
 def prepare(cfg: RunConfig, timer: StageTimer) -> Prepared:
@@ -154,7 +142,7 @@ def sensitivity(cfg: RunConfig, p: Prepared, calib: torch.Tensor, timer: StageTi
 
 
 def iterate(cfg: RunConfig, p: Prepared, calib: torch.Tensor, table: DamageTable) -> tuple[Plan, dict, dict]:
-    """Iterative mode (`mixbits.iterative`): the plan it reached, the models it made ("mixed", and
+    """Iterative mode (`mixbits.jobs.iterative`): the plan it reached, the models it made ("mixed", and
     the uniform model at the target config it took weights from: model, QuantizeReport) and the
     `iterative` section of results.json."""
     it, d = cfg.iterative, cfg.data

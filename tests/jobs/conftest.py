@@ -24,3 +24,7 @@ def small_options(text_file) -> list[str]:
     return ["--no-verbose", "--dataset", str(text_file), "--seqlen", "32", "--calib-windows", "2",
             "--eval-windows", "2", "--bits", "2,3,4", "--group-sizes", "32,64", "--quantizer", "rtn",
             "--no-cache", "--device", "cpu"]
+
+
+# The classifier job's tests use the synthetic sentiment task of tests/classify.
+from tests.classify.conftest import encoder_dirs, sentiment_file  # noqa: E402,F401

@@ -6,13 +6,13 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-import mixbits.experiments.ablate as ablate_module
+import mixbits.jobs.ablate as ablate_module
 from mixbits.allocate.registry import predicted_damage
 from mixbits.cli.common import app
 from mixbits.plan import Plan
 from mixbits.sensitivity.table import DamageTable
-from mixbits.train.schedule import SCHEDULES
-from tests.experiments.conftest import small_options
+from mixbits.config import SCHEDULES
+from tests.jobs.conftest import small_options
 
 TRAIN = ["--qat-train-size", "2", "--qat-val-size", "2", "--qat-seqlen", "32", "--qat-epochs", "1"]
 
@@ -150,7 +150,7 @@ def test_a_fresh_rerun_starts_training_over(ablated, tiny_model_dir, tiny_text_f
 
 def test_library_config_checks():
     from mixbits.config import DataConfig, RunConfig
-    from mixbits.experiments.config import AblateConfig
+    from mixbits.jobs.experiment_config import AblateConfig
 
     with pytest.raises(ValueError, match="the ablation uses one text"):
         AblateConfig(run=RunConfig(data=DataConfig(dataset="canterbury")))

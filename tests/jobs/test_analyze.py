@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from mixbits.sensitivity.analyze import AnalyzeConfig, analyze
+from mixbits.jobs.analyze import AnalyzeConfig, analyze
 from mixbits.sensitivity.seedfile import write_seed_file
 from mixbits.sensitivity.table import DamageTable
 

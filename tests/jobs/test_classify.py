@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from mixbits.classify import flow
+from mixbits.jobs import classify as flow
 from mixbits.classify.config import ClassifyConfig
-from mixbits.classify.flow import prepare, run_classify
+from mixbits.jobs.classify import prepare, run_classify
 from mixbits.classify.strategies import STRATEGIES
 from mixbits.data.errors import MixbitsDataError
 from mixbits.model.apply import fake_quantize_model

@@ -10,10 +10,10 @@ from typer.testing import CliRunner
 import mixbits.pipeline
 from mixbits.cli.common import app
 from mixbits.config import AllocationConfig, DataConfig, RunConfig
-from mixbits.experiments.compare import is_finished, model_config
-from mixbits.experiments.config import CompareConfig, safe_name
+from mixbits.jobs.compare import is_finished, model_config
+from mixbits.jobs.experiment_config import CompareConfig, safe_name
 from mixbits.plan import Plan
-from tests.experiments.conftest import small_options
+from tests.jobs.conftest import small_options
 
 
 def compare_args(models, out, text_file, *extra) -> list[str]:

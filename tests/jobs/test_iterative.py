@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from mixbits.iterative import IterativeConfig, exceeds, iterative_quantize, sensitivity_order
+from mixbits.allocate.iterative import exceeds, sensitivity_order
+from mixbits.config import IterativeConfig
+from mixbits.jobs.iterative import iterative_quantize
 from mixbits.model.apply import fake_quantize_model, layer_shapes
 from mixbits.model.arch import get_weight
 from mixbits.plan import Plan

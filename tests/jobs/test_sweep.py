@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mixbits.cli import app
-from mixbits.sweep import parse_range
+from mixbits.jobs.sweep import parse_range
 
 
 def test_parse_range():

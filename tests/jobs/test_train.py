@@ -9,8 +9,8 @@ from mixbits.model.load import load_model
 from mixbits.plan import Plan
 from mixbits.quant.spec import QuantSpec
 from mixbits.sensitivity.seedfile import write_seed_file
-from mixbits.train.command import train_command
-from mixbits.train.config import TrainConfig
+from mixbits.jobs.train import train_command
+from mixbits.config import TrainConfig
 
 
 @pytest.fixture(scope="module", autouse=True)

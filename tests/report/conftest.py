@@ -10,7 +10,7 @@ import pytest
 
 from mixbits.config import AllocationConfig, DataConfig, RunConfig
 from mixbits.pipeline import run
-from mixbits.train.config import TrainConfig
+from mixbits.config import TrainConfig
 
 JSON_FILES = ("results.json", "layer_statistics.json", "plan.json", "sensitivity.json")
 

@@ -87,7 +87,7 @@ def test_the_report_shows_hand_edited_numbers_and_changes_no_input(plain_run):
 def test_a_folder_without_results_json_is_named_with_its_writer(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"results\.json not found.*mixbits run"):
         load_run(tmp_path)
-    (tmp_path / "results.json").write_text('{"format": "mixbits.sweep/1"}')
+    (tmp_path / "results.json").write_text('{"format": "mixbits.jobs.sweep/1"}')
     with pytest.raises(ValueError, match="mixbits.results/1"):
         load_run(tmp_path)
 

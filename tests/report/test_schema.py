@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mixbits.iterative import IterativeConfig
+from mixbits.config import IterativeConfig
 from mixbits.pipeline import run
 from mixbits.quant.spec import QuantSpec
 from tests.report.conftest import _config

@@ -9,7 +9,7 @@ from mixbits.model.quantize import quantize_model
 from mixbits.plan import Plan
 from mixbits.quant.affine import quantize
 from mixbits.quant.spec import KEEP, QuantSpec
-from mixbits.train.config import TrainConfig
+from mixbits.config import TrainConfig
 from mixbits.train.run import train_model
 from tests.conftest import tiny_gpt2, tiny_llama
 

@@ -2,9 +2,10 @@ import math
 
 import pytest
 
+from mixbits.config import SCHEDULES
 from mixbits.quant.spec import QuantSpec
 from mixbits.train.schedule import (
-    SCHEDULES, BlockSchedule, block_bits, block_schedule, block_sensitivity, model_schedules, normalise_scores)
+    BlockSchedule, block_bits, block_schedule, block_sensitivity, model_schedules, normalise_scores)
 
 S = (0.0, 0.25, 0.5, 1.0)
 

@@ -42,7 +42,7 @@ def analyze(
 ) -> None:
     """Sensitivity by several methods, validated against measured damage; writes tables and plots."""
     setup_logging(verbose)
-    from mixbits.sensitivity.analyze import AnalyzeConfig, analyze as run_analyze  # heavy imports after parsing
+    from mixbits.jobs.analyze import AnalyzeConfig, analyze as run_analyze  # heavy imports after parsing
 
     with user_errors():
         cfg = AnalyzeConfig(
@@ -79,7 +79,7 @@ def allocate(
     output: Optional[Path] = typer.Option(None, help="write the (first) strategy's plan here, JSON or .yaml"),
 ) -> None:
     """Allocate bits from a saved sensitivity table with any strategy; compare several at once."""
-    from mixbits.allocate.command import allocate_from_table
+    from mixbits.jobs.allocate import allocate_from_table
 
     with user_errors(KeyError):
         results, table = allocate_from_table(

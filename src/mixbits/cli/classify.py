@@ -78,7 +78,7 @@ def classify(
     """Accuracy drop per layer at 4 bits, and INT8 / INT4 / INT6+INT4 / INT8+selective-INT4 plans."""
     setup_logging(verbose)
     from mixbits.classify.config import ClassifyConfig  # heavy imports after parsing
-    from mixbits.classify.flow import run_classify
+    from mixbits.jobs.classify import run_classify
 
     with user_errors():
         cfg = ClassifyConfig(

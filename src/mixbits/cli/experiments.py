@@ -1,4 +1,4 @@
-"""`mixbits compare` and `mixbits ablate`: the experiments of `mixbits.experiments`, each flag a
+"""`mixbits compare` and `mixbits ablate`: the experiment jobs of `mixbits.jobs`, each flag a
 config field; the work, the resume logic and the files are in that package."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from mixbits.cli.common import (
     app, console, setup_logging, run_config, CACHE, GPTQ_ACT_ORDER, GPTQ_CLIP, MODEL, DATASET, SEQLEN, CALIB_WINDOWS, DAMAGE, EVAL_WINDOWS,
     SEED, BITS, GROUP_SIZES, MIN_BITS, MAX_BITS, KEEP, PIN, TIE, QUANTIZER, DEVICE, VERBOSE,
 )
-from mixbits.experiments.config import ABLATE_TRAIN, DEFAULT_BUDGETS, SECTIONS, SEED_STRATEGIES, parse_list
-from mixbits.train.schedule import SCHEDULES
+from mixbits.jobs.experiment_config import ABLATE_TRAIN, DEFAULT_BUDGETS, SECTIONS, SEED_STRATEGIES, parse_list
+from mixbits.config import SCHEDULES
 
 
 def _models(given: list[str], extra: Optional[list[str]]) -> tuple[str, ...]:
@@ -57,8 +57,8 @@ def compare(
     setup_logging(verbose)
     if target_bpw is None and target_size_mb is None:
         target_bpw = 3.25
-    from mixbits.experiments.compare import CompareFailed, run_compare
-    from mixbits.experiments.config import CompareConfig
+    from mixbits.jobs.compare import CompareFailed, run_compare
+    from mixbits.jobs.experiment_config import CompareConfig
     from mixbits.report.comparison_report import write_comparison_report
     from mixbits.report.experiment_plots import plot_comparison
     from mixbits.report.experiment_tables import print_comparison
@@ -131,12 +131,12 @@ def ablate(
 ) -> None:
     """The seed's ablations on one model, one calibration set, one test set, one sensitivity table."""
     setup_logging(verbose)
-    from mixbits.experiments.ablate import run_ablation
-    from mixbits.experiments.config import AblateConfig
+    from mixbits.jobs.ablate import run_ablation
+    from mixbits.jobs.experiment_config import AblateConfig
     from mixbits.report.experiment_plots import plot_ablation
     from mixbits.report.experiment_tables import print_ablation
-    from mixbits.sweep import parse_range
-    from mixbits.train.config import TrainConfig
+    from mixbits.jobs.sweep import parse_range
+    from mixbits.config import TrainConfig
 
     with user_errors():
         run_cfg = run_config(

@@ -13,10 +13,9 @@ from mixbits.cli.common import (
     app, console, setup_logging, run_config, CACHE, GPTQ_ACT_ORDER, GPTQ_CLIP, MODEL, DATASET, SEQLEN, CALIB_WINDOWS, DAMAGE, EVAL_WINDOWS,
     SEED, BITS, GROUP_SIZES, MIN_BITS, MAX_BITS, KEEP, PIN, TIE, QUANTIZER, DEVICE, VERBOSE,
 )
-from mixbits.report.console import print_results, print_sweep
-from mixbits.iterative import IterativeConfig
+from mixbits.config import IterativeConfig, TrainConfig
 from mixbits.quant.spec import QuantSpec
-from mixbits.train.config import TrainConfig
+from mixbits.report.console import print_results, print_sweep
 
 _T = TrainConfig()
 _I = IterativeConfig()
@@ -142,7 +141,7 @@ def sweep(
     setup_logging(verbose)
     from mixbits.allocate.registry import STRATEGIES
     from mixbits.report.sweep_plots import plot_sweep
-    from mixbits.sweep import SweepConfig, parse_range, run_sweep
+    from mixbits.jobs.sweep import SweepConfig, parse_range, run_sweep
 
     with user_errors():
         budgets = parse_range(bpw)

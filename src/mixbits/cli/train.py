@@ -12,7 +12,7 @@ from mixbits.cli.common import (
     user_errors,
     app, console, setup_logging, MODEL, DATASET, EVAL_WINDOWS, SEED, DEVICE, VERBOSE,
 )
-from mixbits.train.config import TrainConfig
+from mixbits.config import TrainConfig
 
 
 _T = TrainConfig()
@@ -48,7 +48,7 @@ def train(
 ) -> None:
     """Block-AP (then optionally E2E-QP) of a model quantized by a plan; evaluated against its init."""
     setup_logging(verbose)
-    from mixbits.train.command import train_command  # heavy imports only once arguments parse
+    from mixbits.jobs.train import train_command  # heavy imports only once arguments parse
 
     with user_errors():
         cfg = TrainConfig(

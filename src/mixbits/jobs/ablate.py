@@ -28,13 +28,13 @@ from mixbits.allocate.budget import Budget
 from mixbits.allocate.feasibility import BudgetInfeasible, check_budget
 from mixbits.allocate.presets import PRESET_TARGET_BPW
 from mixbits.eval.perplexity import CONVENTION, evaluate_models
-from mixbits.experiments.ablate_sections import Context, budget_section, strategy_section, training_section
-from mixbits.experiments.common import fingerprint
-from mixbits.experiments.config import SECTIONS, AblateConfig
+from mixbits.jobs.ablate_sections import Context, budget_section, strategy_section, training_section
+from mixbits.jobs.common import fingerprint
+from mixbits.jobs.experiment_config import SECTIONS, AblateConfig
 from mixbits.io import atomic_write_json
 from mixbits.pipeline import calibrate, prepare, sensitivity
 from mixbits.plan import Plan
-from mixbits.report.results import environment
+from mixbits.provenance import environment
 from mixbits.timing import StageTimer
 
 log = logging.getLogger(__name__)

@@ -30,13 +30,13 @@ from mixbits.allocate.optimal import allocate_optimal
 from mixbits.allocate.presets import PRESET_TARGET_BPW
 from mixbits.allocate.registry import predicted_damage, run_strategy
 from mixbits.config import RunConfig
-from mixbits.experiments.common import Scored, plan_row, score_plans
-from mixbits.experiments.config import AblateConfig
-from mixbits.experiments.schedules import arm_config, trained_row, untrained_row
+from mixbits.jobs.common import Scored, plan_row, score_plans
+from mixbits.jobs.experiment_config import AblateConfig
+from mixbits.jobs.schedules import arm_config, trained_row, untrained_row
 from mixbits.pipeline import Prepared
 from mixbits.plan import Plan
 from mixbits.sensitivity.table import DamageTable
-from mixbits.train.command import training_windows
+from mixbits.train.windows import training_windows
 from mixbits.train.schedule import block_sensitivity
 
 

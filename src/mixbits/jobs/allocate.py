@@ -14,6 +14,7 @@ from mixbits.allocate.budget import Budget
 from mixbits.allocate.feasibility import check_budget
 from mixbits.allocate.optimal import Constraints, unit_groups
 from mixbits.allocate.registry import BUDGETED, STRATEGIES, StrategyResult, run_strategy
+from mixbits.errors import UserError
 from mixbits.model.arch import ARCHS
 from mixbits.plan import Plan
 from mixbits.quant.spec import QuantSpec
@@ -38,7 +39,7 @@ def _restrict(table: DamageTable, bits, group_sizes) -> DamageTable:
     cols = [j for j, c in enumerate(table.configs)
             if c.keep or ((bits is None or c.bits in bits) and (group_sizes is None or c.group_size in group_sizes))]
     if not any(not table.configs[j].keep for j in cols):
-        raise ValueError(f"--bits/--group-sizes leave no quantizing config; the table has {[c.label for c in table.configs]}")
+        raise UserError(f"--bits/--group-sizes leave no quantizing config; the table has {[c.label for c in table.configs]}")
     if len(cols) == len(table.configs):
         return table
     return dataclasses.replace(table, configs=tuple(table.configs[j] for j in cols), damage=table.damage[:, cols])
@@ -60,7 +61,7 @@ def allocate_from_table(
         if target_size_mb is not None and fixed_bytes is None:
             fixed_bytes = table.meta.get("other_bytes_fp16")
             if fixed_bytes is None:
-                raise ValueError("--target-size-mb needs --fixed-bytes (bytes outside the block linears, as in "
+                raise UserError("--target-size-mb needs --fixed-bytes (bytes outside the block linears, as in "
                                  "results.json 'other_bytes_fp16'); or give --target-bpw")
         budget = Budget(bpw=target_bpw, size_mb=target_size_mb)
         shapes = dict(zip(table.units, table.shapes))

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mixbits.report.results import environment
+from mixbits.errors import UserError
+from mixbits.provenance import environment
 from mixbits.config import DEFAULT_BITS, DEFAULT_GROUPS, candidate_configs, resolve_device
 from mixbits.data.text import load_text, resolve_text
 from mixbits.data.windows import calibration_windows, eval_windows, text_fingerprint
@@ -49,7 +50,7 @@ def _parse(labels: tuple[str, ...], flag: str) -> tuple[QuantSpec, ...]:
     try:
         return tuple(QuantSpec.parse(label) for label in labels)
     except ValueError as err:
-        raise ValueError(f"{flag} {','.join(labels)}: {err}") from None
+        raise UserError(f"{flag} {','.join(labels)}: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -78,13 +79,13 @@ class AnalyzeConfig:
         check_methods(self.methods)
         check_granularity(self.granularity)
         if self.validate_with not in MEASURED:
-            raise ValueError(f"--validate-with {self.validate_with!r}; use one of {MEASURED}")
+            raise UserError(f"--validate-with {self.validate_with!r}; use one of {MEASURED}")
         for flag, value, low in (("--calib-windows", self.calib_windows, 1), ("--seqlen", self.seqlen, 2),
                                  ("--validate-windows", self.validate_windows, 1)):
             if value < low:
-                raise ValueError(f"{flag} {value} must be at least {low}")
+                raise UserError(f"{flag} {value} must be at least {low}")
         if self.validate and not self.validation_specs():
-            raise ValueError("--validate-configs holds no quantizing config; give e.g. w2g128,w3g128")
+            raise UserError("--validate-configs holds no quantizing config; give e.g. w2g128,w3g128")
         self.configs()
 
     def validation_specs(self) -> tuple[QuantSpec, ...]:
@@ -217,7 +218,7 @@ def analyze(cfg: AnalyzeConfig) -> dict:
     resolve_text(cfg.dataset)
     validate_model_name(cfg.model)
     if cfg.sensitivity_file is not None and not Path(cfg.sensitivity_file).is_file():
-        raise ValueError(f"--sensitivity-file {str(cfg.sensitivity_file)!r} does not exist; check the path")
+        raise UserError(f"--sensitivity-file {str(cfg.sensitivity_file)!r} does not exist; check the path")
     device = resolve_device(cfg.device)
     model, tokenizer = load_model(resolve_model_source(cfg.model), device=device)
     linears = find_linears(model)

@@ -41,10 +41,10 @@ from mixbits.io import atomic_write_json
 from mixbits.model.apply import fake_quantize_model
 from mixbits.model.arch import find_linears
 from mixbits.model.load import load_model, validate_model_name
-from mixbits.pipeline import fixed_bytes_of
+from mixbits.model.arch import fixed_bytes_of
 from mixbits.plan import Plan
 from mixbits.report.classify_plots import plot_classify
-from mixbits.report.results import environment
+from mixbits.provenance import environment
 from mixbits.sensitivity.ablation import classifier_ablation
 from mixbits.sensitivity.units import block_units, units_of
 

@@ -28,8 +28,8 @@ from pathlib import Path
 from mixbits import pipeline
 from mixbits.config import RunConfig, resolve_device
 from mixbits.data.text import resolve_text
-from mixbits.experiments.common import fingerprint
-from mixbits.experiments.config import CompareConfig, safe_name
+from mixbits.jobs.common import fingerprint
+from mixbits.jobs.experiment_config import CompareConfig, safe_name
 from mixbits.io import atomic_write_json
 from mixbits.model.load import validate_model_name
 from mixbits.plan import Plan

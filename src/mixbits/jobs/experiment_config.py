@@ -17,8 +17,9 @@ from pathlib import Path
 from mixbits.allocate.presets import PRESET_TARGET_BPW
 from mixbits.allocate.registry import STRATEGIES
 from mixbits.config import RunConfig
-from mixbits.train.config import TrainConfig
-from mixbits.train.schedule import SCHEDULES
+from mixbits.config import TrainConfig
+from mixbits.config import SCHEDULES
+from mixbits.errors import UserError
 
 SECTIONS = ("strategy", "training", "budget")
 SEED_STRATEGIES = tuple(PRESET_TARGET_BPW)  # conservative 5.0, adaptive 4.0, aggressive 3.0 bpw (seed 000)
@@ -44,7 +45,7 @@ def _known_arm(arm: str) -> bool:
 def _unique(values: tuple[str, ...], flag: str) -> None:
     seen = [v for i, v in enumerate(values) if v in values[:i]]
     if seen:
-        raise ValueError(f"{flag} lists {seen[0]!r} twice; give each once")
+        raise UserError(f"{flag} lists {seen[0]!r} twice; give each once")
 
 
 @dataclass(frozen=True)
@@ -56,15 +57,15 @@ class CompareConfig:
 
     def __post_init__(self) -> None:
         if not self.models:
-            raise ValueError("give at least one model, e.g. --models smollm2-135m org/other-model")
+            raise UserError("give at least one model, e.g. --models smollm2-135m org/other-model")
         _unique(self.models, "--models")
         clash = next(((a, b) for i, a in enumerate(self.models) for b in self.models[i + 1:]
                       if safe_name(a) == safe_name(b)), None)
         if clash:
-            raise ValueError(f"models {clash[0]!r} and {clash[1]!r} would share the folder {safe_name(clash[0])!r}; "
+            raise UserError(f"models {clash[0]!r} and {clash[1]!r} would share the folder {safe_name(clash[0])!r}; "
                              "rename one of the local folders")
         if self.run.plan is not None or self.run.train is not None:
-            raise ValueError("compare allocates each model's own plan without training; drop --plan / --qat")
+            raise UserError("compare allocates each model's own plan without training; drop --plan / --qat")
 
     def model_dir(self, model: str) -> Path:
         return Path(self.output_dir) / safe_name(model)
@@ -87,35 +88,35 @@ class AblateConfig:
         self._check_sections()
         unknown = [s for s in self.strategies if s not in STRATEGIES or s == "optimal"]
         if unknown:
-            raise ValueError(f"--strategies {','.join(unknown)}: not a heuristic strategy; choose from "
+            raise UserError(f"--strategies {','.join(unknown)}: not a heuristic strategy; choose from "
                              f"{', '.join(s for s in STRATEGIES if s != 'optimal')} (each is paired with optimal)")
         if "strategy" in self.sections and not self.strategies:
-            raise ValueError("--strategies is empty; give at least one, e.g. conservative,adaptive,aggressive")
+            raise UserError("--strategies is empty; give at least one, e.g. conservative,adaptive,aggressive")
         _unique(self.strategies, "--strategies")
         bad = [b for b in self.budgets_bpw if not (math.isfinite(b) and b > 0)]
         if bad:
-            raise ValueError(f"--budgets {bad[0]!r} must be a positive number of bits per weight, e.g. 2.5,3,4")
+            raise UserError(f"--budgets {bad[0]!r} must be a positive number of bits per weight, e.g. 2.5,3,4")
         if "budget" in self.sections and not self.budgets_bpw:
-            raise ValueError("--budgets is empty; give at least one, e.g. 2.5,3,3.5,4,4.5")
+            raise UserError("--budgets is empty; give at least one, e.g. 2.5,3,3.5,4,4.5")
         unknown = [s for s in self.schedules if not _known_arm(s)]
         if unknown:
-            raise ValueError(f"--qat-schedules {','.join(unknown)}: unknown; choose from {', '.join(SCHEDULES)}, "
+            raise UserError(f"--qat-schedules {','.join(unknown)}: unknown; choose from {', '.join(SCHEDULES)}, "
                              "each optionally with +e2e (then E2E-QP), e.g. fixed,sqrt,fixed+e2e")
         if "training" in self.sections and not self.schedules:
-            raise ValueError(f"--qat-schedules is empty; give at least one of {', '.join(SCHEDULES)}")
+            raise UserError(f"--qat-schedules is empty; give at least one of {', '.join(SCHEDULES)}")
         _unique(self.schedules, "--qat-schedules")
         if self.train.dataset != self.run.data.dataset:
-            raise ValueError(f"training text {self.train.dataset!r} differs from the run's {self.run.data.dataset!r}; "
+            raise UserError(f"training text {self.train.dataset!r} differs from the run's {self.run.data.dataset!r}; "
                              "the ablation uses one text: set TrainConfig(dataset=...) to the run's dataset")
         if self.run.plan is not None or self.run.train is not None:
-            raise ValueError("ablate allocates its own plans and trains in its training section; drop --plan / --qat")
+            raise UserError("ablate allocates its own plans and trains in its training section; drop --plan / --qat")
         if self.models_per_pass < 1:
-            raise ValueError(f"models_per_pass={self.models_per_pass} must be at least 1")
+            raise UserError(f"models_per_pass={self.models_per_pass} must be at least 1")
 
     def _check_sections(self) -> None:
         unknown = [s for s in self.sections if s not in SECTIONS]
         if unknown or not self.sections:
-            raise ValueError(f"--sections {','.join(self.sections) or '(empty)'}: choose one or more of "
+            raise UserError(f"--sections {','.join(self.sections) or '(empty)'}: choose one or more of "
                              f"{','.join(SECTIONS)}")
         _unique(self.sections, "--sections")
 

@@ -31,44 +31,18 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
+from mixbits.allocate.iterative import exceeds
+from mixbits.config import IterativeConfig
 from mixbits.model.arch import get_weight, set_weight
 from mixbits.plan import Plan
 from mixbits.quant.spec import QuantSpec
-from mixbits.sensitivity.table import DamageTable
 
 log = logging.getLogger(__name__)
 
 STOP_REASONS = ("threshold", "max_iterations", "all_quantized")
-
-
-@dataclass(frozen=True)
-class IterativeConfig:
-    spec: QuantSpec = QuantSpec(4, 128)
-    layers_per_iteration: int = 5
-    max_ppl_increase: float = 0.01  # relative: 0.01 = 1 % above the original's validation perplexity
-    max_iterations: int = 100
-    windows: int = 4  # validation windows scored after each step (cfg.data.seqlen tokens each)
-
-    def __post_init__(self) -> None:
-        if self.spec.keep:
-            raise ValueError("--iterative-spec must be a quantized config such as w4g128, not 16-bit keep")
-        if self.layers_per_iteration < 1:
-            raise ValueError(f"--layers-per-iteration {self.layers_per_iteration} must be at least 1")
-        if not self.max_ppl_increase > 0:
-            raise ValueError(f"--max-ppl-increase {self.max_ppl_increase} must be > 0 (relative: 0.05 = 5 %)")
-        if self.max_iterations < 1:
-            raise ValueError(f"--max-iterations {self.max_iterations} must be at least 1")
-        if self.windows < 1:
-            raise ValueError(f"--iterative-windows {self.windows} must be at least 1")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["spec"] = self.spec.label
-        return d
 
 
 @dataclass(frozen=True)
@@ -99,26 +73,6 @@ class IterativeResult:
     def final(self) -> Step | None:
         kept = [s for s in self.steps if s.accepted]
         return kept[-1] if kept else None
-
-
-def exceeds(ppl: float, original_ppl: float, max_increase: float) -> bool:
-    """The stop rule: the relative increase over the original is above the limit (NaN exceeds)."""
-    increase = ppl / original_ppl - 1.0
-    return not increase <= max_increase
-
-
-def sensitivity_order(table: DamageTable, groups: Sequence[tuple[str, ...]], spec: QuantSpec) -> list[tuple[str, ...]]:
-    """Groups sorted by their summed predicted damage at `spec`, least first (model order breaks ties)."""
-    if spec not in table.configs:
-        raise ValueError(f"the damage table has no column for {spec.label}; its configs are "
-                         f"{[c.label for c in table.configs]} (add the bits/group size to --bits/--group-sizes)")
-    col, index = table.configs.index(spec), table.index()
-    missing = [n for g in groups for n in g if n not in index]
-    if missing:
-        raise ValueError(f"the damage table has no row for {missing[:3]}; it was computed for another model")
-    damage = [float(sum(table.damage[index[n], col] for n in g)) for g in groups]
-    order = np.argsort(np.asarray(damage), kind="stable")
-    return [tuple(groups[i]) for i in order]
 
 
 @torch.no_grad()

@@ -17,13 +17,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mixbits.errors import UserError
 from mixbits.eval.perplexity import evaluate_models
 from mixbits.model.quantize import quantize_model
 from mixbits.plan import Plan
 from mixbits.quant.gptq import GPTQConfig
-from mixbits.train.config import TrainConfig
+from mixbits.config import TrainConfig
 from mixbits.train.run import train_model
-from mixbits.train.schedule import check_schedule
+from mixbits.config import check_schedule
 
 
 def arm_config(base: TrainConfig, init: str, arm: str) -> TrainConfig:
@@ -31,7 +32,7 @@ def arm_config(base: TrainConfig, init: str, arm: str) -> TrainConfig:
     schedule, _, extra = arm.partition("+")
     check_schedule(schedule)
     if extra not in ("", "e2e"):
-        raise ValueError(f"training arm {arm!r}: after '+' only 'e2e' is known, e.g. fixed+e2e")
+        raise UserError(f"training arm {arm!r}: after '+' only 'e2e' is known, e.g. fixed+e2e")
     return replace(base, init=init, schedule=schedule, total_epoch_budget=schedule != "fixed", e2e=extra == "e2e")
 
 

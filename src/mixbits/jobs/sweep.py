@@ -18,17 +18,18 @@ from mixbits.allocate.budget import Budget
 from mixbits.allocate.feasibility import BudgetInfeasible, check_budget
 from mixbits.allocate.registry import STRATEGIES, predicted_damage, run_strategy
 from mixbits.config import RunConfig
+from mixbits.errors import UserError
 from mixbits.eval.perplexity import CONVENTION, evaluate_models
 from mixbits.io import atomic_write_json
 from mixbits.model.quantize import quantize_model
 from mixbits.pipeline import calibrate, prepare, sensitivity
 from mixbits.plan import Plan
-from mixbits.report.results import environment
+from mixbits.provenance import environment
 from mixbits.timing import StageTimer, time_forward
 
 log = logging.getLogger(__name__)
 
-SWEEP_FORMAT = "mixbits.sweep/1"
+SWEEP_FORMAT = "mixbits.jobs.sweep/1"
 
 
 @dataclass(frozen=True)
@@ -42,9 +43,9 @@ class SweepConfig:
     def __post_init__(self) -> None:
         unknown = [s for s in self.strategies if s not in STRATEGIES]
         if unknown:
-            raise ValueError(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
+            raise UserError(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
         if not self.budgets_bpw:
-            raise ValueError("give at least one budget, e.g. --bpw 2.5:4.5:0.25")
+            raise UserError("give at least one budget, e.g. --bpw 2.5:4.5:0.25")
 
 
 def parse_range(text: str) -> tuple[float, ...]:
@@ -56,7 +57,7 @@ def parse_range(text: str) -> tuple[float, ...]:
             return tuple(round(lo + i * step, 6) for i in range(n))
         return tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise ValueError(f"budget range {text!r} must look like 2.5:4.5:0.25 or 2.5,3,3.25") from None
+        raise UserError(f"budget range {text!r} must look like 2.5:4.5:0.25 or 2.5,3,3.25") from None
 
 
 def _plans(cfg: SweepConfig, p, table) -> list[dict]:

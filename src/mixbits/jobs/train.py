@@ -1,4 +1,4 @@
-"""`mixbits train`: a saved plan + a model -> a trained quantized model, evaluated and saved.
+"""The train job (`mixbits train`): a saved plan + a model -> a trained quantized model, evaluated and saved.
 
 One function for the CLI to call: it loads the model (kept on the CPU; blocks visit the device
 one at a time), cuts calibration and validation windows from their own document splits, reads
@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from mixbits.config import resolve_device
+from mixbits.config import TrainConfig, resolve_device
 from mixbits.data.text import load_text
-from mixbits.data.windows import calibration_windows, eval_windows, text_fingerprint
+from mixbits.data.windows import eval_windows, text_fingerprint
+from mixbits.errors import UserError
 from mixbits.eval.perplexity import CONVENTION, evaluate_models
 from mixbits.export.native import save_native
 from mixbits.io import atomic_write_json
@@ -28,23 +29,12 @@ from mixbits.model.load import load_model, resolve_model_source
 from mixbits.model.quantize import quantize_model
 from mixbits.plan import Plan
 from mixbits.sensitivity.seedfile import read_seed_file
-from mixbits.train.config import TrainConfig
 from mixbits.train.run import train_model
+from mixbits.train.windows import training_windows
 
 log = logging.getLogger(__name__)
 
 REPORT_FORMAT = "mixbits.train-report/1"
-
-
-def training_windows(tokenizer, cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """Training windows from the calibration split and the windows that pick each block's best state
-    from the validation split (its own documents), both cfg.seqlen tokens, sampled with cfg.seed."""
-    return {
-        "calibration": calibration_windows(tokenizer, load_text(cfg.dataset, "calibration"), cfg.seqlen,
-                                           cfg.train_size, cfg.seed),
-        "validation": calibration_windows(tokenizer, load_text(cfg.dataset, "validation"), cfg.seqlen,
-                                          cfg.val_size, cfg.seed),
-    }
 
 
 def _windows(tokenizer, cfg: TrainConfig, eval_count: int) -> dict[str, torch.Tensor]:
@@ -69,7 +59,7 @@ def train_command(*, model: str, plan: Path, output_dir: Path, cfg: TrainConfig,
     """Everything `mixbits train` does (module docstring); returns what train_report.json holds."""
     output_dir = Path(output_dir)
     if cfg.schedule != "fixed" and sensitivity_file is None:
-        raise ValueError(f"schedule {cfg.schedule!r} needs a sensitivity score per block; pass --sensitivity-file "
+        raise UserError(f"schedule {cfg.schedule!r} needs a sensitivity score per block; pass --sensitivity-file "
                          "(a {\"sensitivity_scores\": [one per block]} file) or use --schedule fixed")
     the_plan = Plan.load(plan)
     torch_device = resolve_device(device)

@@ -124,6 +124,20 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name)
 
 
+def fixed_bytes_of(model: nn.Module, shapes: dict[str, tuple[int, int]]) -> int:
+    """Bytes of every tensor outside the quantizable linears `shapes`, stored in 16 bit (tied tensors
+    counted once): what a size budget adds to the planned layers' bytes."""
+    skip = {f"{n}.weight" for n in shapes}
+    seen, total = set(), 0
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tuple(tensor.shape))
+        if name in skip or key in seen:
+            continue
+        seen.add(key)
+        total += tensor.numel() * (2 if tensor.is_floating_point() else tensor.element_size())
+    return total
+
+
 def get_weight(module: nn.Module) -> torch.Tensor:
     """The weight as [out, in], whatever the module stores."""
     return module.weight.t() if _is_conv1d(module) else module.weight

@@ -20,32 +20,17 @@ This module formats and writes; it computes no new measurement.
 
 from __future__ import annotations
 
-import platform
 from pathlib import Path
 
-import torch
-import transformers
-
-import mixbits
 from mixbits.io import atomic_write_json
 from mixbits.eval.perplexity import CONVENTION
 from mixbits.plan import Plan
+from mixbits.provenance import environment
 from mixbits.quant.cost import layer_storage_bytes
 from mixbits.quant.spec import KEEP
 from mixbits.sensitivity.table import DamageTable
 
 RESULTS_FORMAT = "mixbits.results/1"
-
-
-def environment(device: torch.device) -> dict:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "mixbits": mixbits.__version__,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-    }
 
 
 def predicted_damage(table: DamageTable, plan: Plan) -> float:

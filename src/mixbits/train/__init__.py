@@ -2,6 +2,6 @@
 
 Entry point: `mixbits.train.run.train_model(model, plan, calib, val, TrainConfig(...), device=...)`
 returns the trained quantized model and a `TrainReport` whose `.qparams` go to `save_native`;
-`mixbits.train.command.train_command` is the whole `mixbits train` command. Kept import-free so
-that the CLI can read `TrainConfig` defaults without loading torch.
+`mixbits.jobs.train.train_command` is the whole `mixbits train` job; `mixbits.config.TrainConfig`
+holds the settings.
 """

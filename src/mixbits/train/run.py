@@ -40,7 +40,7 @@ from mixbits.quant.gptq import GPTQConfig
 from mixbits.train.activations import Stream, advance, capture_stream
 from mixbits.train.block_ap import BlockHParams, BlockOutcome, train_block
 from mixbits.train.checkpoint import BlockCheckpoint
-from mixbits.train.config import TrainConfig
+from mixbits.config import TrainConfig
 from mixbits.train.e2e_qp import E2EParams, train_step_sizes
 from mixbits.train.quantized_block import QuantizedBlock, start_of
 from mixbits.train.report import BlockStats, TrainReport

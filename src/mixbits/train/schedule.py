@@ -28,13 +28,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-SCHEDULES = ("fixed", "linear", "sqrt", "conservative", "joint")
-
-
-def check_schedule(name: str) -> str:
-    if name not in SCHEDULES:
-        raise ValueError(f"schedule={name!r} is not known; use one of {', '.join(SCHEDULES)}")
-    return name
+from mixbits.config import check_schedule
 
 
 @dataclass(frozen=True)
