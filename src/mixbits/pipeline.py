@@ -63,8 +63,11 @@ def constraints_of(cfg: RunConfig) -> Constraints:
     return Constraints(min_bits=a.min_bits, max_bits=a.max_bits, keep=a.keep, pins=pins, tie=a.tie)
 
 
-def prepare(cfg: RunConfig, timer: StageTimer) -> Prepared:
-    """Validate every input (cheap checks first), load the model, check the budget."""
+def prepare(cfg: RunConfig, timer: StageTimer, loaded: tuple[nn.Module, object] | None = None) -> Prepared:
+    """Validate every input (cheap checks first), load the model, check the budget.
+
+    `loaded`: an already loaded (model, tokenizer) to use instead of loading `cfg.model`
+    (`mixbits.api.quantize` passes a notebook's model); it is moved to the device and put in eval mode."""
     resolve_text(cfg.data.dataset)
     if cfg.tasks:  # names, and the data sets behind them, before anything expensive
         from mixbits.eval.zeroshot import check_options, resolve_tasks
@@ -76,8 +79,10 @@ def prepare(cfg: RunConfig, timer: StageTimer) -> Prepared:
     given = Plan.load(cfg.plan) if cfg.plan is not None else None
     budget = Budget(cfg.allocation.target_bpw, cfg.allocation.target_size_mb)
     with timer.stage("load"):
-        source = resolve_model_source(cfg.model)
-        model, tokenizer = load_model(source, device=device)
+        if loaded is not None:
+            model, tokenizer = loaded[0].to(device).eval(), loaded[1]
+        else:
+            model, tokenizer = load_model(resolve_model_source(cfg.model), device=device)
     linears = find_linears(model)
     shapes = {n: (i.out_features, i.in_features) for n, i in linears.items()}
     groups = unit_groups(tuple(linears), tied_groups(model, linears), constraints.tie)
