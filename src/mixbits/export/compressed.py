@@ -110,4 +110,4 @@ def write_compressed(
         tensors.update(_layer_tensors(name, layer))
     tensors.update(plain_tensors(model, linear_keys(layers)))
     side = {"mixbits-export.json": {"format": "compressed-tensors", "plan": plan.to_dict()}}
-    return write_hf_folder(path, export_config(model, config), tensors, tokenizer, side)
+    return write_hf_folder(path, export_config(model, config), tensors, tokenizer, side, kind="compressed")

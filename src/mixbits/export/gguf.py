@@ -45,6 +45,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from torch import Tensor, nn
 
+from mixbits.errors import UserError
 from mixbits.export.ggml_blocks import encode_blocks
 from mixbits.export.gguf_vocab import add_tokenizer
 from mixbits.export.rules import ExportError, Rules, require_expressible
@@ -59,6 +60,16 @@ log = logging.getLogger(__name__)
 
 RULES = Rules("gguf", bits=(4, 5, 8), row_multiple=32)
 REGROUP = ("repeat", "requantize")
+QUANTIZED_BY = "mixbits"  # general.quantized_by: marks a GGUF file that mixbits wrote
+
+
+def is_mixbits_gguf(path: str | Path) -> bool:
+    """Whether `path` is a GGUF file that mixbits wrote (its general.quantized_by says so)."""
+    try:
+        field = gguf.GGUFReader(str(path)).get_field(gguf.Keys.General.QUANTIZED_BY)
+        return field is not None and field.contents() == QUANTIZED_BY
+    except (ValueError, OSError, IndexError, KeyError, TypeError):  # not GGUF at all, or damaged: not ours
+        return False
 _FILE_TYPES = {Q.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, Q.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
                Q.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0, Q.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1,
                Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}
@@ -163,6 +174,7 @@ def _add_metadata(writer: gguf.GGUFWriter, config, arch: GGUFArch, file_type, na
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     rope = getattr(config, "rope_parameters", None) or {}
     writer.add_name(name)
+    writer.add_quantized_by(QUANTIZED_BY)  # how `is_mixbits_gguf` recognises an earlier export
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_context_length(config.max_position_embeddings)
@@ -197,7 +209,7 @@ def write_gguf(
 ) -> Path:
     """Write `model` quantized by `plan` to the GGUF file `path`; see the module docstring."""
     if regroup not in REGROUP:
-        raise ValueError(f"regroup={regroup!r}; use 'repeat' (keep the plan's codes) or 'requantize' (min-max per 32)")
+        raise UserError(f"regroup={regroup!r}; use 'repeat' (keep the plan's codes) or 'requantize' (min-max per 32)")
     config = model.config
     arch = gguf_arch(config)
     require_expressible(RULES, plan, layer_shapes(model))

@@ -52,6 +52,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from mixbits.errors import UserError
 from mixbits.export.hf_folder import write_hf_folder
 from mixbits.export.rules import ExportError, Rules, require_expressible
 from mixbits.export.tensors import StoredLayer, export_config, linear_keys, pack_int32, plain_tensors, stored_layers
@@ -163,7 +164,7 @@ def write_gptq(
 ) -> Path:
     """Write `model` quantized by `plan` as a GPTQ folder at `path`; see the module docstring."""
     if checkpoint_format not in CHECKPOINT_FORMATS:
-        raise ValueError(f"checkpoint_format={checkpoint_format!r}; use 'gptq' (v1, widest support) or 'gptq_v2'")
+        raise UserError(f"checkpoint_format={checkpoint_format!r}; use 'gptq' (v1, widest support) or 'gptq_v2'")
     linears = find_linears(model)
     units = tied_groups(model, linears)
     require_expressible(RULES, plan, layer_shapes(model), [u for u in units if len(u) > 1])
@@ -181,4 +182,4 @@ def write_gptq(
     tensors.update(plain_tensors(model, linear_keys(layers)))
     side = {"quantize_config.json": config,
             "mixbits-export.json": {"format": "gptq", "plan": plan.to_dict(), "refitted_zero_groups": refitted}}
-    return write_hf_folder(path, export_config(model, config), tensors, tokenizer, side)
+    return write_hf_folder(path, export_config(model, config), tensors, tokenizer, side, kind="gptq")

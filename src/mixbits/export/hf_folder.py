@@ -22,10 +22,11 @@ def write_hf_folder(
     tensors: Mapping[str, Tensor],
     tokenizer=None,
     side_files: Mapping[str, object] | None = None,
+    kind: str = "export",
 ) -> Path:
     """Write `tensors` with `config` (a PretrainedConfig) and the tokenizer to the folder `path`."""
     path = Path(path)
-    with staged_dir(path) as tmp:
+    with staged_dir(path, kind=kind) as tmp:
         # "format": "pt" is what transformers expects in a safetensors header
         save_file(dict(tensors), str(tmp / WEIGHTS), metadata={"format": "pt"})
         config.save_pretrained(tmp)

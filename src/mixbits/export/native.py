@@ -9,13 +9,13 @@ Layout of a saved folder:
     config.json (+ tokenizer files)
 
 Bytes on disk of `model.safetensors` are what results report as the model's size. The folder
-is written to a temporary sibling and renamed, so a crash never leaves half a model.
+is written to a temporary sibling and swapped into place (`staging.staged_dir`), so a crash never
+leaves half a model and a user's own files in the folder survive.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -25,6 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mixbits.errors import UserError
+from mixbits.export.staging import staged_dir
 from mixbits.io import atomic_write_json
 from mixbits.model.apply import layer_shapes
 from mixbits.model.arch import get_bias, get_weight
@@ -79,20 +81,12 @@ def save_native(
     plan.validate(layer_shapes(model))
     packed, replaced = _packed_tensors(model, plan, qparams or {})
     plain, tied = _plain_tensors(model, replaced)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with staged_dir(path, kind="native") as tmp:
         save_file({**plain, **packed}, str(tmp / WEIGHTS), metadata={"format": NATIVE_FORMAT})
         atomic_write_json(tmp / "mixbits.json", {"format": NATIVE_FORMAT, "plan": plan.to_dict(), "tied": tied})
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return (path / WEIGHTS).stat().st_size
 
 
@@ -109,10 +103,10 @@ def load_native(path: str | Path, *, device: str | torch.device = "cpu", dtype: 
     path = Path(path)
     meta_file = path / "mixbits.json"
     if not meta_file.is_file():
-        raise FileNotFoundError(f"{str(path)!r} is not a mixbits model folder (no mixbits.json); save one with `mixbits run`")
+        raise UserError(f"{str(path)!r} is not a mixbits model folder (no mixbits.json); save one with `mixbits run`")
     meta = json.loads(meta_file.read_text())
     if meta.get("format") != NATIVE_FORMAT:
-        raise ValueError(f"{meta_file} has format {meta.get('format')!r}; this mixbits reads {NATIVE_FORMAT!r}")
+        raise UserError(f"{meta_file} has format {meta.get('format')!r}; this mixbits reads {NATIVE_FORMAT!r}")
     plan = Plan.from_dict(meta["plan"], source=str(meta_file))
     config = AutoConfig.from_pretrained(path)
     arch = (config.architectures or [""])[0]
@@ -130,6 +124,6 @@ def load_native(path: str | Path, *, device: str | torch.device = "cpu", dtype: 
     packed_prefixes = tuple(f"{name}." for name in plan.quantized())
     missing = [k for k in missing if k not in meta["tied"] and not k.startswith(packed_prefixes)]
     if missing or unexpected:
-        raise ValueError(f"{path / WEIGHTS} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise UserError(f"{path / WEIGHTS} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.tie_weights()
     return model.to(device).eval()
