@@ -8,11 +8,10 @@ reduction order, hence the last digits) that produced it.
 from __future__ import annotations
 
 import platform
+from importlib.metadata import version
 
 import torch
 import transformers
-
-import mixbits
 
 
 def environment(device: torch.device) -> dict:
@@ -21,7 +20,7 @@ def environment(device: torch.device) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "mixbits": mixbits.__version__,
+        "mixbits": version("mixbits"),  # the installed metadata: no import of the package root
         "device": str(device),
         "threads": torch.get_num_threads(),
     }

@@ -50,21 +50,19 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mixbits.model.apply import layer_shapes, round_to_storage
+from mixbits.config import QUANTIZERS
 from mixbits.model.arch import find_blocks, find_linears, get_weight, set_weight
 from mixbits.model.blockwise import BlockInputs, block_forward, block_on, capture_block_inputs
+from mixbits.model.hooks import SharedInputGrams, input_hooks
 from mixbits.plan import Plan
 from mixbits.quant.affine import QParams, dequantize, fake_quantize, minmax_qparams, quantize
 from mixbits.quant.clip import search_qparams
-from mixbits.quant.gptq import GPTQConfig, GramAccumulator, gptq_quantize, output_error
+from mixbits.quant.gptq import GPTQConfig, gptq_quantize, output_error
 from mixbits.quant.spec import QuantSpec
-from mixbits.sensitivity.capture import input_hooks
 
 log = logging.getLogger(__name__)
 
-__all__ = ["QUANTIZERS", "LayerQuant", "LayerReport", "QuantizeReport", "quantize_model", "quantize_weight"]
-
-QUANTIZERS = ("rtn", "clip", "gptq")
-
+__all__ = ["LayerQuant", "LayerReport", "QuantizeReport", "quantize_model", "quantize_weight"]
 
 def check_quantizer(quantizer: str) -> str:
     if quantizer not in QUANTIZERS:
@@ -169,46 +167,14 @@ class _Recorder:
                                         time.perf_counter() - start)
 
 
-class _BlockGrams:
-    """H = Σ xᵀx per hooked linear; a linear fed the same tensor as the one hooked just before
-    it (q/k/v, gate/up) shares that one's accumulator instead of adding the product again."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.acc: dict[str, GramAccumulator] = {}
-        self.owner: dict[str, str] = {}
-        self.last: tuple[Tensor, str] | None = None
-
-    def new_batch(self) -> None:
-        self.last = None
-
-    def __call__(self, name: str, x: Tensor) -> None:
-        owner = self.owner[self.last[1]] if self.last is not None and self.last[0] is x else name
-        if self.owner.setdefault(name, owner) != owner:
-            raise RuntimeError(f"{name} shared its input with {self.owner[name]} in one batch and not in another")
-        self.last = (x, name)
-        if owner == name:
-            self.acc.setdefault(name, GramAccumulator(x.shape[-1], self.device)).add(x)
-
-    def groups(self) -> list[list[str]]:
-        """Names in call order, grouped by shared input."""
-        out: list[list[str]] = []
-        for name, owner in self.owner.items():
-            if owner == name:
-                out.append([name])
-            else:
-                next(g for g in out if g[0] == owner).append(name)
-        return out
-
-
 @torch.no_grad()
 def _block_grams(model: nn.Module, block: nn.Module, names: list[str], inputs: BlockInputs,
-                 device: torch.device, limit: int | None = None) -> _BlockGrams:
+                 device: torch.device, limit: int | None = None) -> SharedInputGrams:
     """Run `block` over the first `limit` batches (all by default) with H accumulating for `names`."""
-    grams = _BlockGrams(device)
+    grams = SharedInputGrams(device)
     with input_hooks(model, names, grams):
         for hidden, args, kwargs in list(zip(inputs.hidden, inputs.args, inputs.kwargs))[:limit]:
-            grams.new_batch()
+            grams.new_pass()
             block_forward(block, BlockInputs((hidden,), (args,), (kwargs,)), device=device)
     missing = [n for n in names if n not in grams.owner]
     if missing:
@@ -233,7 +199,7 @@ def _quantize_blocks(model: nn.Module, specs: dict[str, QuantSpec], windows: Ten
             for stage in stages:
                 grams = _block_grams(model, block, stage, inputs, device)
                 for name in stage:
-                    H = grams.acc[grams.owner[name]].H
+                    H = grams.H(name)
                     record(name, specs[name], quantizer, device, H=H, tokens=tokens, gptq=gptq)
                 del grams
             if index < len(blocks) - 1:
