@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mixbits.cli.common import app
+from mixbits.errors import UserError
 import mixbits.cli.report  # noqa: F401  (registers `mixbits report`)
 from mixbits.report.comparison_report import write_comparison_report
 from mixbits.report.html import write_report
@@ -85,7 +86,7 @@ def test_the_report_shows_hand_edited_numbers_and_changes_no_input(plain_run):
 
 
 def test_a_folder_without_results_json_is_named_with_its_writer(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"results\.json not found.*mixbits run"):
+    with pytest.raises(UserError, match=r"results\.json not found.*mixbits run"):
         load_run(tmp_path)
     (tmp_path / "results.json").write_text('{"format": "mixbits.jobs.sweep/1"}')
     with pytest.raises(ValueError, match="mixbits.results/1"):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mixbits.errors import UserError
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -19,10 +21,10 @@ class Budget:
 
     def __post_init__(self) -> None:
         if (self.bpw is None) == (self.size_mb is None):
-            raise ValueError("give exactly one budget: --target-bpw or --target-size-mb")
+            raise UserError("give exactly one budget: --target-bpw or --target-size-mb")
         value = self.bpw if self.bpw is not None else self.size_mb
         if not value > 0:
-            raise ValueError(f"budget must be positive, got {value!r}")
+            raise UserError(f"budget must be positive, got {value!r}")
 
     @property
     def label(self) -> str:

@@ -43,6 +43,7 @@ import numpy as np
 
 from mixbits.allocate.solver import REL_TOL
 from mixbits.allocate.strategies import Problem, StrategyResult, finish, fits, ladder, minmax, snap, total_bits
+from mixbits.errors import UserError
 
 INT_TIER_BITS = (4, 8, 16)  # INT4, INT8, fp16 (the seed's BF16 and FP32 tiers)
 INT_TIER_GROUP = 128
@@ -97,7 +98,7 @@ def quantile(
 ) -> StrategyResult:
     """Tier = number of quantile thresholds s exceeds (strictly) -> bits[tier]."""
     if len(bits) != len(quantiles) + 1 or list(quantiles) != sorted(quantiles):
-        raise ValueError(f"quantile needs sorted quantiles and one more bit-width: got {quantiles} and {bits}")
+        raise UserError(f"quantile needs sorted quantiles and one more bit-width: got {quantiles} and {bits}")
     edges = np.quantile(problem.unit_scores, quantiles)
     tier = (problem.score[:, None] > edges[None, :]).sum(axis=1)
     cfg, rung_bits = ladder(problem, group_size, cap=max(bits))
@@ -113,12 +114,12 @@ def power_law(
 ) -> StrategyResult:
     """bits = b_min + (b_max - b_min) n^alpha + t, t = 0 or bisected to fill the budget."""
     if not alpha > 0:
-        raise ValueError(f"alpha={alpha!r} must be positive (0.5 is the seed's square-root mapping)")
+        raise UserError(f"alpha={alpha!r} must be positive (0.5 is the seed's square-root mapping)")
     quant = sorted({c.bits for c in problem.configs if not c.keep})
     b_min = quant[0] if b_min is None else b_min
     b_max = max(b for b in quant if b <= 8) if b_max is None else b_max
     if b_min > b_max:
-        raise ValueError(f"power_law needs b_min <= b_max, got {b_min} > {b_max}")
+        raise UserError(f"power_law needs b_min <= b_max, got {b_min} > {b_max}")
     cfg, rung_bits = ladder(problem, group_size, cap=b_max)
     base = b_min + (b_max - b_min) * minmax(problem.score) ** alpha
     rows = np.arange(len(cfg))
@@ -144,7 +145,7 @@ def greedy(problem: Problem, cap: int = 8) -> StrategyResult:
     """Cheapest start, then the best Σ s·bits gain per extra stored bit while it fits;
     bit-widths above `cap` (the seed's 8) only where a unit has nothing else (keep, pins)."""
     if problem.budget_bits is None:
-        raise ValueError("greedy needs a budget (--target-bpw or --target-size-mb)")
+        raise UserError("greedy needs a budget (--target-bpw or --target-size-mb)")
     bits = problem.bits
     capped = np.where(bits[None, :] <= cap, problem.cost, np.inf)
     cost = np.where(np.isfinite(capped).any(axis=1, keepdims=True), capped, problem.cost)

@@ -34,6 +34,7 @@ import numpy as np
 from mixbits.allocate.heuristics import QUANTILE_BITS, QUANTILES
 from mixbits.allocate.solver import REL_TOL
 from mixbits.allocate.strategies import Problem, StrategyResult, finish, ladder, minmax, snap
+from mixbits.errors import UserError
 
 PRESET_TARGET_BPW = {"conservative": 5.0, "adaptive": 4.0, "aggressive": 3.0}
 PRESET_BITS_CAP = 8
@@ -76,7 +77,7 @@ def aggressive(problem: Problem) -> StrategyResult:
 def adaptive(problem: Problem, alpha: float = 0.5) -> StrategyResult:
     """Quantile tiers of n^alpha, then one-rung moves until the plan fits the budget."""
     if not alpha > 0:
-        raise ValueError(f"alpha={alpha!r} must be positive (0.5 is the seed's square-root mapping)")
+        raise UserError(f"alpha={alpha!r} must be positive (0.5 is the seed's square-root mapping)")
     n = minmax(problem.score)
     p = n**alpha
     edges = np.quantile(np.repeat(p, problem.size), QUANTILES)

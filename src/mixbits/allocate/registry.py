@@ -19,6 +19,7 @@ import numpy as np
 from mixbits.allocate import heuristics, presets
 from mixbits.allocate.optimal import Constraints, allocate_optimal
 from mixbits.allocate.strategies import StrategyResult, build_problem, finish, uniform
+from mixbits.errors import UserError
 from mixbits.quant.spec import QuantSpec
 from mixbits.sensitivity.table import DamageTable
 
@@ -55,7 +56,7 @@ def _heuristic(rule: Callable[..., StrategyResult], *uses: str, **fixed) -> Stra
 
 def _optimal(table, groups, budget_bits, options: StrategyOptions) -> StrategyResult:
     if budget_bits is None:
-        raise ValueError("strategy 'optimal' needs a budget (--target-bpw or --target-size-mb)")
+        raise UserError("strategy 'optimal' needs a budget (--target-bpw or --target-size-mb)")
     specs, solution = allocate_optimal(table, groups, budget_bits, options.constraints)
     problem = build_problem(table, groups, budget_bits, score=options.score, constraints=options.constraints)
     choice = np.array([problem.configs.index(specs[g[0]]) for g in problem.groups])
@@ -119,7 +120,7 @@ def run_strategy(
     """Run strategy `name` on `table`; `groups` from `unit_groups`, `budget_bits` stored bits
     of the units (None for rules without a budget)."""
     if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+        raise UserError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
     options = StrategyOptions(score=score, alpha=alpha, spec=spec, group_size=group_size, constraints=constraints)
     return STRATEGIES[name](table, groups, budget_bits, options)
 
@@ -131,6 +132,6 @@ def predicted_damage(table: DamageTable, specs: Mapping[str, QuantSpec]) -> floa
     for u, name in enumerate(table.units):
         spec = specs[name]
         if spec not in column:
-            raise ValueError(f"{name}: {spec.label} is not a candidate config of the table {[c.label for c in table.configs]}")
+            raise UserError(f"{name}: {spec.label} is not a candidate config of the table {[c.label for c in table.configs]}")
         total += float(table.damage[u, column[spec]])
     return total

@@ -33,6 +33,7 @@ import numpy as np
 
 from mixbits.allocate.optimal import Constraints, allowed_options, merged_problem
 from mixbits.allocate.solver import REL_TOL
+from mixbits.errors import UserError
 from mixbits.plan import Plan
 from mixbits.quant.spec import QuantSpec
 from mixbits.sensitivity.table import DamageTable
@@ -104,17 +105,17 @@ def select_score(table: DamageTable, name: str | None = None) -> tuple[str, np.n
         labels = [c.label for c in table.configs]
         label = QuantSpec.parse(name.split(":", 1)[1]).label
         if label not in labels:
-            raise ValueError(f"score {name!r}: {label} is not a candidate config; use damage:<one of {labels}>")
+            raise UserError(f"score {name!r}: {label} is not a candidate config; use damage:<one of {labels}>")
         values = table.damage[:, labels.index(label)]
     elif name in table.scores:
         values = table.scores[name]
     else:
-        raise ValueError(
+        raise UserError(
             f"score {name!r} is not in this table; use one of {sorted(table.scores)} or damage:<config label>"
         )
     bad = [table.units[u] for u in np.flatnonzero(~np.isfinite(values))]
     if bad:
-        raise ValueError(f"score {name!r} is NaN/inf for {len(bad)} unit(s), e.g. {bad[:3]}; choose another --score")
+        raise UserError(f"score {name!r} is NaN/inf for {len(bad)} unit(s), e.g. {bad[:3]}; choose another --score")
     return name, np.asarray(values, dtype=np.float64)
 
 
@@ -132,17 +133,17 @@ def build_problem(
     for members in groups:
         for m in members:
             if m not in index:
-                raise ValueError(f"group member {m!r} is not a unit of the table; units look like {table.units[:3]}")
+                raise UserError(f"group member {m!r} is not a unit of the table; units look like {table.units[:3]}")
             seen[m] = seen.get(m, 0) + 1
     twice = [m for m, k in seen.items() if k > 1]
     missing = [u for u in table.units if u not in seen]
     if twice or missing:
-        raise ValueError(
+        raise UserError(
             f"groups must hold every unit exactly once: repeated {twice[:3]}, missing {missing[:3]}; "
             "build them with unit_groups(table.units, tied, tie)"
         )
     if budget_bits is not None and not budget_bits > 0:
-        raise ValueError(f"budget_bits={budget_bits!r} must be positive (or None for rules without a budget)")
+        raise UserError(f"budget_bits={budget_bits!r} must be positive (or None for rules without a budget)")
     name, values = select_score(table, score)
     cost, _ = merged_problem(table, groups, allowed_options(table, constraints))
     return Problem(
@@ -241,7 +242,7 @@ def uniform(problem: Problem, spec: QuantSpec | None = None) -> StrategyResult:
         note = f"; {moved} of {len(choice)} groups take the nearest allowed config" if moved else ""
         return finish(problem, choice, f"uniform {spec.label}{note}", scored=False)
     if problem.budget_bits is None:
-        raise ValueError("uniform needs a spec (e.g. w4g128) or a budget to pick the richest fitting spec")
+        raise UserError("uniform needs a spec (e.g. w4g128) or a budget to pick the richest fitting spec")
     plans = [(uniform(problem, c), c) for c in problem.configs if not c.keep]
     fitting = [(r, c) for r, c in plans if r.meets_target]
     if not fitting:

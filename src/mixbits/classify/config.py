@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mixbits.classify.model import HEADS
+from mixbits.errors import UserError
 from mixbits.quant.spec import QuantSpec
 
 
@@ -35,20 +36,20 @@ class ClassifyConfig:
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
-            raise ValueError(f"--head {self.head!r}; use one of {HEADS}")
+            raise UserError(f"--head {self.head!r}; use one of {HEADS}")
         for flag, value in (("--test-fraction", self.test_fraction), ("--int4-fraction", self.int4_fraction)):
             if not 0.0 < value < 1.0:
-                raise ValueError(f"{flag} {value} must lie strictly between 0 and 1, e.g. 0.5")
+                raise UserError(f"{flag} {value} must lie strictly between 0 and 1, e.g. 0.5")
         for flag, value, low in (("--max-length", self.max_length, 8), ("--batch-size", self.batch_size, 1),
                                  ("--rank-examples", self.rank_examples, 2), ("--head-folds", self.head_folds, 2)):
             if value < low:
-                raise ValueError(f"{flag} {value} must be at least {low}")
+                raise UserError(f"{flag} {value} must be at least {low}")
         if not self.head_l2 or any(v <= 0 for v in self.head_l2):
-            raise ValueError(f"--head-l2 {list(self.head_l2)} must hold one or more positive values, e.g. 0.01,0.1,1,10")
+            raise UserError(f"--head-l2 {list(self.head_l2)} must hold one or more positive values, e.g. 0.01,0.1,1,10")
         try:
             QuantSpec(4, self.group_size)
         except ValueError as err:
-            raise ValueError(f"--group-size: {err}") from None
+            raise UserError(f"--group-size: {err}") from None
 
     def spec(self, bits: int) -> QuantSpec:
         return QuantSpec(bits, self.group_size)

@@ -81,7 +81,7 @@ def allocate(
     """Allocate bits from a saved sensitivity table with any strategy; compare several at once."""
     from mixbits.jobs.allocate import allocate_from_table
 
-    with user_errors(KeyError):
+    with user_errors():
         results, table = allocate_from_table(
             sensitivity, strategy=strategy, target_bpw=target_bpw, target_size_mb=target_size_mb,
             fixed_bytes=fixed_bytes, bits=parse_ints(bits, "--bits") if bits else None,

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from mixbits.data.errors import MixbitsDataError
+from mixbits.errors import UserError
 from mixbits.quant.gptq import GPTQConfig
 from mixbits.config import DEFAULT_BITS, DEFAULT_GROUPS, AllocationConfig, DataConfig, RunConfig
 
@@ -44,8 +44,13 @@ def parse_groups(text: str) -> tuple[int | None, ...]:
     out = []
     for x in text.split(","):
         x = x.strip().lower()
-        if x:
-            out.append(None if x in ("pc", "none", "-1") else int(x))
+        if x in ("pc", "none", "-1"):
+            out.append(None)
+        elif x:
+            try:
+                out.append(int(x))
+            except ValueError:
+                raise typer.BadParameter(f"--group-sizes {text!r}: {x!r} is not a group size; write e.g. 64,128,pc") from None
     return tuple(out)
 
 
@@ -73,6 +78,8 @@ GPTQ_ACT_ORDER = typer.Option(False, help="gptq: process columns by descending d
 CACHE = typer.Option(True, help="reuse damage tables cached under MIXBITS_HOME/cache/sensitivity")
 DEVICE = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ...")
 VERBOSE = typer.Option(True, help="log each stage")
+OVERWRITE = typer.Option(False, "--overwrite", help="replace an earlier mixbits output in the output folder as a "
+                        "whole (files mixbits did not write are kept); without it such a folder is refused")
 
 
 def run_config(*, model, output_dir, device, quantizer, damage, cache, gptq_clip, gptq_act_order, dataset, seqlen, calib_windows, eval_windows, seed,
@@ -94,9 +101,13 @@ def parse_labels(text: str) -> tuple[str, ...]:
 
 @contextmanager
 def user_errors(*extra: type[Exception]):
-    """Bad input ends the command with one red line naming the problem and the fix, exit code 2."""
+    """Bad input ends the command with one red line naming the problem and the fix, exit code 2.
+
+    Only `UserError` (and the `extra` types a command names, e.g. a missing browser) is caught; typer's own
+    usage errors pass through to typer, which reports them the same way. Every other exception, a plain
+    ValueError from a bug included, keeps its traceback."""
     try:
         yield
-    except (ValueError, FileNotFoundError, MixbitsDataError, *extra) as err:  # ExportError is a ValueError
-        console.print(f"[red]error:[/red] {escape(str(err))}")  # messages hold [brackets], e.g. mixbits[hub]
+    except (UserError, *extra) as err:
+        console.print(f"[red]error:[/red] {escape(str(err))}", soft_wrap=True)  # messages hold [brackets]
         raise typer.Exit(2) from None

@@ -11,9 +11,11 @@ import typer
 from mixbits.cli.common import (
     user_errors,
     app, console, setup_logging, run_config, CACHE, GPTQ_ACT_ORDER, GPTQ_CLIP, MODEL, DATASET, SEQLEN, CALIB_WINDOWS, DAMAGE, EVAL_WINDOWS,
-    SEED, BITS, GROUP_SIZES, MIN_BITS, MAX_BITS, KEEP, PIN, TIE, QUANTIZER, DEVICE, VERBOSE,
+    SEED, BITS, GROUP_SIZES, MIN_BITS, MAX_BITS, KEEP, PIN, TIE, QUANTIZER, DEVICE, VERBOSE, OVERWRITE,
 )
 from mixbits.config import IterativeConfig, TrainConfig
+from mixbits.errors import UserError
+from mixbits.outdir import written_names
 from mixbits.quant.spec import QuantSpec
 from mixbits.report.console import print_results, print_sweep
 
@@ -72,6 +74,7 @@ def run(
                                        "lm-eval names such as piqa,arc_easy,hellaswag,winogrande (need the hub)"),
     task_limit: Optional[int] = typer.Option(None, help="documents per zero-shot task (default: all)"),
     report: bool = typer.Option(True, help="write report.html and plots/ into OUTPUT_DIR"),
+    overwrite: bool = OVERWRITE,
     device: str = DEVICE,
     verbose: bool = VERBOSE,
 ) -> None:
@@ -92,21 +95,20 @@ def run(
             dataset=dataset, train_size=qat_train_size, val_size=qat_val_size, seqlen=qat_seqlen, epochs=qat_epochs,
             schedule=qat_schedule, total_epoch_budget=qat_total_epoch_budget, init=quantizer, e2e=e2e, seed=seed)
         if not qat and train_cfg != TrainConfig(dataset=dataset, init=quantizer, seed=seed):
-            raise ValueError("--qat-* and --e2e options need --qat (Block-AP); add --qat or drop them")
+            raise UserError("--qat-* and --e2e options need --qat (Block-AP); add --qat or drop them")
         it_cfg = IterativeConfig(spec=QuantSpec.parse(iterative_spec), layers_per_iteration=layers_per_iteration,
                                  max_ppl_increase=max_ppl_increase, max_iterations=max_iterations,
                                  windows=iterative_windows)
         if not iterative and it_cfg != _I:
-            raise ValueError("--iterative-spec, --layers-per-iteration, --max-ppl-increase, --max-iterations and "
+            raise UserError("--iterative-spec, --layers-per-iteration, --max-ppl-increase, --max-iterations and "
                              "--iterative-windows need --iterative; add it or drop them")
         cfg = replace(cfg, train=train_cfg if qat else None, baselines=baselines, train_baselines=qat_baselines,
                       resume=resume,
                       iterative=it_cfg if iterative else None, tasks=parse_names(tasks), task_limit=task_limit,
-                      report=report)
+                      report=report, overwrite=overwrite)
         results = run_pipeline(cfg)
     print_results(console, results)
-    wrote = "results.json, layer_statistics.json, plan.json, sensitivity.json, model/" + (", report.html" if report else "")
-    console.print(f"wrote {output_dir}/{wrote}")
+    console.print(f"wrote {output_dir}/{', '.join(written_names(output_dir))}")
 
 
 

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from mixbits.cli.common import DEVICE, VERBOSE, app, console, parse_labels, setup_logging, user_errors
+from mixbits.errors import UserError
 
 # The embedded tasks the original smollm2-135m scores above chance on by > 2 stderr (README "Zero-shot tasks").
 DEFAULT_TASKS = ("bb_social_iqa_cloze,bb_goal_step_wikihow_goal_inference_cloze,"
@@ -19,12 +20,12 @@ DEFAULT_TASKS = ("bb_social_iqa_cloze,bb_goal_step_wikihow_goal_inference_cloze,
 def _run_model_name(run_dir: Path) -> str:
     results = run_dir / "results.json"
     if not (run_dir / "model" / "mixbits.json").is_file():
-        raise FileNotFoundError(f"--run-dir {str(run_dir)!r} has no quantized model (model/mixbits.json); "
+        raise UserError(f"--run-dir {str(run_dir)!r} has no quantized model (model/mixbits.json); "
                                 f"pass the output folder of `mixbits run`")
     try:
         return str(json.loads(results.read_text())["config"]["model"])
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise FileNotFoundError(f"--run-dir {str(run_dir)!r}: cannot read config.model from {results} ({err}); "
+        raise UserError(f"--run-dir {str(run_dir)!r}: cannot read config.model from {results} ({err}); "
                                 f"pass the output folder of a finished `mixbits run`") from None
 
 
@@ -33,15 +34,15 @@ def _check_flags(run_dir, model, output, original, limit, batch_size, device) ->
     from mixbits.config import resolve_device
 
     if (run_dir is None) == (model is None):
-        raise ValueError("pass either --run-dir RUN (its original and quantized models) or --model NAME (one model)")
+        raise UserError("pass either --run-dir RUN (its original and quantized models) or --model NAME (one model)")
     if model is not None and output is None:
-        raise ValueError("--model needs --output FILE.json (where to write the results)")
+        raise UserError("--model needs --output FILE.json (where to write the results)")
     if model is not None and not original:
-        raise ValueError("--no-original applies to --run-dir only; with --model the one model is scored")
+        raise UserError("--no-original applies to --run-dir only; with --model the one model is scored")
     if limit < 0:
-        raise ValueError(f"--limit {limit}: must be 0 (every document) or a positive number of documents per task")
+        raise UserError(f"--limit {limit}: must be 0 (every document) or a positive number of documents per task")
     if batch_size < 1:
-        raise ValueError(f"--batch-size {batch_size}: must be a positive integer")
+        raise UserError(f"--batch-size {batch_size}: must be a positive integer")
     resolve_device(device)
     return output or run_dir / "zeroshot.json"
 

@@ -50,6 +50,7 @@ import yaml
 
 from mixbits.data.cache import fetch_package, mixbits_home, package_dir
 from mixbits.data.errors import MixbitsDataError
+from mixbits.errors import UserError
 from mixbits.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ class EmbeddedTask:
 
     def __post_init__(self) -> None:
         if self.style not in STYLES:
-            raise ValueError(f"prompt style {self.style!r} is not one of {STYLES}")
+            raise UserError(f"prompt style {self.style!r} is not one of {STYLES}")
 
     @property
     def task_name(self) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from mixbits.data.errors import MixbitsDataError
 from mixbits.data.splits import check_split
+from mixbits.errors import UserError
 
 HUB_TEXTS = ("wikitext2", "c4")
 C4_CALIBRATION_DOCS = 5000
@@ -41,7 +42,7 @@ def load_hub_text(name: str, split: str) -> list[str]:
     """Documents of one split of `wikitext2` or `c4`, downloaded by `datasets` (cached by it)."""
     check_split(split)
     if name not in HUB_TEXTS:
-        raise ValueError(f"{name!r} is not a hub text; choose one of {HUB_TEXTS}")
+        raise UserError(f"{name!r} is not a hub text; choose one of {HUB_TEXTS}")
     try:
         import datasets
     except ImportError as err:

@@ -28,6 +28,7 @@ from mixbits.data.cache import fetch_member, mixbits_home
 from mixbits.data.errors import MixbitsDataError
 from mixbits.data.splits import stratified_split
 from mixbits.data.text import EmbeddedText
+from mixbits.errors import UserError
 
 LABEL_PREFIX = "__label__"
 HUB_LABELLED = ("sst2",)
@@ -48,7 +49,7 @@ class Examples:
 
     def __post_init__(self) -> None:
         if len(self.texts) != len(self.labels):
-            raise ValueError(f"{len(self.texts)} texts but {len(self.labels)} labels; give one label per text")
+            raise UserError(f"{len(self.texts)} texts but {len(self.labels)} labels; give one label per text")
 
     def __len__(self) -> int:
         return len(self.texts)

@@ -22,6 +22,8 @@ import hashlib
 import random
 from collections.abc import Sequence
 
+from mixbits.errors import UserError
+
 SPLITS = ("calibration", "validation", "test")
 # Cumulative share of characters at which test, then validation, end (calibration: the rest).
 TEST_FRACTION = 0.10
@@ -34,7 +36,7 @@ def stable_key(text: str) -> str:
 
 def check_split(split: str) -> str:
     if split not in SPLITS:
-        raise ValueError(f"split {split!r} is not one of {SPLITS}")
+        raise UserError(f"split {split!r} is not one of {SPLITS}")
     return split
 
 
@@ -47,7 +49,7 @@ def _cut(midpoints: list[float], share: float, low: int, high: int) -> int:
 def split_by_document(docs: Sequence[tuple[str, str]], *, what: str = "text") -> dict[str, list[int]]:
     """Indices into `docs` (pairs of key, text) for each split; see the module docstring."""
     if len(docs) < 3:
-        raise ValueError(
+        raise UserError(
             f"the {what} has {len(docs)} document(s); splitting into {SPLITS} by document needs at least 3 "
             f"(separate documents by a blank line in .txt files, one per line in .jsonl)"
         )
@@ -80,7 +82,7 @@ def stratified_split(labels: Sequence[int], test_fraction: float, seed: int) -> 
     `random.Random(seed)`, so the split is the same on every machine and Python version.
     """
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test fraction {test_fraction!r} must lie strictly between 0 and 1, e.g. 0.3")
+        raise UserError(f"test fraction {test_fraction!r} must lie strictly between 0 and 1, e.g. 0.3")
     by_class: dict[int, list[int]] = {}
     for index, label in enumerate(labels):
         by_class.setdefault(int(label), []).append(index)
@@ -91,7 +93,7 @@ def stratified_split(labels: Sequence[int], test_fraction: float, seed: int) -> 
         rng.shuffle(members)
         n_test = round(test_fraction * len(members))
         if n_test < 1 or n_test >= len(members):
-            raise ValueError(
+            raise UserError(
                 f"class {label} has {len(members)} example(s); a test fraction of {test_fraction} leaves "
                 f"{n_test} of them for testing; every class needs at least one example in train and in test"
             )

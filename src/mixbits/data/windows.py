@@ -19,6 +19,8 @@ import hashlib
 
 import torch
 
+from mixbits.errors import UserError
+
 
 def tokenize_joined(tokenizer, docs: list[str]) -> torch.Tensor:
     """All documents joined with "\\n\\n" and tokenized once: int64 tensor [N]."""
@@ -32,9 +34,9 @@ def tokenize_joined(tokenizer, docs: list[str]) -> torch.Tensor:
 
 def _check_length(n_tokens: int, seqlen: int, what: str) -> None:
     if seqlen < 1:
-        raise ValueError(f"seqlen {seqlen} must be a positive number of tokens")
+        raise UserError(f"seqlen {seqlen} must be a positive number of tokens")
     if n_tokens < seqlen:
-        raise ValueError(
+        raise UserError(
             f"the {what} text has only {n_tokens} tokens, shorter than one window of {seqlen}; "
             f"use a smaller --seqlen (at most {n_tokens}) or a longer text"
         )
@@ -46,7 +48,7 @@ def eval_windows(tokenizer, docs: list[str], seqlen: int, max_windows: int | Non
     `max_windows` keeps only the first windows (None = all of them).
     """
     if max_windows is not None and max_windows < 1:
-        raise ValueError(f"max_windows {max_windows} must be >= 1, or None for every window")
+        raise UserError(f"max_windows {max_windows} must be >= 1, or None for every window")
     ids = tokenize_joined(tokenizer, docs)
     _check_length(ids.numel(), seqlen, "evaluation")
     n = ids.numel() // seqlen
@@ -58,7 +60,7 @@ def eval_windows(tokenizer, docs: list[str], seqlen: int, max_windows: int | Non
 def calibration_windows(tokenizer, docs: list[str], seqlen: int, n: int, seed: int) -> torch.Tensor:
     """`n` windows [n, seqlen] at random offsets of the joined text, reproducible from `seed`."""
     if n < 1:
-        raise ValueError(f"n {n} calibration windows must be at least 1")
+        raise UserError(f"n {n} calibration windows must be at least 1")
     ids = tokenize_joined(tokenizer, docs)
     _check_length(ids.numel(), seqlen, "calibration")
     gen = torch.Generator(device="cpu").manual_seed(seed)

@@ -32,6 +32,7 @@ from mixbits.config import resolve_device
 from mixbits.data.bigbench import SOURCE as EMBEDDED_SOURCE
 from mixbits.data.bigbench import TASK_PREFIX, embedded_task_names, ensure_embedded_tasks, tasks_root
 from mixbits.data.errors import MixbitsDataError
+from mixbits.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -53,24 +54,24 @@ class ResolvedTasks:
 
 def check_models(models: Mapping[str, nn.Module]) -> None:
     if not models:
-        raise ValueError("no models to evaluate; pass at least one, e.g. {'original': model}")
+        raise UserError("no models to evaluate; pass at least one, e.g. {'original': model}")
     bad = [name for name in models if not isinstance(name, str) or not name]
     if bad:
-        raise ValueError(f"model labels must be non-empty strings, got {bad!r}")
+        raise UserError(f"model labels must be non-empty strings, got {bad!r}")
 
 
 def check_options(tasks: Sequence[str], *, limit: int | None, batch_size: int) -> None:
     """Bad options end here, before any conversion, download or model evaluation."""
     if isinstance(tasks, str) or not tasks:
-        raise ValueError(f"tasks must be a non-empty list of task names, got {tasks!r}; "
+        raise UserError(f"tasks must be a non-empty list of task names, got {tasks!r}; "
                          f"e.g. {list(embedded_task_names()[:2])}")
     duplicated = sorted({t for t in tasks if list(tasks).count(t) > 1})
     if duplicated:
-        raise ValueError(f"task(s) {duplicated} are listed twice; list each task once")
+        raise UserError(f"task(s) {duplicated} are listed twice; list each task once")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit {limit!r} must be a positive whole number of documents per task, or None for all")
+        raise UserError(f"limit {limit!r} must be a positive whole number of documents per task, or None for all")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size {batch_size!r} must be a positive integer")
+        raise UserError(f"batch_size {batch_size!r} must be a positive integer")
 
 
 def split_task_names(tasks: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -129,7 +130,7 @@ def resolve_tasks(tasks: Sequence[str], *, limit: int | None) -> ResolvedTasks:
         source = EMBEDDED_SOURCE if name in embedded else REGISTRY_SOURCE
         for leaf, task in _load(manager, name, source).items():
             if task.OUTPUT_TYPE != "multiple_choice":
-                raise ValueError(f"task {leaf!r} is of type {task.OUTPUT_TYPE!r}; zero-shot scoring here takes "
+                raise UserError(f"task {leaf!r} is of type {task.OUTPUT_TYPE!r}; zero-shot scoring here takes "
                                  f"multiple_choice tasks only, e.g. {', '.join(embedded_task_names()[:3])}")
             sources[leaf] = source
             chance[leaf] = _chance(task, limit)

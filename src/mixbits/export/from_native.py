@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from mixbits.errors import UserError
 from mixbits.export.native import NATIVE_FORMAT, WEIGHTS
 from mixbits.model.arch import get_weight, set_weight
 from mixbits.plan import Plan
@@ -46,11 +47,11 @@ class ExportSource:
 def _meta(path: Path) -> dict:
     meta_file = path / "mixbits.json"
     if not meta_file.is_file():
-        raise FileNotFoundError(f"{str(path)!r} is not a mixbits native folder (no mixbits.json); "
+        raise UserError(f"{str(path)!r} is not a mixbits native folder (no mixbits.json); "
                                 "`mixbits run` writes one as <output-dir>/model")
     meta = json.loads(meta_file.read_text())
     if meta.get("format") != NATIVE_FORMAT:
-        raise ValueError(f"{meta_file} has format {meta.get('format')!r}; this mixbits reads {NATIVE_FORMAT!r}")
+        raise UserError(f"{meta_file} has format {meta.get('format')!r}; this mixbits reads {NATIVE_FORMAT!r}")
     return meta
 
 
@@ -92,7 +93,7 @@ def load_for_export(path: str | Path) -> ExportSource:
     planned = tuple(f"{name}." for name in plan.quantized())
     missing = [k for k in missing if k not in meta["tied"] and not k.startswith(planned)]
     if missing or unexpected:
-        raise ValueError(f"{path / WEIGHTS} does not match its config: missing {missing[:5]}, "
+        raise UserError(f"{path / WEIGHTS} does not match its config: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
     model.tie_weights()
     return ExportSource(model.eval(), plan, qparams, _tokenizer(path))

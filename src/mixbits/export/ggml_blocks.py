@@ -39,6 +39,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import quants
 from torch import Tensor
 
+from mixbits.errors import UserError
 from mixbits.quant.affine import QParams, dequantize
 from mixbits.quant.groups import effective_group_size
 from mixbits.quant.spec import QuantSpec
@@ -51,14 +52,14 @@ def block_type(spec: QuantSpec) -> Q:
     table = {(4, True): Q.Q4_0, (4, False): Q.Q4_1, (5, True): Q.Q5_0, (5, False): Q.Q5_1, (8, True): Q.Q8_0,
              (8, False): Q.Q8_0}
     if (spec.bits, spec.symmetric) not in table:
-        raise ValueError(f"spec {spec.label} has no ggml legacy block type; GGUF stores 4, 5 and 8 bits")
+        raise UserError(f"spec {spec.label} has no ggml legacy block type; GGUF stores 4, 5 and 8 bits")
     return table[(spec.bits, spec.symmetric)]
 
 
 def per_block(t: Tensor, in_features: int, group_size: int | None) -> Tensor:
     """Per-group values [out, G] -> per-block values [out, in / 32] (each group repeated)."""
     if in_features % BLOCK:
-        raise ValueError(f"a row of {in_features} inputs does not split into blocks of {BLOCK}")
+        raise UserError(f"a row of {in_features} inputs does not split into blocks of {BLOCK}")
     gs = effective_group_size(in_features, group_size)
     starts = torch.arange(0, in_features, BLOCK)
     return t[:, starts // gs]

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mixbits.errors import UserError
 from mixbits.eval.perplexity import evaluate_models
 from mixbits.export.formats import export, expressible, fused_groups, get_format, nearest_plan
 from mixbits.export.from_native import ExportSource, with_plan
@@ -166,7 +167,7 @@ def source_for(fmt: str, source: ExportSource, original: nn.Module | None) -> tu
     if not expressible(fmt, source.plan, shapes, fused):
         return source, 0
     if original is None:
-        raise ValueError(f"{fmt} cannot store the plan as it is; pass the original model to export the nearest plan")
+        raise UserError(f"{fmt} cannot store the plan as it is; pass the original model to export the nearest plan")
     plan = nearest_plan(fmt, source.plan, shapes, fused)
     changed = sum(plan.specs[n] != s for n, s in source.plan.specs.items())
     return with_plan(source, original, plan), changed

@@ -15,6 +15,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from mixbits.errors import UserError
+
 QUANT_BITS = (2, 3, 4, 5, 6, 8)
 KEEP_BITS = 16
 VALID_BITS = QUANT_BITS + (KEEP_BITS,)
@@ -33,9 +35,9 @@ class QuantSpec:
 
     def __post_init__(self) -> None:
         if self.bits not in VALID_BITS:
-            raise ValueError(f"bits={self.bits!r} is not supported; use one of {VALID_BITS} (16 keeps the layer)")
+            raise UserError(f"bits={self.bits!r} is not supported; use one of {VALID_BITS} (16 keeps the layer)")
         if not self.keep and self.group_size not in VALID_GROUP_SIZES:
-            raise ValueError(
+            raise UserError(
                 f"group_size={self.group_size!r} is not supported; use one of "
                 f"{tuple(g for g in VALID_GROUP_SIZES if g)} or None (per-channel)"
             )
@@ -65,7 +67,7 @@ class QuantSpec:
             return cls(bits=KEEP_BITS, group_size=None)
         m = _LABEL.match(text)
         if m is None:
-            raise ValueError(
+            raise UserError(
                 f"cannot read quantization spec {text!r}; write it as w<bits>g<group> (w3g128), "
                 "w<bits>pc for per-channel, a trailing 's' for symmetric, or fp16 to keep the layer"
             )
@@ -79,9 +81,9 @@ class QuantSpec:
     def from_dict(cls, d: dict) -> "QuantSpec":
         unknown = set(d) - {"bits", "group_size", "symmetric"}
         if unknown:
-            raise ValueError(f"unknown keys {sorted(unknown)} in quantization spec {d!r}; allowed: bits, group_size, symmetric")
+            raise UserError(f"unknown keys {sorted(unknown)} in quantization spec {d!r}; allowed: bits, group_size, symmetric")
         if "bits" not in d:
-            raise ValueError(f"quantization spec {d!r} has no 'bits'")
+            raise UserError(f"quantization spec {d!r} has no 'bits'")
         return cls(bits=int(d["bits"]), group_size=d.get("group_size", 128), symmetric=bool(d.get("symmetric", False)))
 
 

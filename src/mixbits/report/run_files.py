@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from mixbits.errors import UserError
+
 RESULTS = "results.json"
 WRITTEN_BY = "`mixbits run --output-dir RUN_DIR` writes it"
 
@@ -51,9 +53,9 @@ def _read_json(path: Path, what: str) -> dict:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); {what}") from err
+        raise UserError(f"{path} is not valid JSON ({err}); {what}") from err
     if not isinstance(data, dict):
-        raise ValueError(f"{path} holds a {type(data).__name__}, expected a JSON object; {what}")
+        raise UserError(f"{path} holds a {type(data).__name__}, expected a JSON object; {what}")
     return data
 
 
@@ -65,14 +67,14 @@ def load_run(run_dir: str | Path) -> RunFiles:
     """Read a run folder; FileNotFoundError naming results.json when it is not a run folder."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run folder {str(run_dir)!r} does not exist; {WRITTEN_BY}")
+        raise UserError(f"run folder {str(run_dir)!r} does not exist; {WRITTEN_BY}")
     path = run_dir / RESULTS
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {str(run_dir)!r} is not a run folder ({WRITTEN_BY})")
+        raise UserError(f"{path} not found: {str(run_dir)!r} is not a run folder ({WRITTEN_BY})")
     results = _read_json(path, WRITTEN_BY)
     fmt = results.get("format")
     if fmt != "mixbits.results/1":
-        raise ValueError(f"{path} has format {fmt!r}; this report reads 'mixbits.results/1' ({WRITTEN_BY})")
+        raise UserError(f"{path} has format {fmt!r}; this report reads 'mixbits.results/1' ({WRITTEN_BY})")
     zeroshot = results.get("zeroshot") or _optional(run_dir / "zeroshot.json")
     return RunFiles(
         path=run_dir,

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from mixbits.errors import UserError
 from mixbits.io import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -55,12 +56,12 @@ class BlockCheckpoint:
         if meta.is_file():
             saved = json.loads(meta.read_text())
             if finished and not resume:
-                raise ValueError(f"checkpoint folder {str(self.directory)!r} already holds {len(finished)} finished "
+                raise UserError(f"checkpoint folder {str(self.directory)!r} already holds {len(finished)} finished "
                                  "block(s) of a run; pass resume=True (--resume) to continue it, or choose an empty "
                                  "folder")
             diff = _first_difference(saved.get("run"), self.fingerprint)
             if finished and diff:
-                raise ValueError(f"cannot resume from {str(self.directory)!r}: it belongs to another run ({diff}); "
+                raise UserError(f"cannot resume from {str(self.directory)!r}: it belongs to another run ({diff}); "
                                  "rerun with the same settings, or choose an empty folder")
         atomic_write_json(meta, {"format": CHECKPOINT_FORMAT, "run": self.fingerprint})
         if finished:
@@ -86,5 +87,5 @@ class BlockCheckpoint:
     def load(self, index: int) -> tuple[dict[str, torch.Tensor], dict]:
         tensor_path, stats_path = self._paths(index)
         if not (tensor_path.is_file() and stats_path.is_file()):
-            raise FileNotFoundError(f"block {index} is not finished in checkpoint {str(self.directory)!r}")
+            raise UserError(f"block {index} is not finished in checkpoint {str(self.directory)!r}")
         return load_safetensors(tensor_path.read_bytes()), json.loads(stats_path.read_text())
