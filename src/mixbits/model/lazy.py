@@ -1,0 +1,413 @@
+"""A checkpoint read one module at a time: the model skeleton on the meta device, weights from the shards.
+
+Idea: a causal LM is an embedding, L identical blocks and a head, and every block-wise stage needs only
+one of those pieces at a time. So the model is built without storage (accelerate's `init_empty_weights`:
+every parameter on the meta device, shapes only, no custom code from the folder), and a piece's tensors
+are read from the safetensors shards (`safe_open`, memory-mapped: reading one tensor touches only its
+bytes) when that piece is worked on, cast to the compute dtype on the compute device, and sent back to
+the meta device when done:
+
+    materialize("model.layers.7")  ->  run block 7  ->  release("model.layers.7")
+
+Peak memory of a pass over the blocks: one block's weights in the compute dtype (plus, while one
+tensor is being cast, that tensor in the checkpoint's dtype), plus what stays resident: buffers the
+model computes itself (rotary frequencies), and, only inside `resident()`, everything outside the
+blocks (embeddings, final norm, head; tied embeddings are held once). For Llama-2-7B in bfloat16 that
+is 0.40 GB per block and 0.52 GB outside, against 13.5 GB for the whole model. Activations are the
+caller's.
+
+Checks made before any tensor is read, each a `UserError` naming the file and the fix: a shard listed
+in `model.safetensors.index.json` that is missing, a tensor the model needs that no shard holds, a
+tensor whose shape disagrees with the config. A pickle-only checkpoint (`pytorch_model.bin`, sharded
+or not) is converted once into safetensors in a cache folder with torch's weights-only loader (it
+refuses any pickled object that is not a tensor or a plain container, so nothing arbitrary is
+executed), and the conversion is logged; later opens reuse it (the cache key covers each file's path,
+size and modification time, and this converter's version).
+
+Trade-off: weights are read from disk once per pass per block (the page cache makes repeats cheap when
+RAM allows); a module outside the blocks that must stay loaded across blocks is the caller's choice
+(`resident()` is a context, not a default). Source: accelerate's big-model inference (meta skeleton,
+`set_module_tensor_to_device`), llm-compressor's sequential pipeline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mixbits.errors import UserError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LazyCheckpoint", "TensorEntry", "checkpoint_tensors", "convert_pickle_checkpoint", "open_checkpoint"]
+
+SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+PICKLE_SINGLE, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+_CONVERTER_VERSION = "1"  # part of the conversion cache key: bump when the conversion changes
+_SAFE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                "BOOL": torch.bool}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one checkpoint tensor lives: its shard, shape and stored dtype (read from the header only)."""
+
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return _numel(self.shape) * self.dtype.itemsize
+
+
+def _numel(shape: Iterable[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _headers(files: Iterable[Path]) -> dict[str, TensorEntry]:
+    """Every tensor's entry from the safetensors headers (no tensor data is read)."""
+    from safetensors import safe_open
+
+    entries: dict[str, TensorEntry] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                piece = handle.get_slice(key)
+                dtype = _SAFE_DTYPES.get(piece.get_dtype())
+                if dtype is None:
+                    raise UserError(f"{file}: tensor {key!r} has dtype {piece.get_dtype()}, which mixbits cannot "
+                                    f"load; accepted: {sorted(_SAFE_DTYPES)}")
+                entries[key] = TensorEntry(file, tuple(piece.get_shape()), dtype)
+    return entries
+
+
+def _index_files(index: Path) -> dict[str, Path]:
+    """Tensor name -> shard path from an index file, refusing shards that are listed but absent."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{index} is not a readable shard index with a 'weight_map' ({err}); re-download or "
+                        f"re-save the checkpoint with save_pretrained") from err
+    shards = {name: index.parent / shard for name, shard in weight_map.items()}
+    missing = sorted({p.name for p in shards.values() if not p.is_file()})
+    if missing:
+        raise UserError(f"{index} lists {len(missing)} shard(s) that are not in {index.parent}: "
+                        f"{', '.join(missing[:5])}; copy or re-download the missing shard files (the download "
+                        f"was probably interrupted)")
+    return shards
+
+
+def checkpoint_tensors(folder: str | Path, *, cache_dir: str | Path | None = None) -> dict[str, TensorEntry]:
+    """Every tensor of the checkpoint in `folder` (headers only); a pickle-only one is converted first."""
+    folder = Path(folder)
+    if (folder / SAFE_INDEX).is_file():
+        shards = _index_files(folder / SAFE_INDEX)
+        entries = _headers(sorted(set(shards.values())))
+        absent = sorted(k for k, f in shards.items() if k not in entries or entries[k].file != f)
+        if absent:
+            raise UserError(f"{folder / SAFE_INDEX} places {len(absent)} tensor(s) in shards that do not hold them, "
+                            f"e.g. {absent[0]!r} in {shards[absent[0]].name}; re-download the checkpoint")
+        return entries
+    if (folder / SAFE_SINGLE).is_file():
+        return _headers([folder / SAFE_SINGLE])
+    if (folder / PICKLE_INDEX).is_file() or (folder / PICKLE_SINGLE).is_file():
+        return checkpoint_tensors(convert_pickle_checkpoint(folder, cache_dir=cache_dir))
+    raise UserError(f"{folder} holds no weights: expected {SAFE_SINGLE}, {SAFE_INDEX}, {PICKLE_SINGLE} or "
+                    f"{PICKLE_INDEX}; pass a folder written by save_pretrained")
+
+
+def _pickle_files(folder: Path) -> list[Path]:
+    if (folder / PICKLE_INDEX).is_file():
+        return sorted(set(_index_files(folder / PICKLE_INDEX).values()))
+    return [folder / PICKLE_SINGLE]
+
+
+def _conversion_key(files: list[Path]) -> str:
+    digest = hashlib.sha256(_CONVERTER_VERSION.encode())
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _load_weights_only(file: Path) -> dict[str, torch.Tensor]:
+    import pickle
+
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        raise UserError(f"{file} cannot be read with torch's weights-only loader ({str(err).splitlines()[0]}); "
+                        f"mixbits never unpickles arbitrary objects: convert it to safetensors yourself from a "
+                        f"source you trust (from_pretrained, then save_pretrained)") from err
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{file} is not a flat state dict of tensors; save it again with save_pretrained")
+    return state
+
+
+def convert_pickle_checkpoint(folder: str | Path, *, cache_dir: str | Path | None = None) -> Path:
+    """The safetensors copy of a pickle-only checkpoint, converted once (shard by shard) into `cache_dir`.
+
+    Default `cache_dir`: `<mixbits home>/converted`. The copy appears by an atomic rename, so an
+    interrupted conversion is redone rather than trusted. Tensors that share storage are cloned
+    (safetensors stores no aliases); tied weights are re-tied by `LazyCheckpoint`.
+    """
+    from safetensors.torch import save_file
+
+    from mixbits.data.cache import mixbits_home, safe_name
+
+    folder = Path(folder)
+    files = _pickle_files(folder)
+    cache = Path(cache_dir) if cache_dir is not None else mixbits_home() / "converted"
+    target = cache / f"{safe_name(folder.resolve().name)}-{_conversion_key(files)}"
+    if (target / SAFE_INDEX).is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    log.info("converting the pickle checkpoint %s once to safetensors at %s (torch weights-only loader)",
+             folder, target)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=cache))
+    try:
+        weight_map = {}
+        for i, file in enumerate(files):
+            state, seen = _load_weights_only(file), set()
+            shard = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+            tensors = {}
+            for key, value in state.items():
+                ptr = value.untyped_storage().data_ptr()
+                tensors[key] = value.clone().contiguous() if ptr in seen else value.contiguous()
+                seen.add(ptr)
+                weight_map[key] = shard
+            save_file(tensors, str(tmp / shard), metadata={"format": "pt"})
+            del state, tensors
+        (tmp / SAFE_INDEX).write_text(json.dumps({"metadata": {"converted_from": str(folder)},
+                                                  "weight_map": weight_map}, indent=1))
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / SAFE_INDEX).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _load_config(folder: Path):
+    from transformers import AutoConfig
+
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{folder} has no config.json; pass a folder written by save_pretrained")
+    try:
+        return AutoConfig.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"{folder / 'config.json'} cannot be read without running custom code from the folder "
+                        f"({str(err).splitlines()[0]}); mixbits streams architectures that transformers ships "
+                        f"(trust_remote_code stays off)") from err
+
+
+def _skeleton(config, dtype: torch.dtype) -> nn.Module:
+    """The model with every parameter on the meta device (buffers are real: rotary tables are computed)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=dtype)
+    model.tie_weights()  # from_config under init_empty_weights leaves tied pairs as two meta tensors
+    for param in model.parameters():
+        param.requires_grad_(False)  # inference first; the Fisher pass enables what it differentiates
+    return model.eval()
+
+
+def _candidates(name: str, prefix: str) -> tuple[str, ...]:
+    """Checkpoint keys that may hold parameter `name` (with or without the base-model prefix)."""
+    if prefix and name.startswith(prefix + "."):
+        return name, name[len(prefix) + 1:]
+    return (name, f"{prefix}.{name}") if prefix else (name,)
+
+
+def _under(name: str, prefix: str) -> bool:
+    return not prefix or name == prefix or name.startswith(prefix + ".")
+
+
+class LazyCheckpoint:
+    """A local Hugging Face folder whose model lives on the meta device until a piece is materialized.
+
+    Build with `open_checkpoint`. `model` is the skeleton (always the same object; its pieces change
+    device); `block(i)` and `resident()` are contexts that materialize block i / everything outside the
+    blocks on `device` in `compute_dtype` and release it to the meta device on exit.
+    """
+
+    def __init__(self, folder: Path, model: nn.Module, entries: dict[str, TensorEntry], *,
+                 device: torch.device, compute_dtype: torch.dtype):
+        from mixbits.model.arch import find_blocks
+
+        self.folder, self.model, self.entries = folder, model, entries
+        self.device, self.compute_dtype = device, compute_dtype
+        self.block_path, blocks = find_blocks(model)
+        self.n_blocks = len(blocks)
+        self._aliases, self._keys = _tensor_groups(model, entries, folder)
+
+    @property
+    def checkpoint_dtype(self) -> torch.dtype:
+        """The floating dtype holding the most bytes in the checkpoint."""
+        total: dict[torch.dtype, int] = {}
+        for entry in self.entries.values():
+            if entry.dtype.is_floating_point:
+                total[entry.dtype] = total.get(entry.dtype, 0) + entry.nbytes
+        return max(total, key=total.get) if total else self.compute_dtype
+
+    def block_prefix(self, index: int) -> str:
+        if not 0 <= index < self.n_blocks:
+            raise IndexError(f"block {index} does not exist; the model has blocks 0..{self.n_blocks - 1}")
+        return f"{self.block_path}.{index}"
+
+    def _names(self, prefix: str | None) -> list[str]:
+        """Checkpoint-backed tensors under `prefix`; None: everything outside the blocks."""
+        if prefix is None:
+            return [n for n, al in self._aliases.items() if not any(_under(a, self.block_path) for a in al)]
+        return [n for n, al in self._aliases.items() if any(_under(a, prefix) for a in al)]
+
+    def nbytes(self, prefix: str | None) -> int:
+        """Bytes of the tensors under `prefix` (None: outside the blocks) once materialized."""
+        size = self.compute_dtype.itemsize
+        return sum(_numel(self.entries[self._keys[n]].shape) * (size if self.entries[self._keys[n]].dtype
+                   .is_floating_point else self.entries[self._keys[n]].dtype.itemsize) for n in self._names(prefix))
+
+    def materialize(self, prefix: str | None) -> nn.Module:
+        """Read the tensors under `prefix` (a module name; "" for all, None for all outside the blocks)
+        onto `device` in `compute_dtype`; returns that module (the whole model for "" and None)."""
+        from accelerate.utils import set_module_tensor_to_device
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for name in self._names(prefix):
+            by_file.setdefault(self.entries[self._keys[name]].file, []).append(name)
+        for file, names in by_file.items():
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                for name in names:
+                    value = handle.get_tensor(self._keys[name])
+                    dtype = self.compute_dtype if value.is_floating_point() else None
+                    set_module_tensor_to_device(self.model, name, self.device, value=value, dtype=dtype)
+                    self._share(name)
+        self._move_buffers(prefix)
+        return self.model.get_submodule(prefix) if prefix else self.model
+
+    def release(self, prefix: str | None) -> None:
+        """Send the tensors under `prefix` back to the meta device (their memory is freed)."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name in self._names(prefix):
+            set_module_tensor_to_device(self.model, name, "meta")
+            self._share(name)
+
+    def _share(self, name: str) -> None:
+        """Point every alias of a tied tensor at the one just set (tied weights stay one tensor)."""
+        owner, leaf = _split(self.model, name)
+        table = owner._parameters if leaf in owner._parameters else owner._buffers
+        for alias in self._aliases[name][1:]:
+            module, alias_leaf = _split(self.model, alias)
+            (module._parameters if alias_leaf in module._parameters else module._buffers)[alias_leaf] = table[leaf]
+
+    def _move_buffers(self, prefix: str | None) -> None:
+        """Buffers the model computes itself (not in the checkpoint) follow their module to `device`."""
+        for name, buffer in list(self.model.named_buffers()):
+            inside = _under(name, prefix) if prefix is not None else not _under(name, self.block_path)
+            if inside and name not in self._aliases and buffer.device != self.device and buffer.device.type != "meta":
+                module, leaf = _split(self.model, name)
+                module._buffers[leaf] = buffer.to(self.device)
+
+    @contextlib.contextmanager
+    def block(self, index: int) -> Iterator[nn.Module]:
+        """Block `index` materialized for the duration."""
+        prefix = self.block_prefix(index)
+        module = self.materialize(prefix)
+        try:
+            yield module
+        finally:
+            self.release(prefix)
+
+    @contextlib.contextmanager
+    def resident(self) -> Iterator[nn.Module]:
+        """Everything outside the blocks (embeddings, final norm, head) materialized; yields the model."""
+        self.materialize(None)
+        try:
+            yield self.model
+        finally:
+            self.release(None)
+
+
+def _split(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    owner, _, leaf = name.rpartition(".")
+    return (model.get_submodule(owner) if owner else model), leaf
+
+
+def _tensor_groups(model: nn.Module, entries: dict[str, TensorEntry], folder: Path):
+    """(canonical name -> all alias names, canonical name -> checkpoint key), checking that every
+    parameter has a tensor of the right shape in the checkpoint."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    groups: dict[int, list[str]] = {}
+    shapes: dict[int, tuple[int, ...]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+        shapes[id(param)] = tuple(param.shape)
+    buffers = [(n, b) for n, b in model.named_buffers(remove_duplicate=False)]
+    aliases, keys, missing = {}, {}, []
+    for ident, names in groups.items():
+        key = next((k for n in names for k in _candidates(n, prefix) if k in entries), None)
+        if key is None:
+            missing.append(names[0])
+            continue
+        if entries[key].shape != shapes[ident]:
+            raise UserError(f"{entries[key].file}: tensor {key!r} has shape {list(entries[key].shape)} but the "
+                            f"config in {folder} needs {list(shapes[ident])}; the config and the weights belong "
+                            f"to different models: re-download them together")
+        aliases[names[0]], keys[names[0]] = tuple(names), key
+    if missing:
+        raise UserError(f"the checkpoint in {folder} has no tensor for {len(missing)} parameter(s) the model needs, "
+                        f"e.g. {', '.join(missing[:3])}; the weights are incomplete or from another architecture: "
+                        f"re-download the full checkpoint")
+    for name, buffer in buffers:  # persistent buffers stored in the checkpoint are loaded like parameters
+        key = next((k for k in _candidates(name, prefix) if k in entries), None)
+        if key is not None and entries[key].shape == tuple(buffer.shape):
+            aliases[name], keys[name] = (name,), key
+    return aliases, keys
+
+
+def open_checkpoint(
+    folder: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    compute_dtype: torch.dtype | None = None,
+    cache_dir: str | Path | None = None,
+) -> LazyCheckpoint:
+    """The lazy view of a local HF causal-LM folder, every check done before any tensor is read.
+
+    `compute_dtype` default: float32 on the CPU, the checkpoint's own dtype elsewhere. `cache_dir`:
+    where a pickle-only checkpoint is converted (default `<mixbits home>/converted`).
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"model folder {str(folder)!r} does not exist; pass a local folder written by save_pretrained")
+    device = torch.device(device)
+    config = _load_config(folder)
+    entries = checkpoint_tensors(folder, cache_dir=cache_dir)
+    if compute_dtype is None:
+        floating = [e for e in entries.values() if e.dtype.is_floating_point]
+        stored = max(floating, key=lambda e: e.nbytes).dtype if floating else torch.float32
+        compute_dtype = torch.float32 if device.type == "cpu" else stored
+    model = _skeleton(config, compute_dtype)
+    return LazyCheckpoint(folder, model, entries, device=device, compute_dtype=compute_dtype)
