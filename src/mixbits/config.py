@@ -226,6 +226,7 @@ class RunConfig:
     baselines: bool = True  # also quantize and score the uniform configs around the budget (False: the mixed model only)
     train_baselines: bool = False  # also train the uniform baselines, for a comparison at equal training
     resume: bool = False  # continue training from output_dir/checkpoint
+    overwrite: bool = False  # replace an earlier run in output_dir as a whole (mixbits.outdir)
     iterative: IterativeConfig | None = None  # quantize least-sensitive units first until a perplexity limit
     tasks: tuple[str, ...] = ()  # zero-shot tasks (lm-eval) scored on the original and mixed models
     task_limit: int | None = None  # documents per task (None: all)

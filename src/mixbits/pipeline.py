@@ -26,6 +26,7 @@ from mixbits.export.native import native_size_bytes, save_native
 from mixbits.model.quantize import quantize_model
 from mixbits.model.arch import LinearInfo, find_linears, fixed_bytes_of, tied_groups
 from mixbits.model.load import load_model, resolve_model_source
+from mixbits.outdir import Claim, claim
 from mixbits.plan import Plan
 from mixbits.report.results import build_layer_statistics, build_results, write_outputs
 from mixbits.sensitivity.cache import cache_key_parts, cached_table
@@ -197,7 +198,16 @@ def train_plans(cfg: RunConfig, p: Prepared, plans: dict[str, Plan], models: dic
 
 
 def run(cfg: RunConfig) -> dict:
-    """The whole job of `mixbits run`; writes results into cfg.output_dir and returns them."""
+    """The whole job of `mixbits run`; writes results into cfg.output_dir and returns them.
+
+    The output folder is claimed before the model is loaded (`outdir.claim`: a new or empty folder,
+    or an earlier run there with cfg.overwrite, replaced as a whole, or cfg.resume) and locked until
+    the end, so a bad location costs nothing and two runs never write into one folder."""
+    with claim(cfg.output_dir, "run", overwrite=cfg.overwrite, resume=cfg.resume, command="mixbits run") as owned:
+        return _run(cfg, owned)
+
+
+def _run(cfg: RunConfig, owned: Claim) -> dict:
     timer = StageTimer()
     p = prepare(cfg, timer)
     calib, test, data_info = calibrate(cfg, p, timer)
@@ -250,6 +260,7 @@ def run(cfg: RunConfig) -> dict:
     with timer.stage("save"):
         sizes = {name: native_size_bytes(p.model, q) for name, q in plans.items() if name != "mixed"}
         sizes["mixed"] = save_native(models["mixed"], plan, out / "model", p.tokenizer, qparams=reports["mixed"].qparams)
+    owned.record()  # the model is listed as this run's even if a later step fails
     results = build_results(cfg, p, data_info, evals, plans, sizes, solution, table, timer.seconds)
     results["quantizer"] = {name: r.to_dict() for name, r in reports.items() if name not in training}
     layers = build_layer_statistics(p.linears, table, plan)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -10,8 +12,10 @@ import typer
 
 from mixbits.cli.common import (
     user_errors,
-    app, console, setup_logging, VERBOSE,
+    app, console, setup_logging, OVERWRITE, VERBOSE,
 )
+from mixbits.errors import UserError
+from mixbits.outdir import EXPORT_KINDS, adopt, claim, claim_file
 
 
 EXPORT_FORMATS = ("native", "gptq", "compressed", "gguf")
@@ -28,6 +32,7 @@ def export_cmd(
     gguf_regroup: str = typer.Option("repeat", help="GGUF: repeat (keep the plan's codes and scales) or "
                                                     "requantize (fresh min-max per 32-block)"),
     gguf_pre: str = typer.Option("default", help="GGUF tokenizer.ggml.pre for llama.cpp, e.g. smollm, llama-bpe"),
+    overwrite: bool = OVERWRITE,
     verbose: bool = VERBOSE,
 ) -> None:
     """Write a run's model in a format an inference engine loads, keeping its codes and scales."""
@@ -43,7 +48,7 @@ def export_cmd(
     options = {"gptq": {"checkpoint_format": gptq_format},
                "gguf": {"regroup": gguf_regroup, "tokenizer_pre": gguf_pre}}.get(fmt, {})
     target = out or run_dir / f"export-{fmt}"
-    with user_errors():
+    with user_errors(), claim_output(target, run_dir, fmt, overwrite) as target:
         source = load_for_export(run_dir / "model")
         shapes, fused = layer_shapes(source.model), fused_groups(source.model)
         if nearest and expressible(fmt, source.plan, shapes, fused):
@@ -55,4 +60,32 @@ def export_cmd(
         path = export_model(source.model, source.plan, target, fmt, source.tokenizer, source.qparams, **options)
         if nearest and path.is_file():  # folder formats record their plan in mixbits-export.json / mixbits.json
             source.plan.save(path.with_suffix(".plan.json"))
+    adopt(run_dir, path)  # an export inside the run folder goes when the run is replaced with --overwrite
     console.print(f"wrote {path}")
+
+
+def refuse_run_folder(target: Path, run_dir: Path) -> None:
+    """--out may not be the run folder, a folder containing it, or anything inside its model/."""
+    t, r = target.resolve(), run_dir.resolve()
+    if t == r or t in r.parents or t == r / "model" or (r / "model") in t.parents:
+        raise UserError(f"--out {target} is the run folder {run_dir}, contains it, or lies in its model/; an export "
+                        f"would replace the run's own files: choose another path, e.g. {run_dir / 'export'}")
+
+
+@contextmanager
+def claim_output(target: Path, run_dir: Path, fmt: str, overwrite: bool) -> Iterator[Path]:
+    """Own the export's output (`mixbits.outdir`) before anything is loaded; yields the path to write:
+    a folder, or for gguf the .gguf file (`model.gguf` inside a folder that is not one)."""
+    from mixbits.export.formats import FORMATS
+    from mixbits.export.gguf import is_mixbits_gguf
+
+    refuse_run_folder(target, run_dir)
+    file_name = FORMATS[fmt].file_name
+    if file_name is None:
+        with claim(target, fmt, overwrite=overwrite, staged=True, replaces=EXPORT_KINDS, flag="--out",
+                   command=f"mixbits export --format {fmt}"):
+            yield target
+        return
+    path = target if target.suffix == Path(file_name).suffix else target / file_name
+    with claim_file(path, overwrite=overwrite, is_ours=is_mixbits_gguf, command=f"mixbits export --format {fmt}"):
+        yield path

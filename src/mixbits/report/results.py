@@ -108,11 +108,16 @@ def build_layer_statistics(linears, table: DamageTable | None, plan: Plan) -> di
     return {"format": "mixbits.layer_statistics/1", "sensitivity_method": method, "layers": layers}
 
 
-def write_outputs(out: Path, results: dict, layers: dict, plan: Plan, table: DamageTable | None) -> None:
+def write_outputs(out: Path, results: dict, layers: dict, plan: Plan, table: DamageTable | None) -> list[str]:
+    """Write the run's result files into `out`; returns the names actually written (no
+    sensitivity.json when a given plan skipped the sensitivity stage)."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", results)
     atomic_write_json(out / "layer_statistics.json", layers)
     plan.save(out / "plan.json")
+    written = ["results.json", "layer_statistics.json", "plan.json"]
     if table is not None:  # the table carries what produced it: the run's config, data hashes and versions
         run = {k: results[k] for k in ("config", "environment", "data")}
         table.with_meta(run=run).save(out / "sensitivity.json")
+        written.append("sensitivity.json")
+    return written
