@@ -1,0 +1,73 @@
+import numpy as np
+import pytest
+import torch
+
+from mixbits.model.arch import find_linears
+from mixbits.model.lazy import open_checkpoint
+from mixbits.quant.spec import KEEP, QuantSpec
+from mixbits.sensitivity.fisher import empirical_fisher, fisher_table
+from mixbits.sensitivity.fisher_streamed import fisher_by_block, streamed_fisher, streamed_fisher_table
+from tests.conftest import tiny_gpt2, tiny_llama
+
+CPU = torch.device("cpu")
+CONFIGS = (QuantSpec(2, 32), QuantSpec(4, 64), KEEP)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def windows(n=3, seqlen=16):
+    return torch.randint(0, 256, (n, seqlen), generator=torch.Generator().manual_seed(0))
+
+
+def assert_same_fisher(streamed, reference):
+    assert streamed.keys() == reference.keys()
+    for name, ref in reference.items():
+        assert streamed[name].dtype == torch.float32 and streamed[name].shape == ref.shape, name
+        assert torch.allclose(streamed[name], ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max())), name
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+def test_streamed_fisher_equals_full_model_fisher(build):
+    model = build()
+    linears = find_linears(model)
+    reference = empirical_fisher(model, windows(), linears, device=CPU, progress=False)
+    streamed = streamed_fisher(model, windows(), linears, device=CPU, progress=False)
+    assert_same_fisher(streamed, reference)
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+def test_lazy_checkpoint_gives_the_same_table_one_block_at_a_time(build, tmp_path):
+    model = build()
+    model.save_pretrained(tmp_path / "ckpt", max_shard_size="100KB")
+    linears = find_linears(model)
+    damage, scores = fisher_table(model, windows(), linears, CONFIGS, device=CPU, progress=False)
+    ckpt = open_checkpoint(tmp_path / "ckpt")
+    seen = []
+    for index, loaded, fisher in fisher_by_block(ckpt, windows(), find_linears(ckpt.model), progress=False):
+        real = {n.split(".")[2] for n, p in loaded.named_parameters() if p.device.type != "meta"
+                and n.startswith(ckpt.block_path + ".")}
+        seen.append((index, real))
+        assert {linears[name].block for name in fisher} == {index}
+    assert seen == [(1, {"1"}), (0, {"0"})]  # last block first, one block materialized at a time
+    lazy_damage, lazy_scores = streamed_fisher_table(ckpt, windows(), find_linears(ckpt.model), CONFIGS,
+                                                     offload_dir=tmp_path / "boundaries", progress=False)
+    assert np.allclose(lazy_damage, damage, rtol=1e-5, atol=0) and (damage[:, 0] > damage[:, 1]).all()
+    assert np.allclose(lazy_scores["fisher_trace"], scores["fisher_trace"], rtol=1e-5, atol=0)
+    assert not list((tmp_path / "boundaries").iterdir())  # boundary files consumed
+    assert {p.device.type for p in ckpt.model.parameters()} == {"meta"}
+
+
+def test_a_subset_of_linears():
+    model = tiny_llama()
+    linears = find_linears(model)
+    some = {n: i for n, i in linears.items() if n.endswith("down_proj") or ".0.self_attn.q_proj" in n}
+    reference = empirical_fisher(model, windows(2), linears, device=CPU, progress=False)
+    streamed = streamed_fisher(model, windows(2), some, device=CPU, progress=False)
+    assert_same_fisher(streamed, {n: reference[n] for n in some})
