@@ -34,5 +34,5 @@ def test_budget_outside_range(tiny_model_dir, tiny_text_file, tmp_path, bpw, wor
 def test_malformed_plan(tiny_model_dir, tiny_text_file, tmp_path):
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"layers": {"model.layers.0.mlp.up_proj": "w9g128"}}))
-    r = invoke("--model", str(tiny_model_dir), "--dataset", str(tiny_text_file), "--plan", str(plan), "--output-dir", str(tmp_path))
+    r = invoke("--model", str(tiny_model_dir), "--dataset", str(tiny_text_file), "--plan", str(plan), "--output-dir", str(tmp_path / "out"))
     assert r.exit_code == 2 and "bits=9" in r.output
