@@ -225,6 +225,11 @@ def acquire_lock(path: Path, command: str) -> Path:
     raise UserError(f"could not take the lock {path}; another command keeps creating it; retry")
 
 
+def _held_here(folder: Path) -> bool:
+    held = _read_lock(folder / LOCK) if (folder / LOCK).is_file() else {}
+    return held.get("pid") == os.getpid() and held.get("host") == socket.gethostname()
+
+
 def release_lock(path: Path) -> None:
     if _read_lock(path).get("pid") == os.getpid():
         path.unlink(missing_ok=True)
@@ -308,6 +313,11 @@ def claim(path: str | Path, kind: str, *, overwrite: bool = False, resume: bool 
     checks, locks and cleans leftovers. The lock is released on every exit, exceptions included.
     """
     path = Path(path)
+    if _held_here(path):  # a job that claimed this folder runs a stage into it (ablate runs `run`)
+        yield Claim(path, None)
+        return
+    # a folder inside one this process claimed was allowed with it: its outputs are the job's own
+    overwrite = overwrite or any(_held_here(up) for up in path.parents)
     earlier = check_folder(path, kind, overwrite=overwrite, resume=resume, replaces=replaces, flag=flag)
     created = not path.exists()
     check_writable(path, flag)
@@ -330,10 +340,28 @@ def claim(path: str | Path, kind: str, *, overwrite: bool = False, resume: bool 
     finally:
         try:
             owned.record(finished=ok)
+            if not ok and earlier is None and owned.manifest is not None and not owned.manifest.files:
+                (path / MANIFEST).unlink(missing_ok=True)  # refused before writing anything: leave no trace
         finally:
             release_lock(path / LOCK)
-            if created and staged and path.is_dir() and not any(path.iterdir()):
+            if created and path.is_dir() and not any(path.iterdir()):
                 path.rmdir()
+
+
+def refresh(folder: str | Path) -> None:
+    """List in `folder`'s manifest the files a command wrote after its claim ended (plots)."""
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        record(Path(folder), manifest, finished=manifest.finished is not None)
+
+
+def written_names(folder: str | Path) -> list[str]:
+    """The top-level files and folders (with '/') that the last output in `folder` wrote, from its manifest."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return []
+    tops = {f.split("/")[0] + ("/" if "/" in f else "") for f in manifest.files}
+    return sorted(tops, key=lambda n: (n.endswith("/"), n))
 
 
 def adopt(parent: Path, written: Path) -> None:
