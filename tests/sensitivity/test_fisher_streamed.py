@@ -13,14 +13,6 @@ CPU = torch.device("cpu")
 CONFIGS = (QuantSpec(2, 32), QuantSpec(4, 64), KEEP)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def windows(n=3, seqlen=16):
     return torch.randint(0, 256, (n, seqlen), generator=torch.Generator().manual_seed(0))
 

@@ -9,9 +9,10 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from mixbits.outdir import claim
 from mixbits.cli.common import (
     user_errors,
-    app, console, setup_logging, parse_ints, parse_groups, parse_labels, MODEL, DATASET, SEQLEN,
+    OVERWRITE, app, console, setup_logging, parse_ints, parse_groups, parse_labels, MODEL, DATASET, SEQLEN,
     CALIB_WINDOWS, BITS, GROUP_SIZES, MIN_BITS, MAX_BITS, KEEP, PIN, TIE, DEVICE, VERBOSE,
 )
 from mixbits.report.console import print_analysis
@@ -37,6 +38,7 @@ def analyze(
     output_dir: Path = typer.Option(Path("runs/analyze"), help="where sensitivity.json, validation.json, plots/ go"),
     sensitivity_file: Optional[Path] = typer.Option(None, help='import {"sensitivity_scores": [one per block]}'),
     cache: bool = typer.Option(True, help="reuse tables cached under MIXBITS_HOME/cache/sensitivity"),
+    overwrite: bool = OVERWRITE,
     device: str = DEVICE,
     verbose: bool = VERBOSE,
 ) -> None:
@@ -54,7 +56,8 @@ def analyze(
             validate_with=validate_with, output_dir=output_dir, sensitivity_file=sensitivity_file,
             device=device, progress=verbose, use_cache=cache,
         )
-        summary = run_analyze(cfg)
+        with claim(output_dir, "analyze", overwrite=overwrite, command="mixbits analyze"):
+            summary = run_analyze(cfg)
     print_analysis(console, summary)
     console.print("wrote " + ", ".join(summary["files"].values()) + f", {output_dir}/analysis.json")
 

@@ -15,7 +15,7 @@ from mixbits.cli.common import (
 )
 from mixbits.config import IterativeConfig, TrainConfig
 from mixbits.errors import UserError
-from mixbits.outdir import written_names
+from mixbits.outdir import claim, refresh, written_names
 from mixbits.quant.spec import QuantSpec
 from mixbits.report.console import print_results, print_sweep
 
@@ -136,6 +136,7 @@ def sweep(
     cache: bool = CACHE,
     gptq_clip: bool = GPTQ_CLIP,
     gptq_act_order: bool = GPTQ_ACT_ORDER,
+    overwrite: bool = OVERWRITE,
     device: str = DEVICE,
     verbose: bool = VERBOSE,
 ) -> None:
@@ -154,8 +155,10 @@ def sweep(
             target_size_mb=None, bits=bits, group_sizes=group_sizes, min_bits=min_bits, max_bits=max_bits,
             keep=keep, pin=pin, tie=tie)
         names = tuple(STRATEGIES) if strategies == "all" else tuple(x.strip() for x in strategies.split(",") if x.strip())
-        results = run_sweep(SweepConfig(run=run_cfg, budgets_bpw=budgets, strategies=names, uniform=uniform))
+        with claim(output_dir, "sweep", overwrite=overwrite, command="mixbits sweep"):
+            results = run_sweep(SweepConfig(run=run_cfg, budgets_bpw=budgets, strategies=names, uniform=uniform))
     for x in ("bpw", "mb"):
         plot_sweep(results, output_dir / f"ppl_vs_{x}.png", x=x)
+    refresh(output_dir)  # the plots belong to the sweep's output
     print_sweep(console, results)
     console.print(f"wrote {output_dir}/sweep.json, ppl_vs_bpw.png, ppl_vs_mb.png")

@@ -24,7 +24,7 @@ from mixbits.sensitivity.table import DamageTable
 
 log = logging.getLogger(__name__)
 
-NOT_NUMBERS = ("output_dir", "progress", "use_cache", "report")
+NOT_NUMBERS = ("output_dir", "progress", "use_cache", "report", "overwrite")
 
 
 def json_normal(data: object) -> object:

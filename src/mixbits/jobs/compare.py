@@ -133,7 +133,7 @@ def run_compare(cfg: CompareConfig) -> dict:
         else:
             log.info("[%d/%d] %s -> %s", i, len(cfg.models), model, run_cfg.output_dir)
             try:
-                pipeline.run(run_cfg)
+                pipeline.run(replace(run_cfg, overwrite=run_cfg.overwrite or cfg.resume))  # rerun replaces it
             except Exception as err:  # noqa: BLE001 -- one model's failure must not stop the others; re-raised below
                 log.error("%s failed: %s", model, err, exc_info=True)
                 failed[model] = f"{type(err).__name__}: {err}"

@@ -1,0 +1,219 @@
+"""Perplexity, KL and top-1 of any number of variants, block by block, without a copy of the model.
+
+Idea: a variant (original, mixed plan, uniform baseline) differs from the original only in the
+weights of the linears inside the blocks, so it is the original model plus a per-linear weight
+override applied while a block is materialized. The evaluation windows enter block 0 once
+(embeddings are shared), then each variant in turn pushes them through the blocks one at a time
+and through the model's own head, window batch by window batch. The reference (the original)
+goes first and leaves behind, per scored position t, a summary of its next-token distribution;
+each later variant is scored against that summary:
+
+    nll  = mean_t −log q(x_t | x_<t)                      ppl = exp(nll)
+    KL   = mean_t Σ_v p(v) (log p(v) − log q(v))         (p: reference, q: variant; nats/token)
+    top1 = mean_t [argmax p = argmax q]
+
+The summary is either the reference's full log-probabilities (KL exact, as `evaluate_models`
+computes it) or its top-k log-probabilities with the rest of the vocabulary merged into one
+outcome (`topk=k`):
+
+    KL_k = Σ_{v∈top-k} p(v) (log p(v) − log q(v)) + r_p (log r_p − log r_q),   r = 1 − Σ_{top-k} mass
+
+KL_k ≤ KL (merging outcomes never raises a KL divergence: the log-sum inequality), equal when the
+top-k hold all of the reference's mass; what it misses is the divergence inside the merged tail,
+which is small when the reference is peaked. Top-1 is exact either way (the argmax is kept).
+
+Peak memory: one block's weights (plus the overridden copies of its linears), the hidden states of
+all windows at one block boundary, twice (input and output: 2 · n · S · H in the compute dtype),
+one batch's logits [batch, S, V] in float32 with their log-softmax, and the reference's summary:
+n · (S−1) · V · 4 bytes in full, n · (S−1) · (12k + 12) bytes as top-k (values, indices, argmax,
+and the tail mass r_p, summed directly rather than as 1 − Σ top-k, which would cancel to rounding
+noise). `topk="auto"` keeps the full log-probabilities when they take at most 256 MiB, else the top 64.
+
+Trade-off: each variant reads every block once (V variants: V passes over the weights) instead of
+holding V models; the reference is run once and never stored whole when the vocabulary is large.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from mixbits.eval.perplexity import EvalResult
+from mixbits.model.arch import LinearInfo, find_linears, get_weight
+from mixbits.model.blockwise import BlockInputs, capture_block_inputs
+from mixbits.model.stream import BlockSource, as_source, call_block, head_forward
+
+__all__ = ["AUTO_FULL_BYTES", "Variant", "WeightOverride", "evaluate_streamed", "overridden"]
+
+WeightOverride = Callable[[str, torch.Tensor], "torch.Tensor | None"]
+"""(linear name, weight [out, in]) -> the variant's weight [out, in], or None to keep the original."""
+
+AUTO_FULL_BYTES = 256 * 2**20
+_AUTO_TOPK = 64
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named variant of the source model: `override` gives its linears' weights (None: the original)."""
+
+    name: str
+    override: WeightOverride | None = None
+
+
+@contextlib.contextmanager
+def overridden(model: nn.Module, linears: Sequence[LinearInfo], override: WeightOverride | None) -> Iterator[None]:
+    """The linears' weights replaced by `override`'s for the duration; the original tensors are put
+    back (not copied: the original parameter objects are kept aside)."""
+    kept = []
+    try:
+        for info in linears if override is not None else ():
+            module = model.get_submodule(info.name)
+            original = module.weight
+            new = override(info.name, get_weight(module).detach())
+            if new is None:
+                continue
+            if tuple(new.shape) != (info.out_features, info.in_features):
+                raise ValueError(f"override for {info.name} returned shape {tuple(new.shape)}; expected "
+                                 f"[{info.out_features}, {info.in_features}] ([out, in])")
+            stored = (new.t() if info.transposed else new).to(original.device, original.dtype).contiguous()
+            kept.append((module, original))
+            module._parameters["weight"] = nn.Parameter(stored, requires_grad=False)
+        yield
+    finally:
+        for module, original in reversed(kept):
+            module._parameters["weight"] = original
+
+
+@torch.no_grad()
+def _through_blocks(source: BlockSource, inputs: BlockInputs, by_block, override, store, progress, desc):
+    hidden, as_tuple = inputs.hidden, False
+    for i in tqdm(range(source.n_blocks), desc=desc, disable=not progress, leave=False):
+        with source.block(i), overridden(source.model, by_block.get(i, ()), override):
+            outs = []
+            for h, args, kwargs in zip(hidden, inputs.args, inputs.kwargs):
+                out, as_tuple = call_block(source.model.get_submodule(f"{source.block_path}.{i}"),
+                                           h.to(source.device), args, kwargs)
+                outs.append(out.to(store))
+        hidden = tuple(outs)
+    return hidden, as_tuple
+
+
+def _tail_mass(logp: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Probability outside `indices`, summed directly (1 − Σ top-k would cancel to rounding noise)."""
+    return logp.exp().scatter(-1, indices, 0.0).sum(-1)
+
+
+def _tail_kl(r_p: torch.Tensor, r_q: torch.Tensor) -> torch.Tensor:
+    """Σ_t r_p (log r_p − log r_q): the merged tail as one outcome (0 where r_p = 0)."""
+    r_q = r_q.clamp_min(torch.finfo(torch.float32).tiny)
+    return (torch.xlogy(r_p, r_p) - torch.xlogy(r_p, r_q)).sum()
+
+
+class _Scores:
+    """Running sums for one variant, and (for the reference) the kept summary per batch."""
+
+    def __init__(self):
+        self.nll, self.kl, self.agree, self.summary = 0.0, 0.0, 0, []
+
+    def add(self, logp: torch.Tensor, target: torch.Tensor, ref, topk: int | None) -> None:
+        self.nll += float(-logp.gather(-1, target.unsqueeze(-1)).sum())
+        if ref is None:
+            return
+        if topk is None:
+            self.kl += float((ref.exp() * (ref - logp)).sum())
+            self.agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
+            return
+        values, indices, argmax, r_p = ref
+        logq = logp.gather(-1, indices)
+        self.kl += float((values.exp() * (values - logq)).sum() + _tail_kl(r_p, _tail_mass(logp, indices)))
+        self.agree += int((argmax == logp.argmax(-1)).sum())
+
+    def keep(self, logp: torch.Tensor, topk: int | None, store) -> None:
+        if topk is None:
+            self.summary.append(logp.to(store))
+        else:
+            values, indices = logp.topk(topk, dim=-1)
+            kept = (values, indices, logp.argmax(-1), _tail_mass(logp, indices))
+            self.summary.append(tuple(t.to(store) for t in kept))
+
+
+def _resolve_topk(topk, n_positions: int, vocab: int) -> int | None:
+    if topk == "auto":
+        return None if n_positions * vocab * 4 <= AUTO_FULL_BYTES else min(_AUTO_TOPK, vocab)
+    if topk is not None and not (isinstance(topk, int) and 1 <= topk <= vocab):
+        raise ValueError(f"topk={topk!r}: use None (full log-probabilities), 'auto', or an integer in 1..{vocab}")
+    return topk
+
+
+def evaluate_streamed(
+    model: nn.Module | BlockSource,
+    windows: torch.Tensor,
+    variants: Sequence[Variant],
+    *,
+    device: torch.device | str | None = None,
+    reference: str | None = None,
+    topk: int | str | None = "auto",
+    batch_size: int = 1,
+    store: torch.device | str = "cpu",
+    progress: bool = True,
+) -> dict[str, EvalResult]:
+    """Score every variant on `windows` [n, seqlen] as `evaluate_models` does; KL and top-1 are against
+    the variant named `reference`. `model`: a loaded model (blocks run on `device`) or a `LazyCheckpoint`.
+    `topk`: None keeps the reference's full log-probabilities (exact KL), an integer its top-k (KL_k,
+    a lower bound), "auto" chooses (see the module docstring)."""
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise ValueError(f"variant names must be unique; got {names}")
+    if reference is not None and reference not in names:
+        raise ValueError(f"reference {reference!r} is not one of the variants {names}")
+    source, store = as_source(model, device), torch.device(store)
+    n, seqlen = windows.shape
+    linears = find_linears(source.model)
+    by_block: dict[int, list[LinearInfo]] = {}
+    for info in linears.values():
+        by_block.setdefault(info.block, []).append(info)
+    with source.resident() as loaded:
+        inputs = capture_block_inputs(loaded, windows, batch_size=batch_size, store=store, progress=False)
+    requested = topk
+    ordered = sorted(variants, key=lambda v: v.name != reference)  # the reference first
+    scores: dict[str, _Scores] = {}
+    for variant in ordered:
+        hidden, as_tuple = _through_blocks(source, inputs, by_block, variant.override, store, progress,
+                                           f"evaluate {variant.name}")
+        score = scores[variant.name] = _Scores()
+        ref = scores[reference].summary if reference is not None and variant.name != reference else None
+        with source.resident() as loaded, torch.no_grad():
+            for b, h in enumerate(hidden):
+                ids = windows[b * batch_size : (b + 1) * batch_size].to(source.device)
+                logits = head_forward(loaded, h.to(source.device), ids, as_tuple=as_tuple).logits[:, :-1]
+                logp = F.log_softmax(logits.float(), dim=-1)
+                topk = _resolve_topk(requested, n * (seqlen - 1), logp.shape[-1])
+                if variant.name == reference:
+                    score.keep(logp, topk, store)
+                batch_ref = None if reference is None else _batch_ref(scores[reference], ref, b, logp, source.device)
+                score.add(logp, ids[:, 1:], batch_ref, topk)
+        del hidden
+    count = n * (seqlen - 1)
+    return {v.name: _result(scores[v.name], count, n, seqlen, reference is not None) for v in variants}
+
+
+def _batch_ref(reference: _Scores, summary, b: int, logp: torch.Tensor, device):
+    """The reference's summary of batch b on `device` (the reference scores itself from its own logp)."""
+    if summary is None:
+        kept = reference.summary[b]
+        return logp if isinstance(kept, torch.Tensor) else tuple(t.to(device) for t in kept)
+    kept = summary[b]
+    return kept.to(device) if isinstance(kept, torch.Tensor) else tuple(t.to(device) for t in kept)
+
+
+def _result(score: _Scores, count: int, n: int, seqlen: int, with_reference: bool) -> EvalResult:
+    mean = score.nll / count
+    return EvalResult(ppl=math.exp(mean), nll=mean, kl=score.kl / count if with_reference else None,
+                      top1=score.agree / count if with_reference else None, tokens=count, windows=n, seqlen=seqlen)
