@@ -8,6 +8,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from mixbits.cli.common import OVERWRITE
+from mixbits.outdir import claim
+
 from mixbits.cli.common import DEVICE, VERBOSE, app, console, parse_groups, setup_logging, user_errors
 
 
@@ -72,6 +75,7 @@ def classify(
     rank_examples: int = typer.Option(256, help="training sentences that rank the layers (all when fewer)"),
     head_l2: str = typer.Option("0.01,0.1,1,10", help="L2 penalties of the trained head, picked by cross-validation"),
     head_folds: int = typer.Option(5, help="cross-validation folds of the trained head"),
+    overwrite: bool = OVERWRITE,
     device: str = DEVICE,
     verbose: bool = VERBOSE,
 ) -> None:
@@ -87,6 +91,7 @@ def classify(
             rank_examples=rank_examples, head_l2=_floats(head_l2, "--head-l2"), head_folds=head_folds, device=device,
             progress=verbose,
         )
-        results = run_classify(cfg)
+        with claim(output_dir, "classify", overwrite=overwrite, command="mixbits classify"):
+            results = run_classify(cfg)
     print_classify(results)
     console.print("wrote " + ", ".join(results["files"].values()))

@@ -9,10 +9,11 @@ from typing import Optional
 
 import typer
 
+from mixbits.outdir import claim, refresh
 from mixbits.cli.common import (
     user_errors,
     app, console, setup_logging, run_config, CACHE, GPTQ_ACT_ORDER, GPTQ_CLIP, MODEL, DATASET, SEQLEN, CALIB_WINDOWS, DAMAGE, EVAL_WINDOWS,
-    SEED, BITS, GROUP_SIZES, MIN_BITS, MAX_BITS, KEEP, PIN, TIE, QUANTIZER, DEVICE, VERBOSE,
+    SEED, BITS, GROUP_SIZES, MIN_BITS, MAX_BITS, KEEP, PIN, TIE, QUANTIZER, DEVICE, VERBOSE, OVERWRITE,
 )
 from mixbits.jobs.experiment_config import ABLATE_TRAIN, DEFAULT_BUDGETS, SECTIONS, SEED_STRATEGIES, parse_list
 from mixbits.config import SCHEDULES
@@ -50,6 +51,7 @@ def compare(
     cache: bool = CACHE,
     gptq_clip: bool = GPTQ_CLIP,
     gptq_act_order: bool = GPTQ_ACT_ORDER,
+    overwrite: bool = OVERWRITE,
     device: str = DEVICE,
     verbose: bool = VERBOSE,
 ) -> None:
@@ -72,13 +74,15 @@ def compare(
             target_size_mb=target_size_mb, bits=bits, group_sizes=group_sizes, min_bits=min_bits, max_bits=max_bits,
             keep=keep, pin=pin, tie=tie)
         cfg = CompareConfig(run=shared, models=names, output_dir=output_dir, resume=resume)
-        try:
-            summary, failure = run_compare(cfg), None
-        except CompareFailed as err:
-            summary, failure = _read_summary(output_dir), err
+        with claim(output_dir, "compare", overwrite=overwrite, resume=resume, command="mixbits compare"):
+            try:
+                summary, failure = run_compare(cfg), None
+            except CompareFailed as err:
+                summary, failure = _read_summary(output_dir), err
     if summary["models"]:
         plot_comparison(summary, output_dir / "comparison.png")
         write_comparison_report(output_dir / "comparison_summary.json")
+        refresh(output_dir)  # the plot and the page belong to the comparison's output
         print_comparison(console, summary)
         console.print(f"wrote {output_dir}/comparison_summary.json, comparison.png, comparison_report.html, "
                       "<model>_analysis.json, <model>/ (each with its report.html)")
@@ -126,6 +130,7 @@ def ablate(
     cache: bool = CACHE,
     gptq_clip: bool = GPTQ_CLIP,
     gptq_act_order: bool = GPTQ_ACT_ORDER,
+    overwrite: bool = OVERWRITE,
     device: str = DEVICE,
     verbose: bool = VERBOSE,
 ) -> None:
@@ -150,7 +155,9 @@ def ablate(
         cfg = AblateConfig(run=run_cfg, output_dir=output_dir, sections=parse_list(sections),
                            strategies=parse_list(strategies), budgets_bpw=parse_range(budgets), train=train,
                            schedules=parse_list(qat_schedules), resume=resume)
-        results = run_ablation(cfg)
+        with claim(output_dir, "ablate", overwrite=overwrite, resume=resume, command="mixbits ablate"):
+            results = run_ablation(cfg)
     plot_ablation(results, output_dir / "ablation.png")
+    refresh(output_dir)
     print_ablation(console, results)
     console.print(f"wrote {output_dir}/ablation.json, ablation.png, sensitivity.json, plans/")

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from mixbits.cli.common import app, console, setup_logging, user_errors, VERBOSE
+from mixbits.outdir import refresh
 
 
 @app.command("report")
@@ -25,6 +26,7 @@ def report_cmd(
 
     with user_errors(BrowserCheckError):
         path = write_report(run_dir)
+        refresh(run_dir)  # report.html and plots/ go with the run when it is replaced (--overwrite)
         console.print(f"wrote {path}")
         if open_check or screenshot is not None:
             check = check_in_chromium(path, screenshot=screenshot)

@@ -12,7 +12,9 @@ from mixbits.cli.common import (
     user_errors,
     app, console, setup_logging, MODEL, DATASET, EVAL_WINDOWS, SEED, DEVICE, VERBOSE,
 )
+from mixbits.cli.common import OVERWRITE
 from mixbits.config import TrainConfig
+from mixbits.outdir import claim
 
 
 _T = TrainConfig()
@@ -43,6 +45,7 @@ def train(
     resume: bool = typer.Option(False, help="continue a killed run from OUTPUT_DIR/checkpoint"),
     eval_windows: int = EVAL_WINDOWS,
     seed: int = SEED,
+    overwrite: bool = OVERWRITE,
     device: str = DEVICE,
     verbose: bool = VERBOSE,
 ) -> None:
@@ -56,9 +59,10 @@ def train(
             batch_size=batch_size, quant_lr=quant_lr, weight_lr=weight_lr, patience=patience, schedule=schedule,
             total_epoch_budget=total_epoch_budget, init=qat_init, offload=offload, e2e=e2e, e2e_epochs=e2e_epochs,
             e2e_lr=e2e_lr, seed=seed)
-        results = train_command(model=model, plan=plan, output_dir=output_dir, cfg=cfg,
-                                sensitivity_file=sensitivity_file, device=device, resume=resume,
-                                eval_windows=eval_windows, progress=verbose)
+        with claim(output_dir, "train", overwrite=overwrite, resume=resume, command="mixbits train"):
+            results = train_command(model=model, plan=plan, output_dir=output_dir, cfg=cfg,
+                                    sensitivity_file=sensitivity_file, device=device, resume=resume,
+                                    eval_windows=eval_windows, progress=verbose)
     table = Table(title=f"{model}: {results['training']['init']} init vs Block-AP ({schedule} schedule)")
     for col in ("model", "perplexity", "KL (nats/tok)", "top-1 agree"):
         table.add_column(col, justify="left" if col == "model" else "right", no_wrap=col == "model")
