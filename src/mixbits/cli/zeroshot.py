@@ -11,6 +11,7 @@ from rich.table import Table
 
 from mixbits.cli.common import DEVICE, VERBOSE, app, console, parse_labels, setup_logging, user_errors
 from mixbits.errors import UserError
+from mixbits.outdir import refresh
 
 # The embedded tasks the original smollm2-135m scores above chance on by > 2 stderr (README "Zero-shot tasks").
 DEFAULT_TASKS = ("bb_social_iqa_cloze,bb_goal_step_wikihow_goal_inference_cloze,"
@@ -118,6 +119,8 @@ def zeroshot_cmd(
         result = evaluate_zeroshot(models, tokenizer, names, device=device, limit=limit or None,
                                    batch_size=batch_size, seed=seed, progress=verbose)
         atomic_write_json(target, result)
+        if run_dir is not None:
+            refresh(run_dir)  # zeroshot.json goes with the run when it is replaced (--overwrite)
     console.print(_table(result))
     console.print(f"wrote {target}")
     if run_dir is not None and target == run_dir / "zeroshot.json" and (run_dir / "report.html").is_file():
