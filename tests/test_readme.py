@@ -75,3 +75,19 @@ def test_relative_links_and_images_resolve(path):
         if target.startswith(("http://", "https://", "#")):
             continue
         assert (path.parent / target.split("#")[0]).exists(), f"{path.name}: broken link {target}"
+
+
+def test_every_command_line_in_the_readme_uses_flags_the_cli_has():
+    import typer
+
+    from mixbits.cli import app
+
+    commands = typer.main.get_command(app).commands
+    blocks = "\n".join(re.findall(r"```bash\n(.*?)```", README.read_text(), re.S))
+    lines = re.findall(r"^(?:\.venv/bin/)?mixbits (\S+)([^#\n]*)", blocks, re.M)
+    assert len(lines) >= 10
+    for name, rest in lines:
+        assert name in commands, f"README: `mixbits {name}` is not a command"
+        flags = {o for p in commands[name].params for o in (*p.opts, *p.secondary_opts)}
+        for flag in re.findall(r"(?<!\S)(--[a-z][a-z0-9-]*)", rest):
+            assert flag in flags, f"README: `mixbits {name}` has no option {flag}"
