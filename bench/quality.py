@@ -53,7 +53,7 @@ from mixbits.config import AllocationConfig, DataConfig, RunConfig  # noqa: E402
 from mixbits.data.text import load_text  # noqa: E402
 from mixbits.data.windows import eval_windows, text_fingerprint  # noqa: E402
 from mixbits.pipeline import Prepared, calibrate, prepare  # noqa: E402
-from mixbits.jobs.sweep import parse_range  # noqa: E402
+from mixbits.parsing import parse_range  # noqa: E402
 from mixbits.timing import StageTimer  # noqa: E402
 
 log = logging.getLogger("quality")

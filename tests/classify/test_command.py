@@ -24,4 +24,4 @@ def test_unknown_dataset_is_one_line_and_exit_2(encoder_dirs, tmp_path):
 
 def test_bad_head_l2_is_refused(encoder_dirs, tmp_path):
     r = runner.invoke(app, ["classify", "--no-verbose", "--model", str(encoder_dirs["bert"]), "--head-l2", "x,y"])
-    assert r.exit_code == 2 and "comma-separated numbers" in r.output
+    assert r.exit_code == 2 and "--head-l2 'x,y': 'x' is not a number" in r.output

@@ -2,18 +2,9 @@
 
 import json
 
-import pytest
 from typer.testing import CliRunner
 
 from mixbits.cli import app
-from mixbits.jobs.sweep import parse_range
-
-
-def test_parse_range():
-    assert parse_range("2.5:3.5:0.25") == (2.5, 2.75, 3.0, 3.25, 3.5)
-    assert parse_range("3,4.25") == (3.0, 4.25)
-    with pytest.raises(ValueError, match="must look like"):
-        parse_range("a:b")
 
 
 def test_sweep_writes_json_and_plots(tiny_model_dir, tiny_text_file, tmp_path):

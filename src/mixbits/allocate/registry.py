@@ -20,7 +20,7 @@ from mixbits.allocate import heuristics, presets
 from mixbits.allocate.optimal import Constraints, allocate_optimal
 from mixbits.allocate.strategies import StrategyResult, build_problem, finish, uniform
 from mixbits.errors import UserError
-from mixbits.quant.spec import QuantSpec
+from mixbits.quant.spec import KEEP, QuantSpec
 from mixbits.sensitivity.table import DamageTable
 
 DEFAULT_STRATEGY = "optimal"
@@ -126,12 +126,17 @@ def run_strategy(
 
 
 def predicted_damage(table: DamageTable, specs: Mapping[str, QuantSpec]) -> float:
-    """Σ_u damage[u, spec_u]: the table's predicted loss increase of a plan over its units."""
+    """Σ_u damage[u, spec_u]: the table's predicted loss increase of a plan over its units.
+
+    A unit the plan leaves out stays in 16 bit (the table's keep column, as `Plan` reads it); a
+    spec that is not one of the table's configs is an error, never priced as some other config."""
     column = {c: j for j, c in enumerate(table.configs)}
     total = 0.0
     for u, name in enumerate(table.units):
-        spec = specs[name]
+        spec = specs.get(name, KEEP)
         if spec not in column:
-            raise UserError(f"{name}: {spec.label} is not a candidate config of the table {[c.label for c in table.configs]}")
+            given = "leaves it in 16 bit" if name not in specs else f"gives it {spec.label}"
+            raise UserError(f"{name}: the plan {given}, which is not a config of the damage table "
+                            f"{[c.label for c in table.configs]}; allocate among the table's configs")
         total += float(table.damage[u, column[spec]])
     return total

@@ -12,9 +12,10 @@ from rich.table import Table
 from mixbits.outdir import claim
 from mixbits.cli.common import (
     user_errors,
-    OVERWRITE, app, console, setup_logging, parse_ints, parse_groups, parse_labels, MODEL, DATASET, SEQLEN,
+    OVERWRITE, app, console, setup_logging, MODEL, DATASET, SEQLEN,
     CALIB_WINDOWS, BITS, GROUP_SIZES, MIN_BITS, MAX_BITS, KEEP, PIN, TIE, DEVICE, VERBOSE,
 )
+from mixbits.parsing import parse_group_sizes, parse_ints, split_list
 from mixbits.report.console import print_analysis
 
 
@@ -48,11 +49,11 @@ def analyze(
 
     with user_errors():
         cfg = AnalyzeConfig(
-            model=model, dataset=dataset, methods=parse_labels(methods), granularity=granularity,
-            calib_windows=calib_windows, seqlen=seqlen, seed=seed, bits=parse_ints(bits, "--bits"),
-            group_sizes=parse_groups(group_sizes),
-            measure_configs=None if measure_configs is None else parse_labels(measure_configs),
-            validate=validate, validate_configs=parse_labels(validate_configs), validate_windows=validate_windows,
+            model=model, dataset=dataset, methods=split_list(methods), granularity=granularity,
+            calib_windows=calib_windows, seqlen=seqlen, seed=seed, bits=parse_ints(bits),
+            group_sizes=parse_group_sizes(group_sizes),
+            measure_configs=None if measure_configs is None else split_list(measure_configs),
+            validate=validate, validate_configs=split_list(validate_configs), validate_windows=validate_windows,
             validate_with=validate_with, output_dir=output_dir, sensitivity_file=sensitivity_file,
             device=device, progress=verbose, use_cache=cache,
         )
@@ -87,8 +88,8 @@ def allocate(
     with user_errors():
         results, table = allocate_from_table(
             sensitivity, strategy=strategy, target_bpw=target_bpw, target_size_mb=target_size_mb,
-            fixed_bytes=fixed_bytes, bits=parse_ints(bits, "--bits") if bits else None,
-            group_sizes=parse_groups(group_sizes) if group_sizes else None, min_bits=min_bits, max_bits=max_bits,
+            fixed_bytes=fixed_bytes, bits=parse_ints(bits) if bits else None,
+            group_sizes=parse_group_sizes(group_sizes) if group_sizes else None, min_bits=min_bits, max_bits=max_bits,
             keep=keep, pins=tuple(pin), tie=tie, score=score, alpha=alpha, spec=spec, output=output)
     from mixbits.allocate.registry import predicted_damage
 

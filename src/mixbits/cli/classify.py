@@ -11,20 +11,15 @@ from rich.table import Table
 from mixbits.cli.common import OVERWRITE
 from mixbits.outdir import claim
 
-from mixbits.cli.common import DEVICE, VERBOSE, app, console, parse_groups, setup_logging, user_errors
-
-
-def _floats(text: str, flag: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise typer.BadParameter(f"{flag} {text!r} must be comma-separated numbers, e.g. 0.01,0.1,1,10") from None
+from mixbits.cli.common import DEVICE, VERBOSE, app, console, setup_logging, user_errors
+from mixbits.errors import UserError
+from mixbits.parsing import parse_floats, parse_group_sizes
 
 
 def _group(text: str) -> int | None:
-    groups = parse_groups(text)
+    groups = parse_group_sizes(text, field="--group-size")
     if len(groups) != 1:
-        raise typer.BadParameter(f"--group-size {text!r}: give one group size, e.g. 128, or pc for per-channel")
+        raise UserError(f"--group-size {text!r}: give one group size, e.g. 128, or pc for per-channel")
     return groups[0]
 
 
@@ -88,7 +83,7 @@ def classify(
         cfg = ClassifyConfig(
             model=model, dataset=dataset, output_dir=output_dir, head=head, test_fraction=test_fraction, seed=seed,
             max_length=max_length, batch_size=batch_size, group_size=_group(group_size), int4_fraction=int4_fraction,
-            rank_examples=rank_examples, head_l2=_floats(head_l2, "--head-l2"), head_folds=head_folds, device=device,
+            rank_examples=rank_examples, head_l2=parse_floats(head_l2, field="--head-l2", example="0.01,0.1,1,10"), head_folds=head_folds, device=device,
             progress=verbose,
         )
         with claim(output_dir, "classify", overwrite=overwrite, command="mixbits classify"):

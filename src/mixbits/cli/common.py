@@ -12,6 +12,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 
 from mixbits.errors import UserError
+from mixbits.parsing import parse_group_sizes, parse_ints
 from mixbits.quant.gptq import GPTQConfig
 from mixbits.config import DEFAULT_BITS, DEFAULT_GROUPS, AllocationConfig, DataConfig, RunConfig
 
@@ -31,27 +32,6 @@ def setup_logging(verbose: bool) -> None:
         handlers=[RichHandler(console=console, show_path=False)],
         force=True,
     )
-
-
-def parse_ints(text: str, flag: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise typer.BadParameter(f"{flag} {text!r} must be comma-separated integers, e.g. 2,3,4") from None
-
-
-def parse_groups(text: str) -> tuple[int | None, ...]:
-    out = []
-    for x in text.split(","):
-        x = x.strip().lower()
-        if x in ("pc", "none", "-1"):
-            out.append(None)
-        elif x:
-            try:
-                out.append(int(x))
-            except ValueError:
-                raise typer.BadParameter(f"--group-sizes {text!r}: {x!r} is not a group size; write e.g. 64,128,pc") from None
-    return tuple(out)
 
 
 # Options shared by the commands that build a RunConfig (typer reads these as metadata only).
@@ -89,14 +69,10 @@ def run_config(*, model, output_dir, device, quantizer, damage, cache, gptq_clip
         gptq=GPTQConfig(clip=gptq_clip, act_order=gptq_act_order, static_groups=gptq_act_order),
         data=DataConfig(dataset=dataset, seqlen=seqlen, calib_windows=calib_windows, eval_windows=eval_windows, seed=seed),
         allocation=AllocationConfig(
-            target_bpw=target_bpw, target_size_mb=target_size_mb, bits=parse_ints(bits, "--bits"),
-            group_sizes=parse_groups(group_sizes), min_bits=min_bits, max_bits=max_bits, keep=keep, pins=tuple(pin), tie=tie,
+            target_bpw=target_bpw, target_size_mb=target_size_mb, bits=parse_ints(bits),
+            group_sizes=parse_group_sizes(group_sizes), min_bits=min_bits, max_bits=max_bits, keep=keep, pins=tuple(pin), tie=tie,
         ),
     )
-
-
-def parse_labels(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
 @contextmanager

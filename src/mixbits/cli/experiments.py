@@ -15,13 +15,14 @@ from mixbits.cli.common import (
     app, console, setup_logging, run_config, CACHE, GPTQ_ACT_ORDER, GPTQ_CLIP, MODEL, DATASET, SEQLEN, CALIB_WINDOWS, DAMAGE, EVAL_WINDOWS,
     SEED, BITS, GROUP_SIZES, MIN_BITS, MAX_BITS, KEEP, PIN, TIE, QUANTIZER, DEVICE, VERBOSE, OVERWRITE,
 )
-from mixbits.jobs.experiment_config import ABLATE_TRAIN, DEFAULT_BUDGETS, SECTIONS, SEED_STRATEGIES, parse_list
+from mixbits.jobs.experiment_config import ABLATE_TRAIN, DEFAULT_BUDGETS, SECTIONS, SEED_STRATEGIES
+from mixbits.parsing import parse_range, split_list
 from mixbits.config import SCHEDULES
 
 
 def _models(given: list[str], extra: Optional[list[str]]) -> tuple[str, ...]:
     """--models a,b --models c and positional names (so `--models a b c` works) -> (a, b, c)."""
-    return tuple(m for text in given for m in parse_list(text)) + tuple(extra or ())
+    return tuple(m for text in given for m in split_list(text)) + tuple(extra or ())
 
 
 @app.command()
@@ -140,7 +141,6 @@ def ablate(
     from mixbits.jobs.experiment_config import AblateConfig
     from mixbits.report.experiment_plots import plot_ablation
     from mixbits.report.experiment_tables import print_ablation
-    from mixbits.jobs.sweep import parse_range
     from mixbits.config import TrainConfig
 
     with user_errors():
@@ -152,9 +152,9 @@ def ablate(
             keep=keep, pin=pin, tie=tie)
         train = TrainConfig(dataset=dataset, train_size=qat_train_size, val_size=qat_val_size, seqlen=qat_seqlen,
                             epochs=qat_epochs, init=qat_init or quantizer, seed=seed)
-        cfg = AblateConfig(run=run_cfg, output_dir=output_dir, sections=parse_list(sections),
-                           strategies=parse_list(strategies), budgets_bpw=parse_range(budgets), train=train,
-                           schedules=parse_list(qat_schedules), resume=resume)
+        cfg = AblateConfig(run=run_cfg, output_dir=output_dir, sections=split_list(sections),
+                           strategies=split_list(strategies), budgets_bpw=parse_range(budgets), train=train,
+                           schedules=split_list(qat_schedules), resume=resume)
         with claim(output_dir, "ablate", overwrite=overwrite, resume=resume, command="mixbits ablate"):
             results = run_ablation(cfg)
     plot_ablation(results, output_dir / "ablation.png")

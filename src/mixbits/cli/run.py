@@ -14,6 +14,7 @@ from mixbits.cli.common import (
     SEED, BITS, GROUP_SIZES, MIN_BITS, MAX_BITS, KEEP, PIN, TIE, QUANTIZER, DEVICE, VERBOSE, OVERWRITE,
 )
 from mixbits.config import IterativeConfig, TrainConfig
+from mixbits.parsing import parse_names, parse_range, split_list
 from mixbits.errors import UserError
 from mixbits.outdir import claim, refresh, written_names
 from mixbits.quant.spec import QuantSpec
@@ -21,10 +22,6 @@ from mixbits.report.console import print_results, print_sweep
 
 _T = TrainConfig()
 _I = IterativeConfig()
-
-
-def parse_names(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
 @app.command()
@@ -104,7 +101,7 @@ def run(
                              "--iterative-windows need --iterative; add it or drop them")
         cfg = replace(cfg, train=train_cfg if qat else None, baselines=baselines, train_baselines=qat_baselines,
                       resume=resume,
-                      iterative=it_cfg if iterative else None, tasks=parse_names(tasks), task_limit=task_limit,
+                      iterative=it_cfg if iterative else None, tasks=split_list(tasks), task_limit=task_limit,
                       report=report, overwrite=overwrite)
         results = run_pipeline(cfg)
     print_results(console, results)
@@ -144,7 +141,7 @@ def sweep(
     setup_logging(verbose)
     from mixbits.allocate.registry import STRATEGIES
     from mixbits.report.sweep_plots import plot_sweep
-    from mixbits.jobs.sweep import SweepConfig, parse_range, run_sweep
+    from mixbits.jobs.sweep import SweepConfig, run_sweep
 
     with user_errors():
         budgets = parse_range(bpw)
@@ -154,7 +151,7 @@ def sweep(
             calib_windows=calib_windows, eval_windows=eval_windows, seed=seed, target_bpw=max(budgets),
             target_size_mb=None, bits=bits, group_sizes=group_sizes, min_bits=min_bits, max_bits=max_bits,
             keep=keep, pin=pin, tie=tie)
-        names = tuple(STRATEGIES) if strategies == "all" else tuple(x.strip() for x in strategies.split(",") if x.strip())
+        names = parse_names(strategies, tuple(STRATEGIES))
         with claim(output_dir, "sweep", overwrite=overwrite, command="mixbits sweep"):
             results = run_sweep(SweepConfig(run=run_cfg, budgets_bpw=budgets, strategies=names, uniform=uniform))
     for x in ("bpw", "mb"):

@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from mixbits.cli.common import DEVICE, VERBOSE, app, console, parse_labels, setup_logging, user_errors
+from mixbits.cli.common import DEVICE, VERBOSE, app, console, setup_logging, user_errors
+from mixbits.parsing import split_list
 from mixbits.errors import UserError
 from mixbits.outdir import refresh
 
@@ -112,7 +113,7 @@ def zeroshot_cmd(
 
     with user_errors():
         target = _check_flags(run_dir, model, output, original, limit, batch_size, device)
-        names = parse_labels(tasks)
+        names = split_list(tasks)
         check_options(names, limit=limit or None, batch_size=batch_size)
         split_task_names(names)
         models, tokenizer = _load_models(run_dir, model, original)

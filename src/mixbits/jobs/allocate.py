@@ -16,6 +16,7 @@ from mixbits.allocate.optimal import Constraints, unit_groups
 from mixbits.allocate.registry import BUDGETED, STRATEGIES, StrategyResult, run_strategy
 from mixbits.errors import UserError
 from mixbits.model.arch import ARCHS
+from mixbits.parsing import parse_names
 from mixbits.plan import Plan
 from mixbits.quant.spec import QuantSpec
 from mixbits.sensitivity.table import DamageTable
@@ -51,8 +52,11 @@ def allocate_from_table(
     spec=None, output: Path | None = None,
 ) -> tuple[dict[str, StrategyResult], DamageTable]:
     """Run one or several strategies (comma list, or 'all') on a saved table; write the first plan."""
+    if fixed_bytes is not None and fixed_bytes < 0:
+        raise UserError(f"--fixed-bytes {fixed_bytes} is negative; give the bytes stored outside the block "
+                        "linears (results.json 'other_bytes_fp16'), 0 or more")
     table = _restrict(as_block_table(DamageTable.load(path)), bits, group_sizes)
-    names = list(STRATEGIES) if strategy == "all" else [s.strip() for s in strategy.split(",") if s.strip()]
+    names = list(parse_names(strategy, tuple(STRATEGIES)))
     constraints = Constraints(min_bits=min_bits, max_bits=max_bits, keep=keep,
                               pins=tuple(Constraints.parse_pin(p) for p in pins), tie=tie)
     groups = unit_groups(table.units, table.meta.get("tied") or tied_by_name(table.units), tie)

@@ -119,7 +119,3 @@ class AblateConfig:
             raise UserError(f"--sections {','.join(self.sections) or '(empty)'}: choose one or more of "
                              f"{','.join(SECTIONS)}")
         _unique(self.sections, "--sections")
-
-
-def parse_list(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())

@@ -48,18 +48,6 @@ class SweepConfig:
             raise UserError("give at least one budget, e.g. --bpw 2.5:4.5:0.25")
 
 
-def parse_range(text: str) -> tuple[float, ...]:
-    """``2.5:4.5:0.25`` (inclusive) or ``2.5,3,3.25``."""
-    try:
-        if ":" in text:
-            lo, hi, step = (float(x) for x in text.split(":"))
-            n = int(round((hi - lo) / step)) + 1
-            return tuple(round(lo + i * step, 6) for i in range(n))
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise UserError(f"budget range {text!r} must look like 2.5:4.5:0.25 or 2.5,3,3.25") from None
-
-
 def _plans(cfg: SweepConfig, p, table) -> list[dict]:
     """Every (strategy, budget) row with its plan; rows with the same plan share a key."""
     rows = []

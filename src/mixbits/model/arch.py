@@ -120,10 +120,6 @@ def tied_groups(model: nn.Module, linears: dict[str, LinearInfo]) -> list[tuple[
     return sorted(groups, key=lambda g: order[g[0]])
 
 
-def get_module(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name)
-
-
 def fixed_bytes_of(model: nn.Module, shapes: dict[str, tuple[int, int]]) -> int:
     """Bytes of every tensor outside the quantizable linears `shapes`, stored in 16 bit (tied tensors
     counted once): what a size budget adds to the planned layers' bytes."""

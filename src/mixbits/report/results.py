@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mixbits.allocate.registry import predicted_damage
 from mixbits.io import atomic_write_json
 from mixbits.eval.perplexity import CONVENTION
 from mixbits.plan import Plan
@@ -31,12 +32,6 @@ from mixbits.quant.spec import KEEP
 from mixbits.sensitivity.table import DamageTable
 
 RESULTS_FORMAT = "mixbits.results/1"
-
-
-def predicted_damage(table: DamageTable, plan: Plan) -> float:
-    col = {c: j for j, c in enumerate(table.configs)}
-    keep_col = next(j for j, c in enumerate(table.configs) if c.keep)
-    return float(sum(table.damage[u, col.get(plan.specs.get(n), keep_col)] for u, n in enumerate(table.units)))
 
 
 def build_results(cfg, prepared, data_info, evals, plans, sizes, solution, table, timings) -> dict:
@@ -52,7 +47,7 @@ def build_results(cfg, prepared, data_info, evals, plans, sizes, solution, table
             "bytes_on_disk": sizes[name],
             "fits_budget": bool(plan.meta.get("fits_budget", True)),
             "plan": {s.label: sum(1 for v in plan.specs.values() if v == s) for s in set(plan.specs.values())},
-            "predicted_damage": None if table is None else predicted_damage(table, plan),
+            "predicted_damage": None if table is None else predicted_damage(table, plan.specs),
         }
     return {
         "format": RESULTS_FORMAT,
