@@ -6,7 +6,7 @@ the RTN model). When the stage that makes an input was skipped, `Runner.prepare`
 input untimed first.
 
 The unit of every ratio is one forward + backward pass over the calibration tokens
-(`sensitivity.analyze.time_fwd_bwd`: loss gradients of every block linear's weight, window by
+(`jobs.analyze.time_fwd_bwd`: loss gradients of every block linear's weight, window by
 window). It is measured `repeats` times before the first stage (median kept: the first pass also
 pages the weights in), once more whenever the kind of stage changes (sensitivity -> quantize ->
 ...), and once after the last. A stage's ratio divides by the mean of the unit measured just
