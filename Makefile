@@ -30,7 +30,7 @@ demo: install
 	$(VENV)/bin/mixbits run --model smollm2-135m --target-bpw 3.25 --tasks $(DEMO_TASKS) --task-limit 100 --output-dir runs/demo
 
 test: install browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 clean:
 	rm -rf $(VENV) runs

@@ -70,6 +70,17 @@ def tiny_distilbert(seed: int = 0) -> DistilBertForSequenceClassification:
     return DistilBertForSequenceClassification(cfg).eval()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def computed_cache(tmp_path_factory):
+    """A fresh folder for computed caches (damage tables) per test session, so tests that run the
+    pipeline compute instead of reading tables an earlier session (or older code) left in the
+    user's cache; downloaded packages (MIXBITS_HOME) stay shared. Yields the folder."""
+    folder = tmp_path_factory.mktemp("computed-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MIXBITS_CACHE_DIR", str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def tiny_text() -> str:
     return make_text()

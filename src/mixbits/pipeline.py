@@ -30,8 +30,8 @@ from mixbits.outdir import Claim, claim
 from mixbits.plan import Plan
 from mixbits.report.results import build_layer_statistics, build_results, write_outputs
 from mixbits.sensitivity.cache import cache_key_parts, cached_table
-from mixbits.sensitivity.fisher import fisher_table
 from mixbits.sensitivity.follow import follow_quantizer, gain_table
+from mixbits.sensitivity.methods import cached_tables
 from mixbits.sensitivity.table import DamageTable
 from mixbits.timing import StageTimer
 from mixbits.train.windows import training_windows
@@ -115,35 +115,28 @@ def calibrate(cfg: RunConfig, p: Prepared, timer: StageTimer) -> tuple[torch.Ten
 def sensitivity(cfg: RunConfig, p: Prepared, calib: torch.Tensor, timer: StageTimer, data_info: dict) -> DamageTable:
     """The Fisher damage table, scaled by the quantizer's gain over RTN unless the quantizer is rtn
     or cfg.damage is "rtn" (`sensitivity.follow`); each table from the disk cache when the same
-    model, tokens and configs ran before."""
+    model, tokens, configs and code ran before. The Fisher table comes from the one builder
+    `mixbits analyze` uses too (`methods.cached_tables`), so either command reuses the other's;
+    the run's provenance (model, calibration, tied groups, fixed bytes) is added afterwards."""
     configs = cfg.allocation.configs()
-
-    def key(method: str) -> dict:
-        return cache_key_parts(model_name=cfg.model, model=p.model, linears=p.linears,
-                               calibration_sha256=data_info["calibration"]["sha256"], configs=configs,
-                               method=method, granularity="layer",
-                               options={"gptq": dataclasses.asdict(cfg.gptq)} if method == "gain_gptq" else None)
-
-    def compute() -> DamageTable:
-        damage, scores = fisher_table(p.model, calib, p.linears, configs, device=p.device, progress=cfg.progress)
-        return DamageTable(
-            units=tuple(p.linears), shapes=tuple(p.shapes.values()), configs=configs, damage=damage,
-            method="fisher", scores=scores,
-            meta={"model": cfg.model, "quantizer": "rtn", "calibration": data_info["calibration"],
-                  "tied": [list(g) for g in p.groups if len(g) > 1], "other_bytes_fp16": p.fixed_bytes},
-        )
 
     def gain() -> DamageTable:
         return gain_table(p.model, calib, p.linears, configs, quantizer=cfg.quantizer, device=p.device,
                           progress=cfg.progress, gptq=cfg.gptq, meta={"model": cfg.model, "calibration": data_info["calibration"]})
 
-    def get(method: str, fn) -> DamageTable:
-        return cached_table(key(method), fn) if cfg.use_cache else fn()
-
     with timer.stage("sensitivity"):
-        table = get("fisher", compute)
+        tables, _ = cached_tables(["fisher"], p.model, calib, p.linears, configs, model_name=cfg.model,
+                                  granularity="layer", device=p.device, progress=cfg.progress, use_cache=cfg.use_cache)
+        table = tables["fisher"].with_meta(model=cfg.model, calibration=data_info["calibration"],
+                                           tied=[list(g) for g in p.groups if len(g) > 1],
+                                           other_bytes_fp16=p.fixed_bytes)
         if cfg.quantizer != "rtn" and cfg.damage == "follow":
-            table = follow_quantizer(table, get(f"gain_{cfg.quantizer}", gain))
+            method = f"gain_{cfg.quantizer}"
+            key = cache_key_parts(model_name=cfg.model, model=p.model, linears=p.linears,
+                                  calibration_sha256=data_info["calibration"]["sha256"], configs=configs,
+                                  method=method, granularity="layer",
+                                  options={"gptq": dataclasses.asdict(cfg.gptq)} if method == "gain_gptq" else None)
+            table = follow_quantizer(table, cached_table(key, gain) if cfg.use_cache else gain())
         return table
 
 

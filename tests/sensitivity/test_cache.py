@@ -3,6 +3,7 @@ import logging
 import numpy as np
 import pytest
 
+from mixbits.data.cache import package_dir
 from mixbits.model.arch import find_linears
 from mixbits.quant.spec import KEEP, QuantSpec
 from mixbits.sensitivity.cache import cache_key_parts, cache_path, cached_table
@@ -16,6 +17,7 @@ CONFIGS = (QuantSpec(2, 64), KEEP)
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("MIXBITS_HOME", str(tmp_path))
+    monkeypatch.delenv("MIXBITS_CACHE_DIR")  # the suite's own folder (tests/conftest.py): back to the default
     return tmp_path
 
 
@@ -61,3 +63,10 @@ def test_a_corrupt_file_is_recomputed_with_a_warning(home, caplog):
         table = cached_table(parts(model), lambda: make_table(model, calls))
     assert calls == [1, 1] and "unreadable" in caplog.text and isinstance(table, DamageTable)
     assert cached_table(parts(model), lambda: make_table(model, calls)) is not None and calls == [1, 1]
+
+
+def test_mixbits_cache_dir_moves_computed_caches_only(home, tmp_path, monkeypatch):
+    monkeypatch.setenv("MIXBITS_CACHE_DIR", str(tmp_path / "computed"))
+    model = tiny_gpt2()
+    assert cache_path(parts(model)).parent == tmp_path / "computed" / "sensitivity"
+    assert package_dir("x==1").parent == home / "packages"  # downloads stay in MIXBITS_HOME

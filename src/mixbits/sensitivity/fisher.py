@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from mixbits.model.arch import LinearInfo, get_weight
 from mixbits.quant.affine import fake_quantize
 from mixbits.quant.spec import QuantSpec
+from mixbits.sensitivity.capture import window_gradients
 
 log = logging.getLogger(__name__)
 
@@ -47,25 +48,12 @@ def empirical_fisher(
 
     `windows` is a LongTensor [n, seqlen]; each window is one sample.
     """
-    modules = {name: model.get_submodule(name) for name in linears}
-    saved = {name: p.requires_grad for name, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for module in modules.values():
-        module.weight.requires_grad_(True)
-    fisher = {name: torch.zeros_like(get_weight(m), dtype=torch.float32) for name, m in modules.items()}
-    try:
-        for window in tqdm(windows, desc="fisher", disable=not progress, leave=False):
-            ids = window.unsqueeze(0).to(device)
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            for name, module in modules.items():
-                grad = module.weight.grad
-                fisher[name].add_((grad.t() if linears[name].transposed else grad).float().square())
-                module.weight.grad = None
-    finally:
-        for name, p in model.named_parameters():
-            p.requires_grad_(saved[name])
+    fisher = {name: torch.zeros_like(get_weight(model.get_submodule(name)), dtype=torch.float32) for name in linears}
+    # The very gradients `gradient.gradient_statistics` sums, in the same order: the Fisher of the
+    # shared fisher + gradient pass is bit-identical to this one (one cache key serves both).
+    for grads in window_gradients(model, windows, linears, device=device, progress=progress, desc="fisher"):
+        for name, g in grads.items():
+            fisher[name].add_(g.float().square())
     n = max(len(windows), 1)
     return {name: f.div_(n) for name, f in fisher.items()}
 

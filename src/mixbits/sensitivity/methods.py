@@ -14,6 +14,13 @@ backward passes, and its kind:
 every table's meta: method, kind, granularity, configs_measured, seconds (wall time of the
 method; a shared pass is charged in full to both, with "shared_pass_with" naming the other),
 windows, tokens, options and quantizer "rtn".
+
+`cached_tables` is the one builder of cached tables, used by `mixbits run` (its Fisher table)
+and `mixbits analyze` alike: one key rule (`sensitivity.cache.cache_key_parts`, with the
+method's options, the measured configs and the random seed where they matter) and one
+metadata rule (the meta `compute_tables` records, nothing else; callers add their own
+provenance to the table they get back with `DamageTable.with_meta`, never to the cached one).
+So the same model, tokens and configs give the same cached file whichever command made it.
 """
 
 from __future__ import annotations
@@ -29,9 +36,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from mixbits.errors import UserError
 from mixbits.model.arch import LinearInfo
 from mixbits.quant.spec import QuantSpec
+from mixbits.data.windows import text_fingerprint
 from mixbits.sensitivity.ablation import ablation_table
+from mixbits.sensitivity.cache import cache_key_parts, load_cached, store_cached
 from mixbits.sensitivity.divergence import divergence_table
 from mixbits.sensitivity.fisher import fisher_table
 from mixbits.sensitivity.gradient import gradient_fisher_tables, gradient_table
@@ -171,6 +181,62 @@ def compute_tables(
                             meta={**meta, "granularity": "layer"})
         tables[name] = to_block_table(table, linears) if granularity == "block" else table
     return tables
+
+
+def _key_options(name: str, options: Mapping[str, Mapping[str, object]], measure_configs,
+                 generator: torch.Generator | None) -> dict:
+    """The options that change `name`'s table, as recorded in its cache key."""
+    out = _jsonable(options.get(name, {}))
+    if METHODS[name].kind == "measured" and measure_configs is not None:
+        out["measure_configs"] = [c.label for c in measure_configs]
+    if name == "hessian" and generator is not None:
+        out["seed"] = int(generator.initial_seed())  # the random probes
+    return out
+
+
+def cached_tables(
+    methods: Sequence[str],
+    model: nn.Module,
+    windows: torch.Tensor,
+    linears: Mapping[str, LinearInfo],
+    configs: Sequence[QuantSpec],
+    *,
+    model_name: str,
+    granularity: str = "layer",
+    device: torch.device,
+    progress: bool = True,
+    measure_configs: Sequence[QuantSpec] | None = None,
+    generator: torch.Generator | None = None,
+    options: Mapping[str, Mapping[str, object]] | None = None,
+    use_cache: bool = True,
+) -> tuple[dict[str, DamageTable], set[str]]:
+    """`compute_tables` through the disk cache: ({method: table}, the methods served from it).
+
+    Arguments as `compute_tables`; `model_name` is recorded in the key beside the weights'
+    fingerprint. Missing methods are computed together (fisher + gradient share one pass) and
+    stored; with `use_cache=False` nothing is read or written.
+    """
+    methods, configs, options = check_methods(methods), tuple(configs), dict(options or {})
+    unknown = [m for m in options if m not in methods]
+    if unknown:
+        raise UserError(f"options given for {unknown}, which are not among the methods {methods}")
+    calibration = text_fingerprint(windows)
+    parts = {m: cache_key_parts(model_name=model_name, model=model, linears=linears, calibration_sha256=calibration,
+                                configs=configs, method=m, granularity=granularity,
+                                options=_key_options(m, options, measure_configs, generator))
+             for m in methods} if use_cache else {}
+    found = {m: load_cached(parts[m]) for m in methods} if use_cache else {}
+    cached = {m for m, t in found.items() if t is not None}
+    missing = [m for m in methods if m not in cached]
+    if missing:
+        fresh = compute_tables(missing, model, windows, linears, configs, granularity=granularity, device=device,
+                               progress=progress, measure_configs=measure_configs, generator=generator,
+                               options={m: o for m, o in options.items() if m in missing})
+        for m, table in fresh.items():
+            found[m] = table
+            if use_cache:
+                store_cached(parts[m], table)
+    return {m: found[m] for m in methods}, cached
 
 
 def primary_score(table: DamageTable) -> str:
