@@ -27,7 +27,8 @@ def test_unknown_model(tmp_path, tiny_text_file):
 
 @pytest.mark.parametrize("bpw, words", [("1.0", "cheapest"), ("20", "richest")])
 def test_budget_outside_range(tiny_model_dir, tiny_text_file, tmp_path, bpw, words):
-    r = invoke("--model", str(tiny_model_dir), "--dataset", str(tiny_text_file), "--target-bpw", bpw, "--output-dir", str(tmp_path))
+    r = invoke("--model", str(tiny_model_dir), "--dataset", str(tiny_text_file), "--target-bpw", bpw, "--output-dir", str(tmp_path),
+               "--seqlen", "64")  # within the tiny model's context of 256
     assert r.exit_code == 2 and words in r.output and "choose a budget" in r.output
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from mixbits.data.windows import MIN_SEQLEN
 from mixbits.errors import UserError
 from mixbits.quant.gptq import GPTQConfig
 from mixbits.quant.spec import KEEP, QUANT_BITS, QuantSpec
@@ -44,8 +46,9 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.seqlen < 16:
-            raise UserError(f"--seqlen {self.seqlen} is too short; use at least 16 tokens (2048 for paper numbers)")
+        if self.seqlen < MIN_SEQLEN:
+            raise UserError(f"--seqlen {self.seqlen} is too short; use at least {MIN_SEQLEN} tokens "
+                            "(2048 for paper numbers)")
         if self.calib_windows < 1:
             raise UserError(f"--calib-windows {self.calib_windows} must be at least 1")
         if self.eval_windows < 0:
@@ -69,6 +72,10 @@ class AllocationConfig:
             raise UserError("give exactly one of --target-bpw and --target-size-mb")
         if self.min_bits > self.max_bits:
             raise UserError(f"--min-bits {self.min_bits} is above --max-bits {self.max_bits}")
+        if self.keep is not None:
+            check_regex(self.keep, "--keep")
+        for pin in self.pins:
+            parse_pin(pin)
 
     def configs(self) -> tuple[QuantSpec, ...]:
         return candidate_configs(self.bits, self.group_sizes)
@@ -269,11 +276,41 @@ class RunConfig:
         return d
 
 
+def check_regex(pattern: str, flag: str) -> re.Pattern:
+    """The compiled `pattern`, or a UserError naming the flag, the pattern and the regex error."""
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise UserError(f"{flag} {pattern!r} is not a valid regular expression ({err}); "
+                        "escape special characters, e.g. 'layers\\.0\\.' or 'down_proj'") from None
+
+
+def parse_pin(text: str) -> tuple[str, QuantSpec]:
+    """Read ``REGEX=SPEC`` (``down_proj=w4g64``) or ``REGEX=BITS`` (``down_proj=4``, group 128)."""
+    if "=" not in text:
+        raise UserError(f"--pin {text!r} must look like 'down_proj=4' or 'down_proj=w4g64'")
+    pattern, value = text.rsplit("=", 1)
+    check_regex(pattern, "--pin")
+    try:
+        return pattern, QuantSpec(int(value)) if value.isdigit() else QuantSpec.parse(value)
+    except ValueError as err:
+        raise UserError(f"--pin {text!r}: {err}") from None
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` picks CUDA when present, else CPU; anything else must exist on this machine."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name!r} is not a device mixbits runs on; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} asked for CUDA, but none is available here; use --device auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise UserError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}; "
+                        "use one of them, or --device auto")
     return device

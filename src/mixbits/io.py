@@ -7,6 +7,7 @@ of that output removes (`mixbits.outdir`). Whole folders: `mixbits.export.stagin
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from mixbits.errors import UserError
 
 TEMP_SUFFIX = ".mixbits-tmp"
 
@@ -31,6 +33,12 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         yield tmp
         tmp.chmod(0o644)  # mkstemp files are private; outputs are ordinary files
         os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk is named, not a traceback
+            raise UserError(f"cannot write {str(path)!r}: no space left on its device ({err.strerror}); "
+                            "free some space or choose an output folder on another disk") from err
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

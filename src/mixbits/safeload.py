@@ -127,3 +127,33 @@ def _expanded_nodes(node: yaml.Node, memo: dict[int, int]) -> int:
         else:
             memo[key] = 1
     return memo[key]
+
+
+def check_safetensors(path: str | Path, what: str = "weights file") -> None:
+    """Refuse a truncated or corrupt .safetensors file from its header alone, before any tensor is read.
+
+    Layout: 8 bytes little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}},
+    then the data; the file must be exactly 8 + N + the largest end offset bytes long."""
+    path = Path(path)
+    size = path.stat().st_size
+    problem = None
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or 8 + n > size:
+                problem = "its header is cut off"
+            else:
+                header = json.loads(handle.read(n).decode("utf-8"))
+                ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+                expected = 8 + n + max(ends, default=0)
+                if size < expected:
+                    problem = f"it is truncated ({size:,} of {expected:,} bytes)"
+                elif size > expected:
+                    problem = f"it has {size - expected:,} bytes beyond its last tensor"
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):  # JSON, UTF-8 or layout errors
+        problem = "its header is not valid safetensors JSON"
+    except OSError as err:
+        problem = f"it cannot be read ({err.strerror or err})"
+    if problem:
+        raise UserError(f"{what} {str(path)!r} is corrupt: {problem}; copy or write it again")

@@ -15,8 +15,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from mixbits.allocate.solver import Solution, solve_mckp
+from mixbits.config import check_regex, parse_pin
+from mixbits.errors import UserError
 from mixbits.quant.spec import QuantSpec
 from mixbits.sensitivity.table import DamageTable
+
+
+class NonFiniteDamage(RuntimeError):
+    """A damage table holds NaN where allocation would read it; the message names the layer and config."""
 
 
 @dataclass(frozen=True)
@@ -29,15 +35,16 @@ class Constraints:
     pins: tuple[tuple[str, QuantSpec], ...] = ()  # (regex, spec): matching units take spec
     tie: bool = True  # fused units share one config
 
+    def __post_init__(self) -> None:
+        if self.keep is not None:
+            check_regex(self.keep, "--keep")
+        for pattern, _ in self.pins:
+            check_regex(pattern, "--pin")
+
     @staticmethod
     def parse_pin(text: str) -> tuple[str, QuantSpec]:
         """Read ``REGEX=SPEC`` (``down_proj=w4g64``) or ``REGEX=BITS`` (``down_proj=4``, group 128)."""
-        if "=" not in text:
-            raise ValueError(f"pin {text!r} must look like 'down_proj=4' or 'down_proj=w4g64'")
-        pattern, value = text.rsplit("=", 1)
-        re.compile(pattern)
-        spec = QuantSpec(int(value)) if value.isdigit() else QuantSpec.parse(value)
-        return pattern, spec
+        return parse_pin(text)
 
 
 def allowed_options(table: DamageTable, constraints: Constraints) -> np.ndarray:
@@ -50,11 +57,15 @@ def allowed_options(table: DamageTable, constraints: Constraints) -> np.ndarray:
         for pattern, spec in constraints.pins:
             if re.search(pattern, name):
                 if spec not in table.configs:
-                    raise ValueError(
+                    raise UserError(
                         f"pin {pattern}={spec.label} is not among the candidate configs "
                         f"{[c.label for c in table.configs]}; add its bits/group size to the candidates"
                     )
                 mask[u] = [c == spec for c in table.configs]
+    for pattern, spec in constraints.pins:
+        if not any(re.search(pattern, name) for name in table.units):
+            raise UserError(f"--pin {pattern}={spec.label} matches no layer of the model; layer names look like "
+                            f"{list(table.units[:3])}")
     return mask
 
 
@@ -72,7 +83,16 @@ def merged_problem(
         damage[g] = table.damage[rows].sum(axis=0)
         ok = mask[rows].all(axis=0)
         if not ok.any():
-            raise ValueError(f"tied units {list(members)} have no config allowed for all of them; check --pin/--keep")
+            raise UserError(f"tied units {list(members)} have no config allowed for all of them; check --pin/--keep")
+        nan = np.isnan(table.damage[rows]) & mask[rows]
+        if nan.any():
+            r, c = np.argwhere(nan)[0]
+            raise NonFiniteDamage(
+                f"the {table.method} damage table of {table.meta.get('model', 'the model')!r} is NaN for layer "
+                f"{members[r]!r} at config {table.configs[c].label} ({int(np.isnan(table.damage).sum())} NaN "
+                "entries in all): its inputs (weights or calibration activations) held NaN or inf; check the "
+                "model, or recompute the table (--no-cache)"
+            )
         cost[g, ~ok] = np.inf
         damage[g, ~ok] = np.inf
     return cost, damage

@@ -35,7 +35,9 @@ from mixbits.data.errors import MixbitsDataError
 from mixbits.data.hub import HUB_TEXTS, load_hub_text
 from mixbits.data.splits import SPLITS, check_split, split_by_document, split_texts
 from mixbits.data.wiki import wiki_articles
+from mixbits.errors import UserError
 from mixbits.io import atomic_write_json
+from mixbits.safeload import loads_json
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,7 @@ def resolve_text(name_or_path: str) -> TextSource:
     if suffix in FILE_SUFFIXES:
         if not path.is_file():
             raise MixbitsDataError(f"text file {str(path)!r} does not exist; check the path")
+        _read_utf8(path)  # an undecodable file is refused here, before any model loads
         return TextSource(suffix[1:], str(path.resolve()))
     if path.is_file():
         raise MixbitsDataError(
@@ -125,29 +128,37 @@ def load_text(name_or_path: str, split: str) -> list[str]:
 
 def read_txt(path: str | Path) -> list[tuple[str, str]]:
     """(key, text) of each blank-line separated document of a UTF-8 text file."""
-    text = Path(path).read_text(encoding="utf-8").replace("\r\n", "\n")
+    text = _read_utf8(Path(path)).replace("\r\n", "\n")
     docs = [d.strip() for d in re.split(r"\n[ \t]*\n", text)]
     return [(d, d) for d in docs if d]
+
+
+def _read_utf8(path: Path) -> str:
+    """The text of a user's file; one that is not UTF-8 is refused naming the file and the byte."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise MixbitsDataError(f"text file {str(path)!r} is not UTF-8 (byte {err.start}: {err.reason}); "
+                               "convert it, e.g. iconv -f latin1 -t utf-8") from None
 
 
 def read_jsonl(path: str | Path) -> list[tuple[str, str]]:
     """(key, text) of each line's `text` field; blank lines are skipped."""
     docs = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise MixbitsDataError(
-                    f"{path} line {number} is not a JSON object with a 'text' field ({type(err).__name__}); "
-                    f'write one object per line, e.g. {{"text": "..."}}'
-                ) from err
-            if not isinstance(text, str):
-                raise MixbitsDataError(f"{path} line {number}: 'text' is {type(text).__name__}, not a string")
-            if text.strip():
-                docs.append((text, text))
+    for number, line in enumerate(_read_utf8(Path(path)).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            text = loads_json(line, f"{path} line {number}")["text"]
+        except (UserError, KeyError, TypeError) as err:
+            raise MixbitsDataError(
+                f"{path} line {number} is not a JSON object with a 'text' field ({type(err).__name__}); "
+                f'write one object per line, e.g. {{"text": "..."}}'
+            ) from None
+        if not isinstance(text, str):
+            raise MixbitsDataError(f"{path} line {number}: 'text' is {type(text).__name__}, not a string")
+        if text.strip():
+            docs.append((text, text))
     return docs
 
 

@@ -32,9 +32,17 @@ def tokenize_joined(tokenizer, docs: list[str]) -> torch.Tensor:
     return torch.as_tensor(ids, dtype=torch.long).reshape(-1)
 
 
+MIN_SEQLEN = 16  # the shortest window mixbits accepts (--seqlen)
+
+
 def _check_length(n_tokens: int, seqlen: int, what: str) -> None:
     if seqlen < 1:
         raise UserError(f"seqlen {seqlen} must be a positive number of tokens")
+    if n_tokens < max(seqlen, MIN_SEQLEN) and n_tokens < MIN_SEQLEN:
+        raise UserError(
+            f"the {what} text has only {n_tokens} tokens, fewer than the shortest window mixbits accepts "
+            f"({MIN_SEQLEN} tokens); use a longer text"
+        )
     if n_tokens < seqlen:
         raise UserError(
             f"the {what} text has only {n_tokens} tokens, shorter than one window of {seqlen}; "

@@ -43,7 +43,15 @@ class EvalResult:
     seqlen: int
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON-ready: an infinite ppl/nll/kl (an extreme quantization whose model gives a target token
+        probability 0) is written as null, with `"infinite": [field names]` saying which."""
+        data = asdict(self)
+        infinite = [k for k in ("ppl", "nll", "kl") if data[k] is not None and math.isinf(data[k])]
+        for k in infinite:
+            data[k] = None
+        if infinite:
+            data["infinite"] = infinite
+        return data
 
 
 @torch.no_grad()
@@ -79,12 +87,13 @@ def evaluate_models(
             if ref is not None:
                 kl[name] += float((ref.exp() * (ref - logp)).sum())
                 agree[name] += int((ref.argmax(-1) == logp.argmax(-1)).sum())
+            _check_finite(name, len(models), nll[name], kl[name], window_index=count // target.numel())
         count += target.numel()
     results = {}
     for name in models:
         mean = nll[name] / count
         results[name] = EvalResult(
-            ppl=math.exp(mean),
+            ppl=math.exp(mean) if mean < 709.0 else math.inf,  # exp overflows a double beyond ~709.78
             nll=mean,
             kl=kl[name] / count if reference is not None else None,
             top1=agree[name] / count if reference is not None else None,
@@ -93,3 +102,20 @@ def evaluate_models(
             seqlen=seqlen,
         )
     return results
+
+
+def _check_finite(name: str, n_models: int, nll: float, kl: float, window_index: int) -> None:
+    """NaN NLL or KL means the model's logits hold NaN: stop, naming the variant and the window.
+
+    +inf is allowed (a token given probability 0 by an extreme quantization): the result says so."""
+    if math.isnan(nll) or math.isnan(kl):
+        what = "NLL" if math.isnan(nll) else "KL to the reference"
+        raise NonFiniteResult(
+            f"evaluation of {name!r} (one of {n_models} models) gave NaN {what} at window {window_index}: its "
+            "logits hold NaN, so its perplexity, KL and top-1 agreement would be meaningless. The quantized "
+            "weights of this variant (or the original model) are broken"
+        )
+
+
+class NonFiniteResult(RuntimeError):
+    """A model produced NaN during evaluation; the message names the model and the window."""

@@ -32,6 +32,7 @@ from mixbits.model.arch import get_weight, set_weight
 from mixbits.plan import Plan
 from mixbits.quant.affine import QParams
 from mixbits.quant.qlinear import QuantLinear
+from mixbits.safeload import check_safetensors
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,6 +77,7 @@ def load_for_export(path: str | Path) -> ExportSource:
     arch = (config.architectures or [""])[0]
     auto = AutoModelForSequenceClassification if arch.endswith("ForSequenceClassification") else AutoModelForCausalLM
     model = auto.from_config(config, dtype=torch.float32)
+    check_safetensors(path / WEIGHTS, "model weights")
     tensors = load_file(str(path / WEIGHTS))
     qparams = {}
     for name, spec in plan.quantized().items():

@@ -33,6 +33,7 @@ from mixbits.model.arch import get_bias, get_weight
 from mixbits.plan import Plan
 from mixbits.quant.affine import QParams
 from mixbits.quant.qlinear import QuantLinear
+from mixbits.safeload import check_safetensors
 
 NATIVE_FORMAT = "mixbits.native/1"
 WEIGHTS = "model.safetensors"
@@ -112,6 +113,7 @@ def load_native(path: str | Path, *, device: str | torch.device = "cpu", dtype: 
     arch = (config.architectures or [""])[0]
     auto = AutoModelForSequenceClassification if arch.endswith("ForSequenceClassification") else AutoModelForCausalLM
     model = auto.from_config(config, dtype=dtype)
+    check_safetensors(path / WEIGHTS, "model weights")
     tensors = load_file(str(path / WEIGHTS))
     for name, spec in plan.quantized().items():
         prefix = f"{name}."

@@ -45,6 +45,8 @@ import torch
 
 from mixbits.data.cache import extract_tree, fetch_member, fetch_package, mixbits_home
 from mixbits.data.errors import MixbitsDataError
+from mixbits.errors import UserError
+from mixbits.safeload import check_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +127,42 @@ def validate_model_name(name: str) -> None:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise MixbitsDataError(f"model folder {str(path)!r} has no config.json; pass a folder written by save_pretrained")
+        check_model_folder(path)
         return
     if not _HUB_ID.match(name):
         raise _unknown(name, "it is not an embedded name, not an existing folder, and not shaped like a hub id")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model")
+
+
+def check_model_folder(path: Path) -> None:
+    """Cheap checks of a local model folder, before any weight is read: tokenizer files present, every
+    safetensors file complete (header and length). A UserError names the folder or the file."""
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise MixbitsDataError(
+            f"model folder {str(path)!r} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); "
+            "copy them from the original model, or write them with tokenizer.save_pretrained(folder)"
+        )
+    for weights in sorted(path.glob("*.safetensors")):
+        check_safetensors(weights, "weights file")
+
+
+def check_finite_weights(model: torch.nn.Module, source: str) -> None:
+    """Refuse a model with NaN or inf in any floating-point parameter or buffer, naming the tensors.
+
+    Without this, every later number (damage, perplexity, agreement) is NaN or meaningless."""
+    bad = []
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point():
+            finite = torch.isfinite(tensor)
+            if not bool(finite.all()):
+                nan = int(torch.isnan(tensor).sum())
+                bad.append(f"{name} ({nan:,} NaN, {int((~finite).sum()) - nan:,} inf of {tensor.numel():,})")
+    if bad:
+        raise UserError(f"model {source!r} has non-finite weights in {len(bad)} tensor(s): {'; '.join(bad[:5])}"
+                        f"{' ...' if len(bad) > 5 else ''}; the checkpoint is broken: use an intact copy")
 
 
 def resolve_model_source(name: str) -> str:
@@ -234,7 +269,7 @@ def _auto_class(task: str):
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if task not in TASKS:
-        raise ValueError(f"task {task!r} is not supported; choose one of {TASKS}")
+        raise UserError(f"task {task!r} is not supported; choose one of {TASKS}")
     return {"causal-lm": AutoModelForCausalLM, "sequence-classification": AutoModelForSequenceClassification,
             "encoder": AutoModel}[task]
 
@@ -259,7 +294,32 @@ def _from_pretrained(source: str, name: str, task: str, dtype: torch.dtype):
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
     except OSError as err:
         raise _load_error(err, source, name, offline) from err
+    except Exception as err:
+        if type(err).__name__ == "SafetensorError":  # a corrupt file the header check let through
+            raise UserError(f"model folder {source!r}: a safetensors file is corrupt ({err}); copy it again") from None
+        refused = _refused_pickle(err, source)
+        if refused is None:
+            raise
+        raise refused from None
     return model, tokenizer
+
+
+def _refused_pickle(err: Exception, source: str) -> UserError | None:
+    """Our own message for a pickle checkpoint that torch's weights-only loader refuses.
+
+    torch's message advises `weights_only=False`, which would run arbitrary code from the file; mixbits
+    never does that, so the only fix is a safetensors copy of the weights."""
+    import pickle
+
+    text = str(err)
+    if not (isinstance(err, pickle.UnpicklingError) or "weights_only" in text or "Weights only load failed" in text):
+        return None
+    files = sorted(p.name for p in Path(source).glob("*.bin")) if Path(source).is_dir() else []
+    return UserError(
+        f"model {source!r}: the pickle checkpoint {files[0] if files else ''} holds objects that cannot be loaded "
+        "safely, and mixbits never executes pickled code; convert the weights to safetensors where you trust "
+        "the file (model.save_pretrained(folder, safe_serialization=True)) and pass that folder"
+    )
 
 
 def model_architectures(name_or_path: str) -> tuple[str, ...]:
@@ -273,6 +333,22 @@ def model_architectures(name_or_path: str) -> tuple[str, ...]:
     except OSError as err:
         raise _load_error(err, source, name_or_path, offline) from err
     return tuple(getattr(config, "architectures", None) or ())
+
+
+def check_context(source: str, seqlen: int, name: str | None = None) -> None:
+    """Refuse `seqlen` beyond the model's context (config `max_position_embeddings`); reads config.json only.
+
+    Positions past the context have no trained embedding, so every number measured there is meaningless."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=_hub_offline())
+    except OSError as err:
+        raise _load_error(err, source, name or source, _hub_offline()) from err
+    context = getattr(config, "max_position_embeddings", None)
+    if isinstance(context, int) and seqlen > context:
+        raise UserError(f"--seqlen {seqlen} is beyond the context of model {name or source!r} "
+                        f"(max_position_embeddings = {context}); use --seqlen {context} or less")
 
 
 def load_model(
@@ -291,10 +367,11 @@ def load_model(
     _auto_class(task)
     embedded = embedded_model(name_or_path)
     if embedded is not None and task != embedded.task:
-        raise ValueError(f"embedded model {name_or_path!r} is a {TASK_WORDS[embedded.task]}; use task={embedded.task!r} "
+        raise UserError(f"embedded model {name_or_path!r} is a {TASK_WORDS[embedded.task]}; use task={embedded.task!r} "
                          f"or pass another model")
     source = resolve_model_source(name_or_path)
     model, tokenizer = _from_pretrained(source, name_or_path, task, dtype)
+    check_finite_weights(model, name_or_path)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     if task == "sequence-classification" and getattr(model.config, "pad_token_id", None) is None:

@@ -16,7 +16,6 @@ which config hurts which block, so it is weaker than a table computed by a real 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,10 +24,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from mixbits.errors import UserError
 from mixbits.io import atomic_write_json
 from mixbits.model.arch import LinearInfo, get_weight
 from mixbits.quant.affine import fake_quantize
 from mixbits.quant.spec import QuantSpec
+from mixbits.safeload import loads_json, read_text
 from mixbits.sensitivity.units import BlockDamageTable, block_table, block_units
 
 SEED_KEY = "sensitivity_scores"
@@ -36,12 +37,12 @@ SEED_KEY = "sensitivity_scores"
 
 def _check_scores(values: object, where: str) -> np.ndarray:
     if not isinstance(values, (list, tuple)):
-        raise ValueError(f"{where}: {SEED_KEY!r} is {type(values).__name__}; write a list of numbers, one per block")
+        raise UserError(f"{where}: {SEED_KEY!r} is {type(values).__name__}; write a list of numbers, one per block")
     bad = [(i, v) for i, v in enumerate(values)
            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)]
     if bad:
         i, v = bad[0]
-        raise ValueError(f"{where}: score {i} is {v!r}; every score must be a finite number "
+        raise UserError(f"{where}: score {i} is {v!r} (block {i}); every score must be a finite number "
                          f"({len(bad)} of {len(values)} are not)")
     return np.asarray(values, dtype=np.float64)
 
@@ -56,19 +57,18 @@ def write_seed_file(path: str | Path, scores_per_block: Sequence[float] | np.nda
 def read_seed_file(path: str | Path, n_blocks: int) -> np.ndarray:
     """The [n_blocks] float64 scores of a seed file; refuses a wrong length or non-numbers."""
     path = Path(path)
+    if not path.is_file():
+        raise UserError(f"sensitivity file {str(path)!r} does not exist; check the path")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"sensitivity file {str(path)!r} does not exist; check the path") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"sensitivity file {str(path)!r} is not JSON ({err}); write "
-                         f'{{"{SEED_KEY}": [one number per block]}}') from None
+        data = loads_json(read_text(path, "sensitivity file"), f"sensitivity file {str(path)!r}")
+    except UserError as err:
+        raise UserError(f"{err}; write {{\"{SEED_KEY}\": [one number per block]}}") from None
     if not isinstance(data, dict) or SEED_KEY not in data:
-        raise ValueError(f"sensitivity file {str(path)!r} has no {SEED_KEY!r} list; write "
+        raise UserError(f"sensitivity file {str(path)!r} has no {SEED_KEY!r} list; write "
                          f'{{"{SEED_KEY}": [one number per block]}}')
     scores = _check_scores(data[SEED_KEY], f"sensitivity file {str(path)!r}")
     if len(scores) != n_blocks:
-        raise ValueError(f"sensitivity file {str(path)!r} has {len(scores)} scores but the model has {n_blocks} "
+        raise UserError(f"sensitivity file {str(path)!r} has {len(scores)} scores but the model has {n_blocks} "
                          f"blocks; give exactly {n_blocks} scores (one per block, in order), or use the file "
                          f"written for this model")
     return scores
@@ -103,7 +103,7 @@ def seed_table(
     units = block_units(linears)
     scores = np.asarray(scores, dtype=np.float64)
     if scores.shape != (len(units),):
-        raise ValueError(f"got {scores.size} seed scores for a model with {len(units)} blocks")
+        raise UserError(f"got {scores.size} seed scores for a model with {len(units)} blocks")
     weights = {n: get_weight(model.get_submodule(n)) for n in linears}
     proxy = relative_weight_mse(weights, configs)
     meta = {"method": "seed", "kind": "imported", "granularity": "block", "source": source,

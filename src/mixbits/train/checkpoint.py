@@ -29,6 +29,7 @@ from safetensors.torch import save as save_safetensors
 
 from mixbits.errors import UserError
 from mixbits.io import atomic_write_bytes, atomic_write_json
+from mixbits.safeload import check_safetensors, loads_json
 
 log = logging.getLogger(__name__)
 
@@ -88,4 +89,11 @@ class BlockCheckpoint:
         tensor_path, stats_path = self._paths(index)
         if not (tensor_path.is_file() and stats_path.is_file()):
             raise UserError(f"block {index} is not finished in checkpoint {str(self.directory)!r}")
-        return load_safetensors(tensor_path.read_bytes()), json.loads(stats_path.read_text())
+        check_safetensors(tensor_path, "checkpoint block")
+        try:
+            return load_safetensors(tensor_path.read_bytes()), loads_json(stats_path.read_text(), str(stats_path))
+        except Exception as err:  # a header that passed the check but data safetensors cannot read
+            if type(err).__name__ != "SafetensorError":
+                raise
+            raise UserError(f"checkpoint block {str(tensor_path)!r} is corrupt ({err}); delete it to retrain "
+                            "that block") from None
