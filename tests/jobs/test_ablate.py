@@ -117,7 +117,7 @@ def test_resume_keeps_finished_sections_and_reruns_only_changed_ones(ablated, ti
     ("--strategies", "clever", "not a heuristic strategy"),
     ("--qat-schedules", "fixed,fast", "fast: unknown"),
     ("--budgets", "3,-1", "must be a positive number"),
-    ("--budgets", "three", "must look like"),
+    ("--budgets", "three", "'three' is not a number"),
 ])
 def test_bad_options_are_refused_before_the_model_loads(flag, value, message, tiny_model_dir, tiny_text_file, tmp_path,
                                                         monkeypatch):
