@@ -133,12 +133,12 @@ def build_problem(
     for members in groups:
         for m in members:
             if m not in index:
-                raise UserError(f"group member {m!r} is not a unit of the table; units look like {table.units[:3]}")
+                raise ValueError(f"group member {m!r} is not a unit of the table; units look like {table.units[:3]}")
             seen[m] = seen.get(m, 0) + 1
     twice = [m for m, k in seen.items() if k > 1]
     missing = [u for u in table.units if u not in seen]
     if twice or missing:
-        raise UserError(
+        raise ValueError(
             f"groups must hold every unit exactly once: repeated {twice[:3]}, missing {missing[:3]}; "
             "build them with unit_groups(table.units, tied, tie)"
         )
