@@ -25,7 +25,7 @@ from mixbits.model.apply import round_to_storage
 from mixbits.export.native import native_size_bytes, save_native
 from mixbits.model.quantize import quantize_model
 from mixbits.model.arch import LinearInfo, find_linears, fixed_bytes_of, tied_groups
-from mixbits.model.load import load_model, resolve_model_source
+from mixbits.model.load import check_context, load_model, resolve_model_source
 from mixbits.outdir import Claim, claim
 from mixbits.plan import Plan
 from mixbits.report.results import build_layer_statistics, build_results, write_outputs
@@ -83,7 +83,9 @@ def prepare(cfg: RunConfig, timer: StageTimer, loaded: tuple[nn.Module, object] 
         if loaded is not None:
             model, tokenizer = loaded[0].to(device).eval(), loaded[1]
         else:
-            model, tokenizer = load_model(resolve_model_source(cfg.model), device=device)
+            source = resolve_model_source(cfg.model)
+            check_context(source, cfg.data.seqlen, cfg.model)  # config.json only, before the weights
+            model, tokenizer = load_model(source, device=device)
     linears = find_linears(model)
     shapes = {n: (i.out_features, i.in_features) for n, i in linears.items()}
     groups = unit_groups(tuple(linears), tied_groups(model, linears), constraints.tie)
