@@ -38,7 +38,6 @@ if TYPE_CHECKING:  # torch and transformers load inside the functions: `import m
 
 __all__ = ["QuantizedModel", "load", "quantize"]
 
-QUANTIZER_NAMES = ("rtn", "clip", "gptq")
 FORMAT_NAMES = ("native", "gptq", "compressed", "gguf")
 
 
@@ -262,10 +261,10 @@ def _model_argument(model, tokenizer, calibration):
 def _run_config(name, target_bpw, target_size_mb, calibration, quantizer, seqlen, calib_windows, seed, bits,
                 group_sizes, device, use_cache, progress):
     """The `RunConfig` of `mixbits run` with the same settings; arguments checked by their names first."""
-    from mixbits.config import DEFAULT_BITS, DEFAULT_GROUPS, AllocationConfig, DataConfig, RunConfig
+    from mixbits.config import DEFAULT_BITS, DEFAULT_GROUPS, QUANTIZERS, AllocationConfig, DataConfig, RunConfig
 
-    if quantizer not in QUANTIZER_NAMES:
-        raise UserError(f"quantizer={quantizer!r} is not one of {', '.join(QUANTIZER_NAMES)}")
+    if quantizer not in QUANTIZERS:
+        raise UserError(f"quantizer={quantizer!r} is not one of {', '.join(QUANTIZERS)}")
     if target_bpw is not None and target_size_mb is not None:
         raise UserError(f"give one budget: target_bpw={target_bpw!r} or target_size_mb={target_size_mb!r}, not both")
     if target_bpw is None and target_size_mb is None:
