@@ -12,6 +12,7 @@ perplexity, a step is kept while
     p / p0 - 1  <=  max_ppl_increase                                    (relative increase)
 
 (the order and this rule: `allocate.iterative`; the walk that measures each step: here).
+
 The first step beyond the limit is rolled back and the walk stops ("threshold"); it also
 stops after `max_iterations` steps, or when every unit is quantized. The path (every step,
 kept or not) is reported.
