@@ -188,29 +188,39 @@ def evaluate_streamed(
         hidden, as_tuple = _through_blocks(source, inputs, by_block, variant.override, store, progress,
                                            f"evaluate {variant.name}")
         score = scores[variant.name] = _Scores()
-        ref = scores[reference].summary if reference is not None and variant.name != reference else None
-        with source.resident() as loaded, torch.no_grad():
+        with source.resident() as loaded:
             for b, h in enumerate(hidden):
-                ids = windows[b * batch_size : (b + 1) * batch_size].to(source.device)
-                logits = head_forward(loaded, h.to(source.device), ids, as_tuple=as_tuple).logits[:, :-1]
-                logp = F.log_softmax(logits.float(), dim=-1)
-                topk = _resolve_topk(requested, n * (seqlen - 1), logp.shape[-1])
-                if variant.name == reference:
-                    score.keep(logp, topk, store)
-                batch_ref = None if reference is None else _batch_ref(scores[reference], ref, b, logp, source.device)
-                score.add(logp, ids[:, 1:], batch_ref, topk)
+                ids = windows[b * batch_size : (b + 1) * batch_size]
+                _score_batch(loaded, h, ids, as_tuple, score, scores.get(reference), b, variant.name == reference,
+                             _Settings(requested, n * (seqlen - 1), store, source.device))
         del hidden
     count = n * (seqlen - 1)
     return {v.name: _result(scores[v.name], count, n, seqlen, reference is not None) for v in variants}
 
 
-def _batch_ref(reference: _Scores, summary, b: int, logp: torch.Tensor, device):
-    """The reference's summary of batch b on `device` (the reference scores itself from its own logp)."""
-    if summary is None:
-        kept = reference.summary[b]
-        return logp if isinstance(kept, torch.Tensor) else tuple(t.to(device) for t in kept)
-    kept = summary[b]
-    return kept.to(device) if isinstance(kept, torch.Tensor) else tuple(t.to(device) for t in kept)
+@dataclass(frozen=True)
+class _Settings:
+    topk: int | str | None  # as requested
+    positions: int  # scored positions over all windows
+    store: torch.device
+    device: torch.device
+
+
+@torch.no_grad()
+def _score_batch(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, as_tuple: bool, score: _Scores,
+                 reference: _Scores | None, b: int, is_reference: bool, settings: _Settings) -> None:
+    """Score batch b of one variant (its own frame holds the logits, so they die with it)."""
+    ids = ids.to(settings.device)
+    logits = head_forward(model, hidden.to(settings.device), ids, as_tuple=as_tuple).logits[:, :-1]
+    logp = F.log_softmax(logits.float(), dim=-1)
+    del logits
+    topk = _resolve_topk(settings.topk, settings.positions, logp.shape[-1])
+    if is_reference:
+        score.keep(logp, topk, settings.store)
+    kept = None if reference is None else reference.summary[b]
+    if kept is not None:
+        kept = kept.to(settings.device) if isinstance(kept, torch.Tensor) else tuple(t.to(settings.device) for t in kept)
+    score.add(logp, ids[:, 1:], kept, topk)
 
 
 def _result(score: _Scores, count: int, n: int, seqlen: int, with_reference: bool) -> EvalResult:

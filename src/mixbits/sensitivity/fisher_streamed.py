@@ -40,7 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mixbits.model.arch import LinearInfo, get_weight
-from mixbits.model.blockwise import BlockInputs, capture_block_inputs
+from mixbits.model.blockwise import capture_block_inputs
 from mixbits.model.stream import BlockSource, as_source, call_block, head_forward
 from mixbits.quant.spec import QuantSpec
 from mixbits.sensitivity.fisher import fisher_damage
@@ -93,15 +93,15 @@ def _differentiable(params: Sequence[nn.Parameter]) -> Iterator[None]:
 
 
 @torch.no_grad()
-def _forward(source: BlockSource, inputs: BlockInputs, boundaries: _Boundaries, store, progress: bool):
+def _forward(source: BlockSource, hidden, args, kwargs, boundaries: _Boundaries, store, progress: bool):
     """X_L for every window, saving each block's input; also whether blocks return tuples."""
-    hidden, as_tuple = inputs.hidden, False
+    as_tuple = False
     for i in tqdm(range(source.n_blocks), desc="fisher forward", disable=not progress, leave=False):
         boundaries.put(i, hidden)
         with source.block(i) as block:
             outs = []
-            for h, args, kwargs in zip(hidden, inputs.args, inputs.kwargs):
-                out, as_tuple = call_block(block, h.to(source.device), args, kwargs)
+            for h, a, k in zip(hidden, args, kwargs):
+                out, as_tuple = call_block(block, h.to(source.device), a, k)
                 outs.append(out.to(store))
         hidden = tuple(outs)
     return hidden, as_tuple
@@ -138,8 +138,10 @@ def fisher_by_block(
     store = torch.device(store)
     with source.resident() as loaded:
         inputs = capture_block_inputs(loaded, windows, batch_size=1, store=store, progress=False)
+    args, kwargs, hidden = inputs.args, inputs.kwargs, inputs.hidden
+    del inputs  # X_0 is now held by the boundaries only (on disk with offload_dir)
     boundaries = _Boundaries(offload_dir, store)
-    hidden, as_tuple = _forward(source, inputs, boundaries, store, progress)
+    hidden, as_tuple = _forward(source, hidden, args, kwargs, boundaries, store, progress)
     grads = _head_gradients(source, hidden, windows, as_tuple, store)
     del hidden
     by_block: dict[int, list[str]] = {}
@@ -147,20 +149,26 @@ def fisher_by_block(
         by_block.setdefault(info.block, []).append(name)
     for i in tqdm(reversed(range(source.n_blocks)), total=source.n_blocks, desc="fisher backward",
                   disable=not progress, leave=False):
-        saved = boundaries.take(i)
         with source.block(i):
-            names = by_block.get(i, [])
-            weights = [source.model.get_submodule(name).weight for name in names]
-            fisher = {name: torch.zeros(w.shape[::-1] if linears[name].transposed else w.shape,
-                                        dtype=torch.float32, device=source.device) for name, w in zip(names, weights)}
-            with _differentiable(weights), torch.enable_grad():
-                for n, (x, args, kwargs) in enumerate(zip(saved, inputs.args, inputs.kwargs)):
-                    grads[n] = _block_backward(source, i, x, args, kwargs, grads[n], weights, names, linears, fisher)
-            del saved
-            yield i, source.model, {k: f.div_(len(windows)) for k, f in fisher.items()}
+            fisher = _block_fisher(source, i, boundaries.take(i), args, kwargs, grads, by_block.get(i, []), linears)
+            yield i, source.model, fisher
+        del fisher  # before the next block's accumulators exist
 
 
-def _block_backward(source, i, x, args, kwargs, grad_out, weights, names, linears, fisher):
+def _block_fisher(source: BlockSource, i: int, saved, args, kwargs, grads: list, names: list[str],
+                  linears: Mapping[str, LinearInfo]) -> dict[str, torch.Tensor]:
+    """Block i's Fisher over all windows, replacing grads[n] by the gradient at the block's input.
+    Its own frame holds the block's parameters, so nothing of the block outlives the call."""
+    weights = [source.model.get_submodule(name).weight for name in names]
+    fisher = {name: torch.zeros(w.shape[::-1] if linears[name].transposed else w.shape, dtype=torch.float32,
+                                device=source.device) for name, w in zip(names, weights)}
+    with _differentiable(weights), torch.enable_grad():
+        for n, x in enumerate(saved):
+            grads[n] = _window_backward(source, i, x, args[n], kwargs[n], grads[n], weights, names, linears, fisher)
+    return {name: f.div_(len(saved)) for name, f in fisher.items()}
+
+
+def _window_backward(source, i, x, args, kwargs, grad_out, weights, names, linears, fisher):
     """Accumulate one window's squared weight gradients of block i; returns ∂loss/∂(block input)."""
     block = source.model.get_submodule(f"{source.block_path}.{i}")
     x = x.to(source.device).requires_grad_(i > 0)
@@ -202,8 +210,13 @@ def streamed_fisher_table(
     damage = np.zeros((len(linears), len(configs)))
     trace = np.zeros(len(linears))
     for _, loaded, fisher in fisher_by_block(model, windows, linears, **kwargs):
-        for name, f in fisher.items():
-            weight = get_weight(loaded.get_submodule(name))
-            damage[row[name]] = fisher_damage(weight, f, configs)
-            trace[row[name]] = float(f.sum())
+        _fill_rows(loaded, fisher, configs, [row[name] for name in fisher], damage, trace)
     return damage, {"fisher_trace": trace}
+
+
+def _fill_rows(model: nn.Module, fisher: dict[str, torch.Tensor], configs, rows: list[int], damage, trace) -> None:
+    """Damage and trace rows of one block's linears; each Fisher is dropped as soon as its row is done."""
+    for name, u in zip(list(fisher), rows):
+        f = fisher.pop(name)
+        damage[u] = fisher_damage(get_weight(model.get_submodule(name)), f, configs)
+        trace[u] = float(f.sum())

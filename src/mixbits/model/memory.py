@@ -1,0 +1,201 @@
+"""Peak memory of a streamed stage, predicted from shapes before anything is loaded.
+
+Idea: a streamed stage goes through phases (capture, the block loop, the head, a backward loop) and
+in each phase holds a known set of tensors whose sizes follow from the model's shapes and the
+calibration settings. The prediction is the largest phase total:
+
+    peak = max_phase Σ_part bytes(part)
+
+with, for N windows of S tokens, hidden size H, vocabulary V, L blocks, compute dtype of b bytes:
+
+    block weights      the largest block's parameters · b   (the whole model when not streamed)
+    outside weights    embeddings, final norm, head · b      (only during capture and the head)
+    boundary           N · S · H · b  hidden states at one block boundary
+    logits             batch · S · V · 4 · k  one batch's logits in float32 and the k temporaries the
+                       head makes from them (k = 3 for the loss and its gradient, 4 for log-softmax + KL)
+    block activations  one window through the largest block: S · Σ_linears (in + out) · b with grad
+                       (what the backward keeps), S · Σ_linears out · b without (the temporaries),
+                       plus heads · S² · b for one attention matrix
+    Hessians           Σ_linears in² · 4 for the largest block (GPTQ's float32 Gram matrices)
+    quantizer          5 · 4 · the largest linear's size: fake-quantizing it in float32 (the variant's
+                       override in evaluation, the damage table after the Fisher)
+
+What it covers: tensors the stage allocates (weights, hidden states, gradients, logits, Fisher
+and Hessian accumulators, the reference's summary for evaluation). What it does not: the Python
+interpreter and libraries (about 0.5–1 GB resident for torch + transformers), the allocator's
+fragmentation, the page cache of memory-mapped shards, and tensors the caller holds (the windows).
+Tests check it against the peak of live tensor bytes that torch's profiler records on the CPU.
+
+Trade-off: a closed-form count is cheap and runs before any tensor is read, so a run can refuse
+with the figure and the fix; it is an estimate of activations (kernels may keep more or less
+than the count above), so it is checked on the tiny models and states its parts for a reader.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import torch
+from torch import nn
+
+from mixbits.model.arch import find_blocks, find_linears
+
+__all__ = ["MemoryPrediction", "ModelShapes", "model_shapes", "predict_evaluation", "predict_fisher",
+           "predict_gptq"]
+
+
+@dataclass(frozen=True)
+class ModelShapes:
+    """What the predictions need, read from parameter shapes only (works on a meta skeleton)."""
+
+    hidden: int
+    vocab: int
+    heads: int
+    block_params: tuple[int, ...]  # parameters per block
+    outside_params: int  # parameters outside the blocks, tied tensors once
+    block_linears: tuple[tuple[tuple[int, int], ...], ...]  # (out, in) of each linear, per block
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.block_params)
+
+    @property
+    def total_params(self) -> int:
+        return sum(self.block_params) + self.outside_params
+
+
+def model_shapes(model: nn.Module) -> ModelShapes:
+    """The shapes of `model` (loaded, or the meta skeleton of a `LazyCheckpoint`)."""
+    _, blocks = find_blocks(model)
+    inside = {id(p) for p in blocks.parameters()}
+    outside = sum(p.numel() for p in model.parameters() if id(p) not in inside)
+    linears: list[list[tuple[int, int]]] = [[] for _ in blocks]
+    for info in find_linears(model).values():
+        linears[info.block].append((info.out_features, info.in_features))
+    config = model.config
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 1
+    return ModelShapes(
+        hidden=model.get_input_embeddings().weight.shape[1],
+        vocab=model.get_output_embeddings().weight.shape[0],
+        heads=int(heads),
+        block_params=tuple(sum(p.numel() for p in b.parameters()) for b in blocks),
+        outside_params=outside,
+        block_linears=tuple(tuple(x) for x in linears),
+    )
+
+
+@dataclass(frozen=True)
+class MemoryPrediction:
+    """The peak phase of a stage and its parts in bytes."""
+
+    stage: str
+    phase: str
+    parts: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{name} {_gib(size)}" for name, size in self.parts.items() if size)
+        return f"{self.stage}: predicted peak {_gib(self.total)} during {self.phase} ({parts})"
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**28 else f"{size / 2**20:.1f} MiB"
+
+
+def _peak(stage: str, phases: dict[str, dict[str, int]]) -> MemoryPrediction:
+    phase = max(phases, key=lambda p: sum(phases[p].values()))
+    return MemoryPrediction(stage, phase, MappingProxyType(dict(phases[phase])))
+
+
+def _activations(shapes: ModelShapes, seqlen: int, size: int, *, grad: bool) -> int:
+    """One window through the largest block: with grad, every linear's input and output and one
+    attention matrix kept for the backward; without, the linear outputs and one attention matrix."""
+    io = max((sum((i if grad else 0) + o for o, i in block) for block in shapes.block_linears), default=0)
+    return seqlen * io * size + shapes.heads * seqlen * seqlen * size
+
+
+def _linear_params(shapes: ModelShapes) -> int:
+    return max((sum(o * i for o, i in block) for block in shapes.block_linears), default=0)
+
+
+def _quantizer_temporaries(shapes: ModelShapes) -> int:
+    """Fake-quantizing the largest linear in float32: its copy, scales, codes, error (~5 copies)."""
+    return 5 * 4 * max((o * i for block in shapes.block_linears for o, i in block), default=0)
+
+
+def _weights(shapes: ModelShapes, size: int, streamed: bool) -> tuple[int, int]:
+    """(bytes held while a block works, bytes held during capture / head)."""
+    if not streamed:
+        return shapes.total_params * size, 0
+    return max(shapes.block_params) * size, shapes.outside_params * size
+
+
+def predict_fisher(
+    shapes: ModelShapes, *, windows: int, seqlen: int, dtype: torch.dtype = torch.float32,
+    streamed: bool = True, offload: bool = False,
+) -> MemoryPrediction:
+    """`sensitivity/fisher_streamed.py`: the inputs of every block kept (on disk with `offload`),
+    X_L, the output gradients G and, per block, one window's graph and the block's Fisher."""
+    b = dtype.itemsize
+    block, outside = _weights(shapes, b, streamed)
+    model = block if not streamed else 0
+    boundary = windows * seqlen * shapes.hidden * b
+    saved = 0 if offload else shapes.n_blocks * boundary
+    return _peak("fisher", {
+        "capture": {"outside weights": outside, "whole model": model, "boundaries": boundary},
+        "block forward": {"block weights": block, "boundaries": saved + (3 if offload else 1) * boundary,
+                          "block temporaries": _activations(shapes, seqlen, b, grad=False)},
+        "head": {"outside weights": outside, "whole model": model, "boundaries": saved + boundary,
+                 "gradients": boundary, "logits": seqlen * shapes.vocab * 4 * 3},
+        "block backward": {"block weights": block, "boundaries": saved or boundary, "gradients": 2 * boundary,
+                           "block activations": _activations(shapes, seqlen, b, grad=True),
+                           "weight gradients + Fisher": _linear_params(shapes) * (b + 4)},
+        "damage table": {"block weights": block, "boundaries": saved or boundary, "gradients": boundary,
+                         "Fisher": _linear_params(shapes) * 4, "quantizer temporaries": _quantizer_temporaries(shapes)},
+    })
+
+
+def predict_evaluation(
+    shapes: ModelShapes, *, windows: int, seqlen: int, dtype: torch.dtype = torch.float32,
+    batch_size: int = 1, topk: int | None = None, streamed: bool = True,
+) -> MemoryPrediction:
+    """`eval/streamed.py` with the reference's full log-probs (topk None) or its top-k: the captured
+    block-0 inputs stay (every variant starts from them), plus one variant's current boundaries."""
+    b = dtype.itemsize
+    block, outside = _weights(shapes, b, streamed)
+    boundary = windows * seqlen * shapes.hidden * b
+    positions = windows * (seqlen - 1)
+    summary = positions * shapes.vocab * 4 if topk is None else positions * (12 * topk + 12)
+    return _peak("evaluation", {
+        "blocks": {"block weights": block, "overridden linears": _linear_params(shapes) * b,
+                   "quantizer temporaries": _quantizer_temporaries(shapes),
+                   "boundaries": 3 * boundary, "reference summary": summary,
+                   "block temporaries": batch_size * _activations(shapes, seqlen, b, grad=False)},
+        "head": {"outside weights": outside, "whole model": 0 if streamed else block, "boundaries": 2 * boundary,
+                 "logits": batch_size * seqlen * shapes.vocab * 4 * 4, "reference summary": summary},
+    })
+
+
+def predict_gptq(
+    shapes: ModelShapes, *, windows: int, seqlen: int, dtype: torch.dtype = torch.float32, streamed: bool = True,
+) -> MemoryPrediction:
+    """A block-wise GPTQ pass: one block, its linears' float32 Hessians, two boundaries, and GPTQ's
+    working set for the largest linear (the inverse Hessian factor and float32 copies of W, Q, E).
+    Hessians are counted one per linear; linears that share an input share one Gram matrix in
+    `quant/` (q/k/v, gate/up), so this bounds them from above. Not yet checked against a measured
+    peak: the GPTQ stage does not stream from a lazy checkpoint yet."""
+    b = dtype.itemsize
+    block, outside = _weights(shapes, b, streamed)
+    boundary = windows * seqlen * shapes.hidden * b
+    hessians = max((sum(4 * i * i for _, i in blk) for blk in shapes.block_linears), default=0)
+    largest = max(((o, i) for blk in shapes.block_linears for o, i in blk), key=lambda s: s[0] * s[1], default=(0, 0))
+    return _peak("gptq", {
+        "capture": {"outside weights": outside, "whole model": 0 if streamed else block, "boundaries": boundary},
+        "block": {"block weights": block, "Hessians": hessians, "boundaries": 2 * boundary,
+                  "GPTQ working set": 4 * (2 * largest[1] ** 2 + 3 * largest[0] * largest[1]),
+                  "block temporaries": _activations(shapes, seqlen, b, grad=False)},
+    })
