@@ -120,14 +120,14 @@ def test_pickle_checkpoint_is_converted_once(tmp_path, caplog):
     path = tmp_path / "pickled"
     model.config.save_pretrained(path)
     torch.save(model.state_dict(), path / "pytorch_model.bin")  # lm_head and embeddings share storage
-    with caplog.at_level(logging.INFO, logger="mixbits.model.lazy"):
+    with caplog.at_level(logging.INFO, logger="mixbits.model.checkpoint_files"):
         ckpt = open_checkpoint(path, cache_dir=tmp_path / "cache")
     assert "converting the pickle checkpoint" in caplog.text
     assert len(list((tmp_path / "cache").glob("*/model.safetensors.index.json"))) == 1
     full = ckpt.materialize("")
     assert all(torch.equal(full.state_dict()[k], v) for k, v in model.state_dict().items())
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="mixbits.model.lazy"):
+    with caplog.at_level(logging.INFO, logger="mixbits.model.checkpoint_files"):
         open_checkpoint(path, cache_dir=tmp_path / "cache")
     assert "converting" not in caplog.text  # reused
 
@@ -151,3 +151,23 @@ def test_pickle_with_arbitrary_objects_is_never_unpickled(tmp_path):
     with pytest.raises(UserError, match="weights-only loader"):
         open_checkpoint(path, cache_dir=tmp_path / "cache")
     assert not Payload.ran
+
+
+def test_sharded_pickle_checkpoint(tmp_path):
+    model = tiny_llama()
+    path = tmp_path / "pickled"
+    model.config.save_pretrained(path)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    names = sorted(state)
+    halves = {"pytorch_model-1.bin": names[: len(names) // 2], "pytorch_model-2.bin": names[len(names) // 2 :]}
+    for file, keys in halves.items():
+        torch.save({k: state[k] for k in keys}, path / file)
+    weight_map = {k: file for file, keys in halves.items() for k in keys}
+    (path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    ckpt = open_checkpoint(path, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("*/model-*.safetensors"))) == 2
+    with ckpt.block(0) as block:
+        assert torch.equal(block.self_attn.o_proj.weight, model.model.layers[0].self_attn.o_proj.weight)
+    (path / "pytorch_model-2.bin").unlink()
+    with pytest.raises(UserError, match="pytorch_model-2.bin.*re-download"):
+        open_checkpoint(path, cache_dir=tmp_path / "other-cache")

@@ -96,3 +96,18 @@ def test_predictions_follow_the_settings():
     gptq = predict_gptq(shapes, **kwargs)
     assert gptq.phase == "block" and gptq.parts["Hessians"] == 4 * (4 * 64 * 64 + 2 * 64 * 64 + 128 * 128)
     assert "fisher: predicted peak" in in_memory.describe() and in_memory.phase in in_memory.describe()
+
+
+def test_mmap_threshold_is_fixed_in_a_child_process():
+    import subprocess
+    import sys
+
+    code = ("import sys; from mixbits.model.memory import fix_mmap_threshold; "
+            "sys.exit(0 if fix_mmap_threshold(1 << 20) else 3)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if done.returncode == 3:
+        pytest.skip("not glibc")
+    assert done.returncode == 0, done.stderr
+    with pytest.raises(ValueError, match="32 MiB"):
+        from mixbits.model.memory import fix_mmap_threshold
+        fix_mmap_threshold(0)

@@ -9,20 +9,19 @@ the meta device when done:
 
     materialize("model.layers.7")  ->  run block 7  ->  release("model.layers.7")
 
-Peak memory of a pass over the blocks: one block's weights in the compute dtype (plus, while one
-tensor is being cast, that tensor in the checkpoint's dtype), plus what stays resident: buffers the
-model computes itself (rotary frequencies), and, only inside `resident()`, everything outside the
-blocks (embeddings, final norm, head; tied embeddings are held once). For Llama-2-7B in bfloat16 that
+Peak memory of a pass over the blocks: one block's weights in the compute dtype, plus, while a
+shard is open, the mapped pages of the tensors read from it (file-backed, in the checkpoint's dtype,
+released when the shard closes), plus what stays resident: buffers the model computes itself
+(rotary frequencies), and, only inside `resident()`, everything outside the blocks (embeddings,
+final norm, head; tied embeddings are held once). For Llama-2-7B in bfloat16 that
 is 0.40 GB per block and 0.52 GB outside, against 13.5 GB for the whole model. Activations are the
 caller's.
 
 Checks made before any tensor is read, each a `UserError` naming the file and the fix: a shard listed
 in `model.safetensors.index.json` that is missing, a tensor the model needs that no shard holds, a
 tensor whose shape disagrees with the config. A pickle-only checkpoint (`pytorch_model.bin`, sharded
-or not) is converted once into safetensors in a cache folder with torch's weights-only loader (it
-refuses any pickled object that is not a tensor or a plain container, so nothing arbitrary is
-executed), and the conversion is logged; later opens reuse it (the cache key covers each file's path,
-size and modification time, and this converter's version).
+or not) is converted once into safetensors in a cache folder with torch's weights-only loader, which
+unpickles nothing but tensors and plain containers (model/checkpoint_files.py); the conversion is logged.
 
 Trade-off: weights are read from disk once per pass per block (the page cache makes repeats cheap when
 RAM allows); a module outside the blocks that must stay loaded across blocks is the caller's choice
@@ -33,12 +32,7 @@ RAM allows); a module outside the blocks that must stay loaded across blocks is 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,14 +41,19 @@ import torch
 from torch import nn
 
 from mixbits.errors import UserError
+from mixbits.model.checkpoint_files import (
+    PICKLE_INDEX,
+    PICKLE_SINGLE,
+    SAFE_INDEX,
+    SAFE_SINGLE,
+    convert_pickle_checkpoint,
+    index_files,
+)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LazyCheckpoint", "TensorEntry", "checkpoint_tensors", "convert_pickle_checkpoint", "open_checkpoint"]
+__all__ = ["LazyCheckpoint", "TensorEntry", "checkpoint_tensors", "open_checkpoint"]
 
-SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
-PICKLE_SINGLE, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
-_CONVERTER_VERSION = "1"  # part of the conversion cache key: bump when the conversion changes
 _SAFE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                 "BOOL": torch.bool}
@@ -97,27 +96,11 @@ def _headers(files: Iterable[Path]) -> dict[str, TensorEntry]:
     return entries
 
 
-def _index_files(index: Path) -> dict[str, Path]:
-    """Tensor name -> shard path from an index file, refusing shards that are listed but absent."""
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UserError(f"{index} is not a readable shard index with a 'weight_map' ({err}); re-download or "
-                        f"re-save the checkpoint with save_pretrained") from err
-    shards = {name: index.parent / shard for name, shard in weight_map.items()}
-    missing = sorted({p.name for p in shards.values() if not p.is_file()})
-    if missing:
-        raise UserError(f"{index} lists {len(missing)} shard(s) that are not in {index.parent}: "
-                        f"{', '.join(missing[:5])}; copy or re-download the missing shard files (the download "
-                        f"was probably interrupted)")
-    return shards
-
-
 def checkpoint_tensors(folder: str | Path, *, cache_dir: str | Path | None = None) -> dict[str, TensorEntry]:
     """Every tensor of the checkpoint in `folder` (headers only); a pickle-only one is converted first."""
     folder = Path(folder)
     if (folder / SAFE_INDEX).is_file():
-        shards = _index_files(folder / SAFE_INDEX)
+        shards = index_files(folder / SAFE_INDEX)
         entries = _headers(sorted(set(shards.values())))
         absent = sorted(k for k, f in shards.items() if k not in entries or entries[k].file != f)
         if absent:
@@ -130,80 +113,6 @@ def checkpoint_tensors(folder: str | Path, *, cache_dir: str | Path | None = Non
         return checkpoint_tensors(convert_pickle_checkpoint(folder, cache_dir=cache_dir))
     raise UserError(f"{folder} holds no weights: expected {SAFE_SINGLE}, {SAFE_INDEX}, {PICKLE_SINGLE} or "
                     f"{PICKLE_INDEX}; pass a folder written by save_pretrained")
-
-
-def _pickle_files(folder: Path) -> list[Path]:
-    if (folder / PICKLE_INDEX).is_file():
-        return sorted(set(_index_files(folder / PICKLE_INDEX).values()))
-    return [folder / PICKLE_SINGLE]
-
-
-def _conversion_key(files: list[Path]) -> str:
-    digest = hashlib.sha256(_CONVERTER_VERSION.encode())
-    for file in files:
-        stat = file.stat()
-        digest.update(f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
-
-
-def _load_weights_only(file: Path) -> dict[str, torch.Tensor]:
-    import pickle
-
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
-        raise UserError(f"{file} cannot be read with torch's weights-only loader ({str(err).splitlines()[0]}); "
-                        f"mixbits never unpickles arbitrary objects: convert it to safetensors yourself from a "
-                        f"source you trust (from_pretrained, then save_pretrained)") from err
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{file} is not a flat state dict of tensors; save it again with save_pretrained")
-    return state
-
-
-def convert_pickle_checkpoint(folder: str | Path, *, cache_dir: str | Path | None = None) -> Path:
-    """The safetensors copy of a pickle-only checkpoint, converted once (shard by shard) into `cache_dir`.
-
-    Default `cache_dir`: `<mixbits home>/converted`. The copy appears by an atomic rename, so an
-    interrupted conversion is redone rather than trusted. Tensors that share storage are cloned
-    (safetensors stores no aliases); tied weights are re-tied by `LazyCheckpoint`.
-    """
-    from safetensors.torch import save_file
-
-    from mixbits.data.cache import mixbits_home, safe_name
-
-    folder = Path(folder)
-    files = _pickle_files(folder)
-    cache = Path(cache_dir) if cache_dir is not None else mixbits_home() / "converted"
-    target = cache / f"{safe_name(folder.resolve().name)}-{_conversion_key(files)}"
-    if (target / SAFE_INDEX).is_file():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    log.info("converting the pickle checkpoint %s once to safetensors at %s (torch weights-only loader)",
-             folder, target)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=cache))
-    try:
-        weight_map = {}
-        for i, file in enumerate(files):
-            state, seen = _load_weights_only(file), set()
-            shard = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
-            tensors = {}
-            for key, value in state.items():
-                ptr = value.untyped_storage().data_ptr()
-                tensors[key] = value.clone().contiguous() if ptr in seen else value.contiguous()
-                seen.add(ptr)
-                weight_map[key] = shard
-            save_file(tensors, str(tmp / shard), metadata={"format": "pt"})
-            del state, tensors
-        (tmp / SAFE_INDEX).write_text(json.dumps({"metadata": {"converted_from": str(folder)},
-                                                  "weight_map": weight_map}, indent=1))
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / SAFE_INDEX).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def _load_config(folder: Path):

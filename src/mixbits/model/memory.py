@@ -26,6 +26,14 @@ interpreter and libraries (about 0.5–1 GB resident for torch + transformers), 
 fragmentation, the page cache of memory-mapped shards, and tensors the caller holds (the windows).
 Tests check it against the peak of live tensor bytes that torch's profiler records on the CPU.
 
+The allocator matters as much as the count: glibc's malloc raises its mmap threshold each time a
+large block is freed, after which large tensors come from the heap and freed ones are kept, so a
+block loop's resident peak drifts upward with depth (a random 16-block Llama, hidden 512: 815 MiB
+instead of 692 MiB, and 200–325 MiB still held after the run). `fix_mmap_threshold()` pins the threshold
+so every tensor over 64 KiB is its own mapping, returned to the system when freed; it costs about
+a quarter more wall time on that model (fresh pages fault in) and is the caller's choice (the CLI
+sets it for a run under a memory budget).
+
 Trade-off: a closed-form count is cheap and runs before any tensor is read, so a run can refuse
 with the figure and the fix; it is an estimate of activations (kernels may keep more or less
 than the count above), so it is checked on the tiny models and states its parts for a reader.
@@ -41,8 +49,10 @@ from torch import nn
 
 from mixbits.model.arch import find_blocks, find_linears
 
-__all__ = ["MemoryPrediction", "ModelShapes", "model_shapes", "predict_evaluation", "predict_fisher",
-           "predict_gptq"]
+__all__ = ["MemoryPrediction", "ModelShapes", "fix_mmap_threshold", "model_shapes", "predict_evaluation",
+           "predict_fisher", "predict_gptq"]
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
 @dataclass(frozen=True)
@@ -199,3 +209,21 @@ def predict_gptq(
                   "GPTQ working set": 4 * (2 * largest[1] ** 2 + 3 * largest[0] * largest[1]),
                   "block temporaries": _activations(shapes, seqlen, b, grad=False)},
     })
+
+
+def fix_mmap_threshold(nbytes: int = 64 * 1024) -> bool:
+    """Pin glibc's mmap threshold at `nbytes` for this process (see the module docstring); returns
+    False where the C library is not glibc (nothing is changed there)."""
+    import ctypes
+    import ctypes.util
+
+    if not isinstance(nbytes, int) or not 0 < nbytes <= 32 * 2**20:
+        raise ValueError(f"nbytes={nbytes!r}: use a positive number of bytes up to 32 MiB (glibc's maximum)")
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return False
+    if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, nbytes))
