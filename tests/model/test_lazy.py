@@ -171,3 +171,14 @@ def test_sharded_pickle_checkpoint(tmp_path):
     (path / "pytorch_model-2.bin").unlink()
     with pytest.raises(UserError, match="pytorch_model-2.bin.*re-download"):
         open_checkpoint(path, cache_dir=tmp_path / "other-cache")
+
+
+def test_unreadable_index_is_named(sharded, tmp_path):
+    _, path = sharded
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for file in path.iterdir():
+        (copy / file.name).write_bytes(file.read_bytes())
+    (copy / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(UserError, match="weight_map"):
+        open_checkpoint(copy)

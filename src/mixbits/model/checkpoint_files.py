@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from mixbits.errors import UserError
+from mixbits.safeload import load_file
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +38,11 @@ _CONVERTER_VERSION = "1"  # part of the conversion cache key: bump when the conv
 
 def index_files(index: Path) -> dict[str, Path]:
     """Tensor name -> shard path from an index file, refusing shards that are listed but absent."""
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UserError(f"{index} is not a readable shard index with a 'weight_map' ({err}); re-download or "
-                        f"re-save the checkpoint with save_pretrained") from err
+    document = load_file(index, "shard index")
+    weight_map = document.get("weight_map") if isinstance(document, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise UserError(f"{index} has no 'weight_map' of tensor name -> shard file; re-download or re-save the "
+                        f"checkpoint with save_pretrained")
     shards = {name: index.parent / shard for name, shard in weight_map.items()}
     missing = sorted({p.name for p in shards.values() if not p.is_file()})
     if missing:
