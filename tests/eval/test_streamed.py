@@ -94,3 +94,18 @@ def test_bad_arguments():
         evaluate_streamed(model, windows(1), [Variant("a")], device=CPU, reference="a", topk=0, progress=False)
     with pytest.raises(ValueError, match="shape"):
         evaluate_streamed(model, windows(1), [Variant("a", lambda n, w: w[:1])], device=CPU, progress=False)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_lazy_checkpoint_on_cuda(tmp_path):
+    model = tiny_llama()
+    model.save_pretrained(tmp_path)
+    whole = evaluate_models({"original": model, "w3g32": quantized_copy(model)}, windows(), device=CPU,
+                            reference="original", progress=False)
+    ckpt = open_checkpoint(tmp_path, device="cuda", compute_dtype=torch.float32)
+    streamed = evaluate_streamed(ckpt, windows(), [Variant("original"), Variant("w3g32", quantize_all)],
+                                 reference="original", progress=False)
+    for name in whole:
+        assert streamed[name].ppl == pytest.approx(whole[name].ppl, rel=1e-3)
+        assert streamed[name].kl == pytest.approx(whole[name].kl, rel=1e-2, abs=1e-6)

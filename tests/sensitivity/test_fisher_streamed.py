@@ -63,3 +63,32 @@ def test_a_subset_of_linears():
     reference = empirical_fisher(model, windows(2), linears, device=CPU, progress=False)
     streamed = streamed_fisher(model, windows(2), some, device=CPU, progress=False)
     assert_same_fisher(streamed, {n: reference[n] for n in some})
+
+
+def test_qwen2_with_per_layer_attention_types(tmp_path):
+    from tests.model.test_stream import tiny_qwen2
+
+    model = tiny_qwen2()
+    linears = find_linears(model)
+    reference = empirical_fisher(model, windows(2), linears, device=CPU, progress=False)
+    model.save_pretrained(tmp_path)
+    assert_same_fisher(streamed_fisher(open_checkpoint(tmp_path), windows(2), linears, progress=False), reference)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_lazy_checkpoint_on_cuda(tmp_path):
+    model = tiny_llama()
+    model.save_pretrained(tmp_path)
+    linears = find_linears(model)
+    reference = empirical_fisher(model, windows(), linears, device=CPU, progress=False)
+    on_gpu = streamed_fisher(open_checkpoint(tmp_path, device="cuda", compute_dtype=torch.float32), windows(),
+                             linears, progress=False)
+    for name, ref in reference.items():
+        assert on_gpu[name].device.type == "cuda"
+        assert torch.allclose(on_gpu[name].cpu(), ref, rtol=1e-3, atol=1e-5 * float(ref.abs().max())), name
+    half = streamed_fisher(open_checkpoint(tmp_path, device="cuda", compute_dtype=torch.bfloat16), windows(),
+                           linears, progress=False)
+    assert all(f.dtype == torch.float32 for f in half.values())  # accumulated in float32
+    trace = lambda fisher: sum(float(f.sum()) for f in fisher.values())
+    assert trace(half) == pytest.approx(trace(reference), rel=0.1)
