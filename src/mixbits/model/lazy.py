@@ -318,5 +318,10 @@ def open_checkpoint(
         floating = [e for e in entries.values() if e.dtype.is_floating_point]
         stored = max(floating, key=lambda e: e.nbytes).dtype if floating else torch.float32
         compute_dtype = torch.float32 if device.type == "cpu" else stored
-    model = _skeleton(config, compute_dtype)
-    return LazyCheckpoint(folder, model, entries, device=device, compute_dtype=compute_dtype)
+    checkpoint = LazyCheckpoint(folder, _skeleton(config, compute_dtype), entries, device=device,
+                                compute_dtype=compute_dtype)
+    log.info("streaming %s: %d blocks of up to %.1f MiB, %.1f MiB outside them, read as %s on %s", folder,
+             checkpoint.n_blocks, max(checkpoint.nbytes(checkpoint.block_prefix(i))
+                                      for i in range(checkpoint.n_blocks)) / 2**20,
+             checkpoint.nbytes(None) / 2**20, str(compute_dtype).removeprefix("torch."), device)
+    return checkpoint

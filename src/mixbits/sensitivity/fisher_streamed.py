@@ -143,6 +143,8 @@ def fisher_by_block(
     boundaries = _Boundaries(offload_dir, store)
     hidden, as_tuple = _forward(source, hidden, args, kwargs, boundaries, store, progress)
     grads = _head_gradients(source, hidden, windows, as_tuple, store)
+    log.debug("fisher: %d windows through %d blocks; boundaries kept %s", len(windows), source.n_blocks,
+              offload_dir or f"on {store}")
     del hidden
     by_block: dict[int, list[str]] = {}
     for name, info in linears.items():
