@@ -181,7 +181,6 @@ def evaluate_streamed(
         by_block.setdefault(info.block, []).append(info)
     with source.resident() as loaded:
         inputs = capture_block_inputs(loaded, windows, batch_size=batch_size, store=store, progress=False)
-    requested = topk
     ordered = sorted(variants, key=lambda v: v.name != reference)  # the reference first
     scores: dict[str, _Scores] = {}
     for variant in ordered:
@@ -192,7 +191,7 @@ def evaluate_streamed(
             for b, h in enumerate(hidden):
                 ids = windows[b * batch_size : (b + 1) * batch_size]
                 _score_batch(loaded, h, ids, as_tuple, score, scores.get(reference), b, variant.name == reference,
-                             _Settings(requested, n * (seqlen - 1), store, source.device))
+                             _Settings(topk, n * (seqlen - 1), store, source.device))
         del hidden
     count = n * (seqlen - 1)
     return {v.name: _result(scores[v.name], count, n, seqlen, reference is not None) for v in variants}
