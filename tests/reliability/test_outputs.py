@@ -285,9 +285,11 @@ def test_export_onto_the_run_folder_its_model_or_a_parent_is_refused(first_run, 
     run_dir = copy_run(first_run, tmp_path / "parent" / "run")
     before = {p: sha(p) for p in run_dir.rglob("*") if p.is_file()}
     out = (run_dir / where).resolve()
+    r = invoke("export", "--format", "native", "--run-dir", str(run_dir), "--out", str(out), "--no-verbose")
+    one_line_refusal(r, "--out", "run folder")
     r = invoke("export", "--format", "native", "--run-dir", str(run_dir), "--out", str(out), "--overwrite",
                "--no-verbose")
-    one_line_refusal(r, "--out", "run folder")
+    one_line_refusal(r, "--out", "run folder")  # --overwrite does not make a run folder an export
     assert {p: sha(p) for p in run_dir.rglob("*") if p.is_file()} == before
 
 
@@ -309,9 +311,9 @@ def test_an_existing_file_as_gguf_out_is_refused(first_run, tmp_path):
     out = tmp_path / "llama.gguf"
     out.write_bytes(b"GGUF but somebody else's")
     before = sha(out)
-    r = invoke("export", "--format", "gguf", "--run-dir", str(first_run), "--out", str(out), "--overwrite",
-               "--no-verbose")
-    one_line_refusal(r, out, "mixbits did not write")
+    for extra in ((), ("--overwrite",)):
+        r = invoke("export", "--format", "gguf", "--run-dir", str(first_run), "--out", str(out), *extra, "--no-verbose")
+        one_line_refusal(r, out, "mixbits did not write")
     assert sha(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["llama.gguf"]
 
 
@@ -377,3 +379,21 @@ def test_a_folder_of_foreign_files_is_never_replaced_by_the_library(tmp_path):
     with pytest.raises(UserError, match="did not write"), staged_dir(tmp_path / "docs") as tmp:
         (tmp / "w").write_text("w")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs"] and (tmp_path / "docs" / "a.txt").read_text() == "mine"
+
+
+# --- every command that writes an output folder ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["analyze"], ["sweep"], ["train", "plan.json"], ["classify"], ["compare"],
+                                     ["ablate"]], ids=lambda c: c[0])
+def test_every_folder_writing_command_refuses_foreign_folders_and_offers_overwrite(command, tmp_path):
+    missing = str(tmp_path / "no-such-model")  # whatever runs past the check fails fast, it never computes
+    command = [*command, "--models" if command[0] == "compare" else "--model", missing]
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "data.csv").write_text("a,b\n1,2\n")
+    before = sha(out / "data.csv")
+    r = invoke(*command, "--output-dir", str(out), "--no-verbose")
+    one_line_refusal(r, out, "did not write", "choose another folder")
+    assert sha(out / "data.csv") == before and sorted(p.name for p in out.iterdir()) == ["data.csv"]
+    assert "--overwrite" in " ".join(invoke(command[0], "--help").output.split())
