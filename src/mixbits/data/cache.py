@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import IO, Iterator
 
 from mixbits.data.errors import MixbitsDataError
+from mixbits.io import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -143,22 +144,13 @@ def extract_member(archive: str | Path, member_suffix: str, dest: str | Path) ->
     target = dest / Path(member_suffix).name
     if target.is_file():
         return target
-    dest.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=dest)
     try:
-        with os.fdopen(fd, "wb") as out, _open_member(archive, member_suffix) as stream:
+        with atomic_file(target) as tmp, open(tmp, "wb") as out, _open_member(archive, member_suffix) as stream:
             shutil.copyfileobj(stream, out, length=1 << 20)
             out.flush()
             os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; cache files are ordinary files
-        os.replace(tmp, target)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError) as err:
-        os.unlink(tmp)
         raise MixbitsDataError(f"{archive} is damaged ({err}); delete it so that it is downloaded again") from err
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return target
 
 
