@@ -239,6 +239,10 @@ class RunConfig:
     task_limit: int | None = None  # documents per task (None: all)
     report: bool = True  # write report.html (and plots/) into output_dir
     progress: bool = True
+    compute_dtype: str | None = None  # float32 | bfloat16 | float16; None: float32 on CPU, the checkpoint's on CUDA
+    max_memory: str | None = None  # accelerate's format "cuda:0=20GiB,cpu=16GiB": refuse a run predicted above it
+    offload_dir: Path | None = None  # where block-boundary activations wait on disk instead of in memory
+    stream: bool = True  # block by block from the checkpoint; False: the whole model in memory (the reference path)
 
     def __post_init__(self) -> None:
         if self.quantizer not in QUANTIZERS:
@@ -265,6 +269,13 @@ class RunConfig:
                              "its group size to --group-sizes")
         if self.task_limit is not None and self.task_limit < 1:
             raise UserError(f"--task-limit {self.task_limit} must be at least 1 (or omitted for every document)")
+        if self.compute_dtype is not None:
+            compute_torch_dtype(self.compute_dtype)
+        if self.max_memory is not None:
+            parse_max_memory(self.max_memory)
+        if self.offload_dir is not None and Path(self.offload_dir).exists() and not Path(self.offload_dir).is_dir():
+            raise UserError(f"offload_dir (--offload-dir) {str(self.offload_dir)!r} is a file; give a folder "
+                            "(it is created when missing)")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -273,7 +284,73 @@ class RunConfig:
         d["tasks"] = list(self.tasks)
         d["output_dir"] = str(self.output_dir)
         d["plan"] = None if self.plan is None else str(self.plan)
+        d["offload_dir"] = None if self.offload_dir is None else str(self.offload_dir)
         return d
+
+
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def compute_torch_dtype(name: str | None) -> torch.dtype | None:
+    """The torch dtype of a `compute_dtype` name (None stays None: the device's default)."""
+    if name is None:
+        return None
+    if name not in COMPUTE_DTYPES:
+        raise UserError(f"compute_dtype (--compute-dtype) {name!r} is not known; use one of "
+                        f"{', '.join(COMPUTE_DTYPES)}")
+    return COMPUTE_DTYPES[name]
+
+
+def parse_max_memory(text: str) -> dict[str, int]:
+    """Read accelerate's budget format, ``cuda:0=20GiB,cpu=16GiB``, into {device: bytes}.
+
+    Sizes use accelerate's own parser (``GiB``/``MiB``/``KiB`` are powers of 2, ``GB``/``MB``/``KB``
+    powers of 10, a plain number is bytes). Devices: ``cpu``, ``cuda`` (= ``cuda:0``), ``cuda:N`` or
+    accelerate's bare GPU index ``N``; a CUDA device must exist on this machine. Disk is not a budget
+    here: ``--offload-dir`` says where activations may wait on disk."""
+    from accelerate.utils import convert_file_size_to_int
+
+    accepted = "accepted: 'cuda:0=20GiB,cpu=16GiB' (devices cpu, cuda:N; sizes such as 512MiB, 20GiB, 16GB)"
+    budget: dict[str, int] = {}
+    for item in (part.strip() for part in str(text).split(",")):
+        device, sep, size = (x.strip() for x in item.partition("="))
+        if not sep or not device or not size:
+            raise UserError(f"max_memory (--max-memory) {text!r}: {item!r} is not DEVICE=SIZE; {accepted}")
+        device = _budget_device(device, text, accepted)
+        try:
+            nbytes = int(size) if size.isdigit() else convert_file_size_to_int(size)
+        except ValueError:
+            nbytes = -1
+        if nbytes <= 0:
+            raise UserError(f"max_memory (--max-memory) {text!r}: size {size!r} of {device} is not a positive "
+                            f"size; {accepted}")
+        if device in budget:
+            raise UserError(f"max_memory (--max-memory) {text!r} gives {device} twice; give each device once")
+        budget[device] = nbytes
+    return budget
+
+
+def _budget_device(name: str, text: str, accepted: str) -> str:
+    """`name` as cpu or cuda:N, refused when it is not a device or not on this machine."""
+    name = name.lower()
+    if name.isdigit():
+        name = f"cuda:{name}"
+    elif name == "cuda":
+        name = "cuda:0"
+    if name == "cpu":
+        return name
+    if name == "disk":
+        raise UserError(f"max_memory (--max-memory) {text!r}: disk is not a memory budget here; give "
+                        "--offload-dir FOLDER to let activations wait on disk")
+    index = name.removeprefix("cuda:")
+    if not name.startswith("cuda:") or not index.isdigit():
+        raise UserError(f"max_memory (--max-memory) {text!r}: device {name!r} is not known; {accepted}")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if int(index) >= count:
+        have = f"cuda:0 to cuda:{count - 1}" if count else "no CUDA device"
+        raise UserError(f"max_memory (--max-memory) {text!r}: {name} does not exist on this machine ({have}); "
+                        "give a budget for cpu or a device that exists")
+    return f"cuda:{int(index)}"
 
 
 def check_regex(pattern: str, flag: str) -> re.Pattern:

@@ -71,6 +71,14 @@ def run(
                                        "lm-eval names such as piqa,arc_easy,hellaswag,winogrande (need the hub)"),
     task_limit: Optional[int] = typer.Option(None, help="documents per zero-shot task (default: all)"),
     report: bool = typer.Option(True, help="write report.html and plots/ into OUTPUT_DIR"),
+    compute_dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: float32 on CPU, "
+                                                           "the checkpoint's dtype on CUDA)"),
+    max_memory: Optional[str] = typer.Option(None, help="memory budget in accelerate's format, e.g. "
+                                                        "cuda:0=20GiB,cpu=16GiB: the run predicts its peak first "
+                                                        "and refuses when it would not fit"),
+    offload_dir: Optional[Path] = typer.Option(None, help="keep block-boundary activations on disk in this folder"),
+    stream: bool = typer.Option(True, help="work block by block from the checkpoint (--no-stream: the whole model "
+                                           "in memory, the reference path)"),
     overwrite: bool = OVERWRITE,
     device: str = DEVICE,
     verbose: bool = VERBOSE,
@@ -102,7 +110,8 @@ def run(
         cfg = replace(cfg, train=train_cfg if qat else None, baselines=baselines, train_baselines=qat_baselines,
                       resume=resume,
                       iterative=it_cfg if iterative else None, tasks=split_list(tasks), task_limit=task_limit,
-                      report=report, overwrite=overwrite)
+                      report=report, overwrite=overwrite, compute_dtype=compute_dtype, max_memory=max_memory,
+                      offload_dir=offload_dir, stream=stream)
         results = run_pipeline(cfg)
     print_results(console, results)
     console.print(f"wrote {output_dir}/{', '.join(written_names(output_dir))}")
