@@ -45,12 +45,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from mixbits.eval.perplexity import EvalResult
+from mixbits.eval.perplexity import EvalResult, NonFiniteResult
 from mixbits.model.arch import LinearInfo, find_linears, get_weight
 from mixbits.model.blockwise import BlockInputs, capture_block_inputs
 from mixbits.model.stream import BlockSource, as_source, call_block, head_forward
 
-__all__ = ["AUTO_FULL_BYTES", "Variant", "WeightOverride", "evaluate_streamed", "overridden"]
+__all__ = ["AUTO_FULL_BYTES", "Scorer", "Variant", "WeightOverride", "evaluate_streamed", "overridden"]
 
 WeightOverride = Callable[[str, torch.Tensor], "torch.Tensor | None"]
 """(linear name, weight [out, in]) -> the variant's weight [out, in], or None to keep the original."""
@@ -174,27 +174,68 @@ def evaluate_streamed(
     if reference is not None and reference not in names:
         raise ValueError(f"reference {reference!r} is not one of the variants {names}")
     source, store = as_source(model, device), torch.device(store)
-    n, seqlen = windows.shape
     linears = find_linears(source.model)
     by_block: dict[int, list[LinearInfo]] = {}
     for info in linears.values():
         by_block.setdefault(info.block, []).append(info)
     with source.resident() as loaded:
         inputs = capture_block_inputs(loaded, windows, batch_size=batch_size, store=store, progress=False)
+    scorer = Scorer(windows, topk=topk, batch_size=batch_size, store=store, device=source.device,
+                    with_reference=reference is not None)
     ordered = sorted(variants, key=lambda v: v.name != reference)  # the reference first
-    scores: dict[str, _Scores] = {}
+    results: dict[str, EvalResult] = {}
     for variant in ordered:
         hidden, as_tuple = _through_blocks(source, inputs, by_block, variant.override, store, progress,
                                            f"evaluate {variant.name}")
-        score = scores[variant.name] = _Scores()
         with source.resident() as loaded:
-            for b, h in enumerate(hidden):
-                ids = windows[b * batch_size : (b + 1) * batch_size]
-                _score_batch(loaded, h, ids, as_tuple, score, scores.get(reference), b, variant.name == reference,
-                             _Settings(topk, n * (seqlen - 1), store, source.device))
+            results[variant.name] = scorer.score(loaded, hidden, as_tuple, variant.name,
+                                                 reference=variant.name == reference)
         del hidden
-    count = n * (seqlen - 1)
-    return {v.name: _result(scores[v.name], count, n, seqlen, reference is not None) for v in variants}
+    return {v.name: results[v.name] for v in variants}
+
+
+class Scorer:
+    """Perplexity, KL and top-1 of final hidden states X_L, one variant after another.
+
+    The reference variant is scored first (`reference=True`): its summary (full log-probabilities or
+    top-k, see the module docstring) stays in the scorer, and every later variant is scored against
+    it. This is what lets a caller push a variant through its blocks in its own pass (e.g. while the
+    variant is being quantized, `model.quantize_streamed`) and score it at the end. Memory: the
+    reference's summary (module docstring) plus one batch's logits while scoring.
+    """
+
+    def __init__(self, windows: torch.Tensor, *, topk: int | str | None = "auto", batch_size: int = 1,
+                 store: torch.device | str = "cpu", device: torch.device | str, with_reference: bool = True):
+        self.windows, self.batch_size, self.with_reference = windows, batch_size, with_reference
+        n, seqlen = windows.shape
+        self.settings = _Settings(topk, n * (seqlen - 1), torch.device(store), torch.device(device))
+        self.reference: _Scores | None = None
+
+    def score(self, model: nn.Module, hidden: Sequence[torch.Tensor], as_tuple: bool, name: str, *,
+              reference: bool = False) -> EvalResult:
+        """Score one variant whose windows left the last block as `hidden` (one tensor per batch of
+        `batch_size` windows); `model` has everything outside the blocks materialized (its head)."""
+        if self.with_reference and not reference and self.reference is None:
+            raise ValueError(f"{name!r} is scored before the reference; score the reference first")
+        score, keep = _Scores(), reference and self.with_reference
+        against = (score if keep else self.reference) if self.with_reference else None
+        for b, h in enumerate(hidden):
+            ids = self.windows[b * self.batch_size : (b + 1) * self.batch_size]
+            _score_batch(model, h, ids, as_tuple, score, against, b, keep, self.settings)
+            _check_finite(name, score, b)
+        if keep:
+            self.reference = score
+        n, seqlen = self.windows.shape
+        return _result(score, n * (seqlen - 1), n, seqlen, self.with_reference)
+
+
+def _check_finite(name: str, score: _Scores, batch: int) -> None:
+    if math.isnan(score.nll) or math.isnan(score.kl):
+        what = "NLL" if math.isnan(score.nll) else "KL to the reference"
+        raise NonFiniteResult(
+            f"evaluation of {name!r} gave NaN {what} at window batch {batch}: its logits hold NaN, so its "
+            "perplexity, KL and top-1 agreement would be meaningless. The quantized weights of this variant "
+            "(or the original model) are broken")
 
 
 @dataclass(frozen=True)
@@ -224,5 +265,6 @@ def _score_batch(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, as_t
 
 def _result(score: _Scores, count: int, n: int, seqlen: int, with_reference: bool) -> EvalResult:
     mean = score.nll / count
-    return EvalResult(ppl=math.exp(mean), nll=mean, kl=score.kl / count if with_reference else None,
+    ppl = math.exp(mean) if mean < 709.0 else math.inf  # exp overflows a double beyond ~709.78
+    return EvalResult(ppl=ppl, nll=mean, kl=score.kl / count if with_reference else None,
                       top1=score.agree / count if with_reference else None, tokens=count, windows=n, seqlen=seqlen)
