@@ -140,7 +140,7 @@ def test_a_fresh_rerun_starts_training_over(ablated, tiny_model_dir, tiny_text_f
     src, results, _ = ablated
     out = shutil.copytree(src, tmp_path / "copy")  # holds the finished checkpoints of every arm
     r = CliRunner().invoke(app, ablate_args(tiny_model_dir, out, tiny_text_file, "--sections", "training",
-                                            "--qat-schedules", "fixed,sqrt"))
+                                            "--qat-schedules", "fixed,sqrt", "--overwrite"))  # no --resume
     assert r.exit_code == 0, r.output
     rows = json.loads((out / "ablation.json").read_text())["sections"]["training"]["rows"]
     assert [r["resumed_blocks"] for r in rows[1:]] == [0, 0]  # trained again, not replayed
