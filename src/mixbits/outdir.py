@@ -321,7 +321,12 @@ def claim(path: str | Path, kind: str, *, overwrite: bool = False, resume: bool 
     earlier = check_folder(path, kind, overwrite=overwrite, resume=resume, replaces=replaces, flag=flag)
     created = not path.exists()
     check_writable(path, flag)
-    lock = acquire_lock(path / LOCK, command or kind)
+    try:
+        acquire_lock(path / LOCK, command or kind)
+    except UserError:
+        if created and not any(path.iterdir()):
+            path.rmdir()
+        raise
     ok, owned = False, Claim(path, None)
     try:
         remove_stale_staging(path)
