@@ -27,7 +27,7 @@ browser:
 DEMO_TASKS := bb_social_iqa_cloze,bb_goal_step_wikihow_goal_inference_cloze,bb_goal_step_wikihow_step_inference_cloze,bb_general_knowledge_cloze
 
 demo: install
-	$(VENV)/bin/mixbits run --model smollm2-135m --target-bpw 3.25 --tasks $(DEMO_TASKS) --task-limit 100 --output-dir runs/demo
+	$(VENV)/bin/mixbits run --model smollm2-135m --target-bpw 3.25 --tasks $(DEMO_TASKS) --task-limit 100 --output-dir runs/demo --overwrite
 
 test: install browser
 	$(PY) -m pytest -q --durations=25

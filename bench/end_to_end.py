@@ -126,7 +126,7 @@ def _mixbits(args, name: str, extra: list[str], settings: str) -> Subject:
     argv = [str(Path(sys.executable).with_name("mixbits")), "run", "--model", args.model, "--dataset", args.dataset,
             "--seqlen", str(args.seqlen), "--calib-windows", str(args.calib_windows), "--eval-windows", "1",
             "--target-bpw", f"{args.bpw:g}", "--no-cache", "--no-baselines", "--no-report", "--device", args.device,
-            "--output-dir", str(out), *extra]
+            "--output-dir", str(out), "--overwrite", *extra]  # a rerun replaces its earlier result
     return Subject(name, settings, [Step(name, tuple(argv), results=str(out / "results.json"),
                                          excluded=("evaluate",))])
 
