@@ -29,6 +29,18 @@ Details, following the reference implementation:
     input column j belongs to group g_idx[j] = position of j in the order // group_size; with
     `static_groups` the parameters are computed up front on the original order instead.
 
+Same inputs, same codes at any thread count (CPU). MKL's Cholesky factorisation and inverse
+give results that differ in the last bits with the number of threads (U by ~2e-6 at 576
+inputs), and GPTQ turns such noise into other rounding decisions: with 1 and 2 threads, 27 of
+the first 28 SmolLM2-135M layers got different scales, and a demo plan's perplexity moved by
+1 % (27.415 at 1 thread, 27.693 at 2). The column loop, the lazy-batch products and the clip
+search were measured bit-identical across thread counts; XᵀX is too, once accumulated in
+slices of `GRAM_ROWS` tokens. So `_inverse_cholesky` runs single-threaded on CPU
+(`_one_thread`); then all 14 layers of two SmolLM2 blocks (GPTQ + clip) came out bit-identical
+at 1 and 2 threads. Cost, one thread on this project's 2-core CPU: 7 ms at 576 inputs (~6 % of
+that layer's GPTQ), 0.13-0.25 s at 1536, 1.7 s at 4096, ~30 s at 11008 by n^3 scaling; a
+many-core CPU loses the parallel speed-up of that step only; GPU runs are unchanged.
+
 Trade-off: O(in^3) for the inverse plus O(out * in^2) for the updates, and a Python loop over
 columns; far better output error than round-to-nearest at 2-4 bits, but it fits the
 calibration inputs (bias toward their distribution). H may be a sum or a mean over tokens:
@@ -38,6 +50,8 @@ scaling H changes neither the updates nor (damp being relative) the dampening.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -89,10 +103,18 @@ class GPTQResult:
     rtn_error: float
 
 
+# Rows per XᵀX product. MKL splits a product's inner (token) dimension across threads when it is
+# long next to the output (measured: 2048 tokens at 64-256 inputs), and the sum then depends on
+# the thread count; slices of 256 tokens were bit-identical at 1 and 2 threads for every width
+# tried (64-4096), at <= 5 % of the time of one product.
+GRAM_ROWS = 256
+
+
 def gram(x: Tensor) -> Tensor:
     """X^T X [in, in] in float32 of inputs x [..., in] (all leading dimensions are tokens)."""
-    x2 = x.detach().reshape(-1, x.shape[-1]).float()
-    return x2.T @ x2
+    acc = GramAccumulator(x.shape[-1], x.device)
+    acc.add(x)
+    return acc.H
 
 
 class GramAccumulator:
@@ -119,7 +141,8 @@ class GramAccumulator:
             device = x.device if self._device is None else self._device
             self._sum = torch.zeros(self.in_features, self.in_features, device=device)
         x2 = x.detach().reshape(-1, self.in_features).to(device=self._sum.device, dtype=torch.float32)
-        self._sum.addmm_(x2.T, x2)
+        for rows in x2.split(GRAM_ROWS):  # a fixed order of sums, whatever the thread count
+            self._sum.addmm_(rows.T, rows)
         self.count += x2.shape[0]
 
     @property
@@ -154,8 +177,33 @@ def _check_inputs(w: Tensor, H: Tensor, spec: QuantSpec) -> None:
         raise ValueError("H holds inf or nan; check the calibration inputs")
 
 
+@contextmanager
+def _one_thread(device: torch.device) -> Iterator[None]:
+    """Torch's intra-op threads set to 1 for the block on CPU (restored after); a no-op elsewhere.
+
+    Why: MKL's LAPACK (potrf, potri) splits its work by thread count, and the rounding follows
+    the split; one thread makes the factorisation a function of H alone."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _inverse_cholesky(H: Tensor, damp: float) -> Tensor:
-    """Upper U with U^T U = (H + lambda I)^-1, lambda = damp * mean(diag H), raised 10x on failure."""
+    """Upper U with U^T U = (H + lambda I)^-1, lambda = damp * mean(diag H), raised 10x on failure.
+
+    Single-threaded on CPU (`_one_thread`), so U, and every code GPTQ derives from it, is the
+    same at any thread count."""
+    with _one_thread(H.device):
+        return _inverse_cholesky_once(H, damp)
+
+
+def _inverse_cholesky_once(H: Tensor, damp: float) -> Tensor:
     mean_diag = torch.diagonal(H).mean()
     eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
     for attempt in range(_DAMP_RETRIES + 1):
