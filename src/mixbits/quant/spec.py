@@ -88,3 +88,109 @@ class QuantSpec:
 
 
 KEEP = QuantSpec(bits=KEEP_BITS, group_size=None)
+
+
+@dataclass(frozen=True)
+class GGMLSpec:
+    """A ggml block type (llama.cpp's GGUF tensor types) as data: the layout, not a function per type.
+
+    A row is cut into blocks of `block` weights (256 for the K-quants, 32 for the legacy types).
+    A block holds one fp16 super scale d (and, when mins are quantized, one fp16 super min dmin),
+    then per sub-block of `sub_block` weights a `scale_bits` scale code (none when 0: the
+    sub-block is the block and d is its scale) and a `min_bits` min code (0: symmetric; 16: an
+    fp16 min per block, the legacy _1 types), then one `code_bits` code per weight. A weight is
+
+        w = (d * sc) * q - (dmin * mn)          q in [qmin, qmax], sc in [scmin, scmax]
+
+    with signed q and sc for symmetric types. Bytes per block follow from the fields and equal
+    ggml's (GGML_QUANT_SIZES), so bits_per_weight is exact: Q4_K = 144 * 8 / 256 = 4.5.
+    """
+
+    name: str
+    block: int
+    sub_block: int
+    code_bits: int
+    scale_bits: int
+    min_bits: int
+
+    keep = False  # never the fp16 "keep" spec; lets a plan hold GGML types beside QuantSpecs
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+    @property
+    def bits(self) -> int:
+        return self.code_bits
+
+    @property
+    def symmetric(self) -> bool:
+        return self.min_bits == 0
+
+    @property
+    def subs(self) -> int:
+        """Sub-blocks per block."""
+        return self.block // self.sub_block
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.code_bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.code_bits - 1)) - 1 if self.symmetric else (1 << self.code_bits) - 1
+
+    @property
+    def sc_range(self) -> tuple[int, int]:
+        """Range of the sub-block scale codes: signed for symmetric types; (1, 1) when there are none."""
+        if self.scale_bits == 0:
+            return (1, 1)
+        if self.symmetric:
+            return (-(1 << (self.scale_bits - 1)), (1 << (self.scale_bits - 1)) - 1)
+        return (0, (1 << self.scale_bits) - 1)
+
+    @property
+    def type_size(self) -> int:
+        """Bytes of one block: codes, sub-block scale and min codes, fp16 super scale(s)."""
+        supers = 1 + (0 < self.min_bits < 16)  # d, plus dmin when mins are quantized codes
+        bits = self.block * self.code_bits + self.subs * (self.scale_bits + self.min_bits)
+        return bits // 8 + 2 * supers
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.type_size / self.block
+
+    def fits(self, in_features: int) -> bool:
+        """Whether a row of `in_features` weights splits into whole blocks of this type."""
+        return in_features > 0 and in_features % self.block == 0
+
+    @classmethod
+    def parse(cls, text: str) -> "GGMLSpec":
+        """A type by name, any case: ``q4_k``, ``Q8_0``."""
+        key = text.strip().upper()
+        if key not in GGML_TYPES:
+            raise UserError(f"unknown ggml type {text!r}; mixbits writes {', '.join(GGML_TYPES)}")
+        return GGML_TYPES[key]
+
+
+GGML_TYPES = {s.name: s for s in (
+    GGMLSpec("Q2_K", 256, 16, 2, 4, 4),
+    GGMLSpec("Q3_K", 256, 16, 3, 6, 0),
+    GGMLSpec("Q4_K", 256, 32, 4, 6, 6),
+    GGMLSpec("Q5_K", 256, 32, 5, 6, 6),
+    GGMLSpec("Q6_K", 256, 16, 6, 8, 0),
+    GGMLSpec("Q4_0", 32, 32, 4, 0, 0),
+    GGMLSpec("Q4_1", 32, 32, 4, 0, 16),
+    GGMLSpec("Q5_0", 32, 32, 5, 0, 0),
+    GGMLSpec("Q5_1", 32, 32, 5, 0, 16),
+    GGMLSpec("Q8_0", 32, 32, 8, 0, 0),
+)}
+"""Every ggml type mixbits quantizes to, by ggml's name, cheapest K-quant first."""
+
+
+def ggml_types_for_row(in_features: int) -> tuple[GGMLSpec, ...]:
+    """The ggml types a row of `in_features` weights can take, by bits per weight (cheapest first).
+
+    K-quants need whole super-blocks of 256, the legacy types blocks of 32; llama.cpp falls
+    back for other rows too. Empty when `in_features` is not a multiple of 32."""
+    return tuple(sorted((s for s in GGML_TYPES.values() if s.fits(in_features)), key=lambda s: s.bits_per_weight))
