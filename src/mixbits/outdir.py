@@ -120,13 +120,15 @@ def remove_output(folder: Path, manifest: Manifest) -> None:
     leaves empty. Foreign files stay untouched; a staged subfolder keeps an emptied manifest, so the
     next staged write into it still knows its foreign files from its own."""
     owned = owned_files(folder, manifest)
-    for sub in sorted({Path(f).parent for f in owned if Path(f).parent != Path(".")}):
-        own = read_manifest(folder / sub)
-        if own is not None:
-            owned.discard((sub / MANIFEST).as_posix())
-            replace(own, files=()).save(folder / sub)
-    for rel in sorted(owned - {MANIFEST}):
+    staged = {sub: own for sub in {Path(f).parent for f in owned if Path(f).parent != Path(".")}
+              if (own := read_manifest(folder / sub)) is not None}
+    for rel in sorted(owned - {MANIFEST} - {(sub / MANIFEST).as_posix() for sub in staged}):
         (folder / rel).unlink(missing_ok=True)
+    for sub, own in staged.items():
+        if [p.name for p in (folder / sub).iterdir()] == [MANIFEST]:
+            (folder / sub / MANIFEST).unlink()
+        else:
+            replace(own, files=()).save(folder / sub)
     for rel in sorted({p.as_posix() for f in owned for p in Path(f).parents if p != Path(".")}, key=len, reverse=True):
         d = folder / rel
         if d.is_dir() and not any(d.iterdir()):

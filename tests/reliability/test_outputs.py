@@ -397,3 +397,15 @@ def test_every_folder_writing_command_refuses_foreign_folders_and_offers_overwri
     one_line_refusal(r, out, "did not write", "choose another folder")
     assert sha(out / "data.csv") == before and sorted(p.name for p in out.iterdir()) == ["data.csv"]
     assert "--overwrite" in " ".join(invoke(command[0], "--help").output.split())
+
+
+def test_an_export_inside_the_run_folder_goes_with_the_run_on_overwrite(first_run, tiny_model_dir, tiny_text_file,
+                                                                        tmp_path):
+    run_dir = copy_run(first_run, tmp_path / "run")
+    r = invoke("export", "--format", "native", "--run-dir", str(run_dir), "--no-verbose")  # default: RUN_DIR/export-native
+    assert r.exit_code == 0, r.output
+    assert "export-native/model.safetensors" in json.loads((run_dir / ".mixbits-manifest.json").read_text())["files"]
+    r = run_cli(tiny_model_dir, tiny_text_file, run_dir, "--plan", str(first_run / "plan.json"), "--no-report",
+                "--no-baselines", "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert not (run_dir / "export-native").exists()  # no export of the older model beside the new one
