@@ -50,7 +50,7 @@ from mixbits.model.arch import LinearInfo, find_linears, get_weight
 from mixbits.model.blockwise import BlockInputs, capture_block_inputs
 from mixbits.model.stream import BlockSource, as_source, call_block, head_forward
 
-__all__ = ["AUTO_FULL_BYTES", "Scorer", "Variant", "WeightOverride", "evaluate_streamed", "overridden"]
+__all__ = ["AUTO_FULL_BYTES", "Scorer", "Variant", "score_reference", "WeightOverride", "evaluate_streamed", "overridden"]
 
 WeightOverride = Callable[[str, torch.Tensor], "torch.Tensor | None"]
 """(linear name, weight [out, in]) -> the variant's weight [out, in], or None to keep the original."""
@@ -192,6 +192,19 @@ def evaluate_streamed(
                                                  reference=variant.name == reference)
         del hidden
     return {v.name: results[v.name] for v in variants}
+
+
+def score_reference(source: BlockSource, scorer: "Scorer", *, name: str = "original",
+                    store: torch.device | str = "cpu", progress: bool = True) -> EvalResult:
+    """Push the scorer's windows through the unchanged `source` and score them as the reference (kept in
+    `scorer` for the variants scored after it). Peak: as `evaluate_streamed` for one variant."""
+    with source.resident() as loaded:
+        inputs = capture_block_inputs(loaded, scorer.windows, batch_size=scorer.batch_size, store=store,
+                                      progress=False)
+    hidden, as_tuple = _through_blocks(source, inputs, {}, None, torch.device(store), progress, f"evaluate {name}")
+    del inputs
+    with source.resident() as loaded:
+        return scorer.score(loaded, hidden, as_tuple, name, reference=True)
 
 
 class Scorer:

@@ -62,7 +62,8 @@ from mixbits.quant.spec import QuantSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LayerQuant", "LayerReport", "QuantizeReport", "quantize_model", "quantize_weight"]
+__all__ = ["LayerQuant", "LayerReport", "QuantizeReport", "block_grams", "quantize_layer", "quantize_model",
+           "quantize_weight"]
 
 def check_quantizer(quantizer: str) -> str:
     if quantizer not in QUANTIZERS:
@@ -154,21 +155,27 @@ class _Recorder:
 
     def __call__(self, name: str, spec: QuantSpec, quantizer: str, device: torch.device,
                  H: Tensor | None = None, tokens: int = 0, gptq: GPTQConfig = GPTQConfig()) -> None:
-        start = time.perf_counter()
         module = self.model.get_submodule(name)
         weight = get_weight(module)
-        lq = quantize_weight(weight.to(device), spec, quantizer, H=H, gptq=gptq)
+        lq, self.layers[name] = quantize_layer(weight, spec, quantizer, device, H=H, tokens=tokens, gptq=gptq)
         set_weight(module, lq.weight.to(device=weight.device, dtype=weight.dtype))
         self.qparams[name] = QParams(lq.qparams.scale.cpu(), lq.qparams.zero.cpu())
         if lq.g_idx is not None:
             self.g_idx[name] = lq.g_idx.cpu()
-        per_token = (lambda e: None if e is None else e / tokens) if tokens else (lambda e: None)
-        self.layers[name] = LayerReport(spec.label, per_token(lq.rtn_error), per_token(lq.error),
-                                        time.perf_counter() - start)
+
+
+def quantize_layer(weight: Tensor, spec: QuantSpec, quantizer: str, device: torch.device, *, H: Tensor | None = None,
+                   tokens: int = 0, gptq: GPTQConfig = GPTQConfig()) -> tuple[LayerQuant, LayerReport]:
+    """`quantize_weight` of `weight` [out, in] on `device`, and its report (errors per token of the
+    `tokens` that H sums; None without them). Shared by the whole-model and the streamed quantizer."""
+    start = time.perf_counter()
+    lq = quantize_weight(weight.to(device), spec, quantizer, H=H, gptq=gptq)
+    per_token = (lambda e: None if e is None else e / tokens) if tokens else (lambda e: None)
+    return lq, LayerReport(spec.label, per_token(lq.rtn_error), per_token(lq.error), time.perf_counter() - start)
 
 
 @torch.no_grad()
-def _block_grams(model: nn.Module, block: nn.Module, names: list[str], inputs: BlockInputs,
+def block_grams(model: nn.Module, block: nn.Module, names: list[str], inputs: BlockInputs,
                  device: torch.device, limit: int | None = None) -> SharedInputGrams:
     """Run `block` over the first `limit` batches (all by default) with H accumulating for `names`."""
     grams = SharedInputGrams(device)
@@ -195,9 +202,9 @@ def _quantize_blocks(model: nn.Module, specs: dict[str, QuantSpec], windows: Ten
         with block_on(block, device):
             stages = [names] if names else []
             if names and true_sequential:
-                stages = _block_grams(model, block, names, inputs, device, limit=1).groups()
+                stages = block_grams(model, block, names, inputs, device, limit=1).groups()
             for stage in stages:
-                grams = _block_grams(model, block, stage, inputs, device)
+                grams = block_grams(model, block, stage, inputs, device)
                 for name in stage:
                     H = grams.H(name)
                     record(name, specs[name], quantizer, device, H=H, tokens=tokens, gptq=gptq)
