@@ -71,3 +71,22 @@ def test_gain_guards_zero_rtn_error():
     assert np.array_equal(quantizer_gain(np.array([0.5, 0.0, 2.0]), np.array([1.0, 0.0, 4.0])), [0.5, 1.0, 0.5])
     with pytest.raises(ValueError, match="one shape"):
         quantizer_gain(np.ones(2), np.ones(3))
+
+
+@pytest.mark.parametrize("quantizer", ["clip", "gptq"])
+def test_block_by_block_errors_equal_the_whole_model_table(quantizer, tmp_path):
+    """The streamed gain (one block materialized, from a lazy checkpoint) equals the whole-model one."""
+    from mixbits.model.lazy import open_checkpoint
+    from mixbits.sensitivity.follow import streamed_quantizer_errors
+    from mixbits.sensitivity.quantizer_damage import quantizer_errors_table
+
+    model, wins = tiny_llama(), windows()
+    linears = find_linears(model)
+    model.save_pretrained(tmp_path)
+    whole = quantizer_errors_table(model, wins, linears, CONFIGS, quantizer=quantizer, device=CPU, progress=False)
+    streamed = streamed_quantizer_errors(open_checkpoint(tmp_path), wins, linears, CONFIGS, quantizer=quantizer,
+                                         progress=False)
+    assert streamed[2] == whole[2] == wins.numel()
+    np.testing.assert_allclose(streamed[0], whole[0], rtol=1e-5)
+    np.testing.assert_allclose(streamed[1], whole[1], rtol=1e-5)
+    assert np.all(streamed[1][:, :-1] > 0)

@@ -15,8 +15,14 @@ the fraction of RTN's output error that quantizer q leaves on layer u at config 
 (`quantizer_damage.quantizer_gain`; 1 for rtn and for keep). The allocator then trades bits where
 the real quantizer leaves damage: a layer GPTQ repairs well at 3 bits no longer needs 4.
 
-Cost: one run of the quantizer per layer and config on the original model's Gram matrices
-(`quantizer_damage.quantizer_errors_table`), cached like every other table. The gain is
+Cost: one run of the quantizer per layer and config on the original model's Gram matrices,
+cached like every other table. The Gram matrices are collected block by block over a
+`BlockSource` (`streamed_quantizer_errors`): the calibration hidden states of the ORIGINAL model
+enter block i, its linears' H = Σ xᵀx are accumulated (`model.hooks`), every linear of the block
+is quantized at every config, then the states move on through the unchanged block; the same
+Gram matrices as `collect_gram`'s whole-model forward, with one block materialized. Peak: one
+block's weights, the calibration hidden states at one boundary (twice while the block runs),
+the Gram matrices of one block (in² float32 per distinct input) and one quantizer run. The gain is
 measured with every earlier layer unquantized; `quantize_model` runs GPTQ on inputs that
 already carry upstream quantization noise, so the gain is the layer-alone estimate the
 allocator's additive model assumes anyway.
@@ -29,22 +35,61 @@ import torch
 from torch import nn
 
 from mixbits.config import DAMAGE_MODES
-from mixbits.model.arch import LinearInfo
+from tqdm.auto import tqdm
+
+from mixbits.model.arch import LinearInfo, get_weight
+from mixbits.model.blockwise import block_forward, capture_block_inputs
+from mixbits.model.quantize import block_grams, check_quantizer
+from mixbits.model.stream import BlockSource, as_source
 from mixbits.quant.gptq import GPTQConfig
 from mixbits.quant.spec import QuantSpec
-from mixbits.sensitivity.quantizer_damage import quantizer_errors_table, quantizer_gain
+from mixbits.sensitivity.quantizer_damage import quantizer_errors, quantizer_gain
 from mixbits.sensitivity.table import DamageTable
 
-__all__ = ["DAMAGE_MODES", "follow_quantizer", "gain_table"]
+__all__ = ["DAMAGE_MODES", "follow_quantizer", "gain_table", "streamed_quantizer_errors"]
 
 
-def gain_table(model: nn.Module, windows: torch.Tensor, linears: dict[str, LinearInfo],
-               configs: tuple[QuantSpec, ...], *, quantizer: str, device: torch.device, progress: bool = True,
-               gptq: GPTQConfig = GPTQConfig(), meta: dict | None = None) -> DamageTable:
+@torch.no_grad()
+def streamed_quantizer_errors(
+    model: nn.Module | BlockSource, windows: torch.Tensor, linears: dict[str, LinearInfo],
+    configs: tuple[QuantSpec, ...], *, quantizer: str, device: torch.device | None = None,
+    progress: bool = True, gptq: GPTQConfig = GPTQConfig(), store: torch.device | str = "cpu",
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(errors [U, C], rtn_errors [U, C], tokens) as `quantizer_damage.quantizer_errors_table` gives
+    them, block by block over `model` (a loaded model, whose blocks then run on `device`, or a
+    `LazyCheckpoint`); see the module docstring for the order of work and the peak."""
+    check_quantizer(quantizer)
+    source = as_source(model, device)
+    row = {name: u for u, name in enumerate(linears)}
+    errors, rtn = np.zeros((len(linears), len(configs))), np.zeros((len(linears), len(configs)))
+    with source.resident() as loaded:
+        inputs = capture_block_inputs(loaded, windows, batch_size=1, store=store, progress=False)
+    by_block: dict[int, list[str]] = {}
+    for name, info in linears.items():
+        by_block.setdefault(info.block, []).append(name)
+    for i in tqdm(range(source.n_blocks), desc=f"{quantizer} errors", disable=not progress, leave=False):
+        with source.block(i) as block:
+            names = by_block.get(i, [])
+            if names:
+                grams = block_grams(source.model, block, names, inputs, source.device)
+                for name in names:
+                    weight = get_weight(source.model.get_submodule(name))
+                    errors[row[name]], rtn[row[name]] = quantizer_errors(weight, grams.H(name), configs,
+                                                                         quantizer=quantizer, gptq=gptq)
+                del grams
+            if i < source.n_blocks - 1:
+                inputs = inputs.with_hidden(block_forward(block, inputs, device=source.device))
+    return errors, rtn, int(windows.numel())
+
+
+def gain_table(model: nn.Module | BlockSource, windows: torch.Tensor, linears: dict[str, LinearInfo],
+               configs: tuple[QuantSpec, ...], *, quantizer: str, device: torch.device | None = None,
+               progress: bool = True, gptq: GPTQConfig = GPTQConfig(), meta: dict | None = None) -> DamageTable:
     """gain_q(u, c) for every linear and config, as a DamageTable (method `gain_<quantizer>`, so the
-    sensitivity cache stores it); scores hold the gain at the first quantizing config."""
-    errors, rtn, tokens = quantizer_errors_table(model, windows, linears, configs, quantizer=quantizer,
-                                                 device=device, progress=progress, gptq=gptq)
+    sensitivity cache stores it); scores hold the gain at the first quantizing config. `model`: a
+    loaded model (blocks run on `device`) or a `LazyCheckpoint`; computed block by block either way."""
+    errors, rtn, tokens = streamed_quantizer_errors(model, windows, linears, configs, quantizer=quantizer,
+                                                    device=device, progress=progress, gptq=gptq)
     gain = quantizer_gain(errors, rtn)
     first = next(j for j, c in enumerate(configs) if not c.keep)
     shapes = tuple((i.out_features, i.in_features) for i in linears.values())
