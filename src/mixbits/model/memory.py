@@ -102,6 +102,11 @@ class MemoryPrediction:
     stage: str
     phase: str
     parts: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+    phases: MappingProxyType = field(default_factory=lambda: MappingProxyType({}), compare=False)  # every phase's parts
+
+    def phase_parts(self, phase: str) -> MappingProxyType:
+        """The parts of one phase (the peak phase's are `parts`)."""
+        return self.phases.get(phase, self.parts if phase == self.phase else MappingProxyType({}))
 
     @property
     def total(self) -> int:
@@ -118,7 +123,8 @@ def _gib(size: int) -> str:
 
 def _peak(stage: str, phases: dict[str, dict[str, int]]) -> MemoryPrediction:
     phase = max(phases, key=lambda p: sum(phases[p].values()))
-    return MemoryPrediction(stage, phase, MappingProxyType(dict(phases[phase])))
+    return MemoryPrediction(stage, phase, MappingProxyType(dict(phases[phase])),
+                            MappingProxyType({p: MappingProxyType(dict(v)) for p, v in phases.items()}))
 
 
 def _activations(shapes: ModelShapes, seqlen: int, size: int, *, grad: bool) -> int:

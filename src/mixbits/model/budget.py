@@ -1,0 +1,327 @@
+"""Will the run fit? Its peak memory predicted from the model's shapes before any weight is read.
+
+Idea: `mixbits run` is a chain of stages, each streamed block by block (model/memory.py predicts
+one stage's peak from shapes). The run's peak is the largest stage's, plus what the process
+holds throughout:
+
+    peak(run) = max_stage peak(stage) + runtime + mapped shard pages
+
+    stages   fisher            the empirical Fisher, block by block (`predict_fisher`)
+             gain table        the quantizer's gain per layer x config: one block's Hessians and a
+                               GPTQ working set (`predict_gptq`), when --damage follow and not rtn
+             quantize+evaluate one variant at a time (original, mixed, up to two uniform baselines):
+                               its block quantized on the calibration boundaries while the
+                               evaluation windows pass through it; the reference's summary stays
+                               for every later variant, so the count of variants costs time, not memory
+             train             Block-AP (with --qat): one block in float32 with its gradient and
+                               AdamW's two moments, the training and validation boundaries
+    runtime                    python, torch, transformers and mixbits (about 0.4 GiB measured on
+                               the CPU, counted as 0.6 GiB), the tokenizer and the texts
+    mapped shard pages         while a piece is read, its bytes in the checkpoint's dtype are
+                               resident as file-backed pages of the open shard
+
+Each stage's head (final norm, head, one batch's logits) is one of its phases. With stream=False
+(today's whole-model path) every variant is a float32 copy of the whole model, all alive at once.
+
+On CUDA the stages' tensors are compared with the device's budget (`cuda:N=...`), the runtime and
+mapped pages with the host's (`cpu=...`). `check_run_memory` logs the prediction with its parts and,
+under `max_memory`, refuses a run that cannot fit, naming the stage, the block, the sizes and the
+fixes that would make it fit (each fix re-predicted, not guessed).
+
+Trade-off: the count is closed-form and cheap; it is an estimate (kernels' temporaries, allocator
+fragmentation), checked against measured peaks on tiny models and by bench/memory.py on checkpoints
+of 0.2-2.2 B parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+import torch
+from torch import nn
+
+from mixbits.config import RunConfig, compute_torch_dtype, parse_max_memory, resolve_device
+from mixbits.errors import UserError
+from mixbits.model.arch import find_blocks
+from mixbits.model.memory import (
+    MemoryPrediction,
+    ModelShapes,
+    model_shapes,
+    predict_evaluation,
+    predict_fisher,
+    predict_gptq,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RUNTIME_BYTES", "RunMemory", "check_run_memory", "predict_run", "skeleton_of"]
+
+RUNTIME_BYTES = 600 * 2**20  # python + torch + transformers + mixbits on the CPU (0.4 GiB measured) + margin
+CUDA_CONTEXT_BYTES = 512 * 2**20  # the CUDA context and kernels on the device
+_AUTO_FULL_BYTES = 256 * 2**20  # eval/streamed.py's topk="auto": full log-probs up to this size, else top-64
+_AUTO_TOPK = 64
+_CHARS_PER_TOKEN = 3  # a whole test split's token count, estimated from its characters (English BPE: ~4)
+
+
+@dataclass(frozen=True)
+class RunMemory:
+    """The predicted peak of a run: its stages, the largest block, and what the process holds throughout."""
+
+    budget_device: str  # the max_memory key the stages are compared with: "cpu" or "cuda:N"
+    dtype: torch.dtype  # compute dtype
+    stages: tuple[MemoryPrediction, ...]
+    held: MappingProxyType  # {part: bytes} held by the process throughout (on the host)
+    block: int  # index of the largest block
+    block_bytes: int  # its weights in the compute dtype
+    block_name: str = ""
+
+    @property
+    def peak(self) -> MemoryPrediction:
+        return max(self.stages, key=lambda s: s.total)
+
+    @property
+    def total(self) -> int:
+        """Everything on one device (CPU runs): the largest stage plus what is held throughout."""
+        return self.peak.total + sum(self.held.values())
+
+    def on(self, device: str) -> int:
+        """Bytes predicted on a max_memory device key: the stages and, on the host, what is held."""
+        if device == self.budget_device:
+            return self.total if device == "cpu" else self.peak.total + CUDA_CONTEXT_BYTES
+        return sum(self.held.values()) if device == "cpu" else 0
+
+    def describe(self) -> str:
+        held = ", ".join(f"{k} {_size(v)}" for k, v in self.held.items() if v)
+        stages = "; ".join(f"{s.stage} {_size(s.total)}" for s in self.stages)
+        peak = self.peak
+        parts = ", ".join(f"{k} {_size(v)}" for k, v in peak.parts.items() if v)
+        return (f"predicted peak {_size(self.total)} in {str(self.dtype).removeprefix('torch.')}: {peak.stage} "
+                f"{_size(peak.total)} during {peak.phase} at {self.block_name or f'block {self.block}'} ({parts}); "
+                f"plus {held}; stages: {stages}")
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def _rename(prediction: MemoryPrediction, stage: str) -> MemoryPrediction:
+    return dataclasses.replace(prediction, stage=stage)
+
+
+_SHARED = ("block weights", "block temporaries", "quantizer temporaries", "outside weights", "whole model")
+
+
+def _union(first: MemoryPrediction, first_phase: str, second: MemoryPrediction, second_phase: str,
+           stage: str, prefix: str) -> MemoryPrediction:
+    """Two phases' tensors alive at once (interleaved passes over the same block): parts that are one
+    object in both (the block's weights, its temporaries) counted once, the rest added."""
+    parts = dict(first.phase_parts(first_phase))
+    for name, size in second.phase_parts(second_phase).items():
+        if name in _SHARED:
+            parts[name] = max(parts.get(name, 0), size)
+        else:
+            parts[f"{prefix}{name}"] = parts.get(f"{prefix}{name}", 0) + size
+    return MemoryPrediction(stage, f"{first_phase} + {prefix}{second_phase}", MappingProxyType(parts))
+
+
+def _eval_topk(windows: int, seqlen: int, vocab: int) -> int | None:
+    return None if windows * (seqlen - 1) * vocab * 4 <= _AUTO_FULL_BYTES else min(_AUTO_TOPK, vocab)
+
+
+def _quantize_evaluate(cfg: RunConfig, shapes: ModelShapes, dtype: torch.dtype, eval_n: int) -> MemoryPrediction:
+    """A variant's block quantized (rtn: one linear at a time; clip/gptq: on the calibration
+    boundaries with the block's Hessians) while the evaluation windows go through it."""
+    seqlen, b = cfg.data.seqlen, dtype.itemsize
+    evaluation = predict_evaluation(shapes, windows=eval_n, seqlen=seqlen, dtype=dtype,
+                                    topk=_eval_topk(eval_n, seqlen, shapes.vocab), streamed=True)
+    phases = {phase: dict(parts) for phase, parts in evaluation.phases.items()}
+    phases["blocks"]["packed block (float16 bound)"] = max(shapes.block_params) * 2  # what the sink is given
+    phases["head"]["rounded outside copies"] = shapes.outside_params * b  # stored-dtype copies swapped in
+    evaluation = dataclasses.replace(evaluation, phases=MappingProxyType(phases), parts=phases[evaluation.phase])
+    if cfg.quantizer == "rtn":  # no calibration windows: the peak phase of the evaluation
+        phase = max(phases, key=lambda k: sum(phases[k].values()))
+        return MemoryPrediction("quantize+evaluate", phase, MappingProxyType(phases[phase]))
+    quantize = predict_gptq(shapes, windows=cfg.data.calib_windows, seqlen=seqlen, dtype=dtype)
+    return max((_union(evaluation, "blocks", quantize, "block", "quantize+evaluate", "calibration "),
+                _union(evaluation, "head", quantize, "capture", "quantize+evaluate", "calibration ")),
+               key=lambda p: p.total)
+
+
+def _whole_model(cfg: RunConfig, shapes: ModelShapes, dtype: torch.dtype, eval_n: int, variants: int) -> MemoryPrediction:
+    """stream=False: the original and every variant, each a whole copy, plus evaluation's buffers."""
+    b = dtype.itemsize
+    evaluation = predict_evaluation(shapes, windows=eval_n, seqlen=cfg.data.seqlen, dtype=dtype, streamed=False,
+                                    topk=None)
+    parts = {"original model": shapes.total_params * b, "quantized copies": (variants - 1) * shapes.total_params * b}
+    parts.update({k: v for k, v in evaluation.parts.items() if k not in ("block weights", "whole model")})
+    return MemoryPrediction("quantize+evaluate", f"{variants} models alive", MappingProxyType(parts))
+
+
+def _train(cfg: RunConfig, shapes: ModelShapes) -> MemoryPrediction:
+    """Block-AP: the block in float32 with its gradient and AdamW's moments (4 copies), its inputs
+    and targets for the training and validation windows (two batches on disk with offload)."""
+    t = cfg.train
+    boundary = t.seqlen * shapes.hidden * 4
+    kept = 2 * (2 * t.batch_size if t.offload else t.train_size + t.val_size) * boundary
+    grad_io = max((sum(i + o for o, i in blk) for blk in shapes.block_linears), default=0)
+    activations = t.batch_size * (t.seqlen * grad_io * 4 + shapes.heads * t.seqlen ** 2 * 4)
+    return MemoryPrediction("train", "block", MappingProxyType({
+        "block weights, gradient, AdamW moments": 4 * max(shapes.block_params) * 4,
+        "boundaries": kept, "block activations": activations}))
+
+
+def _eval_windows(cfg: RunConfig, given: int | None) -> int:
+    if given is not None:
+        return given
+    if cfg.data.eval_windows:
+        return cfg.data.eval_windows
+    from mixbits.data.text import load_text  # the whole test split: windows estimated from its characters
+
+    chars = sum(len(doc) for doc in load_text(cfg.data.dataset, "test"))
+    return max(1, math.ceil(chars / _CHARS_PER_TOKEN / cfg.data.seqlen))
+
+
+def predict_run(
+    cfg: RunConfig, shapes: ModelShapes, *, device: torch.device, checkpoint_dtype: torch.dtype = torch.float32,
+    variants: int | None = None, eval_windows: int | None = None,
+) -> RunMemory:
+    """The run's predicted peak (module docstring). `variants`: models quantized and scored besides
+    the original (default: mixed + two uniform baselines, or the mixed one alone without baselines);
+    `eval_windows`: the test windows (default from cfg; for 0, the whole split, estimated)."""
+    dtype = compute_torch_dtype(cfg.compute_dtype) or (
+        checkpoint_dtype if device.type == "cuda" and cfg.stream else torch.float32)
+    variants = variants if variants is not None else (3 if cfg.baselines else 1)
+    eval_n = _eval_windows(cfg, eval_windows)
+    d, offload = cfg.data, cfg.offload_dir is not None
+    stages = []
+    if cfg.plan is None:
+        stages.append(predict_fisher(shapes, windows=d.calib_windows, seqlen=d.seqlen, dtype=dtype,
+                                     streamed=cfg.stream, offload=offload))
+        if cfg.quantizer != "rtn" and cfg.damage == "follow":
+            stages.append(_rename(predict_gptq(shapes, windows=d.calib_windows, seqlen=d.seqlen, dtype=dtype,
+                                               streamed=cfg.stream), "gain table"))
+    stages.append(_quantize_evaluate(cfg, shapes, dtype, eval_n) if cfg.stream
+                  else _whole_model(cfg, shapes, dtype, eval_n, 1 + variants))
+    if cfg.train is not None:
+        stages.append(_train(cfg, shapes))
+    block = max(range(shapes.n_blocks), key=lambda i: shapes.block_params[i]) if shapes.n_blocks else 0
+    largest_piece = max(max(shapes.block_params, default=0), shapes.outside_params)
+    held = {"runtime": RUNTIME_BYTES,
+            "mapped shard pages": largest_piece * checkpoint_dtype.itemsize if cfg.stream else 0}
+    budget_device = "cpu" if device.type == "cpu" else f"cuda:{device.index or 0}"
+    return RunMemory(budget_device, dtype, tuple(stages), MappingProxyType(held), block,
+                     shapes.block_params[block] * dtype.itemsize if shapes.n_blocks else 0)
+
+
+def skeleton_of(source: str | Path) -> tuple[nn.Module, torch.dtype]:
+    """(the model on the meta device, the checkpoint's dtype from config.json) of a local folder;
+    reads config.json only."""
+    from mixbits.model.lazy import _load_config, _skeleton
+
+    config = _load_config(Path(source))
+    stored = getattr(config, "torch_dtype", None) or getattr(config, "dtype", None) or torch.float32
+    stored = getattr(torch, stored) if isinstance(stored, str) else stored
+    return _skeleton(config, torch.float32), stored
+
+
+def _model_of(source) -> tuple[nn.Module, torch.dtype]:
+    if isinstance(source, (str, Path)):
+        return skeleton_of(source)
+    if hasattr(source, "checkpoint_dtype") and hasattr(source, "model"):  # a LazyCheckpoint
+        return source.model, source.checkpoint_dtype
+    floating = [p.dtype for p in source.parameters() if p.is_floating_point()]
+    return source, floating[0] if floating else torch.float32
+
+
+def check_run_memory(
+    cfg: RunConfig, source: str | Path | nn.Module, *, device: torch.device | None = None,
+    variants: int | None = None, eval_windows: int | None = None,
+) -> RunMemory:
+    """Predict the run's peak, log it with its parts, and under cfg.max_memory refuse (UserError) a
+    run that cannot fit, before any weight is read. `source`: a local model folder (config.json is
+    read, nothing else), a `LazyCheckpoint`, or a model (loaded or on the meta device)."""
+    device = device if device is not None else resolve_device(cfg.device)
+    model, stored = _model_of(source)
+    shapes = model_shapes(model)
+    block_path, _ = find_blocks(model)
+    kwargs = dict(device=device, checkpoint_dtype=stored, variants=variants, eval_windows=eval_windows)
+    memory = predict_run(cfg, shapes, **kwargs)
+    memory = dataclasses.replace(memory, block_name=f"{block_path}.{memory.block}")
+    log.info("memory: %s", memory.describe())
+    if cfg.max_memory is not None:
+        _enforce(cfg, shapes, memory, parse_max_memory(cfg.max_memory), kwargs)
+    return memory
+
+
+def _enforce(cfg: RunConfig, shapes: ModelShapes, memory: RunMemory, budget: dict[str, int], kwargs: dict) -> None:
+    flag = f"--max-memory {cfg.max_memory}"
+    if memory.budget_device not in budget:
+        raise UserError(f"{flag} gives no budget for {memory.budget_device}, where the run computes (--device "
+                        f"{cfg.device}); add {memory.budget_device}=SIZE or run on a device it names")
+    for device, limit in budget.items():
+        floor = memory.on(device) - memory.peak.total + memory.block_bytes if device == memory.budget_device else 0
+        if limit < floor:
+            raise UserError(
+                f"{flag}: {device}={_size(limit)} is too small for one block: {memory.block_name} alone takes "
+                f"{_size(memory.block_bytes)} in {str(memory.dtype).removeprefix('torch.')}"
+                + (f" (plus {_size(floor - memory.block_bytes)} for the runtime)" if floor > memory.block_bytes else "")
+                + f", the least any stage holds; give {device} at least {_size(memory.on(device))} (the predicted "
+                f"peak){_dtype_hint(cfg, shapes, memory)}, or run on another device with more memory")
+    for device, limit in budget.items():
+        need = memory.on(device)
+        if need > limit:
+            peak = memory.peak
+            raise UserError(
+                f"{flag}: the run is predicted to need {_size(need)} on {device}, above its {_size(limit)}; the peak "
+                f"is {peak.stage} during {peak.phase} at {memory.block_name} (the largest block, "
+                f"{_size(memory.block_bytes)}): "
+                + ", ".join(f"{k} {_size(v)}" for k, v in peak.parts.items() if v)
+                + f". Fixes: {_fixes(cfg, shapes, device, limit, kwargs)}")
+
+
+def _dtype_hint(cfg: RunConfig, shapes: ModelShapes, memory: RunMemory) -> str:
+    if memory.dtype.itemsize <= 2:
+        return ""
+    return f", or --compute-dtype bfloat16 (the block takes {_size(max(shapes.block_params) * 2)})"
+
+
+def _halvings(start: int, least: int) -> list[int]:
+    out, value = [], start // 2
+    while value >= least:
+        out.append(value)
+        value //= 2
+    return out
+
+
+def _fixes(cfg: RunConfig, shapes: ModelShapes, device: str, limit: int, kwargs: dict) -> str:
+    """Each fix that alone brings the prediction under `limit`, re-predicted; another device always."""
+    from mixbits.data.windows import MIN_SEQLEN
+
+    d = cfg.data
+    data = lambda **change: dataclasses.replace(cfg, data=dataclasses.replace(d, **change))  # noqa: E731
+    tries: list[list[tuple[str, RunConfig]]] = []
+    if cfg.offload_dir is None:
+        tries.append([("--offload-dir FOLDER (block boundaries wait on disk)",
+                       dataclasses.replace(cfg, offload_dir=Path("offload")))])
+    tries.append([(f"--calib-windows {n}", data(calib_windows=n)) for n in _halvings(d.calib_windows, 1)])
+    tries.append([(f"--seqlen {n}", data(seqlen=n)) for n in _halvings(d.seqlen, MIN_SEQLEN)])
+    tries.append([(f"--eval-windows {n}", data(eval_windows=n))
+                  for n in _halvings(_eval_windows(cfg, kwargs["eval_windows"]), 1)])
+    if compute_torch_dtype(cfg.compute_dtype) in (None, torch.float32):
+        tries.append([("--compute-dtype bfloat16", dataclasses.replace(cfg, compute_dtype="bfloat16"))])
+    found = []
+    for options in tries:
+        for label, other in options:  # the first (mildest) option of each kind that fits
+            given = None if other.data.eval_windows != d.eval_windows else kwargs["eval_windows"]
+            prediction = predict_run(other, shapes, **{**kwargs, "eval_windows": given})
+            if prediction.on(device) <= limit:
+                found.append(f"{label}: {_size(prediction.on(device))}")
+                break
+    if not found:
+        found.append("none of fewer/shorter windows, --offload-dir or bfloat16 fits alone; combine them")
+    return "; ".join(found + ["or another device with more memory (--device, with a --max-memory for it)"])

@@ -1,0 +1,206 @@
+"""The run's memory check: settings validated, the peak predicted from shapes, refusals before any
+weight is read, and the prediction never more than 10 % below the measured peak on tiny models."""
+
+import dataclasses
+import re
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mixbits.cli import app
+from mixbits.config import DataConfig, RunConfig, compute_torch_dtype, parse_max_memory
+from mixbits.errors import UserError
+from mixbits.eval.streamed import Scorer
+from mixbits.model.arch import find_linears
+from mixbits.model.blockwise import capture_block_inputs
+from mixbits.model.budget import RUNTIME_BYTES, check_run_memory, predict_run, skeleton_of
+from mixbits.model.lazy import LazyCheckpoint, open_checkpoint
+from mixbits.model.memory import model_shapes
+from mixbits.model.quantize_streamed import quantize_streamed
+from mixbits.model.stream import call_block
+from mixbits.plan import Plan
+from mixbits.quant.spec import QuantSpec
+from mixbits.sensitivity.fisher_streamed import streamed_fisher_table
+from tests.conftest import tiny_llama
+from tests.model.test_memory import measured_peak
+
+CPU = torch.device("cpu")
+MIB = 2**20
+
+
+def config(**change) -> RunConfig:
+    data = DataConfig(calib_windows=change.pop("calib", 4), seqlen=change.pop("seqlen", 64),
+                      eval_windows=change.pop("evals", 4))
+    return RunConfig(data=data, **change)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().to(torch.bfloat16).save_pretrained(path, max_shard_size="100KB")
+    return path
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Any read of a weight fails the test: the check must run on config.json and shapes alone."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a weight was read before the memory check")
+
+    monkeypatch.setattr(LazyCheckpoint, "materialize", refuse)
+    monkeypatch.setattr("safetensors.safe_open", refuse)
+    monkeypatch.setattr("safetensors.torch.load_file", refuse)
+
+
+# --- settings -------------------------------------------------------------------------------------------
+
+def test_max_memory_is_read_in_accelerates_format():
+    assert parse_max_memory("cpu=16GiB") == {"cpu": 16 * 2**30}
+    assert parse_max_memory(" cpu = 1.5GB ") == {"cpu": 1_500_000_000}
+    assert parse_max_memory("cpu=4096") == {"cpu": 4096}
+
+
+@pytest.mark.parametrize("text, words", [
+    ("cpu", "not DEVICE=SIZE"), ("cpu=0GiB", "not a positive size"), ("cpu=lots", "'lots'"),
+    ("tpu=1GiB", "device 'tpu' is not known"), ("cpu=1GiB,cpu=2GiB", "twice"), ("disk=10GB", "--offload-dir"),
+])
+def test_bad_max_memory_is_refused_naming_the_value(text, words):
+    with pytest.raises(UserError, match="max_memory") as err:
+        config(max_memory=text)
+    assert words in str(err.value) and repr(text) in str(err.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_budget_needs_a_cuda_device():
+    with pytest.raises(UserError, match="cuda:0 does not exist on this machine"):
+        parse_max_memory("cuda:0=20GiB,cpu=16GiB")
+
+
+def test_compute_dtype_and_offload_dir(tmp_path):
+    assert compute_torch_dtype("bfloat16") is torch.bfloat16 and compute_torch_dtype(None) is None
+    with pytest.raises(UserError, match=r"compute_dtype \(--compute-dtype\) 'fp8'.*float32, bfloat16, float16"):
+        config(compute_dtype="fp8")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        config(offload_dir=tmp_path / "file")
+    cfg = config(offload_dir=tmp_path / "new", compute_dtype="float16", max_memory="cpu=8GiB", stream=False)
+    assert cfg.to_dict()["offload_dir"] == str(tmp_path / "new") and cfg.to_dict()["stream"] is False
+
+
+def test_cli_flags_reach_the_config(tmp_path):
+    runner = CliRunner()
+    bad = runner.invoke(app, ["run", "--no-verbose", "--max-memory", "cpu=nothing", "--output-dir", str(tmp_path)])
+    assert bad.exit_code == 2 and "max_memory (--max-memory) 'cpu=nothing'" in bad.output
+    bad = runner.invoke(app, ["run", "--no-verbose", "--compute-dtype", "int4", "--output-dir", str(tmp_path)])
+    assert bad.exit_code == 2 and "--compute-dtype" in bad.output and "bfloat16" in bad.output
+
+
+# --- prediction and refusals ----------------------------------------------------------------------------
+
+def test_the_check_reads_config_json_only(folder, no_weights):
+    model, stored = skeleton_of(folder)
+    assert stored is torch.bfloat16 and next(model.parameters()).device.type == "meta"
+    memory = check_run_memory(config(), folder, device=CPU)
+    assert memory.block_name == "model.layers.0" and memory.total > RUNTIME_BYTES
+    assert memory.held["mapped shard pages"] == max(model_shapes(model).block_params[0],
+                                                     model_shapes(model).outside_params) * 2
+
+
+def test_a_budget_below_one_block_is_refused_naming_the_block(folder, no_weights):
+    with pytest.raises(UserError) as err:
+        check_run_memory(config(max_memory="cpu=64KiB"), folder, device=CPU)
+    text = str(err.value)
+    assert "too small for one block: model.layers.0 alone takes" in text and "float32" in text
+    block_mib = re.search(r"alone takes ([\d.]+) MiB", text).group(1)
+    assert float(block_mib) == pytest.approx(model_shapes(skeleton_of(folder)[0]).block_params[0] * 4 / MIB, abs=0.05)
+    assert "--compute-dtype bfloat16" in text and "another device" in text
+
+
+def test_a_run_over_budget_is_refused_with_fixes_that_fit(folder, no_weights):
+    cfg = config(calib=64, seqlen=256, evals=2, quantizer="rtn")
+    shapes = model_shapes(skeleton_of(folder)[0])
+    need = predict_run(cfg, shapes, device=CPU, checkpoint_dtype=torch.bfloat16)
+    assert need.peak.stage == "fisher"  # 64 windows' boundaries at every block
+    on_disk = predict_run(dataclasses.replace(cfg, offload_dir="x"), shapes, device=CPU, checkpoint_dtype=torch.bfloat16)
+    limit = (need.total + on_disk.total) // 2  # boundaries on disk fit; in memory they do not
+    with pytest.raises(UserError) as err:
+        check_run_memory(dataclasses.replace(cfg, max_memory=f"cpu={limit}"), folder, device=CPU)
+    text = str(err.value)
+    assert "the peak is fisher during" in text and "at model.layers.0 (the largest block" in text
+    assert "--offload-dir FOLDER" in text and "another device" in text
+    windows = int(re.search(r"--calib-windows (\d+)", text).group(1))
+    fixed = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, calib_windows=windows))
+    assert predict_run(fixed, shapes, device=CPU, checkpoint_dtype=torch.bfloat16).total <= limit
+    half = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, calib_windows=windows * 2))
+    assert predict_run(half, shapes, device=CPU, checkpoint_dtype=torch.bfloat16).total > limit  # the mildest fix
+    check_run_memory(dataclasses.replace(cfg, max_memory=f"cpu={need.total}"), folder, device=CPU)  # fits exactly
+
+
+def test_a_budget_must_name_the_runs_device(folder, no_weights):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device to name one in --max-memory")
+    with pytest.raises(UserError, match="gives no budget for cpu"):
+        check_run_memory(config(max_memory="cuda:0=1GiB"), folder, device=CPU)
+
+
+def test_prediction_follows_the_settings(folder):
+    shapes = model_shapes(skeleton_of(folder)[0])
+    predict = lambda **change: predict_run(config(**change), shapes, device=CPU, checkpoint_dtype=torch.bfloat16)
+    base = predict(calib=32, seqlen=128)
+    assert [s.stage for s in base.stages] == ["fisher", "gain table", "quantize+evaluate"]
+    assert [s.stage for s in predict(quantizer="rtn").stages] == ["fisher", "quantize+evaluate"]
+    assert [s.stage for s in predict(damage="rtn").stages] == ["fisher", "quantize+evaluate"]
+    assert predict(calib=32, seqlen=128, offload_dir="x").stages[0].total < base.stages[0].total
+    assert predict(calib=32, seqlen=128, compute_dtype="bfloat16").total < base.total
+    assert predict(calib=64, seqlen=128).stages[0].total > base.stages[0].total
+    whole = predict(calib=32, seqlen=128, stream=False)
+    assert whole.stages[-1].parts["quantized copies"] == 3 * shapes.total_params * 4  # mixed + 2 baselines
+    assert predict(calib=32, seqlen=128, stream=False, baselines=False).stages[-1].parts["quantized copies"] == \
+        shapes.total_params * 4
+    assert "predicted peak" in base.describe() and base.peak.stage in base.describe()
+
+
+# --- prediction against measured peaks --------------------------------------------------------------------
+
+def _reference(ckpt, windows) -> Scorer:
+    """The original scored through the blocks (what a streamed run does before its variants)."""
+    scorer = Scorer(windows, device=CPU)
+    with ckpt.resident() as model:
+        inputs = capture_block_inputs(model, windows, batch_size=1, store=CPU, progress=False)
+    hidden, as_tuple = list(inputs.hidden), False
+    for i in range(ckpt.n_blocks):
+        with ckpt.block(i) as block:
+            outs = [call_block(block, h, a, k) for h, a, k in zip(hidden, inputs.args, inputs.kwargs)]
+        hidden, as_tuple = [o for o, _ in outs], outs[0][1]
+    with ckpt.resident() as model:
+        scorer.score(model, hidden, as_tuple, "original", reference=True)
+    return scorer
+
+
+@pytest.mark.parametrize("quantizer, n, seqlen", [("rtn", 4, 64), ("gptq", 4, 64), ("gptq", 8, 128)])
+def test_run_prediction_is_not_below_the_measured_peak(folder, tmp_path, quantizer, n, seqlen):
+    cfg = config(calib=n, seqlen=seqlen, evals=n, quantizer=quantizer)
+    ckpt = open_checkpoint(folder)
+    gen = torch.Generator().manual_seed(0)
+    calib, test = (torch.randint(0, 256, (n, seqlen), generator=gen) for _ in range(2))
+    linears = find_linears(ckpt.model)
+    shapes = {k: (i.out_features, i.in_features) for k, i in linears.items()}
+    specs = cfg.allocation.configs()
+
+    def fisher():
+        streamed_fisher_table(ckpt, calib, linears, specs, progress=False)
+
+    def variants():  # the original, then mixed and two uniform baselines, as a streamed run scores them
+        scorer = _reference(ckpt, test)
+        for plan in (Plan.uniform(shapes, QuantSpec(3, 64)), Plan.uniform(shapes, QuantSpec(4, 64)),
+                     Plan.uniform(shapes, QuantSpec(2, 64))):
+            quantize_streamed(ckpt, plan, quantizer=quantizer, windows=None if quantizer == "rtn" else calib,
+                              scorer=scorer, progress=False)
+
+    predicted = predict_run(cfg, model_shapes(ckpt.model), device=CPU, checkpoint_dtype=torch.bfloat16)
+    stage = {s.stage: s for s in predicted.stages}
+    for name, run in (("fisher", fisher), ("quantize+evaluate", variants)):
+        measured = measured_peak(run, folder, tmp_path)
+        assert stage[name].total >= 0.9 * measured, (name, measured, stage[name])
+        assert stage[name].total <= 3 * measured, (name, measured, stage[name])  # not a blanket over-estimate
