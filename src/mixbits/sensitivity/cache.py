@@ -89,14 +89,18 @@ def _sample(tensor: torch.Tensor) -> torch.Tensor:
     return flat.to("cpu").contiguous()
 
 
-def weights_fingerprint(model: nn.Module) -> str:
+def weights_fingerprint(model: nn.Module, sample: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> str:
     """sha256 over every parameter and buffer of `model`: name, shape, dtype and a fixed sample of
-    its raw bytes (see the module docstring for what is read and what it costs)."""
+    its raw bytes (see the module docstring for what is read and what it costs). `sample(name,
+    tensor)` gives the sample of a tensor on the meta device (a lazy checkpoint reads it from its
+    shards, `model.lazy_sample`), which is otherwise left out."""
     h = hashlib.sha256()
     tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     for name, tensor in tensors:
         h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:".encode())
-        if tensor.device.type != "meta" and tensor.numel():
+        if tensor.device.type == "meta" and sample is not None and tensor.numel():
+            h.update(sample(name, tensor).view(torch.uint8).numpy().tobytes())
+        elif tensor.device.type != "meta" and tensor.numel():
             h.update(_sample(tensor).view(torch.uint8).numpy().tobytes())  # raw bytes: bf16 too
     return h.hexdigest()
 
