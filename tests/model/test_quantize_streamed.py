@@ -37,8 +37,8 @@ class FolderSink:
     def read_block(self, index):
         return load_file(str(self.folder / f"block-{index:05d}.safetensors"))
 
-    def write_rest(self, tensors):
-        self.rest = tensors
+    def write_rest(self, tensors, tied):
+        self.rest, self.tied = tensors, tied
 
     def sha256(self):
         return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(self.folder.glob("*.safetensors"))}
@@ -99,6 +99,8 @@ def test_same_weights_and_numbers_as_the_whole_model_path(build, quantizer, tmp_
     for name, layer in result.report.layers.items():
         assert layer.error == report.layers[name].error and layer.rtn_error == report.layers[name].rtn_error
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the model is left as it was
+    tied = {"lm_head.weight": "model.embed_tokens.weight"} if build is tiny_llama else {"lm_head.weight": "transformer.wte.weight"}
+    assert sink.tied == tied and set(sink.rest) | set(tied) == {k for k in before if ".h." not in k and ".layers." not in k}
 
 
 @pytest.mark.parametrize("quantizer", ["rtn", "gptq"])

@@ -72,7 +72,7 @@ class BlockSink(Protocol):
 
     def read_block(self, index: int) -> dict[str, Tensor]: ...
 
-    def write_rest(self, tensors: dict[str, Tensor]) -> None: ...
+    def write_rest(self, tensors: dict[str, Tensor], tied: dict[str, str]) -> None: ...
 
 
 class Scorer(Protocol):
@@ -154,20 +154,24 @@ def _rounded(model: nn.Module, names, dtype: torch.dtype | None) -> dict[str, Te
     return out
 
 
-def _plain(model: nn.Module, names, skip: set[str]) -> dict[str, Tensor]:
-    """The stored form (16-bit floats, CPU) of the named tensors not in `skip`, tied ones once."""
-    out, seen = {}, set()
+def _plain(model: nn.Module, names, skip: set[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The stored form (16-bit floats, CPU) of the named tensors not in `skip`, tied ones once, and
+    the tied names left out -> the name they equal."""
+    out, first, tied = {}, {}, {}
     for name in names:
         if name in skip:
             continue
         owner, leaf = _split(model, name)
         tensor = owner._parameters.get(leaf) if leaf in owner._parameters else owner._buffers.get(leaf)
-        if tensor is None or id(tensor) in seen:
+        if tensor is None:
             continue
-        seen.add(id(tensor))
+        if id(tensor) in first:
+            tied[name] = first[id(tensor)]
+            continue
+        first[id(tensor)] = name
         value = tensor.detach().cpu()
         out[name] = (value.half() if value.is_floating_point() else value).contiguous()
-    return out
+    return out, tied
 
 
 @dataclass
@@ -246,7 +250,7 @@ def quantize_streamed(
     evaluation = None
     with source.resident() as model, _swapped(model, model, _rounded(model, p.outside_state(), storage_dtype)):
         if sink is not None:
-            sink.write_rest(_plain(model, p.outside_state(), set()))
+            sink.write_rest(*_plain(model, p.outside_state(), set()))
         if scorer is not None:
             evaluation = scorer.score(model, p.evals.hidden, p.as_tuple, name)
     if g_idx:
@@ -327,7 +331,7 @@ def _packed(p: _Pass, names: list[str], made: dict, state: list[str]) -> dict[st
         module = model.get_submodule(name)
         tensors.update(pack_layer(name, lq.weight, get_bias(module), p.specs[name], lq.qparams))
         skip.update({f"{name}.weight", f"{name}.bias"})
-    return tensors | _plain(model, state, skip)
+    return tensors | _plain(model, state, skip)[0]
 
 
 @torch.no_grad()
