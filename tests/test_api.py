@@ -63,7 +63,7 @@ def test_evaluate_reports_perplexity_kl_and_top1_against_the_original(quantized,
 def test_save_native_and_load_give_the_same_logits_and_plan(quantized, tmp_path):
     qm, _ = quantized
     path = qm.save(tmp_path / "model")
-    assert (path / "model.safetensors").is_file() and (path / "mixbits.json").is_file()
+    assert (path / "model.safetensors.index.json").is_file() and (path / "mixbits.json").is_file()
     back = mixbits.load(path)
     assert back.plan.specs == qm.plan.specs and back.bits_per_weight == pytest.approx(qm.bits_per_weight)
     assert back.original is None and back.tokenizer is not None

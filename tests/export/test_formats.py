@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mixbits.export import formats, hf_folder
+from mixbits.export import formats, shard_file
 from mixbits.export.formats import FORMATS, ExportError, expressible, export, fused_groups, nearest_plan
 from mixbits.export.from_native import load_for_export, with_plan
 from mixbits.export.gptq_reference import load_gptq_reference
@@ -78,8 +78,9 @@ def test_export_writes_each_format_where_asked(tmp_path):
     plan = plan_of({f"{L}0.mlp.down_proj": "w4g32s", f"{L}1.mlp.down_proj": "w8g64s"})
     assert export(model, plan, tmp_path / "g", "gguf") == tmp_path / "g" / "model.gguf"
     assert export(model, plan, tmp_path / "x.gguf", "gguf") == tmp_path / "x.gguf"
-    for fmt in ("native", "gptq", "compressed"):
+    for fmt in ("gptq", "compressed"):
         assert (export(model, plan, tmp_path / fmt, fmt) / "model.safetensors").is_file()
+    assert (export(model, plan, tmp_path / "native", "native") / "model.safetensors.index.json").is_file()
     reloaded = load_native(tmp_path / "native")
     assert type(reloaded.get_submodule(f"{L}0.mlp.down_proj")).__name__ == "QuantLinear"
 
@@ -87,16 +88,17 @@ def test_export_writes_each_format_where_asked(tmp_path):
 def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
     model, plan = tiny_llama(), plan_of({f"{L}0.mlp.down_proj": "w4g32s"})
 
-    def half_written(tensors, filename, metadata=None):
-        with open(filename, "wb") as handle:
-            handle.write(b"partial")
+    real_write = shard_file.ShardWriter.write
+
+    def half_written(self, name, tensor):  # the header and one tensor are on disk, then the disk fills
+        real_write(self, name, tensor)
         raise OSError("disk full")
 
-    monkeypatch.setattr(hf_folder, "save_file", half_written)
+    monkeypatch.setattr(shard_file.ShardWriter, "write", half_written)
     for fmt in ("gptq", "compressed"):
         with pytest.raises(OSError, match="disk full"):
             export(model, plan, tmp_path / fmt, fmt)
-    monkeypatch.setattr(formats.gguf.gguf.GGUFWriter, "write_tensors_to_file", lambda self, **kw: 1 / 0)
+    monkeypatch.setattr(formats.gguf.gguf.GGUFWriter, "write_tensor_data", lambda self, *a, **kw: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         export(model, plan, tmp_path / "m.gguf", "gguf")
     assert list(tmp_path.iterdir()) == []
@@ -106,7 +108,7 @@ def test_a_failed_rewrite_keeps_the_previous_export(tmp_path, monkeypatch):
     model, plan = tiny_llama(), plan_of({f"{L}0.mlp.down_proj": "w4g32s"})
     export(model, plan, tmp_path / "gptq", "gptq")
     before = (tmp_path / "gptq" / "model.safetensors").read_bytes()
-    monkeypatch.setattr(hf_folder, "save_file", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(shard_file.ShardWriter, "write", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         export(model, plan, tmp_path / "gptq", "gptq")
     assert (tmp_path / "gptq" / "model.safetensors").read_bytes() == before

@@ -189,12 +189,12 @@ def test_a_truncated_checkpoint_block_is_named(tmp_path):
 def test_a_truncated_run_folder_model_is_named(tiny_model_dir, tmp_path):
     from safetensors.torch import save_file
 
-    from mixbits.export.native import NATIVE_FORMAT, WEIGHTS, load_native
+    from mixbits.export.native import LEGACY_FORMAT, WEIGHTS, load_native
 
     folder = tmp_path / "run" / "model"
     folder.mkdir(parents=True)
     (folder / "config.json").write_text((tiny_model_dir / "config.json").read_text())
-    (folder / "mixbits.json").write_text(json.dumps({"format": NATIVE_FORMAT, "plan": {"layers": {}}}))
+    (folder / "mixbits.json").write_text(json.dumps({"format": LEGACY_FORMAT, "plan": {"layers": {}}}))
     save_file({"x": torch.ones(256, 256)}, str(folder / WEIGHTS))
     data = (folder / WEIGHTS).read_bytes()
     (folder / WEIGHTS).write_bytes(data[: len(data) - 1000])

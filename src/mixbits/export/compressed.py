@@ -33,19 +33,23 @@ Use symmetric specs (`w4g128s`) when the export must load in transformers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from mixbits.export.hf_folder import write_hf_folder
+from mixbits.export.from_native import StoredSource, model_source
+from mixbits.export.hf_stream import write_streamed_folder
 from mixbits.export.rules import ExportError, Rules, require_expressible
-from mixbits.export.tensors import StoredLayer, export_config, linear_keys, pack_int32, plain_tensors, stored_layers
+from mixbits.export.shard_file import TensorMeta
+from mixbits.export.tensors import StoredLayer, export_config, pack_int32
 from mixbits.model.apply import layer_shapes
 from mixbits.model.arch import find_linears, tied_groups
 from mixbits.plan import Plan
 from mixbits.quant.affine import QParams
+from mixbits.quant.groups import num_groups
 from mixbits.quant.spec import QuantSpec
 
 RULES = Rules("compressed", bits=(4, 8), whole_groups=True, fused_alike=True)
@@ -97,17 +101,49 @@ def _layer_tensors(name: str, layer: StoredLayer) -> dict[str, Tensor]:
     return tensors
 
 
+def compressed_metas(name: str, shape: tuple[int, int], spec: QuantSpec, has_bias: bool) -> dict[str, TensorMeta]:
+    """The tensors `packed_tensors` (and the bias) give for a layer of `shape` = (out, in), from shapes alone."""
+    out_features, in_features = shape
+    groups = num_groups(in_features, spec.group_size)
+    metas = {f"{name}.weight_packed": TensorMeta((out_features, math.ceil(in_features * spec.bits / 32)), torch.int32),
+             f"{name}.weight_scale": TensorMeta((out_features, groups), torch.float16),
+             f"{name}.weight_shape": TensorMeta((2,), torch.int64)}
+    if not spec.symmetric:
+        metas[f"{name}.weight_zero_point"] = TensorMeta((math.ceil(out_features * spec.bits / 32), groups), torch.int32)
+    if has_bias:
+        metas[f"{name}.bias"] = TensorMeta((out_features,), torch.float16)
+    return metas
+
+
 def write_compressed(
     model: nn.Module, plan: Plan, path: str | Path, tokenizer=None, qparams: Mapping[str, QParams] | None = None
 ) -> Path:
     """Write `model` quantized by `plan` as a compressed-tensors folder at `path`."""
-    units = tied_groups(model, find_linears(model))
-    require_expressible(RULES, plan, layer_shapes(model), [u for u in units if len(u) > 1])
+    return write_compressed_from(model_source(model, plan, qparams, tokenizer), path)
+
+
+def write_compressed_from(source: StoredSource, path: str | Path) -> Path:
+    """Write `source` (a native folder or a model, `from_native`) as a compressed-tensors folder,
+    block by block: each block is read, converted, appended and released. Peak: one block."""
+    plan, structure = source.plan, source.structure
+    units = tied_groups(structure, find_linears(structure))
+    shapes = layer_shapes(structure)
+    require_expressible(RULES, plan, shapes, [u for u in units if len(u) > 1])
     config = quantization_config(plan)
-    layers = stored_layers(model, plan, qparams)
-    tensors = {}
-    for name, layer in layers.items():
-        tensors.update(_layer_tensors(name, layer))
-    tensors.update(plain_tensors(model, linear_keys(layers)))
-    side = {"mixbits-export.json": {"format": "compressed-tensors", "plan": plan.to_dict()}}
-    return write_hf_folder(path, export_config(model, config), tensors, tokenizer, side, kind="compressed")
+    parts = source.parts()
+    metas = [{k: m for n in source.part_layers(part)
+              for k, m in compressed_metas(n, shapes[n], plan.specs[n], n in source.biases).items()}
+             | source.part_plain_metas(part) for part in parts]
+
+    def produce(i: int) -> dict[str, Tensor]:
+        read = source.read(parts[i])
+        tensors = dict(read.plain)
+        for name, layer in read.layers.items():
+            tensors.update(_layer_tensors(name, layer))
+        return tensors
+
+    def side() -> dict:
+        return {"mixbits-export.json": {"format": "compressed-tensors", "plan": plan.to_dict()}}
+
+    return write_streamed_folder(path, export_config(source.config, config), metas, produce, source.tokenizer, side,
+                                 kind="compressed")

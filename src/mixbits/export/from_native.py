@@ -1,38 +1,42 @@
-"""Read a run's native folder back as what the exporters take: a plain model whose planned
-linears hold their dequantized weights, the plan, and the stored QParams.
+"""Read a run's native folder back as what the exporters take, whole or one block at a time.
 
 This is how an export keeps the codes of any quantizer (round-to-nearest, clip search, GPTQ,
 training) exactly: the native folder holds each layer's packed codes, fp16 scales and
 zero-points (`QuantLinear` state: `{name}.qweight`, `{name}.scales` fp16 [out, G],
-`{name}.qzeros` packed in `bits` bits, absent when symmetric, where z = 2**(bits-1)). Each layer
-is rebuilt with `QuantLinear.from_state`; its dequantized weight W_hat = (q - z) * s is written
-into a plain model built from the folder's config, and its QParams are returned, so that
-`quantize(W_hat, qparams)` gives back q exactly (q - z and s are exact in float32). Every other
-tensor (embeddings, norms, kept layers) is the folder's fp16 value.
+`{name}.qzeros` packed in `bits` bits, empty when symmetric, where z = 2**(bits-1)). Each layer
+is rebuilt with `QuantLinear.from_state`; its codes q, QParams and dequantized weight
+W_hat = (q - z) * s are what the formats write (`tensors.StoredLayer`), so nothing is
+re-quantized (q - z and s are exact in float32). Every other tensor is the folder's fp16 value.
 
-`with_plan` serves an export of another plan (the nearest one a format can store): layers
-whose spec is unchanged keep the run's codes, changed layers are quantized afresh (min-max)
-from the original model's weights, never from the run's already rounded ones.
+Two ways to read:
+  * `stored_source(path)` -> `StoredSource`: the exporters' streamed input. The model's structure
+    is a skeleton on the meta device (no storage); `part(p)` reads one block's tensors from its
+    shard, rebuilds its layers, and the caller releases them before the next block. Peak: one
+    block's packed tensors plus their unpacked codes and float32 weights. `model_source` gives
+    the same interface over a model in memory, so every format has one writer.
+  * `load_for_export(path)` -> `ExportSource`: the whole model in float32 with the planned layers
+    dequantized, for `with_plan` (an export of another plan, the nearest one a format can store:
+    layers whose spec is unchanged keep the run's codes, changed layers are quantized afresh
+    (min-max) from the original model's weights, never from the run's already rounded ones).
 """
 
 from __future__ import annotations
 
 import copy
-import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-from torch import nn
+from torch import Tensor, nn
 
-from mixbits.errors import UserError
-from mixbits.export.native import NATIVE_FORMAT, WEIGHTS
-from mixbits.model.arch import get_weight, set_weight
+from mixbits.export.native import NativeFolder, model_tensors, open_native, skeleton
+from mixbits.export.native_shards import block_of, stored
+from mixbits.export.shard_file import TensorMeta, read_header
+from mixbits.export.tensors import StoredLayer, stored_layer
+from mixbits.model.arch import find_blocks, get_weight, set_weight
 from mixbits.plan import Plan
 from mixbits.quant.affine import QParams
-from mixbits.quant.qlinear import QuantLinear
-from mixbits.safeload import check_safetensors
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,15 +49,87 @@ class ExportSource:
     tokenizer: object | None
 
 
-def _meta(path: Path) -> dict:
-    meta_file = path / "mixbits.json"
-    if not meta_file.is_file():
-        raise UserError(f"{str(path)!r} is not a mixbits native folder (no mixbits.json); "
-                                "`mixbits run` writes one as <output-dir>/model")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != NATIVE_FORMAT:
-        raise UserError(f"{meta_file} has format {meta.get('format')!r}; this mixbits reads {NATIVE_FORMAT!r}")
-    return meta
+@dataclass(frozen=True)
+class Part:
+    """One piece an export writes in turn: a block (index), or tensors outside the blocks (names)."""
+
+    index: int | None
+    names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, eq=False)
+class PartTensors:
+    """A part read for export: its planned layers in stored form and its plain tensors (fp16)."""
+
+    layers: dict[str, StoredLayer]
+    plain: dict[str, Tensor]
+
+
+@dataclass(frozen=True, eq=False)
+class StoredSource:
+    """A quantized model as the exporters read it, part by part (see the module docstring).
+
+    structure: the model's modules (a meta skeleton, or the model itself), for names and shapes;
+    plain_metas: every plain tensor (stored form, tied copies left out) -> its meta, in state order;
+    biases: the planned layers that have a bias; read: Part -> PartTensors."""
+
+    structure: nn.Module
+    plan: Plan
+    tokenizer: object | None
+    plain_metas: dict[str, TensorMeta]
+    biases: frozenset[str]
+    read: object = field(repr=False)
+
+    @property
+    def config(self):
+        return self.structure.config
+
+    def parts(self) -> list[Part]:
+        """Blocks in order, with the tensors outside them before and after, in the model's state order."""
+        block_path, blocks = find_blocks(self.structure)
+        names = list(self.plain_metas)
+        first = next((i for i, n in enumerate(names) if block_of(n, block_path) is not None), len(names))
+        before = tuple(n for n in names[:first] if block_of(n, block_path) is None)
+        after = tuple(n for n in names[first:] if block_of(n, block_path) is None)
+        return ([Part(None, before)] if before else []) + [Part(i) for i in range(len(blocks))] + \
+            ([Part(None, after)] if after else [])
+
+    def part_plain_metas(self, part: Part) -> dict[str, TensorMeta]:
+        block_path = find_blocks(self.structure)[0]
+        if part.index is None:
+            return {n: self.plain_metas[n] for n in part.names}
+        return {n: m for n, m in self.plain_metas.items() if block_of(n, block_path) == part.index}
+
+    def part_layers(self, part: Part) -> list[str]:
+        block_path = find_blocks(self.structure)[0]
+        return [n for n in self.plan.quantized() if part.index is not None and block_of(n, block_path) == part.index]
+
+
+def _meta_of_stored(tensor: Tensor) -> TensorMeta:
+    return TensorMeta.of(tensor if not tensor.is_floating_point() else tensor.to("meta", torch.float16))
+
+
+def model_source(model: nn.Module, plan: Plan, qparams: Mapping[str, QParams] | None = None,
+                 tokenizer=None) -> StoredSource:
+    """A model in memory as a `StoredSource` (min-max qparams unless a quantizer's are given)."""
+    qparams = qparams or {}
+    unknown = sorted(set(qparams) - set(plan.quantized()))
+    if unknown:
+        raise ValueError(f"qparams name layers the plan does not quantize, e.g. {unknown[:3]}; "
+                         "pass the qparams of this plan")
+    tensors, _ = model_tensors(model)
+    replaced = {f"{n}.{s}" for n in plan.quantized() for s in ("weight", "bias")}
+    metas = {k: _meta_of_stored(v) for k, v in tensors.items() if k not in replaced}
+    biases = frozenset(n for n in plan.quantized() if f"{n}.bias" in tensors)
+    block_path = find_blocks(model)[0]
+
+    def read(part: Part) -> PartTensors:
+        layers = {n: stored_layer(model.get_submodule(n), spec, qparams.get(n)) for n, spec in plan.quantized().items()
+                  if part.index is not None and block_of(n, block_path) == part.index}
+        names = part.names if part.index is None else [n for n in metas if block_of(n, block_path) == part.index]
+        return PartTensors(layers, {n: stored(tensors[n]) for n in names})
+
+    return StoredSource(model, plan, tokenizer, metas, biases, read)
 
 
 def _tokenizer(path: Path):
@@ -65,40 +141,67 @@ def _tokenizer(path: Path):
         return None  # the run saved no tokenizer; formats then write the model alone
 
 
+def _meta_skeleton(config) -> nn.Module:
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        return skeleton(config)
+
+
+@torch.no_grad()
+def _stored_from_folder(folder: NativeFolder, tensors: Mapping[str, Tensor], name: str,
+                        shape: tuple[int, int]) -> StoredLayer:
+    layer = folder.layer(tensors, name, shape)
+    return StoredLayer(layer.spec, layer.codes(), layer.qparams(), layer.dequantized_weight(), layer.bias)
+
+
+def stored_source(path: str | Path) -> StoredSource:
+    """The native folder `path` (either layout) as a `StoredSource`; nothing but headers is read here."""
+    from mixbits.model.apply import layer_shapes
+
+    folder = open_native(path)
+    structure = _meta_skeleton(folder.config)
+    shapes = layer_shapes(structure)
+    quantized = folder.plan.quantized()
+    packed = {f"{n}.{k}" for n in quantized for k in ("qweight", "scales", "qzeros", "bias")}
+    on_disk = {n: m for f in sorted(set(folder.weight_map.values())) for n, m in read_header(folder.path / f).items()}
+    order = [k for k in structure.state_dict() if k in on_disk and k not in packed]
+    metas = {k: on_disk[k] for k in order}
+    biases = frozenset(n for n in quantized if f"{n}.bias" in folder.weight_map)
+
+    def read(part: Part) -> PartTensors:
+        if part.index is None:
+            return PartTensors({}, folder.read(part.names))
+        tensors = folder.block(part.index)
+        layers = {n: _stored_from_folder(folder, tensors, n, shapes[n]) for n in quantized
+                  if block_of(n, folder.block_path) == part.index}
+        return PartTensors(layers, {k: v for k, v in tensors.items() if k in metas})
+
+    return StoredSource(structure, folder.plan, _tokenizer(folder.path), metas, biases, read)
+
+
 @torch.no_grad()
 def load_for_export(path: str | Path) -> ExportSource:
-    """The model, plan, QParams and tokenizer stored in the native folder `path`."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    """The whole model (float32), plan, QParams and tokenizer stored in the native folder `path`."""
+    folder = open_native(path)
+    model = skeleton(folder.config, torch.float32)
+    from mixbits.model.apply import layer_shapes
 
-    path = Path(path)
-    meta = _meta(path)
-    plan = Plan.from_dict(meta["plan"], source=str(path / "mixbits.json"))
-    config = AutoConfig.from_pretrained(path)
-    arch = (config.architectures or [""])[0]
-    auto = AutoModelForSequenceClassification if arch.endswith("ForSequenceClassification") else AutoModelForCausalLM
-    model = auto.from_config(config, dtype=torch.float32)
-    check_safetensors(path / WEIGHTS, "model weights")
-    tensors = load_file(str(path / WEIGHTS))
+    shapes = layer_shapes(model)
     qparams = {}
-    for name, spec in plan.quantized().items():
-        prefix = f"{name}."
-        own = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
-        module = model.get_submodule(name)
-        out_features, in_features = get_weight(module).shape
-        layer = QuantLinear.from_state(own, spec, in_features, out_features)
-        set_weight(module, layer.dequantized_weight())
-        if layer.bias is not None:
-            module.bias.copy_(layer.bias.float())
-        qparams[name] = layer.qparams()
-    plain = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
-    missing, unexpected = model.load_state_dict(plain, strict=False)
-    planned = tuple(f"{name}." for name in plan.quantized())
-    missing = [k for k in missing if k not in meta["tied"] and not k.startswith(planned)]
-    if missing or unexpected:
-        raise UserError(f"{path / WEIGHTS} does not match its config: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+    for index in [*range(folder.n_blocks), None]:
+        tensors = folder.rest() if index is None else folder.block(index)
+        for name in (n for n in folder.plan.quantized() if block_of(n, folder.block_path) == index):
+            layer = folder.layer(tensors, name, shapes[name])
+            module = model.get_submodule(name)
+            set_weight(module, layer.dequantized_weight())
+            if layer.bias is not None:
+                module.bias.copy_(layer.bias.float())
+            qparams[name] = layer.qparams()
+            tensors = {k: v for k, v in tensors.items() if not k.startswith(f"{name}.")}
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, strict=False)
     model.tie_weights()
-    return ExportSource(model.eval(), plan, qparams, _tokenizer(path))
+    return ExportSource(model.eval(), folder.plan, qparams, _tokenizer(folder.path))
 
 
 @torch.no_grad()

@@ -46,11 +46,12 @@ from gguf import GGMLQuantizationType as Q
 from torch import Tensor, nn
 
 from mixbits.errors import UserError
-from mixbits.export.ggml_blocks import encode_blocks
+from mixbits.export.from_native import StoredSource, model_source
+from mixbits.export.ggml_blocks import block_type, encode_blocks
 from mixbits.export.gguf_vocab import add_tokenizer
 from mixbits.export.rules import ExportError, Rules, require_expressible
 from mixbits.export.staging import staged_file
-from mixbits.export.tensors import StoredLayer, linear_keys, plain_tensors, stored_layers
+from mixbits.export.tensors import StoredLayer
 from mixbits.model.apply import layer_shapes
 from mixbits.plan import Plan
 from mixbits.quant.affine import QParams, minmax_qparams, quantize
@@ -158,15 +159,44 @@ def _quantized_tensors(layers, config, arch, regroup) -> dict[str, tuple[np.ndar
     return out
 
 
-def _plain(model, layers, config, arch) -> dict[str, tuple[np.ndarray, Q]]:
+def _plain(tensors: Mapping[str, Tensor], config, arch) -> dict[str, tuple[np.ndarray, Q]]:
     out = {}
-    for key, value in plain_tensors(model, linear_keys(layers)).items():
+    for key, value in tensors.items():
         heads = _rope_heads(key.rpartition(".")[0], config, arch)
         if heads is not None:
             value = value[rope_row_order(value.shape[0], heads)]
         kind = Q.F32 if value.dim() == 1 else Q.F16
         out[key] = (value.float().numpy() if kind == Q.F32 else value.half().numpy(), kind)
     return out
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What GGUF's tensor table says of one tensor before its data exists: bytes shape, numpy dtype, type."""
+
+    shape: tuple[int, ...]
+    dtype: type
+    kind: Q
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+def _part_infos(source: StoredSource, part, shapes, order) -> dict[str, TensorInfo]:
+    """The tensors of one part as `_quantized_tensors` and `_plain` will give them, from shapes alone."""
+    infos = {}
+    for name in source.part_layers(part):
+        out_features, in_features = shapes[name]
+        kind = block_type(source.plan.specs[name])
+        infos[f"{name}.weight"] = TensorInfo((out_features, in_features // 32 * gguf.GGML_QUANT_SIZES[kind][1]),
+                                             np.uint8, kind)
+        if name in source.biases:
+            infos[f"{name}.bias"] = TensorInfo((out_features,), np.float32, Q.F32)
+    for key, meta in source.part_plain_metas(part).items():
+        one_d = len(meta.shape) == 1
+        infos[key] = TensorInfo(meta.shape, np.float32 if one_d else np.float16, Q.F32 if one_d else Q.F16)
+    return {k: infos[k] for k in sorted(infos, key=order.__getitem__)}
 
 
 def _add_metadata(writer: gguf.GGUFWriter, config, arch: GGUFArch, file_type, name: str) -> None:
@@ -208,35 +238,54 @@ def write_gguf(
     tokenizer_pre: str = "default",
 ) -> Path:
     """Write `model` quantized by `plan` to the GGUF file `path`; see the module docstring."""
+    return write_gguf_from(model_source(model, plan, qparams, tokenizer), path, regroup=regroup,
+                           tokenizer_pre=tokenizer_pre)
+
+
+def write_gguf_from(source: StoredSource, path: str | Path, *, regroup: str = "repeat",
+                    tokenizer_pre: str = "default") -> Path:
+    """Write `source` (a native folder or a model, `from_native`) to the GGUF file `path`, block by
+    block: the tensor table (names, shapes, types, offsets) is computed from shapes first and
+    written with the header, then each block is read, encoded, appended and released. Peak: one block."""
     if regroup not in REGROUP:
         raise UserError(f"regroup={regroup!r}; use 'repeat' (keep the plan's codes) or 'requantize' (min-max per 32)")
-    config = model.config
+    plan, structure = source.plan, source.structure
+    config = structure.config
     arch = gguf_arch(config)
-    require_expressible(RULES, plan, layer_shapes(model))
+    shapes = layer_shapes(structure)
+    require_expressible(RULES, plan, shapes)
     coarse = sorted({s.label for s in plan.quantized().values() if s.group_size != 32})
     if coarse and regroup == "requantize":
         log.warning("GGUF blocks hold 32 weights: layers at %s are re-quantized per 32-block (min-max), so the file "
                     "is not the model mixbits evaluated; regroup='repeat' keeps the plan's codes", ", ".join(coarse))
-    layers = stored_layers(model, plan, qparams)
-    tensors = {**_plain(model, layers, config, arch), **_quantized_tensors(layers, config, arch, regroup)}
+    order = {k: i for i, k in enumerate(structure.state_dict())}
+    parts = source.parts()
+    infos = [_part_infos(source, part, shapes, order) for part in parts]
     name_map = gguf.get_tensor_name_map(arch.arch, config.num_hidden_layers)
-    named = {_gguf_name(name_map, key): tensors[key] for key in model.state_dict() if key in tensors}
     path = Path(path)
     with staged_file(path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch.arch])
         try:
-            _fill(writer, named, config, arch, tokenizer, tokenizer_pre, path.stem)
+            _fill(writer, infos, name_map, config, arch, source.tokenizer, tokenizer_pre, path.stem)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
+            writer.write_ti_data_to_file()
+            for part, part_infos in zip(parts, infos):
+                read = source.read(part)
+                arrays = {**_plain(read.plain, config, arch), **_quantized_tensors(read.layers, config, arch, regroup)}
+                for key in part_infos:
+                    writer.write_tensor_data(arrays.pop(key)[0])
+                del read, arrays
         finally:
             writer.close()
     return path
 
 
-def _fill(writer, named, config, arch, tokenizer, tokenizer_pre, name) -> None:
-    _add_metadata(writer, config, arch, _file_type([k for _, k in named.values()]), name)
+def _fill(writer, infos, name_map, config, arch, tokenizer, tokenizer_pre, name) -> None:
+    _add_metadata(writer, config, arch, _file_type([i.kind for part in infos for i in part.values()]), name)
     if tokenizer is not None:
         add_tokenizer(writer, tokenizer, config.vocab_size, tokenizer_pre)
-    for gguf_name, (data, kind) in named.items():
-        writer.add_tensor(gguf_name, data, raw_dtype=None if kind in (Q.F16, Q.F32) else kind)
+    for part in infos:
+        for key, info in part.items():
+            raw = None if info.kind in (Q.F16, Q.F32) else info.kind
+            writer.add_tensor_info(_gguf_name(name_map, key), info.shape, np.dtype(info.dtype), info.nbytes, raw_dtype=raw)

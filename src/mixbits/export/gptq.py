@@ -44,6 +44,7 @@ kernel, which takes 2, 3, 4 and 8 bits).
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -53,14 +54,16 @@ import torch
 from torch import Tensor, nn
 
 from mixbits.errors import UserError
-from mixbits.export.hf_folder import write_hf_folder
+from mixbits.export.from_native import StoredSource, model_source
+from mixbits.export.hf_stream import write_streamed_folder
 from mixbits.export.rules import ExportError, Rules, require_expressible
-from mixbits.export.tensors import StoredLayer, export_config, linear_keys, pack_int32, plain_tensors, stored_layers
+from mixbits.export.shard_file import TensorMeta
+from mixbits.export.tensors import StoredLayer, export_config, pack_int32
 from mixbits.model.apply import layer_shapes
 from mixbits.model.arch import find_linears, tied_groups
 from mixbits.plan import Plan
 from mixbits.quant.affine import FP16_MAX, FP16_TINY, QParams, group_view, quantize
-from mixbits.quant.groups import effective_group_size
+from mixbits.quant.groups import effective_group_size, num_groups
 from mixbits.quant.spec import KEEP, QuantSpec
 
 log = logging.getLogger(__name__)
@@ -153,6 +156,19 @@ def _layer_tensors(name: str, layer: StoredLayer, checkpoint_format: str) -> tup
     return tensors, refitted
 
 
+def gptq_metas(name: str, shape: tuple[int, int], spec: QuantSpec, has_bias: bool) -> dict[str, TensorMeta]:
+    """The tensors `gptq_tensors` (and the bias) give for a layer of `shape` = (out, in), from shapes alone."""
+    out_features, in_features = shape
+    groups = num_groups(in_features, spec.group_size)
+    metas = {f"{name}.qweight": TensorMeta((math.ceil(in_features * spec.bits / 32), out_features), torch.int32),
+             f"{name}.qzeros": TensorMeta((groups, math.ceil(out_features * spec.bits / 32)), torch.int32),
+             f"{name}.scales": TensorMeta((groups, out_features), torch.float16),
+             f"{name}.g_idx": TensorMeta((in_features,), torch.int32)}
+    if has_bias:
+        metas[f"{name}.bias"] = TensorMeta((out_features,), torch.float16)
+    return metas
+
+
 def write_gptq(
     model: nn.Module,
     plan: Plan,
@@ -163,23 +179,41 @@ def write_gptq(
     checkpoint_format: str = "gptq",
 ) -> Path:
     """Write `model` quantized by `plan` as a GPTQ folder at `path`; see the module docstring."""
+    return write_gptq_from(model_source(model, plan, qparams, tokenizer), path, checkpoint_format=checkpoint_format)
+
+
+def write_gptq_from(source: StoredSource, path: str | Path, *, checkpoint_format: str = "gptq") -> Path:
+    """Write `source` (a native folder or a model, `from_native`) as a GPTQ folder, block by block:
+    each block's layers are read, converted and appended, then released. Peak: one block."""
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise UserError(f"checkpoint_format={checkpoint_format!r}; use 'gptq' (v1, widest support) or 'gptq_v2'")
-    linears = find_linears(model)
-    units = tied_groups(model, linears)
-    require_expressible(RULES, plan, layer_shapes(model), [u for u in units if len(u) > 1])
+    plan, structure = source.plan, source.structure
+    units = tied_groups(structure, find_linears(structure))
+    shapes = layer_shapes(structure)
+    require_expressible(RULES, plan, shapes, [u for u in units if len(u) > 1])
     config = quantization_config(plan, units, checkpoint_format)
-    layers = stored_layers(model, plan, qparams)
-    tensors, refitted = {}, {}
-    for name, layer in layers.items():
-        own, count = _layer_tensors(name, layer, checkpoint_format)
-        tensors.update(own)
-        if count:
-            refitted[name] = count
-    if refitted:
-        log.warning("GPTQ v1 cannot store a zero-point of 0: re-fitted %d group(s) in %d layer(s) with zero-point 1 "
-                    "(checkpoint_format='gptq_v2' keeps them exactly)", sum(refitted.values()), len(refitted))
-    tensors.update(plain_tensors(model, linear_keys(layers)))
-    side = {"quantize_config.json": config,
-            "mixbits-export.json": {"format": "gptq", "plan": plan.to_dict(), "refitted_zero_groups": refitted}}
-    return write_hf_folder(path, export_config(model, config), tensors, tokenizer, side, kind="gptq")
+    parts = source.parts()
+    metas = [{k: m for n in source.part_layers(part)
+              for k, m in gptq_metas(n, shapes[n], plan.specs[n], n in source.biases).items()}
+             | source.part_plain_metas(part) for part in parts]
+    refitted: dict[str, int] = {}
+
+    def produce(i: int) -> dict[str, Tensor]:
+        read = source.read(parts[i])
+        tensors = dict(read.plain)
+        for name, layer in read.layers.items():
+            own, count = _layer_tensors(name, layer, checkpoint_format)
+            tensors.update(own)
+            if count:
+                refitted[name] = count
+        return tensors
+
+    def side() -> dict:
+        if refitted:
+            log.warning("GPTQ v1 cannot store a zero-point of 0: re-fitted %d group(s) in %d layer(s) with zero-point "
+                        "1 (checkpoint_format='gptq_v2' keeps them exactly)", sum(refitted.values()), len(refitted))
+        return {"quantize_config.json": config,
+                "mixbits-export.json": {"format": "gptq", "plan": plan.to_dict(), "refitted_zero_groups": refitted}}
+
+    return write_streamed_folder(path, export_config(source.config, config), metas, produce, source.tokenizer, side,
+                                 kind="gptq")

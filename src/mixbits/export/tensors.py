@@ -104,9 +104,9 @@ def pack_int32(codes: Tensor, bits: int) -> Tensor:
     return raw.contiguous().view(torch.int32).view(rows, words)[:, : math.ceil(n * bits / 32)].contiguous()
 
 
-def export_config(model: nn.Module, quantization_config: dict | None = None):
-    """A copy of the model's config that records float16 storage and the quantization config."""
-    config = copy.deepcopy(model.config)
+def export_config(config, quantization_config: dict | None = None):
+    """A copy of a model's config (or of `model.config`) recording float16 storage and the quantization config."""
+    config = copy.deepcopy(getattr(config, "config", config))
     config.dtype = torch.float16
     if quantization_config is not None:
         config.quantization_config = quantization_config
