@@ -298,12 +298,13 @@ def test_an_earlier_export_is_replaced_only_with_overwrite(first_run, tmp_path):
     args = ("export", "--format", "native", "--run-dir", str(first_run), "--out", str(out), "--no-verbose")
     assert invoke(*args).exit_code == 0
     (out / "notes.md").write_text("my notes")
-    weights = sha(out / "model.safetensors")
+    weights = {p.name: sha(p) for p in out.glob("*.safetensors")}
+    assert weights
     again = invoke(*args)
     one_line_refusal(again, out, "--overwrite")
     r = invoke(*args, "--overwrite")
     assert r.exit_code == 0, r.output
-    assert (out / "notes.md").read_text() == "my notes" and sha(out / "model.safetensors") == weights
+    assert (out / "notes.md").read_text() == "my notes" and {p.name: sha(p) for p in out.glob("*.safetensors")} == weights
     assert not (out / ".mixbits.lock").exists() and [p for p in tmp_path.iterdir()] == [out]
 
 
@@ -404,7 +405,9 @@ def test_an_export_inside_the_run_folder_goes_with_the_run_on_overwrite(first_ru
     run_dir = copy_run(first_run, tmp_path / "run")
     r = invoke("export", "--format", "native", "--run-dir", str(run_dir), "--no-verbose")  # default: RUN_DIR/export-native
     assert r.exit_code == 0, r.output
-    assert "export-native/model.safetensors" in json.loads((run_dir / ".mixbits-manifest.json").read_text())["files"]
+    listed = json.loads((run_dir / ".mixbits-manifest.json").read_text())["files"]
+    assert "export-native/mixbits.json" in listed and any(f.endswith(".safetensors") for f in listed
+                                                          if f.startswith("export-native/"))
     r = run_cli(tiny_model_dir, tiny_text_file, run_dir, "--plan", str(first_run / "plan.json"), "--no-report",
                 "--no-baselines", "--overwrite")
     assert r.exit_code == 0, r.output
