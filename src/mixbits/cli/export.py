@@ -40,7 +40,8 @@ def export_cmd(
     if fmt not in EXPORT_FORMATS:
         raise typer.BadParameter(f"--format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     from mixbits.export.formats import expressible, export as export_model, fused_groups
-    from mixbits.export.from_native import load_for_export
+    from mixbits.export.from_native import load_for_export, stored_source
+    from mixbits.export.streamed import export_stored
     from mixbits.export.roundtrip import source_for
     from mixbits.model.apply import layer_shapes
     from mixbits.model.load import load_model
@@ -49,17 +50,22 @@ def export_cmd(
                "gguf": {"regroup": gguf_regroup, "tokenizer_pre": gguf_pre}}.get(fmt, {})
     target = out or run_dir / f"export-{fmt}"
     with user_errors(), claim_output(target, run_dir, fmt, overwrite) as target:
-        source = load_for_export(run_dir / "model")
-        shapes, fused = layer_shapes(source.model), fused_groups(source.model)
-        if nearest and expressible(fmt, source.plan, shapes, fused):
+        stored = stored_source(run_dir / "model")  # block by block, unless the plan must change
+        shapes, fused = layer_shapes(stored.structure), fused_groups(stored.structure)
+        plan = stored.plan
+        if not (nearest and expressible(fmt, stored.plan, shapes, fused)):
+            path = export_stored(stored, target, fmt, **options)
+        else:
+            source = load_for_export(run_dir / "model")
             name = json.loads((run_dir / "results.json").read_text())["config"]["model"]
             original, _ = load_model(name)
             source, changed = source_for(fmt, source, original)
             console.print(f"the plan was adjusted to what {fmt} stores (bits rounded up); {changed} changed layers "
                           "re-quantized")
-        path = export_model(source.model, source.plan, target, fmt, source.tokenizer, source.qparams, **options)
+            path, plan = export_model(source.model, source.plan, target, fmt, source.tokenizer, source.qparams,
+                                      **options), source.plan
         if nearest and path.is_file():  # folder formats record their plan in mixbits-export.json / mixbits.json
-            source.plan.save(path.with_suffix(".plan.json"))
+            plan.save(path.with_suffix(".plan.json"))
     adopt(run_dir, path)  # an export inside the run folder goes when the run is replaced with --overwrite
     console.print(f"wrote {path}")
 

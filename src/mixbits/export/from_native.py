@@ -79,6 +79,7 @@ class StoredSource:
     plain_metas: dict[str, TensorMeta]
     biases: frozenset[str]
     read: object = field(repr=False)
+    tied: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def config(self):
@@ -117,7 +118,7 @@ def model_source(model: nn.Module, plan: Plan, qparams: Mapping[str, QParams] | 
     if unknown:
         raise ValueError(f"qparams name layers the plan does not quantize, e.g. {unknown[:3]}; "
                          "pass the qparams of this plan")
-    tensors, _ = model_tensors(model)
+    tensors, tied = model_tensors(model)
     replaced = {f"{n}.{s}" for n in plan.quantized() for s in ("weight", "bias")}
     metas = {k: _meta_of_stored(v) for k, v in tensors.items() if k not in replaced}
     biases = frozenset(n for n in plan.quantized() if f"{n}.bias" in tensors)
@@ -129,7 +130,7 @@ def model_source(model: nn.Module, plan: Plan, qparams: Mapping[str, QParams] | 
         names = part.names if part.index is None else [n for n in metas if block_of(n, block_path) == part.index]
         return PartTensors(layers, {n: stored(tensors[n]) for n in names})
 
-    return StoredSource(model, plan, tokenizer, metas, biases, read)
+    return StoredSource(model, plan, tokenizer, metas, biases, read, tied)
 
 
 def _tokenizer(path: Path):
@@ -177,7 +178,7 @@ def stored_source(path: str | Path) -> StoredSource:
                   if block_of(n, folder.block_path) == part.index}
         return PartTensors(layers, {k: v for k, v in tensors.items() if k in metas})
 
-    return StoredSource(structure, folder.plan, _tokenizer(folder.path), metas, biases, read)
+    return StoredSource(structure, folder.plan, _tokenizer(folder.path), metas, biases, read, dict(folder.tied))
 
 
 @torch.no_grad()

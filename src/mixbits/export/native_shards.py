@@ -38,6 +38,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
 
 from mixbits.errors import UserError
@@ -45,10 +46,7 @@ from mixbits.export.shard_file import TensorMeta, file_nbytes, read_header, writ
 from mixbits.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from mixbits.outdir import MANIFEST, Manifest, files_under, read_manifest
 from mixbits.plan import Plan
-from mixbits.quant.affine import QParams
-from mixbits.quant.groups import num_groups
-from mixbits.quant.packing import packed_nbytes
-from mixbits.quant.qlinear import QuantLinear
+from mixbits.quant.packed import packed_shapes, packed_tensors
 from mixbits.quant.spec import QuantSpec
 from mixbits.safeload import check_safetensors
 
@@ -60,6 +58,7 @@ REST = "model-rest.safetensors"
 PROGRESS = "progress.json"
 SHARD_METADATA = {"format": "pt"}  # what transformers expects in a safetensors header
 PACKED = ("qweight", "scales", "qzeros", "bias")
+__all__ = ["INDEX", "NATIVE_FORMAT", "NativeWriter", "block_file", "native_size_of", "packed_tensors", "shard_metas"]
 
 
 def block_file(index: int) -> str:
@@ -83,27 +82,11 @@ def block_of(name: str, block_path: str | None) -> int | None:
     return int(head) if head.isdigit() else None
 
 
-def packed_tensors(name: str, weight: Tensor, spec: QuantSpec, qparams: QParams | None = None,
-                   bias: Tensor | None = None) -> dict[str, Tensor]:
-    """The one packing of a linear: `{name}.qweight/.scales/.qzeros(/.bias)` on the CPU.
-
-    `weight` [out, in] is quantized with `qparams` (a quantizer's, reproducing its codes exactly)
-    or min-max per `spec`; see `QuantLinear`. Peak: one dense copy of the layer's codes."""
-    layer = QuantLinear.from_weight(weight.detach(), bias, spec, qparams)
-    return {f"{name}.{key}": value.detach().cpu().contiguous() for key, value in layer.state_dict().items()}
-
-
 def packed_metas(name: str, out_features: int, in_features: int, spec: QuantSpec,
                  has_bias: bool) -> dict[str, TensorMeta]:
     """The metas `packed_tensors` produces for a layer of this shape, without packing anything."""
-    groups = out_features * num_groups(in_features, spec.group_size)
-    zeros = 0 if spec.symmetric else packed_nbytes(groups, spec.bits)
-    metas = {f"{name}.qweight": TensorMeta((packed_nbytes(out_features * in_features, spec.bits),), torch.uint8),
-             f"{name}.scales": TensorMeta((out_features, num_groups(in_features, spec.group_size)), torch.float16),
-             f"{name}.qzeros": TensorMeta((zeros,), torch.uint8)}
-    if has_bias:
-        metas[f"{name}.bias"] = TensorMeta((out_features,), torch.float16)
-    return metas
+    return {k: TensorMeta(shape, dtype) for k, (shape, dtype) in
+            packed_shapes(name, out_features, in_features, spec, has_bias).items()}
 
 
 def stored(tensor: Tensor) -> Tensor:
@@ -249,6 +232,12 @@ class NativeWriter:
             raise ValueError(f"write_rest was given tensors of blocks, e.g. {inside[:3]}; use write_block")
         sha = write_shard(self.out_dir / REST, {k: stored(v) for k, v in tensors.items()}, SHARD_METADATA)
         self._record(REST, sha, tied or {})
+
+    def read_block(self, index: int) -> dict[str, Tensor]:
+        """The tensors of a finished block, as written (a resumed run continues from them)."""
+        if not self._valid(block_file(index)):
+            raise ValueError(f"block {index} is not finished in {self.out_dir}; see done_blocks()")
+        return load_file(str(self.out_dir / block_file(index)))
 
     def finish(self) -> int:
         """Write the index, mixbits.json, config and tokenizer; returns the bytes of the shards."""
