@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from mixbits.cli import app
-from mixbits.config import DataConfig, RunConfig, compute_torch_dtype, parse_max_memory
+from mixbits.config import DataConfig, RunConfig, TrainConfig, compute_torch_dtype, parse_max_memory
 from mixbits.errors import UserError
 from mixbits.eval.streamed import Scorer
 from mixbits.model.arch import find_linears
@@ -158,6 +158,9 @@ def test_prediction_follows_the_settings(folder):
     assert whole.stages[-1].parts["quantized copies"] == 3 * shapes.total_params * 4  # mixed + 2 baselines
     assert predict(calib=32, seqlen=128, stream=False, baselines=False).stages[-1].parts["quantized copies"] == \
         shapes.total_params * 4
+    qat = predict(calib=32, seqlen=128, train=TrainConfig(init="gptq"))  # --qat still loads the whole model
+    assert qat.stages[-1].stage == "train" and qat.stages[-1].parts["original model"] == shapes.total_params * 4
+    assert qat.held["mapped shard pages"] == 0 and base.held["mapped shard pages"] > 0
     assert "predicted peak" in base.describe() and base.peak.stage in base.describe()
 
 

@@ -15,13 +15,15 @@ holds throughout:
                                for every later variant, so the count of variants costs time, not memory
              train             Block-AP (with --qat): one block in float32 with its gradient and
                                AdamW's two moments, the training and validation boundaries
-    runtime                    python, torch, transformers and mixbits (about 0.4 GiB measured on
-                               the CPU, counted as 0.6 GiB), the tokenizer and the texts
+    runtime                    python, torch, transformers and mixbits, the tokenizer and the texts:
+                               0.75-0.80 GiB measured for `mixbits run` / `analyze` on the CPU with a
+                               6 M-parameter checkpoint (bench/memory.py --sizes tiny), counted as 0.8 GiB
     mapped shard pages         while a piece is read, its bytes in the checkpoint's dtype are
                                resident as file-backed pages of the open shard
 
-Each stage's head (final norm, head, one batch's logits) is one of its phases. With stream=False
-(today's whole-model path) every variant is a float32 copy of the whole model, all alive at once.
+Each stage's head (final norm, head, one batch's logits) is one of its phases. With stream=False,
+or an option that still loads the whole model (--iterative, --qat, --tasks), every variant is a
+float32 copy of the whole model, all alive at once, and training comes on top of them.
 
 On CUDA the stages' tensors are compared with the device's budget (`cuda:N=...`), the runtime and
 mapped pages with the host's (`cpu=...`). `check_run_memory` logs the prediction with its parts and,
@@ -59,9 +61,9 @@ from mixbits.model.memory import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RUNTIME_BYTES", "RunMemory", "check_run_memory", "predict_run", "skeleton_of"]
+__all__ = ["RUNTIME_BYTES", "RunMemory", "check_run_memory", "predict_run", "skeleton_of", "streams"]
 
-RUNTIME_BYTES = 600 * 2**20  # python + torch + transformers + mixbits on the CPU (0.4 GiB measured) + margin
+RUNTIME_BYTES = 820 * 2**20  # a mixbits process on the CPU: 0.75-0.80 GiB measured on a 6 M-parameter model
 CUDA_CONTEXT_BYTES = 512 * 2**20  # the CUDA context and kernels on the device
 _AUTO_FULL_BYTES = 256 * 2**20  # eval/streamed.py's topk="auto": full log-probs up to this size, else top-64
 _AUTO_TOPK = 64
@@ -193,37 +195,53 @@ def predict_run(
     """The run's predicted peak (module docstring). `variants`: models quantized and scored besides
     the original (default: mixed + two uniform baselines, or the mixed one alone without baselines);
     `eval_windows`: the test windows (default from cfg; for 0, the whole split, estimated)."""
+    streamed = streams(cfg)
     dtype = compute_torch_dtype(cfg.compute_dtype) or (
-        checkpoint_dtype if device.type == "cuda" and cfg.stream else torch.float32)
+        checkpoint_dtype if device.type == "cuda" and streamed else torch.float32)
     variants = variants if variants is not None else (3 if cfg.baselines else 1)
     eval_n = _eval_windows(cfg, eval_windows)
     d, offload = cfg.data, cfg.offload_dir is not None
     stages = []
     if cfg.plan is None:
         stages.append(predict_fisher(shapes, windows=d.calib_windows, seqlen=d.seqlen, dtype=dtype,
-                                     streamed=cfg.stream, offload=offload))
+                                     streamed=streamed, offload=offload))
         if cfg.quantizer != "rtn" and cfg.damage == "follow":
             stages.append(_rename(predict_gptq(shapes, windows=d.calib_windows, seqlen=d.seqlen, dtype=dtype,
-                                               streamed=cfg.stream), "gain table"))
-    stages.append(_quantize_evaluate(cfg, shapes, dtype, eval_n) if cfg.stream
+                                               streamed=streamed), "gain table"))
+    stages.append(_quantize_evaluate(cfg, shapes, dtype, eval_n) if streamed
                   else _whole_model(cfg, shapes, dtype, eval_n, 1 + variants))
-    if cfg.train is not None:
-        stages.append(_train(cfg, shapes))
+    if cfg.train is not None:  # after quantization; without streaming the models stay alive
+        train = _train(cfg, shapes)
+        if not streamed:
+            models = {k: v for k, v in stages[-1].parts.items() if k in ("original model", "quantized copies")}
+            train = dataclasses.replace(train, parts=MappingProxyType({**models, **train.parts}))
+        stages.append(train)
     block = max(range(shapes.n_blocks), key=lambda i: shapes.block_params[i]) if shapes.n_blocks else 0
     largest_piece = max(max(shapes.block_params, default=0), shapes.outside_params)
     held = {"runtime": RUNTIME_BYTES,
-            "mapped shard pages": largest_piece * checkpoint_dtype.itemsize if cfg.stream else 0}
+            "mapped shard pages": largest_piece * checkpoint_dtype.itemsize if streamed else 0}
     budget_device = "cpu" if device.type == "cpu" else f"cuda:{device.index or 0}"
     return RunMemory(budget_device, dtype, tuple(stages), MappingProxyType(held), block,
                      shapes.block_params[block] * dtype.itemsize if shapes.n_blocks else 0)
 
 
+def streams(cfg: RunConfig) -> bool:
+    """Whether the run works block by block: cfg.stream, and none of the options that still load the
+    whole model (--iterative, --qat, zero-shot --tasks; `jobs.run_streamed.whole_model_reasons`)."""
+    return cfg.stream and cfg.iterative is None and cfg.train is None and not cfg.tasks
+
+
 def skeleton_of(source: str | Path) -> tuple[nn.Module, torch.dtype]:
-    """(the model on the meta device, the checkpoint's dtype from config.json) of a local folder;
-    reads config.json only."""
+    """(the model on the meta device, the checkpoint's dtype from config.json) of a local folder or
+    a hub id (its config only); reads no weight."""
     from mixbits.model.lazy import _load_config, _skeleton
 
-    config = _load_config(Path(source))
+    if Path(source).expanduser().is_dir():
+        config = _load_config(Path(source).expanduser())
+    else:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(source), trust_remote_code=False)
     stored = getattr(config, "torch_dtype", None) or getattr(config, "dtype", None) or torch.float32
     stored = getattr(torch, stored) if isinstance(stored, str) else stored
     return _skeleton(config, torch.float32), stored

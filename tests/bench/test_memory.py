@@ -1,0 +1,63 @@
+"""bench/memory.py on its tiny size, so the script cannot rot.
+
+No figure is asserted beyond being measured: the test checks that the checkpoint is built shard by
+shard with the embedded tokenizer, that each stage ran as its own process with a peak RSS, wall time
+and (where the budget module covers it) a prediction, and that the checkpoints are deleted unless kept.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors import safe_open
+
+from tests.bench import load_bench_script
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_bench_script("memory")
+
+
+def test_checkpoint_is_built_shard_by_shard(bench, tmp_path):
+    shape = bench.SIZES["tiny"]
+    nbytes = bench.build_checkpoint(tmp_path, shape)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) == shape.blocks + 2  # embeddings, each block, final norm + head
+    assert index["metadata"]["total_size"] == nbytes == 2 * shape.params()  # bf16
+    with safe_open(str(tmp_path / index["weight_map"]["model.layers.1.mlp.down_proj.weight"]), "pt") as f:
+        assert sorted(f.keys()) == sorted(k for k in index["weight_map"] if k.startswith("model.layers.1."))
+        assert f.get_tensor("model.layers.1.mlp.down_proj.weight").dtype.is_floating_point
+    assert (tmp_path / "tokenizer.json").is_file()
+    from transformers import AutoConfig, AutoTokenizer
+
+    assert len(AutoTokenizer.from_pretrained(tmp_path)) == bench.VOCAB
+    assert AutoConfig.from_pretrained(tmp_path).num_hidden_layers == shape.blocks
+
+
+def test_tiny_run_measures_each_stage_and_deletes_the_checkpoint(bench, tmp_path):
+    data = bench.main(["--sizes", "tiny", "--stages", "export-gguf", "--out", str(tmp_path), "--threads", "1",
+                       "--seqlen", "64", "--timeout", "300"])
+    rows = {r["stage"]: r for r in data["rows"]}
+    assert list(rows) == ["run-rtn", "export-gguf"]  # export reads run-rtn's folder, so it ran first
+    for row in rows.values():
+        assert row["status"] == "ok", row
+        assert row["rc"] == 0 and row["peak_mib"] > 100 and row["wall_s"] > 0
+    assert rows["run-rtn"]["predicted_mib"] > 0 and rows["export-gguf"]["predicted_mib"] is None
+    assert (tmp_path / "tiny" / "export-gguf" / "model.gguf").is_file()
+    text = (tmp_path / "memory.md").read_text()
+    assert "Random weights measure memory and time only" in text and "| tiny | " in text
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_unknown_stage_is_refused(bench, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--stages", "run-rtn,quantize", "--out", str(tmp_path)])
+    assert "unknown sizes or stages ['quantize']" in capsys.readouterr().err
+
+
+def test_keep_checkpoints_keeps_them(bench, tmp_path):
+    data = bench.main(["--sizes", "tiny", "--stages", "", "--out", str(tmp_path), "--keep-checkpoints"])
+    assert data["rows"] == [] and (tmp_path / "checkpoints" / "tiny" / "model.safetensors.index.json").is_file()
