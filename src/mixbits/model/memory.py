@@ -202,8 +202,8 @@ def predict_gptq(
     """A block-wise GPTQ pass: one block, its linears' float32 Hessians, two boundaries, and GPTQ's
     working set for the largest linear (the inverse Hessian factor and float32 copies of W, Q, E).
     Hessians are counted one per linear; linears that share an input share one Gram matrix in
-    `quant/` (q/k/v, gate/up), so this bounds them from above. Not yet checked against a measured
-    peak: the GPTQ stage does not stream from a lazy checkpoint yet."""
+    `quant/` (q/k/v, gate/up), so this bounds them from above. Checked against the measured peak of
+    `model.quantize_streamed` (with its evaluation) in tests/model/test_budget.py."""
     b = dtype.itemsize
     block, outside = _weights(shapes, b, streamed)
     boundary = windows * seqlen * shapes.hidden * b
