@@ -91,6 +91,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.add_argument("--group-sizes", default="128")
     a.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="pass --stream/--no-stream to mixbits run (and predict that path)")
+    a.add_argument("--nearest", action="store_true", help="export --nearest: round up bits the format lacks "
+                   "(then the export re-quantizes from the original model instead of streaming the run's codes)")
     a.add_argument("--threads", type=int, default=2)
     a.add_argument("--timeout", type=float, default=600.0, help="seconds before a stage is killed")
     a.add_argument("--seed", type=int, default=0)
@@ -186,7 +188,7 @@ def stage_argv(stage: str, model: Path, out: Path, args: argparse.Namespace) -> 
     fmt = stage.removeprefix("export-")
     target = out / stage / ("model.gguf" if fmt == "gguf" else "model")
     return _mixbits() + ["export", "--format", fmt, "--run-dir", str(out / "run-rtn"), "--out", str(target),
-                         "--nearest", "--no-verbose"]  # bits the format lacks rounded up
+                         "--nearest" if args.nearest else "--no-nearest", "--no-verbose"]
 
 
 def predicted_bytes(stage: str, model: Path, args: argparse.Namespace) -> int | None:

@@ -39,7 +39,7 @@ def test_checkpoint_is_built_shard_by_shard(bench, tmp_path):
 
 def test_tiny_run_measures_each_stage_and_deletes_the_checkpoint(bench, tmp_path):
     data = bench.main(["--sizes", "tiny", "--stages", "export-gguf", "--out", str(tmp_path), "--threads", "1",
-                       "--seqlen", "64", "--timeout", "300"])
+                       "--seqlen", "64", "--bits", "4,8", "--group-sizes", "32", "--bpw", "5", "--timeout", "300"])
     rows = {r["stage"]: r for r in data["rows"]}
     assert list(rows) == ["run-rtn", "export-gguf"]  # export reads run-rtn's folder, so it ran first
     for row in rows.values():
