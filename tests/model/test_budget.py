@@ -168,13 +168,13 @@ def test_prediction_follows_the_settings(folder):
 
 def _reference(ckpt, windows) -> Scorer:
     """The original scored through the blocks (what a streamed run does before its variants)."""
-    scorer = Scorer(windows, device=CPU)
+    scorer = Scorer(windows, device=ckpt.device)
     with ckpt.resident() as model:
         inputs = capture_block_inputs(model, windows, batch_size=1, store=CPU, progress=False)
     hidden, as_tuple = list(inputs.hidden), False
     for i in range(ckpt.n_blocks):
         with ckpt.block(i) as block:
-            outs = [call_block(block, h, a, k) for h, a, k in zip(hidden, inputs.args, inputs.kwargs)]
+            outs = [call_block(block, h.to(ckpt.device), a, k) for h, a, k in zip(hidden, inputs.args, inputs.kwargs)]
         hidden, as_tuple = [o for o, _ in outs], outs[0][1]
     with ckpt.resident() as model:
         scorer.score(model, hidden, as_tuple, "original", reference=True)
@@ -207,3 +207,29 @@ def test_run_prediction_is_not_below_the_measured_peak(folder, tmp_path, quantiz
         measured = measured_peak(run, folder, tmp_path)
         assert stage[name].total >= 0.9 * measured, (name, measured, stage[name])
         assert stage[name].total <= 3 * measured, (name, measured, stage[name])  # not a blanket over-estimate
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_prediction_covers_the_device_peak(folder):
+    """On CUDA the blocks run in the checkpoint's dtype; the stages' tensors are compared with the
+    device's peak (boundaries wait on the host here, so the prediction is an upper bound)."""
+    n, seqlen, cuda = 4, 64, torch.device("cuda")
+    cfg = config(calib=n, seqlen=seqlen, evals=n, quantizer="gptq", max_memory="cuda:0=8GiB,cpu=8GiB")
+    ckpt = open_checkpoint(folder, device=cuda)
+    gen = torch.Generator().manual_seed(0)
+    calib, test = (torch.randint(0, 256, (n, seqlen), generator=gen) for _ in range(2))
+    shapes = {k: (i.out_features, i.in_features) for k, i in find_linears(ckpt.model).items()}
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    scorer = _reference(ckpt, test)
+    quantize_streamed(ckpt, Plan.uniform(shapes, QuantSpec(4, 64)), quantizer="gptq", windows=calib, scorer=scorer,
+                      progress=False)
+    measured = torch.cuda.max_memory_allocated() - start
+    predicted = predict_run(cfg, model_shapes(ckpt.model), device=cuda, checkpoint_dtype=torch.bfloat16)
+    assert predicted.dtype == torch.bfloat16 and predicted.budget_device == "cuda:0"
+    stage = {s.stage: s for s in predicted.stages}["quantize+evaluate"]
+    assert stage.total >= 0.9 * measured, (measured, stage)
+    memory = check_run_memory(cfg, folder, device=cuda)  # fits: no refusal
+    assert memory.on("cpu") == sum(memory.held.values()) and memory.on("cuda:0") > memory.peak.total
