@@ -30,10 +30,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from mixbits.errors import UserError
 from mixbits.export.native import NativeFolder, model_tensors, open_native, skeleton
 from mixbits.export.native_shards import block_of, stored
 from mixbits.export.shard_file import TensorMeta, read_header
 from mixbits.export.tensors import StoredLayer, stored_layer
+from mixbits.model.apply import layer_shapes
 from mixbits.model.arch import find_blocks, get_weight, set_weight
 from mixbits.plan import Plan
 from mixbits.quant.affine import QParams
@@ -158,8 +160,6 @@ def _stored_from_folder(folder: NativeFolder, tensors: Mapping[str, Tensor], nam
 
 def stored_source(path: str | Path) -> StoredSource:
     """The native folder `path` (either layout) as a `StoredSource`; nothing but headers is read here."""
-    from mixbits.model.apply import layer_shapes
-
     folder = open_native(path)
     structure = _meta_skeleton(folder.config)
     shapes = layer_shapes(structure)
@@ -186,8 +186,6 @@ def load_for_export(path: str | Path) -> ExportSource:
     """The whole model (float32), plan, QParams and tokenizer stored in the native folder `path`."""
     folder = open_native(path)
     model = skeleton(folder.config, torch.float32)
-    from mixbits.model.apply import layer_shapes
-
     shapes = layer_shapes(model)
     qparams = {}
     for index in [*range(folder.n_blocks), None]:
@@ -200,7 +198,10 @@ def load_for_export(path: str | Path) -> ExportSource:
                 module.bias.copy_(layer.bias.float())
             qparams[name] = layer.qparams()
             tensors = {k: v for k, v in tensors.items() if not k.startswith(f"{name}.")}
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, strict=False)
+        _, unexpected = model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                                               for k, v in tensors.items()}, strict=False)
+        if unexpected:
+            raise UserError(f"{folder.path} holds tensors its config does not have: {unexpected[:5]}")
     model.tie_weights()
     return ExportSource(model.eval(), folder.plan, qparams, _tokenizer(folder.path))
 

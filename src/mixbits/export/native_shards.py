@@ -57,7 +57,6 @@ INDEX = "model.safetensors.index.json"
 REST = "model-rest.safetensors"
 PROGRESS = "progress.json"
 SHARD_METADATA = {"format": "pt"}  # what transformers expects in a safetensors header
-PACKED = ("qweight", "scales", "qzeros", "bias")
 __all__ = ["INDEX", "NATIVE_FORMAT", "NativeWriter", "block_file", "native_size_of", "packed_tensors", "shard_metas"]
 
 

@@ -18,18 +18,17 @@ from __future__ import annotations
 import copy
 import math
 import sys
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from mixbits.model.arch import get_bias, get_weight
-from mixbits.plan import Plan
 from mixbits.quant.affine import QParams, minmax_qparams, quantize
 from mixbits.quant.packing import pack_bits
 from mixbits.quant.qlinear import check_storable
-from mixbits.quant.spec import QuantSpec
+from mixbits.quant import kquant
+from mixbits.quant.spec import GGMLSpec, QuantSpec
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,8 +44,16 @@ class StoredLayer:
 
 
 def stored_layer(module: nn.Module, spec: QuantSpec, qparams: QParams | None = None) -> StoredLayer:
-    """The stored form of one linear: min-max qparams unless given (then checked storable)."""
+    """The stored form of one linear: min-max qparams unless given (then checked storable).
+
+    A ggml type (`GGMLSpec`, GGUF) is stored as `kquant`'s codes and `GGMLParams` (given, or
+    chosen from the weight with uniform importance)."""
     weight = get_weight(module).detach().float().cpu()
+    if isinstance(spec, GGMLSpec):
+        params = qparams if qparams is not None else kquant.choose_params(weight, spec)
+        bias = get_bias(module)
+        bias = None if bias is None else bias.detach().cpu().to(torch.float16)
+        return StoredLayer(spec, kquant.quantize(weight, params), params, weight, bias)
     if qparams is None:
         qp = minmax_qparams(weight, spec)
     else:
@@ -55,38 +62,6 @@ def stored_layer(module: nn.Module, spec: QuantSpec, qparams: QParams | None = N
     bias = get_bias(module)
     bias = None if bias is None else bias.detach().cpu().to(torch.float16)
     return StoredLayer(spec, quantize(weight, qp, spec), qp, weight, bias)
-
-
-def stored_layers(
-    model: nn.Module, plan: Plan, qparams: Mapping[str, QParams] | None = None
-) -> dict[str, StoredLayer]:
-    """Every quantized layer of `plan` in its stored form, in plan order."""
-    qparams = qparams or {}
-    unknown = sorted(set(qparams) - set(plan.quantized()))
-    if unknown:
-        raise ValueError(f"qparams name layers the plan does not quantize, e.g. {unknown[:3]}; "
-                         "pass the qparams of this plan")
-    return {name: stored_layer(model.get_submodule(name), spec, qparams.get(name))
-            for name, spec in plan.quantized().items()}
-
-
-def plain_tensors(model: nn.Module, skip: set[str]) -> dict[str, Tensor]:
-    """Every state-dict tensor not in `skip`, floats in float16; of tied tensors only the first name."""
-    tensors: dict[str, Tensor] = {}
-    seen: set[tuple[int, tuple[int, ...]]] = set()
-    for key, value in model.state_dict().items():
-        ident = (value.untyped_storage().data_ptr(), tuple(value.shape))
-        if key in skip or ident in seen:
-            continue
-        seen.add(ident)
-        value = value.detach().cpu()
-        tensors[key] = (value.half() if value.is_floating_point() else value).contiguous()
-    return tensors
-
-
-def linear_keys(layers: Mapping[str, StoredLayer]) -> set[str]:
-    """The dense state-dict keys that the stored layers replace."""
-    return {f"{name}.{suffix}" for name in layers for suffix in ("weight", "bias")}
 
 
 def pack_int32(codes: Tensor, bits: int) -> Tensor:
