@@ -1,11 +1,17 @@
 """GGUF files for llama.cpp and Ollama, written directly from mixbits' codes with the `gguf`
 package, so the plan's per-layer allocation reaches llama.cpp unchanged.
 
-Per layer, the plan's spec picks a ggml legacy type (`ggml_blocks`): 4 bits -> Q4_0
-(symmetric) or Q4_1, 5 bits -> Q5_0 or Q5_1, 8 bits -> Q8_0, fp16 -> F16. llama.cpp has no
-legacy 2-, 3- or 6-bit type (its K-quants re-quantize with their own super-block scheme, which
-would discard mixbits' codes), so such plans are refused before writing, with the nearest
-plan. A row must split into blocks of 32 (`in % 32 == 0`).
+Per layer, the plan's spec picks the tensor type. A ggml type (`GGMLSpec`: Q2_K, Q3_K, Q4_K,
+Q5_K, Q6_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) is written as that type, from `quant.kquant`'s grid
+(the `qparams` entry of the layer when given, a `kquant.GGMLParams`, e.g. from `gptq_ggml`;
+else chosen from the weight the model holds) and the codes nearest to that weight, packed
+bit-exactly (`ggml_blocks.encode_ggml`): one type per tensor, so a mixed plan is a mixed file.
+A K-quant needs rows that are whole super-blocks (`in % 256 == 0`); a plan that asks one of a
+shorter row is refused before writing, naming the tensors and the nearest storable type.
+An affine `QuantSpec` picks a ggml legacy type (`ggml_blocks`): 4 bits -> Q4_0
+(symmetric) or Q4_1, 5 bits -> Q5_0 or Q5_1, 8 bits -> Q8_0, fp16 -> F16. There is no affine
+2-, 3- or 6-bit type, so such specs are refused before writing, with the nearest plan (plan
+them as K-quants instead). A row must split into blocks of 32 (`in % 32 == 0`).
 
 What is kept and what is re-quantized. GGUF's group size is fixed at 32 by its blocks.
 `regroup="repeat"` (the default) keeps the plan exactly: a group of 64, 128, 256 or a whole row
@@ -47,7 +53,7 @@ from torch import Tensor, nn
 
 from mixbits.errors import UserError
 from mixbits.export.from_native import StoredSource, model_source
-from mixbits.export.ggml_blocks import block_type, encode_blocks
+from mixbits.export.ggml_blocks import block_type, encode_blocks, encode_ggml
 from mixbits.export.gguf_vocab import add_tokenizer
 from mixbits.export.rules import ExportError, Rules, require_expressible
 from mixbits.export.staging import staged_file
@@ -55,11 +61,12 @@ from mixbits.export.tensors import StoredLayer
 from mixbits.model.apply import layer_shapes
 from mixbits.plan import Plan
 from mixbits.quant.affine import QParams, minmax_qparams, quantize
-from mixbits.quant.spec import QuantSpec
+from mixbits.quant.kquant import GGMLParams
+from mixbits.quant.spec import GGML_TYPES, GGMLSpec, QuantSpec
 
 log = logging.getLogger(__name__)
 
-RULES = Rules("gguf", bits=(4, 5, 8), row_multiple=32)
+RULES = Rules("gguf", bits=(4, 5, 8), row_multiple=32, ggml_types=tuple(GGML_TYPES))
 REGROUP = ("repeat", "requantize")
 QUANTIZED_BY = "mixbits"  # general.quantized_by: marks a GGUF file that mixbits wrote
 
@@ -73,7 +80,9 @@ def is_mixbits_gguf(path: str | Path) -> bool:
         return False
 _FILE_TYPES = {Q.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, Q.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
                Q.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0, Q.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1,
-               Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}
+               Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, Q.Q2_K: gguf.LlamaFileType.MOSTLY_Q2_K,
+               Q.Q3_K: gguf.LlamaFileType.MOSTLY_Q3_K_M, Q.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_M,
+               Q.Q5_K: gguf.LlamaFileType.MOSTLY_Q5_K_M, Q.Q6_K: gguf.LlamaFileType.MOSTLY_Q6_K}
 
 
 @dataclass(frozen=True)
@@ -146,13 +155,30 @@ def _gguf_name(name_map, key: str) -> str:
     return f"{mapped}.{suffix}"
 
 
+def _ggml_encoded(layer: StoredLayer, heads: int | None) -> tuple[Q, np.ndarray, Tensor | None]:
+    """A layer planned as a ggml type: its codes and grid, q/k rows permuted, packed bit-exactly."""
+    codes, params, bias = layer.codes, layer.qparams, layer.bias
+    if not isinstance(params, GGMLParams) or params.spec != layer.spec:
+        raise ValueError(f"a {layer.spec.name} layer needs kquant.GGMLParams of that type, "
+                         f"got {type(params).__name__}")
+    if heads is not None:
+        order = rope_row_order(codes.shape[0], heads)
+        codes, bias = codes[order], None if bias is None else bias[order]
+        params = GGMLParams(params.spec, *(t[order] for t in (params.d, params.dmin, params.sc, params.mn)))
+    kind, blocks = encode_ggml(codes, params)
+    return kind, blocks, bias
+
+
 def _quantized_tensors(layers, config, arch, regroup) -> dict[str, tuple[np.ndarray, Q]]:
     out = {}
     for name, layer in layers.items():
-        codes, qp, spec = _regrouped(layer, regroup)
         heads = _rope_heads(name, config, arch)
-        codes, qp, bias = _permuted(layer, codes, qp, heads)
-        kind, blocks = encode_blocks(codes, qp, spec)
+        if isinstance(layer.spec, GGMLSpec):
+            kind, blocks, bias = _ggml_encoded(layer, heads)
+        else:
+            codes, qp, spec = _regrouped(layer, regroup)
+            codes, qp, bias = _permuted(layer, codes, qp, heads)
+            kind, blocks = encode_blocks(codes, qp, spec)
         out[f"{name}.weight"] = (blocks, kind)
         if bias is not None:
             out[f"{name}.bias"] = (bias.float().numpy(), Q.F32)
@@ -188,9 +214,10 @@ def _part_infos(source: StoredSource, part, shapes, order) -> dict[str, TensorIn
     infos = {}
     for name in source.part_layers(part):
         out_features, in_features = shapes[name]
-        kind = block_type(source.plan.specs[name])
-        infos[f"{name}.weight"] = TensorInfo((out_features, in_features // 32 * gguf.GGML_QUANT_SIZES[kind][1]),
-                                             np.uint8, kind)
+        spec = source.plan.specs[name]
+        kind = Q[spec.name] if isinstance(spec, GGMLSpec) else block_type(spec)
+        block, type_size = gguf.GGML_QUANT_SIZES[kind]
+        infos[f"{name}.weight"] = TensorInfo((out_features, in_features // block * type_size), np.uint8, kind)
         if name in source.biases:
             infos[f"{name}.bias"] = TensorInfo((out_features,), np.float32, Q.F32)
     for key, meta in source.part_plain_metas(part).items():
@@ -232,7 +259,7 @@ def write_gguf(
     plan: Plan,
     path: str | Path,
     tokenizer=None,
-    qparams: Mapping[str, QParams] | None = None,
+    qparams: Mapping[str, QParams | GGMLParams] | None = None,
     *,
     regroup: str = "repeat",
     tokenizer_pre: str = "default",
@@ -254,7 +281,8 @@ def write_gguf_from(source: StoredSource, path: str | Path, *, regroup: str = "r
     arch = gguf_arch(config)
     shapes = layer_shapes(structure)
     require_expressible(RULES, plan, shapes)
-    coarse = sorted({s.label for s in plan.quantized().values() if s.group_size != 32})
+    coarse = sorted({s.label for s in plan.quantized().values()
+                     if isinstance(s, QuantSpec) and s.group_size != 32})
     if coarse and regroup == "requantize":
         log.warning("GGUF blocks hold 32 weights: layers at %s are re-quantized per 32-block (min-max), so the file "
                     "is not the model mixbits evaluated; regroup='repeat' keeps the plan's codes", ", ".join(coarse))

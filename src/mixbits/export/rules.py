@@ -10,6 +10,11 @@ a plan that the format cannot express, each with the nearest spec it can; an exp
 only when none is higher), the group size is kept when it fits, else the next smaller one
 that does (finer groups, a little more overhead), else per-channel; a layer no spec fits stays
 in 16 bit. Fused layers that disagree get the most precise of their specs.
+
+A ggml type (`GGMLSpec`, GGUF only) needs rows that are whole blocks (256 weights for the
+K-quants, 32 for the legacy types); its nearest is the cheapest type of the format the row
+allows at no fewer bits per weight (Q4_K on a 576-wide row: Q4_0; Q6_K: Q8_0), else 16 bit.
+A format without ggml types takes the affine spec with the same code bits and 32-wide groups.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from dataclasses import dataclass
 
 from mixbits.errors import UserError
 from mixbits.plan import Plan
-from mixbits.quant.spec import KEEP, VALID_GROUP_SIZES, QuantSpec
+from mixbits.quant.spec import GGML_TYPES, KEEP, VALID_GROUP_SIZES, GGMLSpec, QuantSpec
 
 
 class ExportError(UserError):
@@ -36,6 +41,7 @@ class Rules:
     row_multiple: int = 1
     word_bits: int = 0
     fused_alike: bool = False
+    ggml_types: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -52,11 +58,32 @@ class Problem:
         return f"{names} {self.spec}: {self.reason}; nearest: {self.nearest.label}"
 
 
-def spec_problem(rules: Rules, spec: QuantSpec, shape: tuple[int, int]) -> str | None:
+def _ggml_problem(rules: Rules, spec: GGMLSpec, in_features: int) -> str | None:
+    if spec.name not in rules.ggml_types:
+        return f"{rules.name} has no ggml type {spec.name} (GGUF stores ggml types)"
+    if not spec.fits(in_features):
+        return f"its {in_features} inputs are not a multiple of {spec.block}, the {spec.name} block"
+    return None
+
+
+def _ggml_nearest(rules: Rules, spec: GGMLSpec, shape: tuple[int, int]) -> QuantSpec | GGMLSpec:
+    in_features = shape[1]
+    if not rules.ggml_types:  # another format: the affine spec with the same codes
+        return nearest_spec(rules, QuantSpec(spec.code_bits, 32, spec.symmetric), shape)
+    allowed = [GGML_TYPES[n] for n in rules.ggml_types if GGML_TYPES[n].fits(in_features)]
+    richer = sorted((s for s in allowed if s.bits_per_weight >= spec.bits_per_weight), key=lambda s: s.bits_per_weight)
+    if richer:
+        return richer[0]
+    return max(allowed, key=lambda s: s.bits_per_weight) if allowed else KEEP
+
+
+def spec_problem(rules: Rules, spec: QuantSpec | GGMLSpec, shape: tuple[int, int]) -> str | None:
     """Why `rules` cannot store a [out, in] layer as `spec`, or None when it can."""
     if spec.keep:
         return None
     out_features, in_features = shape
+    if isinstance(spec, GGMLSpec):
+        return _ggml_problem(rules, spec, in_features)
     if spec.bits not in rules.bits:
         return f"{rules.name} has no {spec.bits}-bit codes (it stores {', '.join(map(str, rules.bits))} bits)"
     if rules.whole_groups and spec.group_size is not None and in_features % spec.group_size:
@@ -80,10 +107,12 @@ def _group_order(group: int | None) -> list[int | None]:
     return [group, *finer, None] if group is not None else [None, *finer]
 
 
-def nearest_spec(rules: Rules, spec: QuantSpec, shape: tuple[int, int]) -> QuantSpec:
+def nearest_spec(rules: Rules, spec: QuantSpec | GGMLSpec, shape: tuple[int, int]) -> QuantSpec | GGMLSpec:
     """The spec `rules` can store that is closest to `spec` (see the module docstring)."""
     if spec_problem(rules, spec, shape) is None:
         return spec
+    if isinstance(spec, GGMLSpec):
+        return _ggml_nearest(rules, spec, shape)
     for bits in _bit_order(rules, spec.bits):
         for group in _group_order(spec.group_size):
             candidate = QuantSpec(bits, group, spec.symmetric)
