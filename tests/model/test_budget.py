@@ -117,7 +117,9 @@ def test_a_budget_below_one_block_is_refused_naming_the_block(folder, no_weights
     assert "--compute-dtype bfloat16" in text and "another device" in text
 
 
-def test_a_run_over_budget_is_refused_with_fixes_that_fit(folder, no_weights):
+def test_a_run_over_budget_is_refused_with_fixes_that_fit(folder, no_weights, monkeypatch):
+    pinned = []
+    monkeypatch.setattr("mixbits.model.budget.fix_mmap_threshold", lambda: pinned.append(1) or True)
     cfg = config(calib=64, seqlen=256, evals=2, quantizer="rtn")
     shapes = model_shapes(skeleton_of(folder)[0])
     need = predict_run(cfg, shapes, device=CPU, checkpoint_dtype=torch.bfloat16)
@@ -134,7 +136,9 @@ def test_a_run_over_budget_is_refused_with_fixes_that_fit(folder, no_weights):
     assert predict_run(fixed, shapes, device=CPU, checkpoint_dtype=torch.bfloat16).total <= limit
     half = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, calib_windows=windows * 2))
     assert predict_run(half, shapes, device=CPU, checkpoint_dtype=torch.bfloat16).total > limit  # the mildest fix
+    assert not pinned  # refused runs change nothing
     check_run_memory(dataclasses.replace(cfg, max_memory=f"cpu={need.total}"), folder, device=CPU)  # fits exactly
+    assert pinned == [1]  # a streamed run under a budget returns freed blocks to the system
 
 
 def test_a_budget_must_name_the_runs_device(folder, no_weights):

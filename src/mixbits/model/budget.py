@@ -53,6 +53,7 @@ from mixbits.model.arch import find_blocks
 from mixbits.model.memory import (
     MemoryPrediction,
     ModelShapes,
+    fix_mmap_threshold,
     model_shapes,
     predict_evaluation,
     predict_fisher,
@@ -97,13 +98,19 @@ class RunMemory:
             return self.total if device == "cpu" else self.peak.total + CUDA_CONTEXT_BYTES
         return sum(self.held.values()) if device == "cpu" else 0
 
+    def where(self) -> str:
+        """Where the peak phase is: at the largest block, or outside the blocks (capture, head)."""
+        if any(word in self.peak.phase for word in ("head", "capture")):
+            return "outside the blocks (embeddings, final norm, head)"
+        return f"at {self.block_name or f'block {self.block}'} (the largest block, {_size(self.block_bytes)})"
+
     def describe(self) -> str:
         held = ", ".join(f"{k} {_size(v)}" for k, v in self.held.items() if v)
         stages = "; ".join(f"{s.stage} {_size(s.total)}" for s in self.stages)
         peak = self.peak
         parts = ", ".join(f"{k} {_size(v)}" for k, v in peak.parts.items() if v)
         return (f"predicted peak {_size(self.total)} in {str(self.dtype).removeprefix('torch.')}: {peak.stage} "
-                f"{_size(peak.total)} during {peak.phase} at {self.block_name or f'block {self.block}'} ({parts}); "
+                f"{_size(peak.total)} during {peak.phase} {self.where()} ({parts}); "
                 f"plus {held}; stages: {stages}")
 
 
@@ -261,7 +268,8 @@ def check_run_memory(
     variants: int | None = None, eval_windows: int | None = None,
 ) -> RunMemory:
     """Predict the run's peak, log it with its parts, and under cfg.max_memory refuse (UserError) a
-    run that cannot fit, before any weight is read. `source`: a local model folder (config.json is
+    run that cannot fit, before any weight is read; a streamed run that fits its budget gets glibc's
+    mmap threshold pinned (`fix_mmap_threshold`: without it the resident peak drifts up with depth). `source`: a local model folder (config.json is
     read, nothing else), a `LazyCheckpoint`, or a model (loaded or on the meta device)."""
     device = device if device is not None else resolve_device(cfg.device)
     model, stored = _model_of(source)
@@ -273,6 +281,8 @@ def check_run_memory(
     log.info("memory: %s", memory.describe())
     if cfg.max_memory is not None:
         _enforce(cfg, shapes, memory, parse_max_memory(cfg.max_memory), kwargs)
+        if streams(cfg) and fix_mmap_threshold():  # freed blocks go back to the system (model/memory.py)
+            log.info("memory: malloc's mmap threshold pinned at 64 KiB for the budget (freed blocks are returned)")
     return memory
 
 
@@ -296,8 +306,7 @@ def _enforce(cfg: RunConfig, shapes: ModelShapes, memory: RunMemory, budget: dic
             peak = memory.peak
             raise UserError(
                 f"{flag}: the run is predicted to need {_size(need)} on {device}, above its {_size(limit)}; the peak "
-                f"is {peak.stage} during {peak.phase} at {memory.block_name} (the largest block, "
-                f"{_size(memory.block_bytes)}): "
+                f"is {peak.stage} during {peak.phase} {memory.where()}: "
                 + ", ".join(f"{k} {_size(v)}" for k, v in peak.parts.items() if v)
                 + f". Fixes: {_fixes(cfg, shapes, device, limit, kwargs)}")
 
