@@ -5,8 +5,10 @@ still read, and exports streamed from a folder equal to exports of the model in 
 from __future__ import annotations
 
 import copy
+import gc
 import hashlib
 import json
+import weakref
 
 import pytest
 import torch
@@ -218,6 +220,25 @@ def test_streamed_exports_equal_the_in_memory_exports(fmt, tmp_path):
         fmt, lambda p: [p / "model.safetensors"])
     contents = {name: [f.read_bytes() for f in weights(path)] for name, path in written.items()}
     assert contents["memory"] == contents["v1"] == contents["v2"]
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed", "gguf", "native"])
+def test_exports_hold_one_block_at_a_time(fmt, tmp_path):
+    model, plan = llama(blocks=4), mixed_plan(4)
+    save_native(model, plan, tmp_path / "run")
+    source = stored_source(tmp_path / "run")
+    alive, read = [], source.read
+
+    def watched(part):
+        gc.collect()
+        assert not [r for r in alive if r() is not None], f"a part was still held when {part} was read"
+        got = read(part)
+        alive.extend(weakref.ref(t) for t in [*got.plain.values(), *(x.codes for x in got.layers.values())])
+        return got
+
+    object.__setattr__(source, "read", watched)
+    export_stored(source, tmp_path / "out", fmt)
+    assert len(alive) > 4 * 7
 
 
 def test_writers_from_a_model_keep_their_signature(tmp_path):

@@ -11,13 +11,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from torch import Tensor
+
 from mixbits.export import compressed, gguf, gptq
 from mixbits.export.formats import get_format
-from mixbits.export.from_native import StoredSource
+from mixbits.export.from_native import Part, PartTensors, StoredSource
 from mixbits.export.native_shards import NativeWriter
 from mixbits.export.staging import staged_dir
 from mixbits.model.arch import find_blocks
 from mixbits.quant.packed import packed_tensors
+
+
+def _packed_block(read: PartTensors) -> dict[str, Tensor]:
+    tensors = dict(read.plain)
+    for name, layer in read.layers.items():
+        tensors.update(packed_tensors(name, layer.weight, layer.spec, layer.qparams, layer.bias))
+    return tensors
 
 
 def write_native_from(source: StoredSource, path: str | Path) -> Path:
@@ -25,20 +34,14 @@ def write_native_from(source: StoredSource, path: str | Path) -> Path:
     (each layer is packed again from its stored codes' weights with its own QParams)."""
     path = Path(path)
     block_path, blocks = find_blocks(source.structure)
-    rest: dict = {}
+    parts = source.parts()
     with staged_dir(path, kind="native") as tmp:
         writer = NativeWriter(tmp, source.plan, source.config, source.tokenizer, n_blocks=len(blocks),
                               block_path=block_path, resume=False)
-        for part in source.parts():
-            read = source.read(part)
-            if part.index is None:
-                rest.update(read.plain)
-                continue
-            tensors = dict(read.plain)
-            for name, layer in read.layers.items():
-                tensors.update(packed_tensors(name, layer.weight, layer.spec, layer.qparams, layer.bias))
-            writer.write_block(part.index, tensors)
-        writer.write_rest(rest, source.tied)
+        for part in (p for p in parts if p.index is not None):
+            writer.write_block(part.index, _packed_block(source.read(part)))  # released before the next
+        rest = Part(None, tuple(n for p in parts if p.index is None for n in p.names))  # one shard, read last
+        writer.write_rest(source.read(rest).plain, source.tied)
         writer.finish()
     return path
 
