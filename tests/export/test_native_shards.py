@@ -256,3 +256,22 @@ def test_a_missing_shard_is_named(tmp_path):
     (tmp_path / "m" / block_file(1)).unlink()
     with pytest.raises(UserError, match=f"{block_file(1)}.*missing"):
         load_native(tmp_path / "m")
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "native"])
+def test_cli_export_streams_the_run_folder(fmt, tmp_path):
+    from typer.testing import CliRunner
+
+    from mixbits.cli import app
+
+    model, plan, tok = llama(), mixed_plan(), make_tokenizer(make_text(10))
+    save_native(model, plan, tmp_path / "run" / "model", tok)
+    out = tmp_path / ("m.gguf" if fmt == "gguf" else "native")
+    r = CliRunner().invoke(app, ["export", "--format", fmt, "--run-dir", str(tmp_path / "run"), "--out", str(out),
+                                 "--no-verbose"])
+    assert r.exit_code == 0, r.output
+    want = export_stored(model_source(model, plan, tokenizer=tok), tmp_path / "want" / out.name, fmt)
+    if fmt == "gguf":
+        assert out.read_bytes() == want.read_bytes()
+    else:
+        assert shard_hashes(out) == shard_hashes(want) == shard_hashes(tmp_path / "run" / "model")
