@@ -11,10 +11,9 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
+from mixbits.cli.options import flags_in
 from mixbits.errors import UserError
-from mixbits.parsing import parse_group_sizes, parse_ints
-from mixbits.quant.gptq import GPTQConfig
-from mixbits.config import DEFAULT_BITS, DEFAULT_GROUPS, AllocationConfig, DataConfig, RunConfig
+from mixbits.config import DEFAULT_BITS, DEFAULT_GROUPS, DataConfig, RunConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Sensitivity-guided mixed-precision quantization.")
 console = Console(width=None if sys.stdout.isatty() else 120)  # logs and pipes get whole tables
@@ -34,7 +33,8 @@ def setup_logging(verbose: bool) -> None:
     )
 
 
-# Options shared by the commands that build a RunConfig (typer reads these as metadata only).
+# Options of the commands that do not build a RunConfig (analyze, train, ...); run, sweep, compare and
+# ablate take theirs from `mixbits.cli.options.FLAGS` (typer reads these as metadata only).
 MODEL = typer.Option("smollm2-135m", help="embedded name, Hugging Face hub id, or local HF folder")
 DATASET = typer.Option("wiki", help="wiki, canterbury, wikitext2, c4, or a .txt/.jsonl path")
 SEQLEN = typer.Option(DataConfig.seqlen, help="tokens per window (2048 for paper numbers)")
@@ -62,19 +62,6 @@ OVERWRITE = typer.Option(False, "--overwrite", help="replace an earlier mixbits 
                         "whole (files mixbits did not write are kept); without it such a folder is refused")
 
 
-def run_config(*, model, output_dir, device, quantizer, damage, cache, gptq_clip, gptq_act_order, dataset, seqlen, calib_windows, eval_windows, seed,
-                target_bpw, target_size_mb, bits, group_sizes, min_bits, max_bits, keep, pin, tie, plan=None) -> RunConfig:
-    return RunConfig(
-        model=model, output_dir=output_dir, device=device, plan=plan, quantizer=quantizer, damage=damage, use_cache=cache,
-        gptq=GPTQConfig(clip=gptq_clip, act_order=gptq_act_order, static_groups=gptq_act_order),
-        data=DataConfig(dataset=dataset, seqlen=seqlen, calib_windows=calib_windows, eval_windows=eval_windows, seed=seed),
-        allocation=AllocationConfig(
-            target_bpw=target_bpw, target_size_mb=target_size_mb, bits=parse_ints(bits),
-            group_sizes=parse_group_sizes(group_sizes), min_bits=min_bits, max_bits=max_bits, keep=keep, pins=tuple(pin), tie=tie,
-        ),
-    )
-
-
 @contextmanager
 def user_errors(*extra: type[Exception]):
     """Bad input ends the command with one red line naming the problem and the fix, exit code 2.
@@ -85,5 +72,6 @@ def user_errors(*extra: type[Exception]):
     try:
         yield
     except (UserError, *extra) as err:
-        console.print(f"[red]error:[/red] {escape(str(err))}", soft_wrap=True)  # messages hold [brackets]
+        message = flags_in(str(err))  # config fields named in the library's message -> the flags that set them
+        console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)  # messages hold [brackets]
         raise typer.Exit(2) from None

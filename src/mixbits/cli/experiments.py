@@ -4,17 +4,16 @@ config field; the work, the resume logic and the files are in that package."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from mixbits.outdir import claim, refresh
-from mixbits.cli.common import (
-    user_errors,
-    app, console, setup_logging, run_config, CACHE, GPTQ_ACT_ORDER, GPTQ_CLIP, MODEL, DATASET, SEQLEN, CALIB_WINDOWS, DAMAGE, EVAL_WINDOWS,
-    SEED, BITS, GROUP_SIZES, MIN_BITS, MAX_BITS, KEEP, PIN, TIE, QUANTIZER, DEVICE, VERBOSE, OVERWRITE,
-)
+from mixbits.cli.common import VERBOSE, app, console, setup_logging, user_errors
+from mixbits.cli.options import SHARED, RunOptions, run_options
+from mixbits.config import DataConfig, RunConfig
 from mixbits.jobs.experiment_config import ABLATE_TRAIN, DEFAULT_BUDGETS, SECTIONS, SEED_STRATEGIES
 from mixbits.parsing import parse_range, split_list
 from mixbits.config import SCHEDULES
@@ -26,40 +25,22 @@ def _models(given: list[str], extra: Optional[list[str]]) -> tuple[str, ...]:
 
 
 @app.command()
+@run_options(tuple(n for n in SHARED if n != "model") + ("target_bpw", "target_size_mb"),
+             base=RunConfig(model="", output_dir=Path("runs/compare")),
+             helps={"output_dir": "one folder per model, the summary and the plot",
+                    "target_size_mb": "size of each whole saved model in MB (10^6 bytes)"})
 def compare(
     extra_models: Optional[list[str]] = typer.Argument(None, metavar="MODELS", show_default=False,
                                                        help="more models (so `--models a b c` works)"),
     models: list[str] = typer.Option([], "--models", help="models to compare: embedded names, hub ids or local HF "
                                                           "folders (repeat, comma-separate, or list after it)"),
-    target_bpw: Optional[float] = typer.Option(None, help="average stored bits per weight (default 3.25)"),
-    target_size_mb: Optional[float] = typer.Option(None, help="size of each whole saved model in MB (10^6 bytes)"),
-    output_dir: Path = typer.Option(Path("runs/compare"), help="one folder per model, the summary and the plot"),
     resume: bool = typer.Option(False, help="skip models whose results.json exists with the same config"),
-    dataset: str = DATASET,
-    seqlen: int = SEQLEN,
-    calib_windows: int = CALIB_WINDOWS,
-    eval_windows: int = EVAL_WINDOWS,
-    seed: int = SEED,
-    bits: str = BITS,
-    group_sizes: str = GROUP_SIZES,
-    min_bits: int = MIN_BITS,
-    max_bits: int = MAX_BITS,
-    keep: Optional[str] = KEEP,
-    pin: list[str] = PIN,
-    tie: bool = TIE,
-    quantizer: str = QUANTIZER,
-    damage: str = DAMAGE,
-    cache: bool = CACHE,
-    gptq_clip: bool = GPTQ_CLIP,
-    gptq_act_order: bool = GPTQ_ACT_ORDER,
-    overwrite: bool = OVERWRITE,
-    device: str = DEVICE,
     verbose: bool = VERBOSE,
+    *,
+    options: RunOptions,
 ) -> None:
     """The whole `run` job on each model, then one summary, one analysis file per model and a plot."""
     setup_logging(verbose)
-    if target_bpw is None and target_size_mb is None:
-        target_bpw = 3.25
     from mixbits.jobs.compare import CompareFailed, run_compare
     from mixbits.jobs.experiment_config import CompareConfig
     from mixbits.report.comparison_report import write_comparison_report
@@ -68,12 +49,9 @@ def compare(
 
     with user_errors():
         names = _models(models, extra_models)
-        shared = run_config(
-            model=names[0] if names else "", output_dir=output_dir, device=device, quantizer=quantizer,
-            damage=damage, cache=cache, gptq_clip=gptq_clip, gptq_act_order=gptq_act_order, dataset=dataset,
-            seqlen=seqlen, calib_windows=calib_windows, eval_windows=eval_windows, seed=seed, target_bpw=target_bpw,
-            target_size_mb=target_size_mb, bits=bits, group_sizes=group_sizes, min_bits=min_bits, max_bits=max_bits,
-            keep=keep, pin=pin, tie=tie)
+        shared = options.config({"model": names[0]} if names else None)
+        output_dir, overwrite = shared.output_dir, shared.overwrite
+        shared = replace(shared, overwrite=False)  # the comparison's folder is claimed here, as a whole
         cfg = CompareConfig(run=shared, models=names, output_dir=output_dir, resume=resume)
         with claim(output_dir, "compare", overwrite=overwrite, resume=resume, command="mixbits compare"):
             try:
@@ -97,15 +75,16 @@ def _read_summary(output_dir: Path) -> dict:
 
 
 @app.command()
+@run_options(SHARED + ("target_bpw",), base=RunConfig(output_dir=Path("runs/ablate"), data=DataConfig(eval_windows=8)),
+             helps={"output_dir": "where ablation.json, ablation.png, plans/ go",
+                    "eval_windows": "test windows every model is scored on; 0 = the whole split",
+                    "target_bpw": "budget of the training section's plan (and of non-preset strategies)"})
 def ablate(
-    model: str = MODEL,
-    output_dir: Path = typer.Option(Path("runs/ablate"), help="where ablation.json, ablation.png, plans/ go"),
     sections: str = typer.Option(",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}"),
     strategies: str = typer.Option(",".join(SEED_STRATEGIES), help="heuristics of the strategy section, each beside "
                                    "optimal at its size (presets at the seed's 5.0 / 4.0 / 3.0 bpw)"),
     budgets: str = typer.Option(",".join(f"{b:g}" for b in DEFAULT_BUDGETS),
                                 help="budget section: bpw list or LO:HI:STEP"),
-    target_bpw: float = typer.Option(3.25, help="budget of the training section's plan (and of non-preset strategies)"),
     qat_schedules: str = typer.Option(",".join(SCHEDULES), help="training arms, each at fixed's total epochs "
                                       "(X+e2e: then E2E-QP)"),
     qat_init: Optional[str] = typer.Option(None, help="the start Block-AP trains from (default: --quantizer)"),
@@ -114,26 +93,9 @@ def ablate(
     qat_val_size: int = typer.Option(ABLATE_TRAIN.val_size, help="validation windows that pick each block's state"),
     qat_seqlen: int = typer.Option(ABLATE_TRAIN.seqlen, help="tokens per training window"),
     resume: bool = typer.Option(False, help="keep finished sections (and training checkpoints) of OUTPUT_DIR"),
-    dataset: str = DATASET,
-    seqlen: int = SEQLEN,
-    calib_windows: int = CALIB_WINDOWS,
-    eval_windows: int = typer.Option(8, help="test windows every model is scored on; 0 = the whole split"),
-    seed: int = SEED,
-    bits: str = BITS,
-    group_sizes: str = GROUP_SIZES,
-    min_bits: int = MIN_BITS,
-    max_bits: int = MAX_BITS,
-    keep: Optional[str] = KEEP,
-    pin: list[str] = PIN,
-    tie: bool = TIE,
-    quantizer: str = QUANTIZER,
-    damage: str = DAMAGE,
-    cache: bool = CACHE,
-    gptq_clip: bool = GPTQ_CLIP,
-    gptq_act_order: bool = GPTQ_ACT_ORDER,
-    overwrite: bool = OVERWRITE,
-    device: str = DEVICE,
     verbose: bool = VERBOSE,
+    *,
+    options: RunOptions,
 ) -> None:
     """The seed's ablations on one model, one calibration set, one test set, one sensitivity table."""
     setup_logging(verbose)
@@ -144,12 +106,10 @@ def ablate(
     from mixbits.config import TrainConfig
 
     with user_errors():
-        run_cfg = run_config(
-            model=model, output_dir=output_dir, device=device, quantizer=quantizer, damage=damage, cache=cache,
-            gptq_clip=gptq_clip, gptq_act_order=gptq_act_order, dataset=dataset, seqlen=seqlen,
-            calib_windows=calib_windows, eval_windows=eval_windows, seed=seed, target_bpw=target_bpw,
-            target_size_mb=None, bits=bits, group_sizes=group_sizes, min_bits=min_bits, max_bits=max_bits,
-            keep=keep, pin=pin, tie=tie)
+        run_cfg = options.config()
+        output_dir, overwrite = run_cfg.output_dir, run_cfg.overwrite
+        run_cfg = replace(run_cfg, overwrite=False)  # the ablation's folder is claimed here, as a whole
+        quantizer, dataset, seed = run_cfg.quantizer, run_cfg.data.dataset, run_cfg.data.seed
         train = TrainConfig(dataset=dataset, train_size=qat_train_size, val_size=qat_val_size, seqlen=qat_seqlen,
                             epochs=qat_epochs, init=qat_init or quantizer, seed=seed)
         cfg = AblateConfig(run=run_cfg, output_dir=output_dir, sections=split_list(sections),

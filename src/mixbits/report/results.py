@@ -27,6 +27,7 @@ from mixbits.io import atomic_write_json
 from mixbits.eval.perplexity import CONVENTION
 from mixbits.plan import Plan
 from mixbits.provenance import environment
+from mixbits.recipe import recipe_dict
 from mixbits.quant.cost import layer_storage_bytes
 from mixbits.quant.spec import KEEP
 from mixbits.sensitivity.table import DamageTable
@@ -52,6 +53,7 @@ def build_results(cfg, prepared, data_info, evals, plans, sizes, solution, table
     return {
         "format": RESULTS_FORMAT,
         "config": cfg.to_dict(),
+        "recipe": recipe_dict(cfg),  # the resolved recipe: `mixbits run --recipe` of it repeats the run
         "environment": environment(prepared.device),
         "model": {
             "name": cfg.model,
