@@ -275,3 +275,26 @@ def test_cli_export_streams_the_run_folder(fmt, tmp_path):
         assert out.read_bytes() == want.read_bytes()
     else:
         assert shard_hashes(out) == shard_hashes(want) == shard_hashes(tmp_path / "run" / "model")
+
+
+def test_the_writer_lives_in_a_claimed_run_folder(tmp_path):
+    from mixbits.outdir import claim, files_under, read_manifest
+
+    model, plan = llama(), mixed_plan()
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt), claim(run, "run", command="mixbits run"):
+        writer = NativeWriter(run / "model", plan, model.config)
+        write_model(writer, model, plan, [0, 1])
+        raise KeyboardInterrupt  # killed during block 2
+    assert read_manifest(run / "model").finished is None
+    with claim(run, "run", resume=True, command="mixbits run"):
+        writer = NativeWriter(run / "model", plan, model.config)
+        assert writer.done_blocks() == {0, 1}
+        write_model(writer, model, plan, [2])
+        writer.finish()
+    listed = set(read_manifest(run).files)
+    assert {f"model/{f}" for f in files_under(run / "model")} <= listed | {"model/.mixbits-manifest.json"}
+    assert set(read_manifest(run / "model").files) >= {block_file(2), INDEX, "mixbits.json", "config.json"}
+    (run / "model" / "notes.txt").write_text("a user's file")
+    with claim(run, "run", overwrite=True, command="mixbits run"):
+        assert [f for f in files_under(run / "model") if not f.startswith(".")] == ["notes.txt"]
