@@ -28,6 +28,7 @@ from mixbits.model.arch import LinearInfo, find_linears, fixed_bytes_of, tied_gr
 from mixbits.model.load import check_context, load_model, resolve_model_source
 from mixbits.outdir import Claim, claim
 from mixbits.plan import Plan
+from mixbits.recipe import save_recipe
 from mixbits.report.results import build_layer_statistics, build_results, write_outputs
 from mixbits.sensitivity.cache import cache_key_parts, cached_table
 from mixbits.sensitivity.follow import follow_quantizer, gain_table
@@ -199,6 +200,7 @@ def run(cfg: RunConfig) -> dict:
     or an earlier run there with cfg.overwrite, replaced as a whole, or cfg.resume) and locked until
     the end, so a bad location costs nothing and two runs never write into one folder."""
     with claim(cfg.output_dir, "run", overwrite=cfg.overwrite, resume=cfg.resume, command="mixbits run") as owned:
+        save_recipe(cfg, Path(cfg.output_dir) / "recipe.yaml")  # first, so that even a killed run can be repeated
         return _run(cfg, owned)
 
 
