@@ -75,8 +75,8 @@ def test_bad_qat_options_fail_before_work(tiny_model_dir, tiny_text_file, tmp_pa
         del replace_init
     with pytest.raises(ValueError, match="needs the run's sensitivity"):
         RunConfig(model="x", plan=tmp_path / "plan.json", quantizer="rtn", train=TrainConfig(schedule="sqrt"))
-    with pytest.raises(ValueError, match="only apply with --qat"):
-        RunConfig(model="x", resume=True)
+    with pytest.raises(ValueError, match="only applies with --qat"):
+        RunConfig(model="x", train_baselines=True)
     from typer.testing import CliRunner
 
     r = CliRunner().invoke(app, ["run", "--model", str(tiny_model_dir), "--e2e", "--output-dir", str(tmp_path)])

@@ -232,7 +232,7 @@ class RunConfig:
     train: TrainConfig | None = None  # Block-AP (+ E2E-QP) of the mixed plan after quantization; None: PTQ only
     baselines: bool = True  # also quantize and score the uniform configs around the budget (False: the mixed model only)
     train_baselines: bool = False  # also train the uniform baselines, for a comparison at equal training
-    resume: bool = False  # continue training from output_dir/checkpoint
+    resume: bool = False  # continue a killed run: its finished blocks of output_dir/model, its --qat checkpoint
     overwrite: bool = False  # replace an earlier run in output_dir as a whole (mixbits.outdir)
     iterative: IterativeConfig | None = None  # quantize least-sensitive units first until a perplexity limit
     tasks: tuple[str, ...] = ()  # zero-shot tasks (lm-eval) scored on the original and mixed models
@@ -255,8 +255,8 @@ class RunConfig:
                              "skips; drop --plan or use --qat-schedule fixed")
         if self.train_baselines and not self.baselines:
             raise UserError("--qat-baselines trains the uniform baselines, which --no-baselines leaves out; drop one")
-        if (self.train_baselines or self.resume) and self.train is None:
-            raise UserError("--qat-baselines and --resume only apply with --qat")
+        if self.train_baselines and self.train is None:
+            raise UserError("--qat-baselines only applies with --qat")
         if self.damage not in DAMAGE_MODES:
             raise UserError(f"--damage {self.damage!r} is not one of {', '.join(DAMAGE_MODES)} (follow: the damage "
                              "of the quantizer that will be used; rtn: the damage of round-to-nearest)")

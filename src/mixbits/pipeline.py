@@ -1,5 +1,17 @@
 """The one place that chains stages: load -> calibrate -> sensitivity -> allocate -> quantize ->
-evaluate -> save. Every input is checked before the first expensive step."""
+evaluate -> save. Every input is checked before the first expensive step.
+
+Two paths, chosen by `RunConfig.stream`:
+* streamed (the default): the model is opened lazily (meta skeleton, tensors read from the shards
+  one block at a time) and every stage works block by block (`jobs.run_streamed`): the Fisher and
+  the quantizer's gain, then ONE pass per variant that quantizes it and scores it together, the
+  mixed model written block by block into out/model (resumable with `resume`). No copy of the
+  model exists; the peak is about one block plus the activations at one block boundary.
+* whole model (`stream=False`, the reference the streamed path is tested against, and what
+  iterative mode, --qat training and zero-shot tasks still need: with those options the whole
+  model is loaded, and the log says so): the model in float32 in memory, one quantized copy per
+  variant.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +31,9 @@ from mixbits.config import RunConfig, resolve_device
 from mixbits.data.text import load_text, resolve_text
 from mixbits.data.windows import calibration_windows, eval_windows, text_fingerprint
 from mixbits.eval.perplexity import evaluate_models
+from mixbits.jobs.run_streamed import fixed_bytes, key_parts, open_streamed, run_variants, streamed_fisher, \
+    whole_model_reasons
+from mixbits.model.stream import BlockSource, LoadedModel
 from mixbits.allocate.iterative import sensitivity_order
 from mixbits.jobs.iterative import iterative_quantize, iterative_summary
 from mixbits.model.apply import round_to_storage
@@ -57,6 +72,7 @@ class Prepared:
     budget_bits: float
     fixed_bytes: int
     given_plan: Plan | None
+    source: BlockSource | None = None  # streamed: the blocks' source (`model` is then its model, maybe a meta skeleton)
 
 
 def constraints_of(cfg: RunConfig) -> Constraints:
@@ -65,11 +81,14 @@ def constraints_of(cfg: RunConfig) -> Constraints:
     return Constraints(min_bits=a.min_bits, max_bits=a.max_bits, keep=a.keep, pins=pins, tie=a.tie)
 
 
-def prepare(cfg: RunConfig, timer: StageTimer, loaded: tuple[nn.Module, object] | None = None) -> Prepared:
+def prepare(cfg: RunConfig, timer: StageTimer, loaded: tuple[nn.Module, object] | None = None, *,
+            stream: bool = False) -> Prepared:
     """Validate every input (cheap checks first), load the model, check the budget.
 
     `loaded`: an already loaded (model, tokenizer) to use instead of loading `cfg.model`
-    (`mixbits.api.quantize` passes a notebook's model); it is moved to the device and put in eval mode."""
+    (`mixbits.api.quantize` passes a notebook's model); it is moved to the device and put in eval mode.
+    `stream`: open `cfg.model` lazily instead (nothing but the skeleton is loaded; `Prepared.source`
+    serves the blocks), or see `loaded` as a block source."""
     resolve_text(cfg.data.dataset)
     if cfg.tasks:  # names, and the data sets behind them, before anything expensive
         from mixbits.eval.zeroshot import check_options, resolve_tasks
@@ -80,24 +99,30 @@ def prepare(cfg: RunConfig, timer: StageTimer, loaded: tuple[nn.Module, object] 
     constraints = constraints_of(cfg)
     given = Plan.load(cfg.plan) if cfg.plan is not None else None
     budget = Budget(cfg.allocation.target_bpw, cfg.allocation.target_size_mb)
+    blocks = None
     with timer.stage("load"):
         if loaded is not None:
             model, tokenizer = loaded[0].to(device).eval(), loaded[1]
+            blocks = LoadedModel(model, device) if stream else None
         else:
             source = resolve_model_source(cfg.model)
             check_context(source, cfg.data.seqlen, cfg.model)  # config.json only, before the weights
-            model, tokenizer = load_model(source, device=device)
+            if stream:
+                blocks, tokenizer = open_streamed(cfg, source, device)
+                model = blocks.model
+            else:
+                model, tokenizer = load_model(source, device=device)
     linears = find_linears(model)
     shapes = {n: (i.out_features, i.in_features) for n, i in linears.items()}
     groups = unit_groups(tuple(linears), tied_groups(model, linears), constraints.tie)
-    fixed = fixed_bytes_of(model, shapes)
+    fixed = fixed_bytes(model, shapes) if stream else fixed_bytes_of(model, shapes)
     if given is not None:
         given.validate(shapes)
         budget = Budget(bpw=given.bits_per_weight(shapes))
         bits = budget.to_bits(sum(o * i for o, i in shapes.values()), fixed)
     else:
         bits = check_budget(shapes, cfg.allocation.configs(), groups, constraints, budget, fixed)
-    return Prepared(model, tokenizer, device, linears, shapes, groups, constraints, budget, bits, fixed, given)
+    return Prepared(model, tokenizer, device, linears, shapes, groups, constraints, budget, bits, fixed, given, blocks)
 
 
 def calibrate(cfg: RunConfig, p: Prepared, timer: StageTimer) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -124,21 +149,28 @@ def sensitivity(cfg: RunConfig, p: Prepared, calib: torch.Tensor, timer: StageTi
     configs = cfg.allocation.configs()
 
     def gain() -> DamageTable:
-        return gain_table(p.model, calib, p.linears, configs, quantizer=cfg.quantizer, device=p.device,
+        return gain_table(p.source or p.model, calib, p.linears, configs, quantizer=cfg.quantizer, device=p.device,
                           progress=cfg.progress, gptq=cfg.gptq, meta={"model": cfg.model, "calibration": data_info["calibration"]})
 
     with timer.stage("sensitivity"):
-        tables, _ = cached_tables(["fisher"], p.model, calib, p.linears, configs, model_name=cfg.model,
-                                  granularity="layer", device=p.device, progress=cfg.progress, use_cache=cfg.use_cache)
-        table = tables["fisher"].with_meta(model=cfg.model, calibration=data_info["calibration"],
+        if p.source is not None:  # block by block
+            fisher = streamed_fisher(cfg, p.source, calib, p.linears, configs)
+        else:
+            fisher = cached_tables(["fisher"], p.model, calib, p.linears, configs, model_name=cfg.model,
+                                   granularity="layer", device=p.device, progress=cfg.progress,
+                                   use_cache=cfg.use_cache)[0]["fisher"]
+        table = fisher.with_meta(model=cfg.model, calibration=data_info["calibration"],
                                            tied=[list(g) for g in p.groups if len(g) > 1],
                                            other_bytes_fp16=p.fixed_bytes)
         if cfg.quantizer != "rtn" and cfg.damage == "follow":
             method = f"gain_{cfg.quantizer}"
-            key = cache_key_parts(model_name=cfg.model, model=p.model, linears=p.linears,
-                                  calibration_sha256=data_info["calibration"]["sha256"], configs=configs,
-                                  method=method, granularity="layer",
-                                  options={"gptq": dataclasses.asdict(cfg.gptq)} if method == "gain_gptq" else None)
+            options = {"gptq": dataclasses.asdict(cfg.gptq)} if method == "gain_gptq" else None
+            if p.source is not None:
+                key = key_parts(cfg, p.source, p.linears, data_info["calibration"]["sha256"], configs, method, options)
+            else:
+                key = cache_key_parts(model_name=cfg.model, model=p.model, linears=p.linears,
+                                      calibration_sha256=data_info["calibration"]["sha256"], configs=configs,
+                                      method=method, granularity="layer", options=options)
             table = follow_quantizer(table, cached_table(key, gain) if cfg.use_cache else gain())
         return table
 
@@ -206,7 +238,11 @@ def run(cfg: RunConfig) -> dict:
 
 def _run(cfg: RunConfig, owned: Claim) -> dict:
     timer = StageTimer()
-    p = prepare(cfg, timer)
+    whole = whole_model_reasons(cfg)
+    stream = cfg.stream and not whole
+    if cfg.stream and whole:
+        log.info("%s: not streamed yet; this run loads the whole model in memory", ", ".join(whole))
+    p = prepare(cfg, timer, stream=stream)
     calib, test, data_info = calibrate(cfg, p, timer)
     table, solution, plan, made, iterative = None, None, p.given_plan, {}, None
     if plan is None:
@@ -227,6 +263,35 @@ def _run(cfg: RunConfig, owned: Claim) -> dict:
         plans[f"uniform {spec.label}"] = Plan.uniform(p.shapes, spec, fits_budget=fits)
     for name in made:  # iterative: also the model with every unit at the target config (always smaller)
         plans.setdefault(name, Plan.uniform(p.shapes, cfg.iterative.spec, fits_budget=True))
+    out = Path(cfg.output_dir)
+    training, zeroshot = {}, None
+    if stream:
+        evals, reports, sizes = run_variants(cfg, p.source, p.tokenizer, plans, p.shapes, calib, test, out / "model",
+                                             timer)
+    else:
+        evals, reports, sizes, training, zeroshot = _whole_model_variants(cfg, p, plans, made, calib, test, table,
+                                                                           timer)
+    owned.record()  # the model is listed as this run's even if a later step fails
+    results = build_results(cfg, p, data_info, evals, plans, sizes, solution, table, timer.seconds)
+    results["quantizer"] = {name: r.to_dict() for name, r in reports.items() if name not in training}
+    layers = build_layer_statistics(p.linears, table, plan)
+    if iterative is not None:
+        results["iterative"] = iterative
+    if zeroshot is not None:
+        results["zeroshot"] = zeroshot
+    if training:
+        results["training"] = {name: report.to_dict() for name, report in training.items()}
+        layers["blocks"] = [b.to_dict() for b in training["mixed"].blocks]
+    write_outputs(out, results, layers, plan, table)
+    if cfg.report:
+        write_run_report(out)
+    return results
+
+
+def _whole_model_variants(cfg: RunConfig, p: Prepared, plans: dict[str, Plan], made: dict, calib: torch.Tensor,
+                          test: torch.Tensor, table: DamageTable | None, timer: StageTimer):
+    """Today's whole-model path: a quantized copy per variant, training, evaluation, zero-shot tasks,
+    the mixed model saved. Returns (evaluations, reports, sizes, training reports, zero-shot results)."""
     models, reports = {"original": p.model}, {}
     with timer.stage("quantize"):
         windows = None if cfg.quantizer == "rtn" else calib  # rtn needs no data
@@ -253,25 +318,11 @@ def _run(cfg: RunConfig, owned: Claim) -> dict:
             zeroshot = evaluate_zeroshot({"original": p.model, "mixed": models["mixed"]}, p.tokenizer, cfg.tasks,
                                          device=p.device, limit=cfg.task_limit, seed=cfg.data.seed,
                                          progress=cfg.progress)
-    out = Path(cfg.output_dir)
     with timer.stage("save"):
         sizes = {name: native_size_bytes(p.model, q) for name, q in plans.items() if name != "mixed"}
-        sizes["mixed"] = save_native(models["mixed"], plan, out / "model", p.tokenizer, qparams=reports["mixed"].qparams)
-    owned.record()  # the model is listed as this run's even if a later step fails
-    results = build_results(cfg, p, data_info, evals, plans, sizes, solution, table, timer.seconds)
-    results["quantizer"] = {name: r.to_dict() for name, r in reports.items() if name not in training}
-    layers = build_layer_statistics(p.linears, table, plan)
-    if iterative is not None:
-        results["iterative"] = iterative
-    if zeroshot is not None:
-        results["zeroshot"] = zeroshot
-    if training:
-        results["training"] = {name: report.to_dict() for name, report in training.items()}
-        layers["blocks"] = [b.to_dict() for b in training["mixed"].blocks]
-    write_outputs(out, results, layers, plan, table)
-    if cfg.report:
-        write_run_report(out)
-    return results
+        sizes["mixed"] = save_native(models["mixed"], plans["mixed"], Path(cfg.output_dir) / "model", p.tokenizer,
+                                     qparams=reports["mixed"].qparams)
+    return evals, reports, sizes, training, zeroshot
 
 
 def write_run_report(out: Path) -> Path:

@@ -149,13 +149,15 @@ def check_model_folder(path: Path) -> None:
         check_safetensors(weights, "weights file")
 
 
-def check_finite_weights(model: torch.nn.Module, source: str) -> None:
+def check_finite_weights(model: torch.nn.Module, source: str, prefix: str = "") -> None:
     """Refuse a model with NaN or inf in any floating-point parameter or buffer, naming the tensors.
+    `prefix`: of the names, when `model` is a piece (a block) of the model; tensors on the meta
+    device (pieces of a lazy checkpoint not read yet) are skipped.
 
     Without this, every later number (damage, perplexity, agreement) is NaN or meaningless."""
     bad = []
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if tensor.is_floating_point():
+    for name, tensor in [*model.named_parameters(prefix=prefix), *model.named_buffers(prefix=prefix)]:
+        if tensor.is_floating_point() and tensor.device.type != "meta":
             finite = torch.isfinite(tensor)
             if not bool(finite.all()):
                 nan = int(torch.isnan(tensor).sum())

@@ -1,0 +1,240 @@
+"""The stages of `mixbits run` that stream the model block by block (`RunConfig.stream`, the default).
+
+`pipeline.run` chains them; each works on a `BlockSource` (a lazy checkpoint read from the shards,
+or a loaded model), never on a copy of the model:
+
+    open        the skeleton on the meta device (`model.lazy.open_checkpoint`) and the tokenizer;
+                linears, shapes, tied groups and fixed bytes from the skeleton alone
+    Fisher      `sensitivity.fisher_streamed.streamed_fisher_table` (boundaries in memory, or on disk
+                under `offload_dir`); the quantizer's gain `sensitivity.follow.gain_table` block by block
+    variants    the original's evaluation once (its log-probs kept for KL and top-1), then ONE pass per
+                variant (`model.quantize_streamed`): the mixed plan into the native writer
+                (`export.native_shards.NativeWriter`, resumable block by block), each uniform baseline
+                evaluated only; sizes from the cost model (`native_size_of`), never from a written copy
+
+Peak memory: the largest of the stages' peaks (see each module's docstring; `model/budget.py`
+predicts it), about one block plus the activations at one block boundary; never the whole model.
+
+Not streamed yet (they need a whole model; `whole_model_reasons` names them and `pipeline.run`
+loads the whole model for them, saying so): iterative mode, --qat training, zero-shot tasks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mixbits.config import RunConfig, compute_torch_dtype
+from mixbits.data.windows import text_fingerprint
+from mixbits.eval.perplexity import EvalResult
+from mixbits.eval.streamed import Scorer, score_reference
+from mixbits.export.native_shards import NativeWriter, block_file, native_size_of
+from mixbits.model.lazy import LazyCheckpoint, open_checkpoint
+from mixbits.model.lazy_sample import checkpoint_sampler
+from mixbits.model.load import check_finite_weights
+from mixbits.model.quantize import QuantizeReport
+from mixbits.model.quantize_streamed import quantize_streamed
+from mixbits.model.stream import BlockSource
+from mixbits.plan import Plan
+from mixbits.quant.spec import QuantSpec
+from mixbits.safeload import check_safetensors
+from mixbits.sensitivity.cache import SAMPLE_BLOCKS, SAMPLE_ELEMENTS, cache_key_parts, cached_table, weights_fingerprint
+from mixbits.sensitivity.fisher_streamed import streamed_fisher_table
+from mixbits.sensitivity.table import DamageTable
+from mixbits.sensitivity.units import measured_labels
+from mixbits.timing import StageTimer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["key_parts", "open_streamed", "run_variants", "stored_tensors", "streamed_fisher", "whole_model_reasons"]
+
+
+def whole_model_reasons(cfg: RunConfig) -> list[str]:
+    """The options of `cfg` that still need the whole model in memory (not streamed yet)."""
+    reasons = []
+    if cfg.iterative is not None:
+        reasons.append("--iterative")
+    if cfg.train is not None:
+        reasons.append("--qat")
+    if cfg.tasks:
+        reasons.append("--tasks (zero-shot)")
+    return reasons
+
+
+def local_folder(source: str, name: str) -> Path:
+    """The local folder of a resolved model source (a folder already, or a hub id in the local cache;
+    fetched like `from_pretrained` would when the hub is reachable)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    from mixbits.model.load import _hub_offline, _load_error
+
+    try:
+        return Path(snapshot_download(source, local_files_only=_hub_offline(),
+                                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.bin"]))
+    except OSError as err:
+        raise _load_error(err, source, name, _hub_offline()) from err
+
+
+def open_streamed(cfg: RunConfig, source: str, device: torch.device) -> tuple["FiniteChecked", object]:
+    """The lazy checkpoint of `source` (a resolved model source), its pieces checked for NaN and inf
+    as they are first read, and its tokenizer (with a pad token)."""
+    from transformers import AutoTokenizer
+
+    folder = local_folder(source, cfg.model)
+    checkpoint = open_checkpoint(folder, device=device, compute_dtype=compute_torch_dtype(cfg.compute_dtype))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return FiniteChecked(checkpoint, cfg.model), tokenizer
+
+
+class FiniteChecked:
+    """A block source whose pieces are checked for NaN and inf the first time each is materialized
+    (`model.load.check_finite_weights`, which the whole-model path runs at load): a broken
+    checkpoint is refused, naming the tensors, in the first pass over the blocks instead of after
+    a full read. `inner`: the source it wraps."""
+
+    def __init__(self, inner: BlockSource, name: str):
+        self.inner, self.name, self._checked = inner, name, set()
+        self.model, self.device = inner.model, inner.device
+        self.n_blocks, self.block_path = inner.n_blocks, inner.block_path
+
+    @contextlib.contextmanager
+    def block(self, index: int) -> Iterator[nn.Module]:
+        with self.inner.block(index) as module:
+            self._check(index, module, f"{self.block_path}.{index}")
+            yield module
+
+    @contextlib.contextmanager
+    def resident(self) -> Iterator[nn.Module]:
+        with self.inner.resident() as model:
+            self._check(None, model, "")
+            yield model
+
+    def _check(self, key, module: nn.Module, prefix: str) -> None:
+        if key not in self._checked:
+            check_finite_weights(module, self.name, prefix)
+            self._checked.add(key)
+
+
+def stored_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor the export stores (parameters and persistent buffers), tied copies once, by name:
+    works on a meta skeleton, where storage pointers cannot tell tied tensors apart (object identity can)."""
+    saved = set(model.state_dict())
+    tensors = dict(model.named_parameters())  # remove_duplicate: a tied tensor under its first name
+    tensors.update((n, b) for n, b in model.named_buffers() if n in saved)
+    return tensors
+
+
+def fixed_bytes(model: nn.Module, shapes: dict[str, tuple[int, int]]) -> int:
+    """`arch.fixed_bytes_of` for any model, a meta skeleton included (tied tensors by identity)."""
+    skip = {f"{n}.weight" for n in shapes}
+    return sum(t.numel() * (2 if t.is_floating_point() else t.element_size())
+               for n, t in stored_tensors(model).items() if n not in skip)
+
+
+def key_parts(cfg: RunConfig, source: BlockSource, linears, calibration_sha256: str, configs, method: str,
+              options: dict | None = None) -> dict:
+    """The sensitivity cache key of a table of `source`; for a lazy checkpoint the weights' fingerprint
+    is read from the shards (`model.lazy_sample`), so it equals the whole model's."""
+    parts = cache_key_parts(model_name=cfg.model, model=source.model, linears=linears,
+                            calibration_sha256=calibration_sha256, configs=configs, method=method,
+                            granularity="layer", options=options)
+    lazy = getattr(source, "inner", source)
+    if isinstance(lazy, LazyCheckpoint):
+        sample = checkpoint_sampler(lazy, blocks=SAMPLE_BLOCKS, size=SAMPLE_ELEMENTS)
+        parts["model"]["weights_sha256"] = weights_fingerprint(source.model, sample)
+    return parts
+
+
+def streamed_fisher(cfg: RunConfig, source: BlockSource, calib: torch.Tensor, linears,
+                    configs: tuple[QuantSpec, ...]) -> DamageTable:
+    """The Fisher table of `mixbits analyze --methods fisher`, computed block by block, through the cache."""
+
+    def compute() -> DamageTable:
+        start = time.perf_counter()
+        damage, scores = streamed_fisher_table(source, calib, linears, configs, offload_dir=_offload(cfg),
+                                               progress=cfg.progress)
+        meta = {"method": "fisher", "kind": "predicted", "granularity": "layer",
+                "configs_measured": measured_labels(damage, configs), "seconds": time.perf_counter() - start,
+                "windows": int(len(calib)), "tokens": int(calib.numel()), "options": {}, "quantizer": "rtn",
+                "streamed": True}
+        return DamageTable(units=tuple(linears), shapes=tuple((i.out_features, i.in_features) for i in linears.values()),
+                           configs=configs, damage=damage, method="fisher", scores=scores, meta=meta)
+
+    if not cfg.use_cache:
+        return compute()
+    return cached_table(key_parts(cfg, source, linears, text_fingerprint(calib), configs, "fisher", {}), compute)
+
+
+def _offload(cfg: RunConfig) -> Path | None:
+    folder = getattr(cfg, "offload_dir", None)
+    return None if folder is None else Path(folder) / "fisher-boundaries"
+
+
+class _ResumableWriter:
+    """The native writer with `read_block` (a finished block's tensors, for a resumed run)."""
+
+    def __init__(self, writer: NativeWriter):
+        self.writer = writer
+
+    def done_blocks(self) -> set[int]:
+        return self.writer.done_blocks()
+
+    def write_block(self, index: int, tensors) -> None:
+        self.writer.write_block(index, tensors)
+
+    def write_rest(self, tensors, tied) -> None:
+        self.writer.write_rest(tensors, tied)
+
+    def read_block(self, index: int) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        path = self.writer.out_dir / block_file(index)
+        check_safetensors(path, "shard")
+        return load_file(str(path))
+
+
+def run_variants(cfg: RunConfig, source: BlockSource, tokenizer, plans: dict[str, Plan], shapes,
+                 calib: torch.Tensor, test: torch.Tensor, out: Path, timer: StageTimer
+                 ) -> tuple[dict[str, EvalResult], dict[str, QuantizeReport], dict[str, int]]:
+    """Evaluate the original once (timer stage "evaluate"), then quantize and evaluate each variant in
+    one streamed pass ("quantize"; its evaluation included), the mixed plan written to `out` as it
+    goes; finish the folder and size the others from the cost model ("save").
+    Returns (evaluations, quantizer reports, bytes on disk)."""
+    scorer = Scorer(test, device=source.device)
+    with timer.stage("evaluate"):
+        evals = {"original": score_reference(source, scorer, progress=cfg.progress)}
+    reports: dict[str, QuantizeReport] = {}
+    writer = None
+    with timer.stage("quantize"):
+        for name, plan in plans.items():
+            if name == "original":
+                continue
+            if name == "mixed":
+                writer = NativeWriter(out, plan, source.model.config, tokenizer, n_blocks=source.n_blocks,
+                                      block_path=source.block_path, resume=cfg.resume)
+            done = quantize_streamed(source, plan, quantizer=cfg.quantizer, scorer=scorer, name=name,
+                                     windows=None if cfg.quantizer == "rtn" else calib, gptq=cfg.gptq,
+                                     sink=_ResumableWriter(writer) if name == "mixed" else None,
+                                     progress=cfg.progress)
+            if done.resumed:
+                log.info("%s: blocks %s were finished by an earlier run; read back from %s", name,
+                         list(done.resumed), out)
+            evals[name], reports[name] = done.evaluation, done.report
+    with timer.stage("save"):
+        tensors = stored_tensors(source.model)
+        sizes = {name: native_size_of(shapes, plan, tensors, source.block_path) for name, plan in plans.items()
+                 if name != "mixed"}
+        if writer is not None:
+            sizes["mixed"] = writer.finish()
+    return evals, reports, sizes
