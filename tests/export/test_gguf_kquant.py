@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from mixbits.export.formats import nearest_plan
 from mixbits.export.gguf import write_gguf
 from mixbits.export.rules import ExportError
-from mixbits.model.apply import layer_shapes
+from mixbits.model.apply import fake_quantize_model, layer_shapes
 from mixbits.plan import Plan
 from mixbits.quant import kquant
 from mixbits.quant.affine import fake_quantize
@@ -130,6 +130,13 @@ def test_transformers_loads_the_mixed_file_with_the_in_memory_logits(written, to
     torch.testing.assert_close(got, want, rtol=0, atol=5e-3)  # the tolerance of test_gguf's round trip
 
 
+def test_fake_quantize_model_applies_ggml_types_as_the_file_stores_them(tokenizer):
+    model, plan = wide_llama(len(tokenizer)), mixed_plan()
+    got, want = fake_quantize_model(model, plan, storage_dtype=None), expected_model(model, plan)
+    for name in plan.specs:
+        assert torch.equal(got.get_submodule(name).weight, want.get_submodule(name).weight), name
+
+
 def test_rows_a_type_cannot_store_are_refused_before_writing_with_the_nearest_plan(tmp_path):
     model = tiny_llama()  # 64 wide, mlp 128: no row is a whole K-quant super-block
     plan = Plan({L + "0.mlp.down_proj": GGMLSpec.parse("q4_k"), L + "1.self_attn.v_proj": GGMLSpec.parse("q6_k"),
@@ -146,6 +153,18 @@ def test_rows_a_type_cannot_store_are_refused_before_writing_with_the_nearest_pl
         L + "0.mlp.down_proj": "q4_0", L + "1.self_attn.v_proj": "q8_0", L + "1.mlp.up_proj": "q8_0"}
     write_gguf(model, nearest, tmp_path / "m.gguf")
     assert read_tensors(tmp_path / "m.gguf")["blk.0.ffn_down.weight"][0] == Q.Q4_0
+
+
+def test_affine_plans_below_4_bits_move_to_the_k_quant_of_their_bits_where_rows_allow(tokenizer):
+    model = wide_llama(len(tokenizer))  # rows of 256 (attention, gate/up) and 512 (down)
+    plan = Plan({L + "0.self_attn.q_proj": QuantSpec.parse("w3g128"), L + "0.mlp.down_proj": QuantSpec.parse("w2g64"),
+                 L + "1.mlp.up_proj": QuantSpec.parse("w6pc"), L + "1.mlp.gate_proj": QuantSpec.parse("w4g128")})
+    nearest = nearest_plan("gguf", plan, layer_shapes(model))
+    assert {n: s.label for n, s in nearest.specs.items()} == {
+        L + "0.self_attn.q_proj": "q3_k", L + "0.mlp.down_proj": "q2_k", L + "1.mlp.up_proj": "q6_k",
+        L + "1.mlp.gate_proj": "w4g128"}  # storable as it is (Q4_1 blocks): unchanged
+    narrow = nearest_plan("gguf", Plan({L + "0.mlp.down_proj": QuantSpec.parse("w3g128")}), layer_shapes(tiny_llama()))
+    assert narrow.specs[L + "0.mlp.down_proj"].label == "w4g128"  # a 128-wide row has no K-quant: bits rounded up
 
 
 def test_llama_cpp_runs_the_mixed_file(written, tokenizer):

@@ -15,6 +15,9 @@ A ggml type (`GGMLSpec`, GGUF only) needs rows that are whole blocks (256 weight
 K-quants, 32 for the legacy types); its nearest is the cheapest type of the format the row
 allows at no fewer bits per weight (Q4_K on a 576-wide row: Q4_0; Q6_K: Q8_0), else 16 bit.
 A format without ggml types takes the affine spec with the same code bits and 32-wide groups.
+In a format with ggml types, an affine spec it cannot store (2, 3 or 6 bits) becomes the
+cheapest ggml type with as many code bits that the row allows (w3g128 -> Q3_K), before bits
+are rounded up: the layer keeps its precision at close to its size, re-quantized on that grid.
 """
 
 from __future__ import annotations
@@ -113,6 +116,10 @@ def nearest_spec(rules: Rules, spec: QuantSpec | GGMLSpec, shape: tuple[int, int
         return spec
     if isinstance(spec, GGMLSpec):
         return _ggml_nearest(rules, spec, shape)
+    same_bits = [GGML_TYPES[n] for n in rules.ggml_types if GGML_TYPES[n].code_bits == spec.bits]
+    same_bits = sorted((s for s in same_bits if s.fits(shape[1])), key=lambda s: s.bits_per_weight)
+    if same_bits:
+        return same_bits[0]
     for bits in _bit_order(rules, spec.bits):
         for group in _group_order(spec.group_size):
             candidate = QuantSpec(bits, group, spec.symmetric)

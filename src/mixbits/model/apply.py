@@ -17,7 +17,9 @@ from tqdm.auto import tqdm
 
 from mixbits.model.arch import find_linears, get_weight, set_weight
 from mixbits.plan import Plan
+from mixbits.quant import kquant
 from mixbits.quant.affine import fake_quantize
+from mixbits.quant.spec import GGMLSpec
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,8 @@ def fake_quantize_model(
     for name, spec in tqdm(plan.quantized().items(), desc="quantize", disable=not progress, leave=False):
         module = target.get_submodule(name)
         weight = get_weight(module)
-        set_weight(module, fake_quantize(weight, spec).to(weight.dtype))
+        quantizer = kquant.fake_quantize if isinstance(spec, GGMLSpec) else fake_quantize  # ggml types: GGUF
+        set_weight(module, quantizer(weight, spec).to(weight.dtype))
     if storage_dtype is not None:
         round_to_storage(target, plan, storage_dtype)
     return target
