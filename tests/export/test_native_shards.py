@@ -73,7 +73,9 @@ def reference(model, plan):
 def test_round_trip_is_exact(make, tmp_path):
     model = make()
     plan = mixed_plan() if model.config.model_type == "llama" else Plan.uniform(layer_shapes(model), QuantSpec(4, 32))
-    save_native(model, plan, tmp_path / "m")
+    written = save_native(model, plan, tmp_path / "m")
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "m").glob("*.safetensors"))
+    assert written == native_size_bytes(model, plan) == on_disk
     loaded, ref = load_native(tmp_path / "m"), reference(model, plan)
     for name in plan.quantized():
         want = packed_tensors(name, get_weight(model.get_submodule(name)), plan.specs[name],

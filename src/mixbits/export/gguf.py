@@ -316,4 +316,5 @@ def _fill(writer, infos, name_map, config, arch, tokenizer, tokenizer_pre, name)
     for part in infos:
         for key, info in part.items():
             raw = None if info.kind in (Q.F16, Q.F32) else info.kind
-            writer.add_tensor_info(_gguf_name(name_map, key), info.shape, np.dtype(info.dtype), info.nbytes, raw_dtype=raw)
+            writer.add_tensor_info(_gguf_name(name_map, key), info.shape, np.dtype(info.dtype), info.nbytes,
+                                   raw_dtype=raw)

@@ -192,7 +192,8 @@ def skeleton(config, dtype: torch.dtype = torch.float32) -> nn.Module:
     return auto.from_config(config, dtype=dtype)
 
 
-def load_native(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_native(path: str | Path, *, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32) -> nn.Module:
     """Rebuild a model saved by `save_native` (either layout): packed layers become QuantLinear modules."""
     folder = open_native(path)
     model = skeleton(folder.config, dtype)
