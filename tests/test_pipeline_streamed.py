@@ -123,3 +123,16 @@ def test_the_streamed_and_whole_runs_share_the_sensitivity_cache(tiny_model_dir,
     streamed = run(replace(config(tiny_model_dir, tiny_text_file, tmp_path / "streamed", "rtn"), use_cache=True))
     assert json.loads((tmp_path / "streamed" / "sensitivity.json").read_text())["meta"].get("streamed") is None
     assert streamed["models"]["mixed"]["ppl"] == pytest.approx(whole["models"]["mixed"]["ppl"], rel=1e-4)
+
+
+def test_a_budget_below_one_block_is_refused_before_any_weight_is_read(tiny_model_dir, tiny_text_file, tmp_path,
+                                                                        monkeypatch):
+    from mixbits.errors import UserError
+    from mixbits.model.lazy import LazyCheckpoint
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("a weight was read")
+
+    monkeypatch.setattr(LazyCheckpoint, "materialize", no_read)
+    with pytest.raises(UserError, match="too small for one block"):
+        run(config(tiny_model_dir, tiny_text_file, tmp_path / "out", "rtn", max_memory="cpu=1KiB"))

@@ -33,6 +33,7 @@ from mixbits.data.windows import calibration_windows, eval_windows, text_fingerp
 from mixbits.eval.perplexity import evaluate_models
 from mixbits.jobs.run_streamed import fixed_bytes, key_parts, open_streamed, run_variants, streamed_fisher, \
     whole_model_reasons
+from mixbits.model.budget import check_run_memory
 from mixbits.model.stream import BlockSource, LoadedModel
 from mixbits.allocate.iterative import sensitivity_order
 from mixbits.jobs.iterative import iterative_quantize, iterative_summary
@@ -107,6 +108,7 @@ def prepare(cfg: RunConfig, timer: StageTimer, loaded: tuple[nn.Module, object] 
         else:
             source = resolve_model_source(cfg.model)
             check_context(source, cfg.data.seqlen, cfg.model)  # config.json only, before the weights
+            check_run_memory(cfg, source, device=device)  # the predicted peak logged; refused over --max-memory
             if stream:
                 blocks, tokenizer = open_streamed(cfg, source, device)
                 model = blocks.model
