@@ -138,6 +138,7 @@ def test_a_truncated_or_unlisted_shard_is_redone(tmp_path):
     with pytest.raises(RuntimeError, match=r"blocks \[1, 2\]"):
         writer.finish()
     assert NativeWriter(out, Plan({}), model.config, block_path="model.layers").done_blocks() == set()  # another plan
+    assert NativeWriter(out, plan, model.config, provenance={"quantizer": "gptq"}).done_blocks() == set()
     write_model(writer, model, plan, [1, 2])
     writer.finish()
     save_native(model, plan, tmp_path / "whole")

@@ -131,8 +131,9 @@ def native_size_of(shapes: Mapping[str, tuple[int, int]], plan: Plan, tensors: M
     return sum(file_nbytes(metas, SHARD_METADATA) for metas in shard_metas(shapes, plan, tensors, block_path).values())
 
 
-def _plan_key(plan: Plan) -> str:
-    return json.dumps({"format": NATIVE_FORMAT, "plan": plan.to_dict()}, sort_keys=True)
+def _progress_key(plan: Plan, provenance: Mapping[str, object]) -> str:
+    return json.dumps({"format": NATIVE_FORMAT, "plan": plan.to_dict(), "provenance": dict(provenance)},
+                      sort_keys=True, default=str)
 
 
 class NativeWriter:
@@ -140,11 +141,15 @@ class NativeWriter:
 
     out_dir: the folder (inside a claimed run folder, usually RUN/model); plan; config: the model's
     transformers config; n_blocks / block_path: the blocks (default: config.num_hidden_layers and
-    the path the plan's layer names show). resume=False starts over even where progress exists."""
+    the path the plan's layer names show). provenance: what else the blocks depend on (model,
+    quantizer and its settings, calibration data, code version); finished blocks are trusted only
+    by a writer with the same plan and provenance. resume=False starts over even where progress exists."""
 
     def __init__(self, out_dir: str | Path, plan: Plan, config, tokenizer=None, *, n_blocks: int | None = None,
-                 block_path: str | None = None, resume: bool = True) -> None:
+                 block_path: str | None = None, resume: bool = True,
+                 provenance: Mapping[str, object] | None = None) -> None:
         self.out_dir, self.plan, self.config, self.tokenizer = Path(out_dir), plan, config, tokenizer
+        self._key = _progress_key(plan, provenance or {})
         self.block_path = block_path or infer_block_path(plan.specs)
         self.n_blocks = int(n_blocks if n_blocks is not None else config.num_hidden_layers)
         if self.block_path is None:
@@ -169,9 +174,9 @@ class NativeWriter:
         except (ValueError, OSError):
             log.warning("%s is unreadable; every block is written again", path)
             return {}
-        if data.get("key") != _plan_key(self.plan):
+        if data.get("key") != self._key:
             if data:
-                log.warning("%s is the progress of another plan; every block is written again", path)
+                log.warning("%s is the progress of another plan or quantizer; every block is written again", path)
             return {}
         return dict(data.get("shards", {}))
 
@@ -199,7 +204,7 @@ class NativeWriter:
     def _record(self, file: str, sha256: str, tied: Mapping[str, str] | None = None) -> None:
         self._progress[file] = {"bytes": (self.out_dir / file).stat().st_size, "sha256": sha256,
                                 **({"tied": dict(tied)} if tied is not None else {})}
-        atomic_write_json(self.out_dir / PROGRESS, {"key": _plan_key(self.plan), "shards": self._progress})
+        atomic_write_json(self.out_dir / PROGRESS, {"key": self._key, "shards": self._progress})
         self._save_manifest(finished=False)
 
     def _save_manifest(self, finished: bool) -> None:
