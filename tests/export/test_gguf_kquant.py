@@ -15,7 +15,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize as gguf_dequantize
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from mixbits.export.formats import nearest_plan
+from mixbits.export.formats import expressible, nearest_plan
 from mixbits.export.gguf import write_gguf
 from mixbits.export.rules import ExportError
 from mixbits.model.apply import fake_quantize_model, layer_shapes
@@ -165,6 +165,14 @@ def test_affine_plans_below_4_bits_move_to_the_k_quant_of_their_bits_where_rows_
         L + "1.mlp.gate_proj": "w4g128"}  # storable as it is (Q4_1 blocks): unchanged
     narrow = nearest_plan("gguf", Plan({L + "0.mlp.down_proj": QuantSpec.parse("w3g128")}), layer_shapes(tiny_llama()))
     assert narrow.specs[L + "0.mlp.down_proj"].label == "w4g128"  # a 128-wide row has no K-quant: bits rounded up
+
+
+@pytest.mark.parametrize("fmt", ["native", "gptq", "compressed"])
+def test_other_formats_refuse_ggml_types_and_offer_the_affine_spec_of_their_bits(fmt):
+    shapes = layer_shapes(wide_llama(256))
+    found = expressible(fmt, Plan({L + "0.mlp.down_proj": GGMLSpec.parse("q4_k")}), shapes)
+    assert len(found) == 1 and f"{fmt} has no ggml type Q4_K" in found[0].reason
+    assert found[0].nearest.label == "w4g32"
 
 
 def test_llama_cpp_runs_the_mixed_file(written, tokenizer):
