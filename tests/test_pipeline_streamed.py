@@ -22,7 +22,8 @@ def config(model_dir, text_file, out, quantizer, **kw):
 
 
 def shards(folder):
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((folder / "model").glob("*.safetensors"))}
+    files = sorted((folder / "model").glob("*.safetensors"))
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 def assert_same_run(streamed, whole, out_streamed, out_whole):

@@ -99,8 +99,9 @@ def test_same_weights_and_numbers_as_the_whole_model_path(build, quantizer, tmp_
     for name, layer in result.report.layers.items():
         assert layer.error == report.layers[name].error and layer.rtn_error == report.layers[name].rtn_error
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the model is left as it was
-    tied = {"lm_head.weight": "model.embed_tokens.weight"} if build is tiny_llama else {"lm_head.weight": "transformer.wte.weight"}
-    assert sink.tied == tied and set(sink.rest) | set(tied) == {k for k in before if ".h." not in k and ".layers." not in k}
+    embeddings = "model.embed_tokens.weight" if build is tiny_llama else "transformer.wte.weight"
+    assert sink.tied == {"lm_head.weight": embeddings}  # the tied head is left out, named
+    assert set(sink.rest) | {"lm_head.weight"} == {k for k in before if ".h." not in k and ".layers." not in k}
 
 
 @pytest.mark.parametrize("quantizer", ["rtn", "gptq"])
@@ -120,7 +121,7 @@ class Killed(Exception):
 
 
 def test_a_run_killed_midway_resumes_to_the_same_shards(tmp_path):
-    model = tiny_llama(layers=4) if "layers" in tiny_llama.__code__.co_varnames else tiny_llama()
+    model = tiny_llama()  # two blocks: killed after the first
     model.save_pretrained(tmp_path / "ckpt")
     plan, calib, test = mixed_plan(model), tokens(4, seed=1), tokens(3, seed=2)
     full = FolderSink(tmp_path / "full")
@@ -140,7 +141,8 @@ def test_a_run_killed_midway_resumes_to_the_same_shards(tmp_path):
                           after_block=seen.append)
     assert resumed.resumed == (0,) and seen == list(range(len(seen)))
     assert again.sha256() == full.sha256() and len(full.sha256()) == len(seen)
-    assert resumed.evaluation.ppl == uninterrupted.evaluation.ppl and resumed.evaluation.kl == uninterrupted.evaluation.kl
+    assert resumed.evaluation.ppl == uninterrupted.evaluation.ppl
+    assert resumed.evaluation.kl == uninterrupted.evaluation.kl
     assert torch.equal(resumed.report.qparams["model.layers.0.self_attn.q_proj"].scale,
                        uninterrupted.report.qparams["model.layers.0.self_attn.q_proj"].scale)
 

@@ -50,7 +50,8 @@ from mixbits.model.arch import LinearInfo, find_linears, get_weight
 from mixbits.model.blockwise import BlockInputs, capture_block_inputs
 from mixbits.model.stream import BlockSource, as_source, call_block, head_forward
 
-__all__ = ["AUTO_FULL_BYTES", "Scorer", "Variant", "score_reference", "WeightOverride", "evaluate_streamed", "overridden"]
+__all__ = ["AUTO_FULL_BYTES", "Scorer", "Variant", "WeightOverride", "evaluate_streamed", "overridden",
+           "score_reference"]
 
 WeightOverride = Callable[[str, torch.Tensor], "torch.Tensor | None"]
 """(linear name, weight [out, in]) -> the variant's weight [out, in], or None to keep the original."""

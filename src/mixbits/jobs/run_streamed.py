@@ -168,8 +168,8 @@ def streamed_fisher(cfg: RunConfig, source: BlockSource, calib: torch.Tensor, li
                 "configs_measured": measured_labels(damage, configs), "seconds": time.perf_counter() - start,
                 "windows": int(len(calib)), "tokens": int(calib.numel()), "options": {}, "quantizer": "rtn",
                 "streamed": True}
-        return DamageTable(units=tuple(linears), shapes=tuple((i.out_features, i.in_features) for i in linears.values()),
-                           configs=configs, damage=damage, method="fisher", scores=scores, meta=meta)
+        shapes = tuple((i.out_features, i.in_features) for i in linears.values())
+        return DamageTable(units=tuple(linears), shapes=shapes, configs=configs, damage=damage, method="fisher", scores=scores, meta=meta)
 
     if not cfg.use_cache:
         return compute()

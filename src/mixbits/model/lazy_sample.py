@@ -23,7 +23,8 @@ from mixbits.model.lazy import LazyCheckpoint
 __all__ = ["checkpoint_sampler"]
 
 
-def checkpoint_sampler(checkpoint: LazyCheckpoint, *, blocks: int, size: int) -> Callable[[str, torch.Tensor], torch.Tensor]:
+def checkpoint_sampler(checkpoint: LazyCheckpoint, *, blocks: int,
+                       size: int) -> Callable[[str, torch.Tensor], torch.Tensor]:
     """sample(name, meta_tensor) -> the flat sample of parameter/buffer `name` on the CPU, in the
     dtype `meta_tensor` has (what the materialized tensor would hold)."""
     from safetensors import safe_open

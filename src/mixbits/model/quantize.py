@@ -35,6 +35,10 @@ per layer plus two forward passes of every block over the windows (plus the capt
 activations, n * seq * hidden floats, kept on `store`). Other tensors (embeddings, norms,
 biases, kept layers) are rounded through `storage_dtype` first, as the export stores them.
 Sources: Frantar et al. 2022 (GPTQ) and its reference code; llama.cpp imatrix; AWQ auto_clip.
+
+`quantize_model` makes a whole quantized copy: it is the reference path (`RunConfig.stream=False`,
+iterative mode, --qat). `mixbits run` streams instead (`model.quantize_streamed`: the same
+`quantize_layer` and `block_grams`, one block materialized at a time, no copy).
 """
 
 from __future__ import annotations

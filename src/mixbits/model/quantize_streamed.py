@@ -50,7 +50,14 @@ from tqdm.auto import tqdm
 
 from mixbits.model.arch import LinearInfo, find_linears, get_bias, get_weight
 from mixbits.model.blockwise import BlockInputs, block_forward, capture_block_inputs
-from mixbits.model.quantize import LayerReport, QuantizeReport, block_grams, check_quantizer, quantize_layer
+from mixbits.model.quantize import (
+    LayerQuant,
+    LayerReport,
+    QuantizeReport,
+    block_grams,
+    check_quantizer,
+    quantize_layer,
+)
 from mixbits.model.stream import BlockSource, call_block
 from mixbits.plan import Plan
 from mixbits.quant.affine import QParams
@@ -312,8 +319,6 @@ def _quantize_block(p: _Pass, block: nn.Module, names: list[str], stack: context
 
 def _read_back(p: _Pass, i: int, names: list[str], sink: BlockSink, stack: contextlib.ExitStack) -> dict:
     """A finished block's planned weights dequantized from what the sink holds, swapped in."""
-    from mixbits.model.quantize import LayerQuant
-
     stored = dequantized_block(sink.read_block(i), {n: p.specs[n] for n in names}, p.linears)
     made = {}
     for name in names:
