@@ -157,3 +157,32 @@ def test_library_errors_name_fields_the_cli_shows_flags(captured):
     r = runner.invoke(app, ["run", "--no-verbose", "--qat-epochs", "3", "--max-ppl-increase", "0.1"])
     assert r.exit_code == 2 and not captured
     assert "--qat-epochs" in r.output and "--qat" in r.output and "`" not in r.output
+
+
+def test_sweep_compare_and_ablate_share_the_table_and_take_a_recipe(monkeypatch, tmp_path):
+    import mixbits.jobs.ablate
+    import mixbits.jobs.compare
+    import mixbits.jobs.sweep
+
+    seen = {}
+
+    def capture(name):
+        def fake(cfg):
+            seen[name] = cfg
+            raise Captured
+        return fake
+
+    monkeypatch.setattr(mixbits.jobs.sweep, "run_sweep", capture("sweep"))
+    monkeypatch.setattr(mixbits.jobs.compare, "run_compare", capture("compare"))
+    monkeypatch.setattr(mixbits.jobs.ablate, "run_ablation", capture("ablate"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: {seqlen: 64}\nallocation: {bits: [2, 4], target_bpw: 3.0}\nquantizer: clip\n")
+    for args in (["sweep", "--bpw", "3,4"], ["compare", "--models", "a,b"], ["ablate"]):
+        r = runner.invoke(app, [*args, "--no-verbose", "--recipe", str(recipe), "--seed", "3",
+                                "--output-dir", str(tmp_path / args[0]), "--overwrite"])
+        assert isinstance(r.exception, Captured), r.output
+        run = seen[args[0]].run
+        assert (run.data.seqlen, run.data.seed, run.allocation.bits, run.quantizer) == (64, 3, (2, 4), "clip")
+        assert run.overwrite is False and run.output_dir == tmp_path / args[0]  # the job's folder is claimed apart
+    assert seen["sweep"].run.allocation.target_bpw == 4.0 and seen["ablate"].run.allocation.target_bpw == 3.0
+    assert seen["compare"].run.model == "a" and seen["ablate"].train.init == "clip"

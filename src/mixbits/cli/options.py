@@ -196,27 +196,37 @@ def _typed(ctx: typer.Context, name: str) -> bool:
     return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
+RECIPE_HELP = ("a YAML recipe (the fields of RunConfig: data:, allocation:, gptq:, train: ...; a run folder's "
+               "recipe.yaml repeats that run); flags given here override its fields")
+
+
+def _parameters(flags: list[Flag], base: RunConfig, helps: dict[str, str], recipe: bool) -> list[inspect.Parameter]:
+    """The typer parameters of `flags` (each default read from `base`), after the context and --recipe."""
+    kw = inspect.Parameter.KEYWORD_ONLY
+    out = [inspect.Parameter("ctx", kw, annotation=typer.Context)]
+    if recipe:
+        out.append(inspect.Parameter("recipe", kw, annotation=Optional[Path],
+                                     default=typer.Option(None, help=RECIPE_HELP)))
+    for f in flags:
+        value = _current(base, f.paths[0])
+        default = f.show(value) if f.show is not None else value
+        out.append(inspect.Parameter(f.name, kw, annotation=f.kind,
+                                     default=typer.Option(default, help=helps.get(f.name, f.help))))
+    return out
+
+
 def run_options(names: Iterable[str] = tuple(FLAGS), *, base: RunConfig = RunConfig(),
                 helps: dict[str, str] | None = None, recipe: bool = True):
     """Decorate a typer command with the flags `names` (defaults read from `base`) and --recipe; the
-    command takes a parameter `options: RunOptions` instead of them."""
-    flags, helps = [FLAGS[n] for n in names], helps or {}
+    command takes a parameter `options: RunOptions` instead of them (its own parameters stay)."""
+    flags = [FLAGS[n] for n in names]
 
     def decorate(fn):
         hints = typing.get_type_hints(fn)
         own = [p.replace(annotation=hints.get(p.name, p.annotation))
                for p in inspect.signature(fn).parameters.values() if p.name != "options"]
-        kw = inspect.Parameter.KEYWORD_ONLY
-        extra = [inspect.Parameter("ctx", kw, annotation=typer.Context)]
-        for f in flags:
-            value = _current(base, f.paths[0])
-            default = f.show(value) if f.show is not None else value
-            extra.append(inspect.Parameter(f.name, kw, annotation=f.kind,
-                                           default=typer.Option(default, help=helps.get(f.name, f.help))))
-        if recipe:
-            extra.append(inspect.Parameter("recipe", kw, annotation=Optional[Path], default=typer.Option(
-                None, help="a YAML recipe (the fields of RunConfig: data:, allocation:, gptq:, train: ...; a run "
-                           "folder's recipe.yaml repeats that run); flags given here override its fields")))
+        last = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.name == "verbose"]  # as before
+        params = [p for p in own if p.name != "verbose"] + _parameters(flags, base, helps or {}, recipe) + last
 
         @functools.wraps(fn)
         def command(**kwargs):
@@ -226,7 +236,6 @@ def run_options(names: Iterable[str] = tuple(FLAGS), *, base: RunConfig = RunCon
             path = kwargs.pop("recipe", None)
             return fn(**kwargs, options=RunOptions(base, typed, path))
 
-        params = own + extra
         command.__signature__ = inspect.Signature(params)
         command.__annotations__ = {p.name: p.annotation for p in params}
         del command.__wrapped__  # typer reads the signature above, not fn's
