@@ -16,6 +16,7 @@ from mixbits.model.stream import LoadedModel
 from mixbits.plan import Plan
 from mixbits.quant.spec import QuantSpec
 from tests.conftest import tiny_gpt2, tiny_llama
+from tests.model.test_stream import tiny_qwen2
 
 CPU = torch.device("cpu")
 
@@ -62,7 +63,7 @@ def whole_model(model, plan, quantizer, calib, test):
 
 
 def streamed(source, plan, quantizer, calib, test, sink=None, after_block=None):
-    scorer = Scorer(test, topk=None, device=CPU)
+    scorer = Scorer(test, topk=None, device=source.device)
     original = score_reference(source, scorer, progress=False)
     result = quantize_streamed(source, plan, quantizer=quantizer, windows=calib, scorer=scorer, sink=sink,
                                after_block=after_block, progress=False)
@@ -74,7 +75,7 @@ def assert_same_evaluation(got, want):
         assert getattr(got, field) == pytest.approx(getattr(want, field), rel=1e-4, abs=1e-9), field
 
 
-@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2, tiny_qwen2])  # Qwen2: biases on q/k/v
 @pytest.mark.parametrize("quantizer", ["rtn", "clip", "gptq"])
 def test_same_weights_and_numbers_as_the_whole_model_path(build, quantizer, tmp_path):
     model = build()
@@ -88,7 +89,7 @@ def test_same_weights_and_numbers_as_the_whole_model_path(build, quantizer, tmp_
     assert_same_evaluation(result.evaluation, evals["v"])
     assert result.evaluation.kl > 1e-4
     linears = find_linears(model)
-    for i in range(len(model.get_decoder().layers) if build is tiny_llama else model.config.n_layer):
+    for i in range(model.config.num_hidden_layers):
         names = {n: s for n, s in plan.quantized().items() if linears[n].block == i}
         stored = dequantized_block(sink.read_block(i), names, linears)
         for name, (weight, qp) in stored.items():
@@ -99,9 +100,14 @@ def test_same_weights_and_numbers_as_the_whole_model_path(build, quantizer, tmp_
     for name, layer in result.report.layers.items():
         assert layer.error == report.layers[name].error and layer.rtn_error == report.layers[name].rtn_error
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the model is left as it was
-    embeddings = "model.embed_tokens.weight" if build is tiny_llama else "transformer.wte.weight"
-    assert sink.tied == {"lm_head.weight": embeddings}  # the tied head is left out, named
-    assert set(sink.rest) | {"lm_head.weight"} == {k for k in before if ".h." not in k and ".layers." not in k}
+    embeddings = "transformer.wte.weight" if build is tiny_gpt2 else "model.embed_tokens.weight"
+    tied = {"lm_head.weight": embeddings} if model.config.tie_word_embeddings else {}
+    assert sink.tied == tied  # a tied head is left out, named
+    assert set(sink.rest) | set(tied) == {k for k in before if ".h." not in k and ".layers." not in k}
+    if build is tiny_qwen2:  # biases of quantized layers are stored with them, in fp16
+        q_proj = next(n for n, s in plan.quantized().items() if n.endswith("q_proj"))
+        block = sink.read_block(linears[q_proj].block)
+        assert torch.equal(block[f"{q_proj}.bias"], model.get_submodule(q_proj).bias.half())
 
 
 @pytest.mark.parametrize("quantizer", ["rtn", "gptq"])
@@ -169,3 +175,20 @@ def test_one_block_is_materialized_at_a_time(tmp_path, monkeypatch):
     assert max(peak) == 1 and not live  # never two pieces (two blocks, or a block and the embeddings) at once
     assert len(peak) == 2 * (2 + 2)  # two passes (reference, variant), each: 2 blocks + capture + head
     assert result.evaluation.kl > 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_from_a_bfloat16_checkpoint(tmp_path):
+    """Blocks computed on the GPU in the checkpoint's dtype (bf16; Gram matrices and losses in float32):
+    close to the CPU float32 numbers, and the same codes' shapes."""
+    model = tiny_llama().to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "ckpt")
+    plan, calib, test = mixed_plan(model), tokens(4, seed=1), tokens(3, seed=2)
+    _, on_cpu = streamed(open_checkpoint(tmp_path / "ckpt"), plan, "gptq", calib, test)
+    gpu = open_checkpoint(tmp_path / "ckpt", device="cuda")
+    assert gpu.compute_dtype == torch.bfloat16
+    _, on_gpu = streamed(gpu, plan, "gptq", calib, test, sink=FolderSink(tmp_path / "blocks"))
+    assert on_gpu.evaluation.ppl == pytest.approx(on_cpu.evaluation.ppl, rel=5e-2)
+    assert 0 < on_gpu.evaluation.kl < 10 * on_cpu.evaluation.kl + 1e-3
+    assert set(on_gpu.report.qparams) == set(plan.quantized())
