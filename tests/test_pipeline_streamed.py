@@ -137,3 +137,12 @@ def test_a_budget_below_one_block_is_refused_before_any_weight_is_read(tiny_mode
     monkeypatch.setattr(LazyCheckpoint, "materialize", no_read)
     with pytest.raises(UserError, match="too small for one block"):
         run(config(tiny_model_dir, tiny_text_file, tmp_path / "out", "rtn", max_memory="cpu=1KiB"))
+
+
+def test_fisher_boundaries_on_disk_give_the_same_plan(tiny_model_dir, tiny_text_file, tmp_path):
+    in_memory = run(config(tiny_model_dir, tiny_text_file, tmp_path / "memory", "rtn"))
+    on_disk = run(config(tiny_model_dir, tiny_text_file, tmp_path / "disk", "rtn", offload_dir=tmp_path / "offload"))
+    assert (json.loads((tmp_path / "disk" / "plan.json").read_text())
+            == json.loads((tmp_path / "memory" / "plan.json").read_text()))
+    assert on_disk["models"]["mixed"]["ppl"] == in_memory["models"]["mixed"]["ppl"]
+    assert list((tmp_path / "offload").iterdir()) == []  # the run's boundary files are removed

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -162,8 +164,9 @@ def streamed_fisher(cfg: RunConfig, source: BlockSource, calib: torch.Tensor, li
 
     def compute() -> DamageTable:
         start = time.perf_counter()
-        damage, scores = streamed_fisher_table(source, calib, linears, configs, offload_dir=_offload(cfg),
-                                               progress=cfg.progress)
+        with _offload(cfg) as folder:
+            damage, scores = streamed_fisher_table(source, calib, linears, configs, offload_dir=folder,
+                                                   progress=cfg.progress)
         meta = {"method": "fisher", "kind": "predicted", "granularity": "layer",
                 "configs_measured": measured_labels(damage, configs), "seconds": time.perf_counter() - start,
                 "windows": int(len(calib)), "tokens": int(calib.numel()), "options": {}, "quantizer": "rtn",
@@ -176,9 +179,19 @@ def streamed_fisher(cfg: RunConfig, source: BlockSource, calib: torch.Tensor, li
     return cached_table(key_parts(cfg, source, linears, text_fingerprint(calib), configs, "fisher", {}), compute)
 
 
-def _offload(cfg: RunConfig) -> Path | None:
-    folder = getattr(cfg, "offload_dir", None)
-    return None if folder is None else Path(folder) / "fisher-boundaries"
+@contextlib.contextmanager
+def _offload(cfg: RunConfig) -> Iterator[Path | None]:
+    """A fresh folder under cfg.offload_dir for the Fisher's block boundaries (None: kept in memory),
+    removed afterwards; its own per run, so two runs sharing an offload folder never mix files."""
+    if cfg.offload_dir is None:
+        yield None
+        return
+    Path(cfg.offload_dir).mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="fisher-boundaries-", dir=cfg.offload_dir))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class _ResumableWriter:
