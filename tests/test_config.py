@@ -7,9 +7,9 @@ from mixbits.quant.spec import KEEP
 
 
 def test_bad_options_are_refused():
-    with pytest.raises(ValueError, match="layers-per-iteration"):
+    with pytest.raises(ValueError, match="`iterative.layers_per_iteration` 0"):
         IterativeConfig(layers_per_iteration=0)
-    with pytest.raises(ValueError, match="max-ppl-increase"):
+    with pytest.raises(ValueError, match="`iterative.max_ppl_increase` 0"):
         IterativeConfig(max_ppl_increase=0)
     with pytest.raises(ValueError, match="not 16-bit keep"):
         IterativeConfig(spec=KEEP)

@@ -74,7 +74,8 @@ def test_empty_and_json_recipes(tmp_path):
     ("iterative: {spec: w9g1}", ["iterative.spec = 'w9g1'", "w4g128"]),
     ("data: 5", ["data must be a mapping"]),
     ("- a\n- b", ["the top level must be a mapping"]),
-    ("data: {seqlen: 4}", ["data: ", "seqlen 4 is too short"]),  # the config's own check, file named
+    ("data: {seqlen: 4}", ["data.seqlen 4 is too short"]),  # the config's own check: the field, not a flag
+    ("train: {epochs: 0}", ["train: epochs=0"]),  # a check that names no section: the section is added
 ])
 def test_bad_recipes_name_file_field_value_and_what_is_accepted(tmp_path, text, words):
     path = write(tmp_path, text)

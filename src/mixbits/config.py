@@ -47,12 +47,12 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.seqlen < MIN_SEQLEN:
-            raise UserError(f"--seqlen {self.seqlen} is too short; use at least {MIN_SEQLEN} tokens "
+            raise UserError(f"`data.seqlen` {self.seqlen} is too short; use at least {MIN_SEQLEN} tokens "
                             "(2048 for paper numbers)")
         if self.calib_windows < 1:
-            raise UserError(f"--calib-windows {self.calib_windows} must be at least 1")
+            raise UserError(f"`data.calib_windows` {self.calib_windows} must be at least 1")
         if self.eval_windows < 0:
-            raise UserError(f"--eval-windows {self.eval_windows} must be >= 0 (0 = the whole test split)")
+            raise UserError(f"`data.eval_windows` {self.eval_windows} must be >= 0 (0 = the whole test split)")
 
 
 @dataclass(frozen=True)
@@ -69,11 +69,11 @@ class AllocationConfig:
 
     def __post_init__(self) -> None:
         if (self.target_bpw is None) == (self.target_size_mb is None):
-            raise UserError("give exactly one of --target-bpw and --target-size-mb")
+            raise UserError("give exactly one of `allocation.target_bpw` and `allocation.target_size_mb`")
         if self.min_bits > self.max_bits:
-            raise UserError(f"--min-bits {self.min_bits} is above --max-bits {self.max_bits}")
+            raise UserError(f"`allocation.min_bits` {self.min_bits} is above `allocation.max_bits` {self.max_bits}")
         if self.keep is not None:
-            check_regex(self.keep, "--keep")
+            check_regex(self.keep, "`allocation.keep`")
         for pin in self.pins:
             parse_pin(pin)
 
@@ -201,15 +201,15 @@ class IterativeConfig:
 
     def __post_init__(self) -> None:
         if self.spec.keep:
-            raise UserError("--iterative-spec must be a quantized config such as w4g128, not 16-bit keep")
+            raise UserError("`iterative.spec` must be a quantized config such as w4g128, not 16-bit keep")
         if self.layers_per_iteration < 1:
-            raise UserError(f"--layers-per-iteration {self.layers_per_iteration} must be at least 1")
+            raise UserError(f"`iterative.layers_per_iteration` {self.layers_per_iteration} must be at least 1")
         if not self.max_ppl_increase > 0:
-            raise UserError(f"--max-ppl-increase {self.max_ppl_increase} must be > 0 (relative: 0.05 = 5 %)")
+            raise UserError(f"`iterative.max_ppl_increase` {self.max_ppl_increase} must be > 0 (relative: 0.05 = 5 %)")
         if self.max_iterations < 1:
-            raise UserError(f"--max-iterations {self.max_iterations} must be at least 1")
+            raise UserError(f"`iterative.max_iterations` {self.max_iterations} must be at least 1")
         if self.windows < 1:
-            raise UserError(f"--iterative-windows {self.windows} must be at least 1")
+            raise UserError(f"`iterative.windows` {self.windows} must be at least 1")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -246,7 +246,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if self.quantizer not in QUANTIZERS:
-            raise UserError(f"--quantizer {self.quantizer!r} is not one of {', '.join(QUANTIZERS)}")
+            raise UserError(f"`quantizer` {self.quantizer!r} is not one of {', '.join(QUANTIZERS)}")
         if self.train is not None and self.train.init != self.quantizer:
             raise UserError(f"training starts from the run's quantizer ({self.quantizer}), not {self.train.init}; "
                              "set TrainConfig(init=...) to the same value")
@@ -258,17 +258,17 @@ class RunConfig:
         if self.train_baselines and self.train is None:
             raise UserError("--qat-baselines only applies with --qat")
         if self.damage not in DAMAGE_MODES:
-            raise UserError(f"--damage {self.damage!r} is not one of {', '.join(DAMAGE_MODES)} (follow: the damage "
+            raise UserError(f"`damage` {self.damage!r} is not one of {', '.join(DAMAGE_MODES)} (follow: the damage "
                              "of the quantizer that will be used; rtn: the damage of round-to-nearest)")
 
         if self.iterative is not None and self.plan is not None:
-            raise UserError("--iterative builds its own plan; drop --plan or --iterative")
+            raise UserError("`iterative` builds its own plan; drop `plan` or `iterative`")
         if self.iterative is not None and self.iterative.spec not in self.allocation.configs():
-            raise UserError(f"--iterative-spec {self.iterative.spec.label} is not among the candidate configs "
-                             f"{[c.label for c in self.allocation.configs()[:-1]]}; add its bits to --bits and "
-                             "its group size to --group-sizes")
+            raise UserError(f"`iterative.spec` {self.iterative.spec.label} is not among the candidate configs "
+                             f"{[c.label for c in self.allocation.configs()[:-1]]}; add its bits to `allocation.bits` "
+                             "and its group size to `allocation.group_sizes`")
         if self.task_limit is not None and self.task_limit < 1:
-            raise UserError(f"--task-limit {self.task_limit} must be at least 1 (or omitted for every document)")
+            raise UserError(f"`task_limit` {self.task_limit} must be at least 1 (or omitted for every document)")
         if self.compute_dtype is not None:
             compute_torch_dtype(self.compute_dtype)
         if self.max_memory is not None:
@@ -354,7 +354,7 @@ def _budget_device(name: str, text: str, accepted: str) -> str:
 
 
 def check_regex(pattern: str, flag: str) -> re.Pattern:
-    """The compiled `pattern`, or a UserError naming the flag, the pattern and the regex error."""
+    """The compiled `pattern`, or a UserError naming the field (or flag), the pattern and the regex error."""
     try:
         return re.compile(pattern)
     except re.error as err:
@@ -365,13 +365,13 @@ def check_regex(pattern: str, flag: str) -> re.Pattern:
 def parse_pin(text: str) -> tuple[str, QuantSpec]:
     """Read ``REGEX=SPEC`` (``down_proj=w4g64``) or ``REGEX=BITS`` (``down_proj=4``, group 128)."""
     if "=" not in text:
-        raise UserError(f"--pin {text!r} must look like 'down_proj=4' or 'down_proj=w4g64'")
+        raise UserError(f"`allocation.pins` {text!r} must look like 'down_proj=4' or 'down_proj=w4g64'")
     pattern, value = text.rsplit("=", 1)
-    check_regex(pattern, "--pin")
+    check_regex(pattern, "`allocation.pins`")
     try:
         return pattern, QuantSpec(int(value)) if value.isdigit() else QuantSpec.parse(value)
     except ValueError as err:
-        raise UserError(f"--pin {text!r}: {err}") from None
+        raise UserError(f"`allocation.pins` {text!r}: {err}") from None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -383,11 +383,11 @@ def resolve_device(name: str) -> torch.device:
     except (RuntimeError, ValueError):
         device = None
     if device is None or device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {name!r} is not a device mixbits runs on; use auto, cpu, cuda or cuda:N")
+        raise UserError(f"`device` {name!r} is not a device mixbits runs on; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for CUDA, but none is available here; use --device auto or cpu")
+        raise UserError(f"`device` {name} asked for CUDA, but none is available here; use auto or cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         count = torch.cuda.device_count()
-        raise UserError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}; "
-                        "use one of them, or --device auto")
+        raise UserError(f"`device` {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}; "
+                        "use one of them, or auto")
     return device

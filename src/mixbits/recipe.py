@@ -104,7 +104,8 @@ def _accepted(tp: object) -> str:
 
 
 def convert(value: object, tp: object, path: str, source: str) -> object:
-    """`value` read from a recipe as type `tp`, strictly; a UserError naming source, path, value and what is accepted."""
+    """`value` read from a recipe as type `tp`, strictly; else a UserError naming source, path, value and
+    what is accepted."""
 
     def refuse(extra: str = "") -> UserError:
         return UserError(f"{source}: {path} = {value!r} is not accepted; expected {_accepted(tp)}{extra}")
@@ -217,8 +218,9 @@ def config_from(data: object, source: str = "recipe", base: RunConfig | None = N
     try:
         return with_fields(base or RunConfig(), flat)
     except UserError as err:
-        section = getattr(err, "section", None)
-        raise UserError(f"{source}: {section + ': ' if section else ''}{str(err).replace('`', '')}") from None
+        section, message = getattr(err, "section", None), str(err).replace("`", "")
+        where = f"{section}: " if section and f"{section}." not in message else ""  # when no field is named
+        raise UserError(f"{source}: {where}{message}") from None
 
 
 # --- applying field paths ------------------------------------------------------------------------

@@ -157,6 +157,8 @@ def test_library_errors_name_fields_the_cli_shows_flags(captured):
     r = runner.invoke(app, ["run", "--no-verbose", "--qat-epochs", "3", "--max-ppl-increase", "0.1"])
     assert r.exit_code == 2 and not captured
     assert "--qat-epochs" in r.output and "--qat" in r.output and "`" not in r.output
+    r = runner.invoke(app, ["run", "--no-verbose", "--seqlen", "4"])  # the config's check names data.seqlen
+    assert r.exit_code == 2 and "error: --seqlen 4 is too short" in r.output and not captured
 
 
 def test_sweep_compare_and_ablate_share_the_table_and_take_a_recipe(monkeypatch, tmp_path):

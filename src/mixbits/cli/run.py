@@ -19,7 +19,7 @@ from mixbits.report.console import print_results, print_sweep
 def run(verbose: bool = VERBOSE, *, options: RunOptions) -> None:
     """Sensitivity -> optimal allocation -> quantization (-> Block-AP) -> evaluation, in one command.
 
-    Every option is a field of RunConfig; --recipe FILE reads them from YAML (a run folder's recipe.yaml repeats that run), and flags given beside it override its fields."""
+    Every option is a field of RunConfig; --recipe FILE sets them from YAML, typed flags override it."""
     setup_logging(verbose)
     from mixbits.pipeline import run as run_pipeline  # heavy imports only once arguments parse
 
