@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from mixbits.outdir import claim, refresh
 from mixbits.cli.common import VERBOSE, app, console, setup_logging, user_errors
-from mixbits.cli.options import SHARED, RunOptions, run_options
+from mixbits.cli.options import SHARED, RunOptions, flags_in, run_options
 from mixbits.config import DataConfig, RunConfig
 from mixbits.jobs.experiment_config import ABLATE_TRAIN, DEFAULT_BUDGETS, SECTIONS, SEED_STRATEGIES
 from mixbits.parsing import parse_range, split_list
@@ -66,7 +67,7 @@ def compare(
         console.print(f"wrote {output_dir}/comparison_summary.json, comparison.png, comparison_report.html, "
                       "<model>_analysis.json, <model>/ (each with its report.html)")
     if failure is not None:
-        console.print(f"[red]error:[/red] {failure}")
+        console.print(f"[red]error:[/red] {escape(flags_in(str(failure)))}", soft_wrap=True)
         raise typer.Exit(1)
 
 
