@@ -16,7 +16,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from mixbits.export.formats import expressible, nearest_plan
-from mixbits.export.gguf import write_gguf
+from mixbits.export.gguf import gguf_data_bytes, write_gguf
 from mixbits.export.rules import ExportError
 from mixbits.model.apply import fake_quantize_model, layer_shapes
 from mixbits.plan import Plan
@@ -118,6 +118,12 @@ def test_each_tensor_holds_its_type_and_mixbits_weights_exactly(written):
         assert torch.equal(tensors[gguf_name(name)][2], r.weight)  # GPTQ's codes, not re-rounded ones
     kind, _, got = tensors[gguf_name(L + "1.mlp.down_proj")]
     assert kind == Q.F16 and torch.equal(got, model.get_submodule(L + "1.mlp.down_proj").weight.detach().half().float())
+
+
+def test_tensor_bytes_are_known_before_writing(written):
+    model, plan, path, _ = written
+    reader = GGUFReader(path)
+    assert gguf_data_bytes(model, plan) == path.stat().st_size - reader.data_offset
 
 
 def test_transformers_loads_the_mixed_file_with_the_in_memory_logits(written, tokenizer):

@@ -269,6 +269,19 @@ def write_gguf(
                            tokenizer_pre=tokenizer_pre)
 
 
+def gguf_data_bytes(model: nn.Module, plan: Plan) -> int:
+    """Bytes of the tensor data of `model` written as GGUF under `plan`, from shapes alone: every
+    tensor in its type (planned layers, embeddings and output head in F16, 1-D in F32), each
+    padded to GGUF's alignment, as llama.cpp maps them. The file adds its header, metadata and
+    tokenizer to this. ExportError when the plan cannot be written (`require_expressible`)."""
+    source = model_source(model, plan)
+    shapes = layer_shapes(source.structure)
+    require_expressible(RULES, plan, shapes)
+    order = {k: i for i, k in enumerate(source.structure.state_dict())}
+    infos = [i for part in source.parts() for i in _part_infos(source, part, shapes, order).values()]
+    return sum(gguf.GGUFWriter.ggml_pad(i.nbytes, gguf.GGUF_DEFAULT_ALIGNMENT) for i in infos)
+
+
 def write_gguf_from(source: StoredSource, path: str | Path, *, regroup: str = "repeat",
                     tokenizer_pre: str = "default") -> Path:
     """Write `source` (a native folder or a model, `from_native`) to the GGUF file `path`, block by
