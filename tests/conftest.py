@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
+
+import mixbits  # noqa: F401  before any torch math: sets MKL_CBWR (mixbits.reproducible)
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (

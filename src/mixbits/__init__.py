@@ -7,6 +7,7 @@
 See `mixbits.api`. Importing mixbits is cheap: torch and transformers load on first use.
 """
 
+from mixbits import reproducible  # noqa: F401  first: MKL reads MKL_CBWR at its first call
 from mixbits.api import QuantizedModel, load, quantize
 
 __version__ = "0.1.0"

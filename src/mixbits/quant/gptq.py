@@ -35,7 +35,7 @@ inputs), and GPTQ turns such noise into other rounding decisions: with 1 and 2 t
 the first 28 SmolLM2-135M layers got different scales, and a demo plan's perplexity moved by
 1 % (27.415 at 1 thread, 27.693 at 2). The column loop, the lazy-batch products and the clip
 search were measured bit-identical across thread counts; XᵀX is too, once accumulated in
-slices of `GRAM_ROWS` tokens. So `_inverse_cholesky` runs single-threaded on CPU
+slices of `GRAM_ROWS` tokens (the block forwards that feed it need `mixbits.reproducible`). So `_inverse_cholesky` runs single-threaded on CPU
 (`_one_thread`); then all 14 layers of two SmolLM2 blocks (GPTQ + clip) came out bit-identical
 at 1 and 2 threads. Cost, one thread on this project's 2-core CPU: 7 ms at 576 inputs (~6 % of
 that layer's GPTQ), 0.13-0.25 s at 1536, 1.7 s at 4096, ~30 s at 11008 by n^3 scaling; a
@@ -106,8 +106,9 @@ class GPTQResult:
 
 # Rows per XᵀX product. MKL splits a product's inner (token) dimension across threads when it is
 # long next to the output (measured: 2048 tokens at 64-256 inputs), and the sum then depends on
-# the thread count; slices of 256 tokens were bit-identical at 1 and 2 threads for every width
-# tried (64-4096), at <= 5 % of the time of one product.
+# the thread count. `mixbits.reproducible` asks MKL not to; slices of 256 tokens keep XᵀX
+# bit-identical at 1 and 2 threads even without it (every width tried, 64-4096), at <= 5 % of
+# the time of one product.
 GRAM_ROWS = 256
 
 
