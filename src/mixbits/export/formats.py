@@ -3,7 +3,8 @@
     native      mixbits' packed safetensors (`load_native`); stores every plan
     gptq        GPTQ v1 with per-module `dynamic` overrides (GPTQModel, vLLM, SGLang); 2/3/4/8 bits
     compressed  compressed-tensors pack-quantized (vLLM; transformers for symmetric plans); 4/8 bits
-    gguf        llama.cpp / Ollama legacy blocks Q4_0/Q4_1/Q5_0/Q5_1/Q8_0; 4/5/8 bits
+    gguf        llama.cpp / Ollama: one ggml type per tensor, K-quants Q2_K..Q6_K (ggml-type plans,
+                rows of 256) and Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 (also from 4/5/8-bit affine specs); docs/gguf.md
 
 `expressible` lists the layers a format cannot store (empty: the plan can be written as is),
 `nearest_plan` gives the closest plan it can, and `export` checks first and writes second,
@@ -56,7 +57,7 @@ FORMATS: Mapping[str, ExportFormat] = MappingProxyType({
     "compressed": ExportFormat("compressed", compressed.RULES, compressed.write_compressed, None,
                                "compressed-tensors pack-quantized (vLLM; transformers for symmetric plans); 4/8 bits"),
     "gguf": ExportFormat("gguf", gguf.RULES, gguf.write_gguf, "model.gguf",
-                         "GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 (llama.cpp, Ollama, transformers); 4/5/8 bits"),
+                         "GGUF Q2_K..Q6_K, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, F16 (llama.cpp, Ollama, transformers)"),
 })
 
 
