@@ -202,14 +202,15 @@ def recipe_fields(data: object, source: str = "recipe", cls: type = RunConfig, p
 
 
 def load_recipe(path: str | Path, base: RunConfig | None = None) -> RunConfig:
-    """The RunConfig of the recipe file `path` (YAML or JSON), on top of `base` (default: RunConfig())."""
+    """The RunConfig of the recipe file `path` (YAML or JSON; a run's results.json gives its `recipe`),
+    on top of `base` (default: RunConfig())."""
     from mixbits.safeload import load_file
 
     source = f"recipe {str(path)!r}"
     data = load_file(path, "recipe")
-    if data is None:
-        data = {}
-    return config_from(data, source, base)
+    if isinstance(data, dict) and str(data.get("format", "")).startswith("mixbits.results/") and "recipe" in data:
+        data = data["recipe"]  # a run's results.json: the resolved recipe it records
+    return config_from({} if data is None else data, source, base)
 
 
 def config_from(data: object, source: str = "recipe", base: RunConfig | None = None) -> RunConfig:

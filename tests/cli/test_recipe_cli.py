@@ -73,6 +73,8 @@ def test_a_recorded_recipe_repeats_the_run(flag_run, tmp_path):
     assert results["recipe"]["allocation"]["pins"] == ["down_proj=w4g32"] and "output_dir" not in results["recipe"]
     run_cli("--recipe", recorded, "--output-dir", tmp_path / "again")
     same_outcome(flag_run, tmp_path / "again")
+    run_cli("--recipe", flag_run / "results.json", "--output-dir", tmp_path / "from-results")  # its `recipe`
+    same_outcome(flag_run, tmp_path / "from-results")
 
 
 class Captured(Exception):
