@@ -146,3 +146,24 @@ def test_fisher_boundaries_on_disk_give_the_same_plan(tiny_model_dir, tiny_text_
             == json.loads((tmp_path / "memory" / "plan.json").read_text()))
     assert on_disk["models"]["mixed"]["ppl"] == in_memory["models"]["mixed"]["ppl"]
     assert list((tmp_path / "offload").iterdir()) == []  # the run's boundary files are removed
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_fixed_bytes_of_a_meta_skeleton_equal_the_loaded_models(tied, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from mixbits.model.arch import find_linears, fixed_bytes_of
+    from mixbits.model.lazy import open_checkpoint
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama()
+    if not tied:
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    shapes = {n: (i.out_features, i.in_features) for n, i in find_linears(loaded).items()}
+    lazy = open_checkpoint(tmp_path)
+    embeddings = 256 * 64 * 2
+    norms = (2 * 2 + 1) * 64 * 2
+    assert fixed_bytes_of(lazy.model, shapes) == fixed_bytes_of(loaded, shapes) == embeddings * (1 if tied else 2) + norms

@@ -31,8 +31,7 @@ from mixbits.config import RunConfig, resolve_device
 from mixbits.data.text import load_text, resolve_text
 from mixbits.data.windows import calibration_windows, eval_windows, text_fingerprint
 from mixbits.eval.perplexity import evaluate_models
-from mixbits.jobs.run_streamed import fixed_bytes, key_parts, open_streamed, run_variants, streamed_fisher, \
-    whole_model_reasons
+from mixbits.jobs.run_streamed import key_parts, open_streamed, run_variants, streamed_fisher, whole_model_reasons
 from mixbits.model.budget import check_run_memory
 from mixbits.model.stream import BlockSource, LoadedModel
 from mixbits.allocate.iterative import sensitivity_order
@@ -117,7 +116,7 @@ def prepare(cfg: RunConfig, timer: StageTimer, loaded: tuple[nn.Module, object] 
     linears = find_linears(model)
     shapes = {n: (i.out_features, i.in_features) for n, i in linears.items()}
     groups = unit_groups(tuple(linears), tied_groups(model, linears), constraints.tie)
-    fixed = fixed_bytes(model, shapes) if stream else fixed_bytes_of(model, shapes)
+    fixed = fixed_bytes_of(model, shapes)  # tied tensors by identity: a meta skeleton counts as the model
     if given is not None:
         given.validate(shapes)
         budget = Budget(bpw=given.bits_per_weight(shapes))

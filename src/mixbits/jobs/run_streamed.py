@@ -137,13 +137,6 @@ def stored_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def fixed_bytes(model: nn.Module, shapes: dict[str, tuple[int, int]]) -> int:
-    """`arch.fixed_bytes_of` for any model, a meta skeleton included (tied tensors by identity)."""
-    skip = {f"{n}.weight" for n in shapes}
-    return sum(t.numel() * (2 if t.is_floating_point() else t.element_size())
-               for n, t in stored_tensors(model).items() if n not in skip)
-
-
 def key_parts(cfg: RunConfig, source: BlockSource, linears, calibration_sha256: str, configs, method: str,
               options: dict | None = None) -> dict:
     """The sensitivity cache key of a table of `source`; for a lazy checkpoint the weights' fingerprint

@@ -122,16 +122,13 @@ def tied_groups(model: nn.Module, linears: dict[str, LinearInfo]) -> list[tuple[
 
 def fixed_bytes_of(model: nn.Module, shapes: dict[str, tuple[int, int]]) -> int:
     """Bytes of every tensor outside the quantizable linears `shapes`, stored in 16 bit (tied tensors
-    counted once): what a size budget adds to the planned layers' bytes."""
+    counted once): what a size budget adds to the planned layers' bytes. Tied tensors are told apart
+    by object identity, not storage, so a skeleton on the meta device (where every storage pointer
+    is 0) counts the same as the loaded model."""
     skip = {f"{n}.weight" for n in shapes}
-    seen, total = set(), 0
-    for name, tensor in model.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr(), tuple(tensor.shape))
-        if name in skip or key in seen:
-            continue
-        seen.add(key)
-        total += tensor.numel() * (2 if tensor.is_floating_point() else tensor.element_size())
-    return total
+    saved = set(model.state_dict())  # parameters and persistent buffers: what a checkpoint stores
+    tensors = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if n in saved)]
+    return sum(t.numel() * (2 if t.is_floating_point() else t.element_size()) for n, t in tensors if n not in skip)
 
 
 def get_weight(module: nn.Module) -> torch.Tensor:
