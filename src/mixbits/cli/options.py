@@ -196,6 +196,14 @@ def _typed(ctx: typer.Context, name: str) -> bool:
     return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
+def option(name: str, base: RunConfig = RunConfig()):
+    """The typer option of the flag `name` alone, its default read from `base` (for commands that take a
+    few of the run's flags without building a RunConfig: analyze, train)."""
+    f = FLAGS[name]
+    value = _current(base, f.paths[0])
+    return typer.Option(f.show(value) if f.show is not None else value, help=f.help)
+
+
 RECIPE_HELP = ("a YAML recipe (the fields of RunConfig: data:, allocation:, gptq:, train: ...; a run folder's "
                "recipe.yaml repeats that run); flags given here override its fields")
 
@@ -209,9 +217,8 @@ def _parameters(flags: list[Flag], base: RunConfig, helps: dict[str, str], recip
                                      default=typer.Option(None, help=RECIPE_HELP)))
     for f in flags:
         value = _current(base, f.paths[0])
-        default = f.show(value) if f.show is not None else value
-        out.append(inspect.Parameter(f.name, kw, annotation=f.kind,
-                                     default=typer.Option(default, help=helps.get(f.name, f.help))))
+        default = typer.Option(f.show(value) if f.show is not None else value, help=helps.get(f.name, f.help))
+        out.append(inspect.Parameter(f.name, kw, annotation=f.kind, default=default))
     return out
 
 
