@@ -112,6 +112,8 @@ def test_typed_flags_override_recipe_fields_and_defaults_do_not(captured, tmp_pa
     assert cfg.output_dir == tmp_path / "o"
     size = config_of(captured, "--recipe", recipe, "--target-size-mb", "5")
     assert size.allocation.target_size_mb == 5.0 and size.allocation.target_bpw is None
+    default = config_of(captured, "--recipe", recipe, "--seqlen", "512")  # typed, though equal to the default
+    assert default.data.seqlen == 512 and default.data.seed == 5
     off = config_of(captured, "--recipe", recipe, "--no-qat", "--gptq-act-order")
     assert off.train is None and off.gptq.act_order and off.gptq.static_groups
 
