@@ -122,6 +122,9 @@ class FiniteChecked:
             self._check(None, model, "")
             yield model
 
+    def __getattr__(self, name: str):  # the rest of the source's interface (compute_dtype, nbytes, ...)
+        return getattr(self.inner, name)
+
     def _check(self, key, module: nn.Module, prefix: str) -> None:
         if key not in self._checked:
             check_finite_weights(module, self.name, prefix)
