@@ -13,6 +13,8 @@ and 50.59.
 and symm bit-identical at any thread count, on the CPU's own fastest code path; measured cost:
 none to 15 % on one thread, up to ~1.5x on threaded products with a long inner dimension (they
 no longer split it). LAPACK is not covered: `quant.gptq` runs its Cholesky on one thread.
+With both, the same setting as above (blocks 0-5, 42 layers) came out bit-identical at 1 and 2
+threads, weights and perplexity (22.1240 both), and so did the Fisher of all 210 linears.
 
 MKL reads the variable once, at its first call, so it is set when mixbits is imported: before
 any torch math in a `mixbits` command or a script that imports mixbits first (a notebook that
