@@ -193,3 +193,35 @@ def test_llama_cpp_runs_the_mixed_file(written, tokenizer):
     with torch.no_grad():
         want = expected_model(model, plan, {n: r.params for n, r in gptq.items()})(torch.tensor([ids])).logits[0]
     torch.testing.assert_close(got, want, rtol=0, atol=2e-2)  # llama.cpp rounds activations to 8 bits
+
+
+@pytest.mark.parametrize("name, preset", [("Q2_K", "Q2_K"), ("Q3_K", "Q3_K_S"), ("Q4_K", "Q4_K_S"), ("Q5_K", "Q5_K_S"),
+                                          ("Q6_K", "Q6_K"), ("Q4_0", "Q4_0"), ("Q8_0", "Q8_0")])
+def test_k_quants_have_lower_weight_error_than_llama_cpp_quantizer(tmp_path, name, preset):
+    """llama.cpp's own quantizer (llama_model_quantize, no imatrix) on an F16 export of the same
+    heavy-tailed weights: mixbits' grid search gives a lower squared error, tensor type by tensor type."""
+    import ctypes
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model = wide_llama(256, seed=3)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, w in model.named_parameters():
+            if w.dim() == 2 and "layers" in n:  # Student-t(4): heavier tails than Gaussian, as trained weights have
+                chi2 = torch.randn(*w.shape, 4, generator=gen).square().sum(-1)
+                w.copy_(torch.randn(w.shape, generator=gen) / torch.sqrt(chi2 / 4.0) * 0.02)
+    write_gguf(model, Plan({}), tmp_path / "f16.gguf")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{preset}"), 1
+    rc = llama_cpp.llama_model_quantize(str(tmp_path / "f16.gguf").encode(), str(tmp_path / "q.gguf").encode(),
+                                        ctypes.byref(params))
+    assert rc == 0
+    original = read_tensors(tmp_path / "f16.gguf")
+    theirs = ours = total = 0.0
+    for key, (kind, _, w_llama) in read_tensors(tmp_path / "q.gguf").items():
+        if kind == Q[name] and key.startswith("blk."):
+            w = original[key][2]
+            theirs += float(((w - w_llama) ** 2).sum())
+            ours += float(((w - kquant.fake_quantize(w, GGMLSpec.parse(name))) ** 2).sum())
+            total += float((w**2).sum())
+    assert total > 0 and ours < 0.97 * theirs, (ours / total, theirs / total)
