@@ -118,7 +118,9 @@ def test_modes_that_need_the_whole_model_are_named():
     assert whole_model_reasons(RunConfig(model="x", iterative=IterativeConfig())) == ["--iterative"]
 
 
-def test_the_streamed_and_whole_runs_share_the_sensitivity_cache(tiny_model_dir, tiny_text_file, tmp_path):
+def test_the_streamed_and_whole_runs_share_the_sensitivity_cache(tiny_model_dir, tiny_text_file, tmp_path,
+                                                                 monkeypatch):
+    monkeypatch.setenv("MIXBITS_CACHE_DIR", str(tmp_path / "cache"))  # empty: the whole run computes, streamed reads
     whole = run(replace(config(tiny_model_dir, tiny_text_file, tmp_path / "whole", "rtn", stream=False),
                         use_cache=True))
     streamed = run(replace(config(tiny_model_dir, tiny_text_file, tmp_path / "streamed", "rtn"), use_cache=True))

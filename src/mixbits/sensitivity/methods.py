@@ -80,9 +80,9 @@ SHARED_PASS = ("fisher", "gradient")
 def check_methods(methods: Sequence[str]) -> list[str]:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
-        raise ValueError(f"unknown sensitivity method(s) {unknown or methods!r}; choose from {list(METHODS)}")
+        raise UserError(f"unknown sensitivity method(s) {unknown or methods!r}; choose from {list(METHODS)}")
     if len(set(methods)) != len(methods):
-        raise ValueError(f"methods {list(methods)} name one method twice")
+        raise UserError(f"methods {list(methods)} name one method twice")
     return list(methods)
 
 
@@ -156,14 +156,14 @@ def compute_tables(
     granularity = check_granularity(granularity)
     configs = tuple(configs)
     if not configs:
-        raise ValueError("configs is empty; pass the candidate QuantSpecs (e.g. config.candidate_configs(...))")
+        raise UserError("configs is empty; pass the candidate QuantSpecs (e.g. config.candidate_configs(...))")
     cols = measured_columns(configs, measure_configs)  # fail before any compute
     if any(METHODS[m].kind == "measured" for m in methods):
         reference_column(configs, cols)
     options = dict(options or {})
     unknown = [m for m in options if m not in methods]
     if unknown:
-        raise ValueError(f"options given for {unknown}, which are not among the methods {methods}")
+        raise UserError(f"options given for {unknown}, which are not among the methods {methods}")
     raw = _raw_tables(methods, model, windows, linears, configs, granularity, device=device, progress=progress,
                       measure_configs=measure_configs, options=options, generator=generator)
     tables = {}
@@ -245,5 +245,5 @@ def primary_score(table: DamageTable) -> str:
     if method is not None and method.score in table.scores:
         return method.score
     if not table.scores:
-        raise ValueError(f"the {table.method} table has no scores to rank units by")
+        raise UserError(f"the {table.method} table has no scores to rank units by")
     return next(iter(table.scores))
