@@ -59,3 +59,36 @@ def test_bits_per_weight_counts_overhead_and_kept_layers():
     bpw = plan.bits_per_weight(SHAPES)
     quant_bits = (64 * 64 + 32 * 64) * (4 + (16 + 4) / 64)
     assert bpw == pytest.approx((quant_bits + 64 * 128 * 16) / (64 * 64 + 32 * 64 + 64 * 128))
+
+
+GGML_SHAPES = {"w.wide": (8, 512), "w.odd": (8, 576)}
+
+
+def test_ggml_labels_round_trip_json_and_yaml(tmp_path):
+    from mixbits.quant.spec import GGML_TYPES
+
+    plan = Plan({"w.wide": GGML_TYPES["Q4_K"], "w.odd": GGML_TYPES["Q8_0"]}, {"strategy": "x"})
+    plan.validate(GGML_SHAPES)
+    for suffix in (".json", ".yaml"):
+        plan.save(tmp_path / f"plan{suffix}")
+        assert json.loads(json.dumps(plan.to_dict()))["layers"] == {"w.wide": "q4_k", "w.odd": "q8_0"}
+        again = Plan.load(tmp_path / f"plan{suffix}")
+        assert dict(again.specs) == dict(plan.specs)
+    # 8 rows x 2 blocks x 144 bytes (Q4_K) + 8 rows x 18 blocks x 34 bytes (Q8_0)
+    assert plan.storage_bytes(GGML_SHAPES) == 8 * 2 * 144 + 8 * 18 * 34
+
+
+@pytest.mark.parametrize("label, match", [("q4_x", "q4_k"), ("Q9_K", "cannot read"), ("q4k", "ggml type")])
+def test_bad_ggml_labels_are_refused_naming_the_layer(tmp_path, label, match):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"layers": {"w.wide": label}}))
+    with pytest.raises(PlanError, match=match) as err:
+        Plan.load(path)
+    assert "'w.wide'" in str(err.value)
+
+
+def test_a_k_quant_on_a_row_it_cannot_split_is_refused():
+    plan = Plan.from_dict({"layers": {"w.wide": "q4_k", "w.odd": "q3_k"}})
+    with pytest.raises(PlanError, match="'w.odd'.*576.*blocks of 256.*q8_0") as err:
+        plan.validate(GGML_SHAPES)
+    assert "q3_k" not in str(err.value).split("allows")[1]

@@ -7,8 +7,9 @@ saved as JSON (or YAML) so a person can read, edit and reuse it:
      "layers": {"model.layers.0.self_attn.q_proj": "w4g64", ...},
      "meta": {...}}
 
-Each layer value is a spec label (``w3g128``, ``w4pc``, ``w4g64s``, ``fp16``) or a mapping
-``{"bits": 3, "group_size": 128, "symmetric": false}``. Layers of the model that a plan does
+Each layer value is a spec label (``w3g128``, ``w4pc``, ``w4g64s``, ``fp16``), a ggml type
+label for GGUF (``q4_k``, ``q8_0``: `GGMLSpec`, allowed only on layers whose row length splits
+into its blocks) or a mapping ``{"bits": 3, "group_size": 128, "symmetric": false}``. Layers of the model that a plan does
 not name stay in 16-bit floating point.
 """
 
@@ -27,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from mixbits.errors import UserError
 from mixbits.io import atomic_write_text
 from mixbits.quant.cost import layer_storage_bytes
-from mixbits.quant.spec import VALID_BITS, VALID_GROUP_SIZES, QuantSpec
+from mixbits.quant.spec import GGML_TYPES, VALID_BITS, VALID_GROUP_SIZES, GGMLSpec, QuantSpec, ggml_types_for_row
 from mixbits.safeload import load_file
 
 PLAN_FORMAT = "mixbits.plan/1"
@@ -39,7 +40,7 @@ class PlanError(UserError):
 
 @dataclass(frozen=True)
 class Plan:
-    specs: Mapping[str, QuantSpec]
+    specs: Mapping[str, QuantSpec | GGMLSpec]
     meta: Mapping[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -63,6 +64,15 @@ class Plan:
                 f"plan names {len(unknown)} layer(s) the model does not have, e.g. {unknown[:3]}; "
                 f"layer names look like {known} (see `mixbits analyze` output or layer_statistics.json)"
             )
+        for name, spec in self.specs.items():
+            in_features = shapes[name][1]
+            if isinstance(spec, GGMLSpec) and not spec.fits(in_features):
+                allowed = [s.label for s in ggml_types_for_row(in_features)]
+                raise PlanError(
+                    f"plan gives layer {name!r} the ggml type {spec.label}, but its rows of {in_features} weights "
+                    f"do not split into blocks of {spec.block}; that row length allows "
+                    f"{allowed or 'no ggml type'} (or an affine spec such as w4g128)"
+                )
 
     def storage_bytes(self, shapes: Mapping[str, tuple[int, int]]) -> int:
         """Bytes of every layer in `shapes`, quantized per the plan or kept in 16 bit."""
@@ -146,13 +156,15 @@ _ACCEPTED = {
 }
 
 
-def _layer_spec(value: object, where: str) -> QuantSpec:
+def _layer_spec(value: object, where: str) -> QuantSpec | GGMLSpec:
     """The QuantSpec of one plan entry; `where` ("plan file 'p.json': layer 'x'") leads every error."""
     if isinstance(value, str):
+        if value.strip().upper() in GGML_TYPES:
+            return GGMLSpec.parse(value)
         try:
             return QuantSpec.parse(value)
         except ValueError as err:
-            raise PlanError(f"{where}: {err}") from None
+            raise PlanError(f"{where}: {err}; or a ggml type for GGUF: {', '.join(s.label for s in GGML_TYPES.values())}") from None
     if not isinstance(value, Mapping):
         raise PlanError(f"{where}: {value!r} is of type {type(value).__name__}; write a spec label such as \"w4g128\" "
                         "or a mapping {bits, group_size, symmetric}")
