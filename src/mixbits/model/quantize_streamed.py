@@ -62,12 +62,13 @@ from mixbits.model.stream import BlockSource, call_block
 from mixbits.plan import Plan
 from mixbits.quant.affine import QParams
 from mixbits.quant.gptq import GPTQConfig
+from mixbits.quant.packed import packed_tensors
 from mixbits.quant.qlinear import QuantLinear
 from mixbits.quant.spec import QuantSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BlockSink", "Scorer", "StreamedVariant", "dequantized_block", "pack_layer", "quantize_streamed"]
+__all__ = ["BlockSink", "Scorer", "StreamedVariant", "dequantized_block", "quantize_streamed"]
 
 
 class BlockSink(Protocol):
@@ -98,13 +99,6 @@ class StreamedVariant:
     report: QuantizeReport
     evaluation: object | None  # the scorer's result (`eval.perplexity.EvalResult`)
     resumed: tuple[int, ...] = ()  # blocks read back from the sink instead of quantized
-
-
-def pack_layer(name: str, weight: Tensor, bias: Tensor | None, spec: QuantSpec, qparams: QParams) -> dict[str, Tensor]:
-    """The native tensors of one layer (`{name}.qweight`, `.scales`, `.qzeros`, `.bias`) on the CPU;
-    `weight` [out, in] holds quantized values that `qparams` reproduce exactly."""
-    layer = QuantLinear.from_weight(weight.detach(), bias, spec, qparams)
-    return {f"{name}.{key}": value.detach().cpu().contiguous() for key, value in layer.state_dict().items()}
 
 
 def dequantized_block(tensors: Mapping[str, Tensor], specs: Mapping[str, QuantSpec],
@@ -329,12 +323,12 @@ def _read_back(p: _Pass, i: int, names: list[str], sink: BlockSink, stack: conte
 
 
 def _packed(p: _Pass, names: list[str], made: dict, state: list[str]) -> dict[str, Tensor]:
-    """Block tensors as stored: packed planned linears, every other tensor in 16 bit."""
+    """Block tensors as stored: packed planned linears (`packed_tensors`), every other tensor in 16 bit."""
     model, tensors, skip = p.source.model, {}, set()
     for name in names:
         lq = made[name][0]
         module = model.get_submodule(name)
-        tensors.update(pack_layer(name, lq.weight, get_bias(module), p.specs[name], lq.qparams))
+        tensors.update(packed_tensors(name, lq.weight, p.specs[name], lq.qparams, get_bias(module)))
         skip.update({f"{name}.weight", f"{name}.bias"})
     return tensors | _plain(model, state, skip)[0]
 
