@@ -18,10 +18,11 @@ import torch
 from mixbits.data.windows import MIN_SEQLEN
 from mixbits.errors import UserError
 from mixbits.quant.gptq import GPTQConfig
-from mixbits.quant.spec import KEEP, QUANT_BITS, QuantSpec
+from mixbits.quant.spec import GGML_TYPES, KEEP, QUANT_BITS, GGMLSpec, QuantSpec
 
 QUANTIZERS = ("rtn", "clip", "gptq")  # how a plan's weights are rounded (model.quantize); also QAT's starting point
 DAMAGE_MODES = ("follow", "rtn")
+CANDIDATE_SETS = ("affine", "gguf", "both")  # AllocationConfig.candidates
 SCHEDULES = ("fixed", "linear", "sqrt", "conservative", "joint")  # QAT schedules (train.schedule)
 
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
@@ -66,8 +67,12 @@ class AllocationConfig:
     keep: str | None = None
     pins: tuple[str, ...] = ()
     tie: bool = True
+    candidates: str = "affine"  # affine grids (bits x group sizes), ggml types for GGUF, or both
 
     def __post_init__(self) -> None:
+        if self.candidates not in CANDIDATE_SETS:
+            raise UserError(f"`allocation.candidates` {self.candidates!r} is not known; use one of "
+                            f"{', '.join(CANDIDATE_SETS)} (gguf: the ggml types llama.cpp loads, per row length)")
         if (self.target_bpw is None) == (self.target_size_mb is None):
             raise UserError("give exactly one of `allocation.target_bpw` and `allocation.target_size_mb`")
         if self.min_bits > self.max_bits:
@@ -77,8 +82,12 @@ class AllocationConfig:
         for pin in self.pins:
             parse_pin(pin)
 
-    def configs(self) -> tuple[QuantSpec, ...]:
-        return candidate_configs(self.bits, self.group_sizes)
+    def configs(self) -> tuple[QuantSpec | GGMLSpec, ...]:
+        """The candidate specs; ggml types are offered to a layer only where its row length allows
+        them (allocate.optimal.allowed_options masks the others). Keeping in 16 bit is always last."""
+        affine = candidate_configs(self.bits, self.group_sizes)[:-1] if self.candidates != "gguf" else ()
+        ggml = tuple(GGML_TYPES.values()) if self.candidates != "affine" else ()
+        return affine + ggml + (KEEP,)
 
 
 def check_schedule(name: str) -> str:

@@ -3,6 +3,7 @@
 Units that engines fuse (q/k/v, gate/up) are merged into one choice whose cost and damage
 are the sums of their members', so they always share a config. Pins and keeps remove every
 other option of the units they match; min/max bits remove options outside the range. The
+ggml types (GGUF) are offered only to units whose row length splits into their blocks. The
 remaining multiple-choice knapsack is solved exactly by `solver.solve_mckp`.
 """
 
@@ -17,7 +18,7 @@ import numpy as np
 from mixbits.allocate.solver import Solution, solve_mckp
 from mixbits.config import check_regex, parse_pin
 from mixbits.errors import UserError
-from mixbits.quant.spec import QuantSpec
+from mixbits.quant.spec import GGMLSpec, QuantSpec
 from mixbits.sensitivity.table import DamageTable
 
 
@@ -51,6 +52,8 @@ def allowed_options(table: DamageTable, constraints: Constraints) -> np.ndarray:
     """[U, C] mask of the configs each unit may take."""
     bits = np.array([c.bits for c in table.configs])
     mask = np.broadcast_to((bits >= constraints.min_bits) & (bits <= constraints.max_bits), table.damage.shape).copy()
+    fits = storable(table)
+    mask &= fits
     for u, name in enumerate(table.units):
         if constraints.keep and re.search(constraints.keep, name):
             mask[u] = [c.keep for c in table.configs]
@@ -61,12 +64,19 @@ def allowed_options(table: DamageTable, constraints: Constraints) -> np.ndarray:
                         f"pin {pattern}={spec.label} is not among the candidate configs "
                         f"{[c.label for c in table.configs]}; add its bits/group size to the candidates"
                     )
-                mask[u] = [c == spec for c in table.configs]
+                mask[u] = np.array([c == spec for c in table.configs]) & fits[u]
     for pattern, spec in constraints.pins:
         if not any(re.search(pattern, name) for name in table.units):
             raise UserError(f"--pin {pattern}={spec.label} matches no layer of the model; layer names look like "
                             f"{list(table.units[:3])}")
     return mask
+
+
+def storable(table: DamageTable) -> np.ndarray:
+    """[U, C] whether each unit's rows split into each config's blocks: a ggml type needs whole
+    blocks (256 weights for the K-quants, 32 for the legacy types); affine specs fit any row."""
+    return np.array([[not isinstance(c, GGMLSpec) or c.fits(i) for c in table.configs] for _, i in table.shapes],
+                    dtype=bool).reshape(table.damage.shape)
 
 
 def merged_problem(

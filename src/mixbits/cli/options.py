@@ -87,6 +87,8 @@ FLAGS: dict[str, Flag] = {f.name: f for f in [
     Flag("pin", ("allocation.pins",), "REGEX=BITS or REGEX=SPEC, e.g. down_proj=4 (repeatable)", list[str], tuple,
          list),
     Flag("tie", ("allocation.tie",), "fused layers (q/k/v, gate/up) share one config", bool),
+    Flag("candidates", ("allocation.candidates",), "affine (bits x group sizes), gguf (the ggml types llama.cpp "
+         "loads, each offered only to layers whose row length allows it) or both"),
     Flag("plan", ("plan",), "quantize with this plan (JSON/YAML) instead of allocating one", Optional[Path]),
     Flag("quantizer", ("quantizer",), "gptq (with --gptq-clip: chosen by measurement), clip (clipping search "
          "alone) or rtn (round-to-nearest)"),

@@ -24,7 +24,7 @@ from mixbits.errors import UserError
 from mixbits.io import atomic_write_json
 from mixbits.safeload import load_file
 from mixbits.quant.cost import layer_storage_bytes
-from mixbits.quant.spec import QuantSpec
+from mixbits.quant.spec import GGML_TYPES, GGMLSpec, QuantSpec
 
 TABLE_FORMAT = "mixbits.sensitivity/1"
 
@@ -57,8 +57,9 @@ class DamageTable:
     def cost_bits(self) -> np.ndarray:
         """[U, C] stored bits of each unit under each config, from the cost model."""
         return np.array(
-            [[8 * layer_storage_bytes(o, i, c) for c in self.configs] for o, i in self.shapes], dtype=np.float64
-        )
+            [[8 * layer_storage_bytes(o, i, c) if _storable(c, i) else np.inf for c in self.configs]
+             for o, i in self.shapes], dtype=np.float64
+        )  # inf: a ggml type the unit's row length cannot take (allocation masks it)
 
     def numels(self) -> np.ndarray:
         return np.array([o * i for o, i in self.shapes], dtype=np.int64)
@@ -102,7 +103,7 @@ class DamageTable:
             raise UserError(f"{source} is not a mixbits sensitivity table (format {head.format!r}, "
                             f"expected {TABLE_FORMAT!r})")
         try:
-            configs = tuple(QuantSpec.parse(c) for c in head.configs)
+            configs = tuple(GGMLSpec.parse(c) if c.upper() in GGML_TYPES else QuantSpec.parse(c) for c in head.configs)
         except ValueError as err:
             raise UserError(f"{source}: configs: {err}") from None
         labels = [c.label for c in configs]
@@ -135,6 +136,11 @@ class DamageTable:
     def load(cls, path: str | Path) -> "DamageTable":
         """Read sensitivity.json with the limits of `mixbits.safeload`; errors name the file and the layer."""
         return cls.from_dict(load_file(path, "sensitivity file"), source=f"sensitivity file {str(path)!r}")
+
+
+def _storable(spec: QuantSpec | GGMLSpec, in_features: int) -> bool:
+    """False only for a ggml type whose blocks do not divide the row."""
+    return not isinstance(spec, GGMLSpec) or spec.fits(in_features)
 
 
 class _TableFile(BaseModel):
