@@ -110,6 +110,52 @@ def test_a_killed_run_resumes_from_its_last_finished_block(tiny_model_dir, tiny_
         assert again["models"][name]["ppl"] == want["ppl"] and again["models"][name]["kl"] == want["kl"]
 
 
+def test_a_resume_with_other_quantizer_settings_writes_every_block_again(tiny_model_dir, tiny_text_file, tmp_path,
+                                                                          monkeypatch):
+    from mixbits.quant.gptq import GPTQConfig
+
+    quantize = run_streamed.quantize_streamed
+    resumed_blocks, mixed_plans = [], []
+
+    def killed_after_block_0(source, plan, **kw):
+        if kw["name"] == "mixed":
+            mixed_plans.append(plan.to_dict())
+
+        def after(i):
+            if kw["name"] == "mixed" and i == 0:
+                raise Killed
+        return quantize(source, plan, after_block=after, **kw)
+
+    def recording(source, plan, **kw):
+        done = quantize(source, plan, **kw)
+        if kw["name"] == "mixed":
+            resumed_blocks.extend(done.resumed)
+            mixed_plans.append(plan.to_dict())
+        return done
+
+    cfg = config(tiny_model_dir, tiny_text_file, tmp_path / "killed", "gptq", damage="rtn")  # plan: Fisher alone
+    monkeypatch.setattr(run_streamed, "quantize_streamed", killed_after_block_0)
+    with pytest.raises(Killed):
+        run(cfg)
+    monkeypatch.setattr(run_streamed, "quantize_streamed", recording)
+    run(replace(cfg, resume=True, gptq=GPTQConfig(damp=0.05)))
+    assert len(mixed_plans) == 2 and mixed_plans[0] == mixed_plans[1]  # the same plan, other quantizer settings
+    assert resumed_blocks == []  # block 0 of the first settings is not trusted
+
+
+def test_writer_provenance_names_what_the_blocks_depend_on():
+    from mixbits.quant.gptq import GPTQConfig
+
+    cfg, calib = RunConfig(model="m", quantizer="gptq"), torch.arange(64).reshape(2, 32)
+    base = run_streamed.writer_provenance(cfg, calib)
+    for changed in (replace(cfg, model="other"), replace(cfg, quantizer="clip"),
+                    replace(cfg, gptq=GPTQConfig(damp=0.1)), replace(cfg, compute_dtype="float32")):
+        assert run_streamed.writer_provenance(changed, calib) != base
+    assert run_streamed.writer_provenance(cfg, calib + 1) != base
+    rtn = replace(cfg, quantizer="rtn")
+    assert run_streamed.writer_provenance(rtn, calib) == run_streamed.writer_provenance(rtn, calib + 1)
+
+
 def test_modes_that_need_the_whole_model_are_named():
     from mixbits.config import IterativeConfig
 

@@ -22,6 +22,7 @@ loads the whole model for them, saying so): iterative mode, --qat training, zero
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -36,7 +37,7 @@ from mixbits.config import RunConfig, compute_torch_dtype
 from mixbits.data.windows import text_fingerprint
 from mixbits.eval.perplexity import EvalResult
 from mixbits.eval.streamed import Scorer, score_reference
-from mixbits.export.native_shards import NativeWriter, block_file, native_size_of
+from mixbits.export.native_shards import NativeWriter, native_size_of
 from mixbits.model.lazy import LazyCheckpoint, open_checkpoint
 from mixbits.model.lazy_sample import checkpoint_sampler
 from mixbits.model.load import check_finite_weights
@@ -45,7 +46,6 @@ from mixbits.model.quantize_streamed import quantize_streamed
 from mixbits.model.stream import BlockSource
 from mixbits.plan import Plan
 from mixbits.quant.spec import QuantSpec
-from mixbits.safeload import check_safetensors
 from mixbits.sensitivity.cache import SAMPLE_BLOCKS, SAMPLE_ELEMENTS, cache_key_parts, cached_table, weights_fingerprint
 from mixbits.sensitivity.fisher_streamed import streamed_fisher_table
 from mixbits.sensitivity.table import DamageTable
@@ -54,7 +54,8 @@ from mixbits.timing import StageTimer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["key_parts", "open_streamed", "run_variants", "stored_tensors", "streamed_fisher", "whole_model_reasons"]
+__all__ = ["key_parts", "open_streamed", "run_variants", "stored_tensors", "streamed_fisher", "whole_model_reasons",
+           "writer_provenance"]
 
 
 def whole_model_reasons(cfg: RunConfig) -> list[str]:
@@ -190,27 +191,14 @@ def _offload(cfg: RunConfig) -> Iterator[Path | None]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-class _ResumableWriter:
-    """The native writer with `read_block` (a finished block's tensors, for a resumed run)."""
-
-    def __init__(self, writer: NativeWriter):
-        self.writer = writer
-
-    def done_blocks(self) -> set[int]:
-        return self.writer.done_blocks()
-
-    def write_block(self, index: int, tensors) -> None:
-        self.writer.write_block(index, tensors)
-
-    def write_rest(self, tensors, tied) -> None:
-        self.writer.write_rest(tensors, tied)
-
-    def read_block(self, index: int) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
-
-        path = self.writer.out_dir / block_file(index)
-        check_safetensors(path, "shard")
-        return load_file(str(path))
+def writer_provenance(cfg: RunConfig, calib: torch.Tensor) -> dict:
+    """What the mixed model's packed blocks depend on besides the plan (`NativeWriter(provenance=)`):
+    the model, the quantizer and its settings, the compute dtype and the calibration windows (not for
+    rtn, which reads none), so a resume with any of them changed writes every block again."""
+    uses_data = cfg.quantizer != "rtn"
+    return {"model": cfg.model, "quantizer": cfg.quantizer, "compute_dtype": cfg.compute_dtype,
+            "gptq": dataclasses.asdict(cfg.gptq) if cfg.quantizer == "gptq" else None,
+            "calibration_sha256": text_fingerprint(calib) if uses_data else None}
 
 
 def run_variants(cfg: RunConfig, source: BlockSource, tokenizer, plans: dict[str, Plan], shapes,
@@ -231,10 +219,11 @@ def run_variants(cfg: RunConfig, source: BlockSource, tokenizer, plans: dict[str
                 continue
             if name == "mixed":
                 writer = NativeWriter(out, plan, source.model.config, tokenizer, n_blocks=source.n_blocks,
-                                      block_path=source.block_path, resume=cfg.resume)
+                                      block_path=source.block_path, resume=cfg.resume,
+                                      provenance=writer_provenance(cfg, calib))
             done = quantize_streamed(source, plan, quantizer=cfg.quantizer, scorer=scorer, name=name,
                                      windows=None if cfg.quantizer == "rtn" else calib, gptq=cfg.gptq,
-                                     sink=_ResumableWriter(writer) if name == "mixed" else None,
+                                     sink=writer if name == "mixed" else None,
                                      progress=cfg.progress)
             if done.resumed:
                 log.info("%s: blocks %s were finished by an earlier run; read back from %s", name,
