@@ -18,7 +18,7 @@ import numpy as np
 from mixbits.allocate.solver import Solution, solve_mckp
 from mixbits.config import check_regex, parse_pin
 from mixbits.errors import UserError
-from mixbits.quant.spec import GGMLSpec, QuantSpec
+from mixbits.quant.spec import QuantSpec
 from mixbits.sensitivity.table import DamageTable
 
 
@@ -74,9 +74,9 @@ def allowed_options(table: DamageTable, constraints: Constraints) -> np.ndarray:
 
 def storable(table: DamageTable) -> np.ndarray:
     """[U, C] whether each unit's rows split into each config's blocks: a ggml type needs whole
-    blocks (256 weights for the K-quants, 32 for the legacy types); affine specs fit any row."""
-    return np.array([[not isinstance(c, GGMLSpec) or c.fits(i) for c in table.configs] for _, i in table.shapes],
-                    dtype=bool).reshape(table.damage.shape)
+    blocks (256 weights for the K-quants, 32 for the legacy types); affine specs fit any row.
+    The cost model says so with an infinite cost (block units: when any member cannot)."""
+    return np.isfinite(table.cost_bits())
 
 
 def merged_problem(

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mixbits.model.arch import LinearInfo, get_weight
-from mixbits.quant.affine import fake_quantize
+from mixbits.quant.fake import fake_quantize, storable
 from mixbits.quant.spec import QuantSpec
 from mixbits.sensitivity.capture import window_gradients
 
@@ -64,6 +64,9 @@ def fisher_damage(weight: torch.Tensor, fisher: torch.Tensor, configs: Sequence[
     out = np.zeros(len(configs))
     for j, spec in enumerate(configs):
         if spec.keep:
+            continue
+        if not storable(spec, w.shape[1]):
+            out[j] = np.nan  # a ggml type this row length cannot take: not measured, masked by allocation
             continue
         delta = fake_quantize(w, spec) - w
         out[j] = 0.5 * float((fisher * delta.square()).sum())

@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mixbits.model.arch import LinearInfo, get_weight
-from mixbits.quant.affine import fake_quantize
+from mixbits.quant.fake import fake_quantize, storable
 from mixbits.quant.spec import QuantSpec
 from mixbits.sensitivity.capture import window_gradients
 from mixbits.sensitivity.fisher import fisher_damage
@@ -84,6 +84,9 @@ def gradient_damage(weight: torch.Tensor, grad: torch.Tensor, configs: Sequence[
     out = np.zeros(len(configs))
     for j, spec in enumerate(configs):
         if spec.keep:
+            continue
+        if not storable(spec, w.shape[1]):
+            out[j] = np.nan  # a ggml type this row length cannot take
             continue
         out[j] = float((g * (w - fake_quantize(w, spec))).abs().sum())
     return out
@@ -141,7 +144,9 @@ def gradient_fisher_tables(
     for u, name in enumerate(tqdm(linears, desc="damage tables", disable=not progress, leave=False)):
         w = get_weight(model.get_submodule(name)).detach().to(fisher[name].device, torch.float32)
         for j, spec in enumerate(configs):
-            if not spec.keep:
+            if not storable(spec, w.shape[1]):
+                grad_dmg[u, j] = fisher_dmg[u, j] = np.nan  # a ggml type this row length cannot take
+            elif not spec.keep:
                 delta = fake_quantize(w, spec) - w
                 grad_dmg[u, j] = float((mean_grad[name] * delta).abs().sum())
                 fisher_dmg[u, j] = 0.5 * float((fisher[name] * delta.square()).sum())

@@ -41,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mixbits.model.arch import LinearInfo, get_weight
-from mixbits.quant.affine import fake_quantize
+from mixbits.quant.fake import fake_quantize, storable
 from mixbits.quant.spec import QuantSpec
 from mixbits.sensitivity.capture import second_order_ready
 
@@ -172,6 +172,9 @@ def hessian_damage(weight: torch.Tensor, mean_trace: float, configs: Sequence[Qu
     out = np.zeros(len(configs))
     for j, spec in enumerate(configs):
         if spec.keep:
+            continue
+        if not storable(spec, w.shape[1]):
+            out[j] = np.nan  # a ggml type this row length cannot take
             continue
         out[j] = 0.5 * curvature * float((fake_quantize(w, spec) - w).square().sum())
     return out

@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mixbits.model.arch import LinearInfo, get_weight
-from mixbits.quant.affine import fake_quantize
+from mixbits.quant.fake import fake_quantize, storable
 from mixbits.quant.spec import QuantSpec
 from mixbits.sensitivity.capture import collect_gram
 
@@ -48,6 +48,9 @@ def output_damage(weight: torch.Tensor, gram: torch.Tensor, n_tokens: int, confi
     out = np.zeros(len(configs))
     for j, spec in enumerate(configs):
         if spec.keep:
+            continue
+        if not storable(spec, w.shape[1]):
+            out[j] = np.nan  # a ggml type this row length cannot take
             continue
         delta = fake_quantize(w, spec) - w
         out[j] = float(((delta @ gram) * delta).sum()) / n_tokens

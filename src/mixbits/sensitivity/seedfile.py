@@ -27,7 +27,7 @@ from torch import nn
 from mixbits.errors import UserError
 from mixbits.io import atomic_write_json
 from mixbits.model.arch import LinearInfo, get_weight
-from mixbits.quant.affine import fake_quantize
+from mixbits.quant.fake import fake_quantize, storable
 from mixbits.quant.spec import QuantSpec
 from mixbits.safeload import loads_json, read_text
 from mixbits.sensitivity.units import BlockDamageTable, block_table, block_units
@@ -84,10 +84,12 @@ def relative_weight_mse(weights: Mapping[str, torch.Tensor], configs: Sequence[Q
             continue
         rel = []
         for w in weights.values():
+            if not storable(spec, w.shape[1]):
+                continue  # a ggml type this row length cannot take: the mean is over the layers that can
             w = w.detach().float()
             norm = float(w.square().sum())
             rel.append(float((fake_quantize(w, spec) - w).square().sum()) / norm if norm > 0 else 0.0)
-        out[j] = float(np.mean(rel))
+        out[j] = float(np.mean(rel)) if rel else np.nan
     return out
 
 

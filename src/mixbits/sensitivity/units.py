@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from mixbits.model.arch import LinearInfo, get_weight, set_weight
-from mixbits.quant.affine import fake_quantize
+from mixbits.quant.fake import fake_quantize, storable
 from mixbits.quant.cost import layer_storage_bytes
 from mixbits.quant.spec import QuantSpec
 from mixbits.sensitivity.table import DamageTable
@@ -115,7 +115,8 @@ class BlockDamageTable(DamageTable):
     def cost_bits(self) -> np.ndarray:
         """[U, C] stored bits: for each unit, the sum over its members of the cost model's bits."""
         return np.array(
-            [[8 * sum(layer_storage_bytes(o, i, c) for o, i in shapes) for c in self.configs]
+            [[8 * sum(layer_storage_bytes(o, i, c) for o, i in shapes)
+              if all(storable(c, i) for _, i in shapes) else np.inf for c in self.configs]
              for shapes in self.member_shapes],
             dtype=np.float64,
         )
