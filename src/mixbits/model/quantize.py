@@ -10,6 +10,9 @@ qparams=report.qparams)` stores these very codes:
   weight MSE otherwise.
 * ``gptq`` — GPTQ (`quant.gptq`), which needs H = X^T X of each layer's calibration inputs.
 
+A plan's ggml types (GGUF K-quants and legacy types) go the same three ways on their own grids
+(`quantize_ggml`, `quant.kquant`) and report `GGMLParams` instead of `QParams`.
+
 With windows the model is processed the standard sequential GPTQ way (`model.blockwise`): the
 inputs of block 0 are captured once; for each block, forward pre-hooks on its planned linears
 accumulate H over all windows (linears fed the very same tensor, q/k/v and gate/up, share one
@@ -61,13 +64,15 @@ from mixbits.model.hooks import SharedInputGrams, input_hooks
 from mixbits.plan import Plan
 from mixbits.quant.affine import QParams, dequantize, fake_quantize, minmax_qparams, quantize
 from mixbits.quant.clip import search_qparams
+from mixbits.quant import kquant
 from mixbits.quant.gptq import GPTQConfig, gptq_quantize, output_error
-from mixbits.quant.spec import QuantSpec
+from mixbits.quant.kquant import GGMLParams
+from mixbits.quant.spec import GGMLSpec, QuantSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LayerQuant", "LayerReport", "QuantizeReport", "block_grams", "quantize_layer", "quantize_model",
-           "quantize_weight"]
+__all__ = ["LayerQuant", "LayerReport", "QuantizeReport", "block_grams", "params_on_cpu", "quantize_ggml",
+           "quantize_layer", "quantize_model", "quantize_weight"]
 
 def check_quantizer(quantizer: str) -> str:
     if quantizer not in QUANTIZERS:
@@ -82,7 +87,7 @@ class LayerQuant:
     the tokens H sums) of this quantizer / of min-max RTN; None without H."""
 
     weight: Tensor
-    qparams: QParams
+    qparams: QParams | GGMLParams
     g_idx: Tensor | None = None
     perm: Tensor | None = None
     error: float | None = None
@@ -92,11 +97,15 @@ class LayerQuant:
 def quantize_weight(
     w: Tensor, spec: QuantSpec, quantizer: str, *, H: Tensor | None = None, gptq: GPTQConfig = GPTQConfig()
 ) -> LayerQuant:
-    """Quantize w [out, in] (float) with `quantizer`; H [in, in] = XᵀX (required for gptq)."""
+    """Quantize w [out, in] (float) with `quantizer`; H [in, in] = XᵀX (required for gptq).
+
+    A ggml type (`GGMLSpec`) is quantized by `quantize_ggml` and reports its `GGMLParams`."""
     check_quantizer(quantizer)
     if spec.keep:
         raise ValueError(f"spec {spec.label!r} keeps the layer in 16 bits; there is nothing to quantize")
     w = w.detach().float()
+    if isinstance(spec, GGMLSpec):
+        return quantize_ggml(w, spec, quantizer, H=H, gptq=gptq)
     if quantizer == "gptq":
         if H is None:
             raise ValueError("quantizer='gptq' needs H = XᵀX of the layer's inputs; pass calibration windows")
@@ -115,6 +124,37 @@ def quantize_weight(
     error = output_error(w, weight, H)
     rtn = error if quantizer == "rtn" else output_error(w, fake_quantize(w, spec), H)
     return LayerQuant(weight, qp, error=error, rtn_error=rtn)
+
+
+def quantize_ggml(
+    w: Tensor, spec: GGMLSpec, quantizer: str, *, H: Tensor | None = None, gptq: GPTQConfig = GPTQConfig()
+) -> LayerQuant:
+    """w [out, in] float32 on a ggml type's grid (`quant.kquant`): rtn chooses the sub-block scales
+    and mins with uniform importance, clip with importance diag(H) (llama.cpp's imatrix; uniform
+    without H), gptq keeps that grid fixed and adds error feedback (`gptq_ggml`). The qparams are
+    the `GGMLParams` the GGUF writer packs, so it stores exactly these codes. rtn_error is that of
+    the uniform-importance grid, the ggml counterpart of min-max RTN."""
+    if quantizer == "gptq":
+        if H is None:
+            raise ValueError("quantizer='gptq' needs H = XᵀX of the layer's inputs; pass calibration windows")
+        res = kquant.gptq_ggml(w, H, spec, gptq)
+        rtn = output_error(w, kquant.fake_quantize(w, spec), H)
+        return LayerQuant(res.weight, res.params, error=res.error, rtn_error=rtn)
+    importance = None if quantizer == "rtn" or H is None else torch.diagonal(H).to(w.device, torch.float32).clamp(min=0)
+    params = kquant.choose_params(w, spec, importance)
+    weight = kquant.dequantize(kquant.quantize(w, params), params)
+    if H is None:
+        return LayerQuant(weight, params)
+    error = output_error(w, weight, H)
+    rtn = error if quantizer == "rtn" else output_error(w, kquant.fake_quantize(w, spec), H)
+    return LayerQuant(weight, params, error=error, rtn_error=rtn)
+
+
+def params_on_cpu(qparams: QParams | GGMLParams) -> QParams | GGMLParams:
+    """A layer's qparams (affine or ggml) moved to the CPU, as reports keep them."""
+    if isinstance(qparams, GGMLParams):
+        return GGMLParams(qparams.spec, *(t.cpu() for t in (qparams.d, qparams.dmin, qparams.sc, qparams.mn)))
+    return QParams(qparams.scale.cpu(), qparams.zero.cpu())
 
 
 @dataclass(frozen=True)
@@ -138,7 +178,7 @@ class QuantizeReport:
 
     quantizer: str
     layers: Mapping[str, LayerReport]
-    qparams: Mapping[str, QParams]
+    qparams: Mapping[str, QParams | GGMLParams]
     g_idx: Mapping[str, Tensor] = field(default_factory=dict)
     tokens: int = 0
     seconds: float = 0.0
@@ -154,7 +194,7 @@ class _Recorder:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.layers: dict[str, LayerReport] = {}
-        self.qparams: dict[str, QParams] = {}
+        self.qparams: dict[str, QParams | GGMLParams] = {}
         self.g_idx: dict[str, Tensor] = {}
 
     def __call__(self, name: str, spec: QuantSpec, quantizer: str, device: torch.device,
@@ -163,7 +203,7 @@ class _Recorder:
         weight = get_weight(module)
         lq, self.layers[name] = quantize_layer(weight, spec, quantizer, device, H=H, tokens=tokens, gptq=gptq)
         set_weight(module, lq.weight.to(device=weight.device, dtype=weight.dtype))
-        self.qparams[name] = QParams(lq.qparams.scale.cpu(), lq.qparams.zero.cpu())
+        self.qparams[name] = params_on_cpu(lq.qparams)
         if lq.g_idx is not None:
             self.g_idx[name] = lq.g_idx.cpu()
 
