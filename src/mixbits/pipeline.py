@@ -31,7 +31,7 @@ from mixbits.config import RunConfig, resolve_device
 from mixbits.data.text import load_text, resolve_text
 from mixbits.data.windows import calibration_windows, eval_windows, text_fingerprint
 from mixbits.eval.perplexity import evaluate_models
-from mixbits.jobs.run_streamed import key_parts, open_streamed, run_variants, streamed_fisher, whole_model_reasons
+from mixbits.jobs.run_streamed import open_streamed, run_variants, streamed_fisher, whole_model_reasons
 from mixbits.model.budget import check_run_memory
 from mixbits.model.stream import BlockSource, LoadedModel
 from mixbits.allocate.iterative import sensitivity_order
@@ -166,12 +166,9 @@ def sensitivity(cfg: RunConfig, p: Prepared, calib: torch.Tensor, timer: StageTi
         if cfg.quantizer != "rtn" and cfg.damage == "follow":
             method = f"gain_{cfg.quantizer}"
             options = {"gptq": dataclasses.asdict(cfg.gptq)} if method == "gain_gptq" else None
-            if p.source is not None:
-                key = key_parts(cfg, p.source, p.linears, data_info["calibration"]["sha256"], configs, method, options)
-            else:
-                key = cache_key_parts(model_name=cfg.model, model=p.model, linears=p.linears,
-                                      calibration_sha256=data_info["calibration"]["sha256"], configs=configs,
-                                      method=method, granularity="layer", options=options)
+            key = cache_key_parts(model_name=cfg.model, model=p.source or p.model, linears=p.linears,
+                                  calibration_sha256=data_info["calibration"]["sha256"], configs=configs,
+                                  method=method, granularity="layer", options=options)
             table = follow_quantizer(table, cached_table(key, gain) if cfg.use_cache else gain())
         return table
 

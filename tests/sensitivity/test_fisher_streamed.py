@@ -92,3 +92,28 @@ def test_lazy_checkpoint_on_cuda(tmp_path):
     assert all(f.dtype == torch.float32 for f in half.values())  # accumulated in float32
     trace = lambda fisher: sum(float(f.sum()) for f in fisher.values())
     assert trace(half) == pytest.approx(trace(reference), rel=0.1)
+
+
+def test_one_builder_one_key_one_meta_for_a_lazy_checkpoint_and_the_loaded_model(tmp_path, monkeypatch):
+    from mixbits.sensitivity.cache import cache_key_parts
+    from mixbits.sensitivity.methods import cached_tables
+
+    monkeypatch.setenv("MIXBITS_CACHE_DIR", str(tmp_path / "cache"))
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "ckpt", max_shard_size="100KB")
+    ckpt, linears = open_checkpoint(tmp_path / "ckpt"), find_linears(model)
+    key = dict(model_name="m", linears=linears, calibration_sha256="x", configs=CONFIGS, method="fisher",
+               granularity="layer")
+    assert cache_key_parts(model=ckpt, **key) == cache_key_parts(model=model, **key)  # shards sampled, not meta
+    common = dict(model_name="m", device=CPU, progress=False)
+    streamed, hit = cached_tables(["fisher"], ckpt, windows(), linears, CONFIGS, **common)  # computed, stored
+    assert hit == set()
+    whole, hit = cached_tables(["fisher"], model, windows(), linears, CONFIGS, **common)
+    assert hit == {"fisher"}  # the streamed table serves the whole model
+    fresh = cached_tables(["fisher"], model, windows(), linears, CONFIGS, use_cache=False, **common)[0]["fisher"]
+    drop = {"seconds"}
+    assert ({k: v for k, v in streamed["fisher"].meta.items() if k not in drop}
+            == {k: v for k, v in fresh.meta.items() if k not in drop})  # one metadata rule, no "streamed" flag
+    assert np.allclose(streamed["fisher"].damage, fresh.damage, rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="whole model"):
+        cached_tables(["gradient"], ckpt, windows(), linears, CONFIGS, **common)

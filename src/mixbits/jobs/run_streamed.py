@@ -5,7 +5,8 @@ or a loaded model), never on a copy of the model:
 
     open        the skeleton on the meta device (`model.lazy.open_checkpoint`) and the tokenizer;
                 linears, shapes, tied groups and fixed bytes from the skeleton alone
-    Fisher      `sensitivity.fisher_streamed.streamed_fisher_table` (boundaries in memory, or on disk
+    Fisher      `sensitivity.methods.cached_tables` on the source, which runs
+                `sensitivity.fisher_streamed.streamed_fisher_table` (boundaries in memory, or on disk
                 under `offload_dir`); the quantizer's gain `sensitivity.follow.gain_table` block by block
     variants    the original's evaluation once (its log-probs kept for KL and top-1), then ONE pass per
                 variant (`model.quantize_streamed`): the mixed plan into the native writer
@@ -26,7 +27,6 @@ import dataclasses
 import logging
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,23 +38,20 @@ from mixbits.data.windows import text_fingerprint
 from mixbits.eval.perplexity import EvalResult
 from mixbits.eval.streamed import Scorer, score_reference
 from mixbits.export.native_shards import NativeWriter, native_size_of
-from mixbits.model.lazy import LazyCheckpoint, open_checkpoint
-from mixbits.model.lazy_sample import checkpoint_sampler
+from mixbits.model.lazy import open_checkpoint
 from mixbits.model.load import check_finite_weights
 from mixbits.model.quantize import QuantizeReport
 from mixbits.model.quantize_streamed import quantize_streamed
 from mixbits.model.stream import BlockSource
 from mixbits.plan import Plan
 from mixbits.quant.spec import QuantSpec
-from mixbits.sensitivity.cache import SAMPLE_BLOCKS, SAMPLE_ELEMENTS, cache_key_parts, cached_table, weights_fingerprint
-from mixbits.sensitivity.fisher_streamed import streamed_fisher_table
+from mixbits.sensitivity.methods import cached_tables
 from mixbits.sensitivity.table import DamageTable
-from mixbits.sensitivity.units import measured_labels
 from mixbits.timing import StageTimer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["key_parts", "open_streamed", "run_variants", "stored_tensors", "streamed_fisher", "whole_model_reasons",
+__all__ = ["open_streamed", "run_variants", "stored_tensors", "streamed_fisher", "whole_model_reasons",
            "writer_provenance"]
 
 
@@ -141,39 +138,17 @@ def stored_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def key_parts(cfg: RunConfig, source: BlockSource, linears, calibration_sha256: str, configs, method: str,
-              options: dict | None = None) -> dict:
-    """The sensitivity cache key of a table of `source`; for a lazy checkpoint the weights' fingerprint
-    is read from the shards (`model.lazy_sample`), so it equals the whole model's."""
-    parts = cache_key_parts(model_name=cfg.model, model=source.model, linears=linears,
-                            calibration_sha256=calibration_sha256, configs=configs, method=method,
-                            granularity="layer", options=options)
-    lazy = getattr(source, "inner", source)
-    if isinstance(lazy, LazyCheckpoint):
-        sample = checkpoint_sampler(lazy, blocks=SAMPLE_BLOCKS, size=SAMPLE_ELEMENTS)
-        parts["model"]["weights_sha256"] = weights_fingerprint(source.model, sample)
-    return parts
-
-
 def streamed_fisher(cfg: RunConfig, source: BlockSource, calib: torch.Tensor, linears,
                     configs: tuple[QuantSpec, ...]) -> DamageTable:
-    """The Fisher table of `mixbits analyze --methods fisher`, computed block by block, through the cache."""
-
-    def compute() -> DamageTable:
-        start = time.perf_counter()
-        with _offload(cfg) as folder:
-            damage, scores = streamed_fisher_table(source, calib, linears, configs, offload_dir=folder,
-                                                   progress=cfg.progress)
-        meta = {"method": "fisher", "kind": "predicted", "granularity": "layer",
-                "configs_measured": measured_labels(damage, configs), "seconds": time.perf_counter() - start,
-                "windows": int(len(calib)), "tokens": int(calib.numel()), "options": {}, "quantizer": "rtn",
-                "streamed": True}
-        shapes = tuple((i.out_features, i.in_features) for i in linears.values())
-        return DamageTable(units=tuple(linears), shapes=shapes, configs=configs, damage=damage, method="fisher", scores=scores, meta=meta)
-
-    if not cfg.use_cache:
-        return compute()
-    return cached_table(key_parts(cfg, source, linears, text_fingerprint(calib), configs, "fisher", {}), compute)
+    """The Fisher table of `mixbits analyze --methods fisher`, computed block by block by the one
+    builder (`sensitivity.methods.cached_tables`), so the whole-model run's cached table serves it
+    and the other way round; the block boundaries on disk under cfg.offload_dir when it is set.
+    The returned table (not the cached one) says `streamed: True` when this run computed it."""
+    with _offload(cfg) as folder:
+        tables, cached = cached_tables(["fisher"], source, calib, linears, configs, model_name=cfg.model,
+                                       device=source.device, progress=cfg.progress, use_cache=cfg.use_cache,
+                                       offload_dir=folder)
+    return tables["fisher"] if "fisher" in cached else tables["fisher"].with_meta(streamed=True)
 
 
 @contextlib.contextmanager

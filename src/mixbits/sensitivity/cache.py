@@ -45,6 +45,9 @@ from torch import nn
 from mixbits.data.cache import computed_cache_dir
 from mixbits.io import atomic_write_json
 from mixbits.model.arch import LinearInfo
+from mixbits.model.lazy import LazyCheckpoint
+from mixbits.model.lazy_sample import checkpoint_sampler
+from mixbits.model.stream import BlockSource
 from mixbits.quant.spec import QuantSpec
 from mixbits.sensitivity.table import DamageTable
 from mixbits.sensitivity.units import as_block_table
@@ -106,10 +109,21 @@ def weights_fingerprint(model: nn.Module, sample: Callable[[str, torch.Tensor], 
     return h.hexdigest()
 
 
+def source_fingerprint(model: nn.Module | BlockSource) -> str:
+    """`weights_fingerprint` of a loaded model or of a block source's model; a lazy checkpoint's
+    samples are read from its shards (`model.lazy_sample`), so it equals the loaded model's."""
+    if isinstance(model, nn.Module):
+        return weights_fingerprint(model)
+    lazy = getattr(model, "inner", model)  # a wrapped source (`jobs.run_streamed.FiniteChecked`)
+    sample = (checkpoint_sampler(lazy, blocks=SAMPLE_BLOCKS, size=SAMPLE_ELEMENTS)
+              if isinstance(lazy, LazyCheckpoint) else None)
+    return weights_fingerprint(model.model, sample)
+
+
 def cache_key_parts(
     *,
     model_name: str,
-    model: nn.Module,
+    model: nn.Module | BlockSource,
     linears: Mapping[str, LinearInfo],
     calibration_sha256: str,
     configs: Sequence[QuantSpec],
@@ -117,10 +131,11 @@ def cache_key_parts(
     granularity: str,
     options: Mapping[str, object] | None = None,
 ) -> dict:
-    """The JSON-able description of everything a table depends on (see the module docstring)."""
+    """The JSON-able description of everything a table depends on (see the module docstring);
+    `model`: a loaded model or a block source (the same key for the same weights)."""
     names = hashlib.sha256("\n".join(linears).encode()).hexdigest()
     return {
-        "model": {"name": model_name, "weights_sha256": weights_fingerprint(model), "linears": len(linears),
+        "model": {"name": model_name, "weights_sha256": source_fingerprint(model), "linears": len(linears),
                   "linear_names_sha256": names},
         "calibration_sha256": calibration_sha256,
         "configs": [c.label for c in configs],

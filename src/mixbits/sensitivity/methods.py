@@ -16,7 +16,9 @@ method; a shared pass is charged in full to both, with "shared_pass_with" naming
 windows, tokens, options and quantizer "rtn".
 
 `cached_tables` is the one builder of cached tables, used by `mixbits run` (its Fisher table)
-and `mixbits analyze` alike: one key rule (`sensitivity.cache.cache_key_parts`, with the
+and `mixbits analyze` alike. Given a `BlockSource` (the streamed run's lazy checkpoint) instead of
+a loaded model, it computes the Fisher block by block (`fisher_streamed.streamed_fisher_table`):
+the same numbers, so the same key and the same cached file. One key rule (`sensitivity.cache.cache_key_parts`, with the
 method's options, the measured configs and the random seed where they matter) and one
 metadata rule (the meta `compute_tables` records, nothing else; callers add their own
 provenance to the table they get back with `DamageTable.with_meta`, never to the cached one).
@@ -29,6 +31,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
 
@@ -38,12 +41,14 @@ from torch import nn
 
 from mixbits.errors import UserError
 from mixbits.model.arch import LinearInfo
+from mixbits.model.stream import BlockSource
 from mixbits.quant.spec import QuantSpec
 from mixbits.data.windows import text_fingerprint
 from mixbits.sensitivity.ablation import ablation_table
 from mixbits.sensitivity.cache import cache_key_parts, load_cached, store_cached
 from mixbits.sensitivity.divergence import divergence_table
 from mixbits.sensitivity.fisher import fisher_table
+from mixbits.sensitivity.fisher_streamed import streamed_fisher_table
 from mixbits.sensitivity.gradient import gradient_fisher_tables, gradient_table
 from mixbits.sensitivity.hessian import hessian_table
 from mixbits.sensitivity.output_error import output_error_table
@@ -94,7 +99,10 @@ def _kwargs(name: str, options: Mapping[str, Mapping[str, object]], generator: t
 
 
 def _run(name, model, windows, linears, configs, granularity, *, device, progress, measure_configs,
-         options, generator) -> Raw:
+         options, generator, offload_dir) -> Raw:
+    if not isinstance(model, nn.Module):  # a block source: the Fisher block by block (checked by _check_source)
+        return streamed_fisher_table(model, windows, linears, configs, device=device, progress=progress,
+                                     offload_dir=offload_dir)
     method = METHODS[name]
     kwargs = _kwargs(name, options, generator)
     if method.kind == "measured":
@@ -127,13 +135,20 @@ def _raw_tables(methods, model, windows, linears, configs, granularity, **kw) ->
     return {m: out[m] for m in methods}
 
 
+def _check_source(methods: Sequence[str], model: nn.Module | BlockSource, granularity: str) -> None:
+    """A block source serves the layer-wise Fisher only; every other method needs the whole model."""
+    if not isinstance(model, nn.Module) and (list(methods) != ["fisher"] or granularity != "layer"):
+        raise UserError(f"methods {list(methods)} at granularity {granularity!r} need the whole model in memory; "
+                        "a model streamed block by block gives the layer-wise fisher table only")
+
+
 def _jsonable(options: Mapping[str, object]) -> dict:
     return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)) for k, v in options.items()}
 
 
 def compute_tables(
     methods: Sequence[str],
-    model: nn.Module,
+    model: nn.Module | BlockSource,
     windows: torch.Tensor,
     linears: Mapping[str, LinearInfo],
     configs: Sequence[QuantSpec],
@@ -144,16 +159,20 @@ def compute_tables(
     measure_configs: Sequence[QuantSpec] | None = None,
     generator: torch.Generator | None = None,
     options: Mapping[str, Mapping[str, object]] | None = None,
+    offload_dir: str | Path | None = None,
 ) -> dict[str, DamageTable]:
     """{method: DamageTable} over the units of `granularity` ("layer" | "block").
 
     `windows` LongTensor [n, seqlen] (calibration / profiling); `measure_configs` limits the
     configs that measured methods run (NaN elsewhere; predicted methods compute all);
     `generator` feeds the Hessian's random probes; `options[method]` are extra keyword
-    arguments of that method's function (e.g. {"hessian": {"probes": 4}}).
+    arguments of that method's function (e.g. {"hessian": {"probes": 4}}). `model`: a loaded
+    model, or a `BlockSource` for the layer-wise Fisher (then `offload_dir` may hold its block
+    boundaries on disk; see `fisher_streamed`).
     """
     methods = check_methods(methods)
     granularity = check_granularity(granularity)
+    _check_source(methods, model, granularity)
     configs = tuple(configs)
     if not configs:
         raise UserError("configs is empty; pass the candidate QuantSpecs (e.g. config.candidate_configs(...))")
@@ -165,7 +184,8 @@ def compute_tables(
     if unknown:
         raise UserError(f"options given for {unknown}, which are not among the methods {methods}")
     raw = _raw_tables(methods, model, windows, linears, configs, granularity, device=device, progress=progress,
-                      measure_configs=measure_configs, options=options, generator=generator)
+                      measure_configs=measure_configs, options=options, generator=generator,
+                      offload_dir=offload_dir)
     tables = {}
     for name, ((damage, scores), seconds, extra) in raw.items():
         kind = METHODS[name].kind
@@ -196,7 +216,7 @@ def _key_options(name: str, options: Mapping[str, Mapping[str, object]], measure
 
 def cached_tables(
     methods: Sequence[str],
-    model: nn.Module,
+    model: nn.Module | BlockSource,
     windows: torch.Tensor,
     linears: Mapping[str, LinearInfo],
     configs: Sequence[QuantSpec],
@@ -209,6 +229,7 @@ def cached_tables(
     generator: torch.Generator | None = None,
     options: Mapping[str, Mapping[str, object]] | None = None,
     use_cache: bool = True,
+    offload_dir: str | Path | None = None,
 ) -> tuple[dict[str, DamageTable], set[str]]:
     """`compute_tables` through the disk cache: ({method: table}, the methods served from it).
 
@@ -217,6 +238,7 @@ def cached_tables(
     stored; with `use_cache=False` nothing is read or written.
     """
     methods, configs, options = check_methods(methods), tuple(configs), dict(options or {})
+    _check_source(methods, model, granularity)
     unknown = [m for m in options if m not in methods]
     if unknown:
         raise UserError(f"options given for {unknown}, which are not among the methods {methods}")
@@ -231,7 +253,7 @@ def cached_tables(
     if missing:
         fresh = compute_tables(missing, model, windows, linears, configs, granularity=granularity, device=device,
                                progress=progress, measure_configs=measure_configs, generator=generator,
-                               options={m: o for m, o in options.items() if m in missing})
+                               options={m: o for m, o in options.items() if m in missing}, offload_dir=offload_dir)
         for m, table in fresh.items():
             found[m] = table
             if use_cache:
