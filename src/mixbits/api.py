@@ -114,7 +114,7 @@ class QuantizedModel:
         (changed layers re-quantized from the original). options: gptq `checkpoint_format`,
         gguf `regroup` and `tokenizer_pre`.
 
-            >>> qm.save("out/model")                       # folder: model.safetensors, mixbits.json, config
+            >>> qm.save("out/model")                       # folder: one shard per block, index, mixbits.json, config
             >>> qm.save("out/gguf", format="gguf", nearest=True)
         """
         from mixbits.export.formats import export

@@ -145,6 +145,15 @@ def test_a_truncated_or_unlisted_shard_is_redone(tmp_path):
     assert shard_hashes(out) == shard_hashes(tmp_path / "whole")
 
 
+def test_loading_a_folder_with_a_truncated_shard_names_the_shard(tmp_path):
+    model, plan = llama(), mixed_plan()
+    save_native(model, plan, tmp_path / "m")
+    shard = tmp_path / "m" / block_file(1)
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=rf"{block_file(1)}.*truncated"):
+        load_native(tmp_path / "m")
+
+
 def test_writer_refuses_packed_layers_given_as_weights_and_foreign_folders(tmp_path):
     model, plan = llama(), mixed_plan()
     tensors, _ = model_tensors(model)

@@ -38,7 +38,7 @@ def analyze(
     validate_with: str = typer.Option("divergence", help="measured damage for validation: divergence (KL) or ablation (ΔPPL)"),
     output_dir: Path = typer.Option(Path("runs/analyze"), help="where sensitivity.json, validation.json, plots/ go"),
     sensitivity_file: Optional[Path] = typer.Option(None, help='import {"sensitivity_scores": [one per block]}'),
-    cache: bool = typer.Option(True, help="reuse tables cached under MIXBITS_HOME/cache/sensitivity"),
+    cache: bool = typer.Option(True, help="reuse tables cached under $MIXBITS_CACHE_DIR/sensitivity (default MIXBITS_HOME/cache)"),
     overwrite: bool = OVERWRITE,
     device: str = DEVICE,
     verbose: bool = VERBOSE,

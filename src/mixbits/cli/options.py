@@ -94,7 +94,8 @@ FLAGS: dict[str, Flag] = {f.name: f for f in [
          "alone) or rtn (round-to-nearest)"),
     Flag("damage", ("damage",), "follow: allocate on Fisher damage x the quantizer's gain over RTN; rtn: on the "
          "damage of round-to-nearest"),
-    Flag("cache", ("use_cache",), "reuse damage tables cached under MIXBITS_HOME/cache/sensitivity", bool),
+    Flag("cache", ("use_cache",), "reuse damage tables cached under $MIXBITS_CACHE_DIR/sensitivity (default "
+         "MIXBITS_HOME/cache)", bool),
     Flag("gptq_clip", ("gptq.clip",), "gptq: clip-search each group's scale (weighted by diag XᵀX) as it is "
          "reached", bool),
     Flag("gptq_act_order", ("gptq.act_order", "gptq.static_groups"), "gptq: process columns by descending diag "
