@@ -142,6 +142,15 @@ def _check_source(methods: Sequence[str], model: nn.Module | BlockSource, granul
                         "a model streamed block by block gives the layer-wise fisher table only")
 
 
+def _check_options(options: Mapping[str, Mapping[str, object]] | None, methods: list[str]) -> dict:
+    """`options` as a dict, refused when it names a method that is not asked for."""
+    options = dict(options or {})
+    unknown = [m for m in options if m not in methods]
+    if unknown:
+        raise UserError(f"options given for {unknown}, which are not among the methods {methods}")
+    return options
+
+
 def _jsonable(options: Mapping[str, object]) -> dict:
     return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)) for k, v in options.items()}
 
@@ -179,10 +188,7 @@ def compute_tables(
     cols = measured_columns(configs, measure_configs)  # fail before any compute
     if any(METHODS[m].kind == "measured" for m in methods):
         reference_column(configs, cols)
-    options = dict(options or {})
-    unknown = [m for m in options if m not in methods]
-    if unknown:
-        raise UserError(f"options given for {unknown}, which are not among the methods {methods}")
+    options = _check_options(options, methods)
     raw = _raw_tables(methods, model, windows, linears, configs, granularity, device=device, progress=progress,
                       measure_configs=measure_configs, options=options, generator=generator,
                       offload_dir=offload_dir)
@@ -237,11 +243,9 @@ def cached_tables(
     fingerprint. Missing methods are computed together (fisher + gradient share one pass) and
     stored; with `use_cache=False` nothing is read or written.
     """
-    methods, configs, options = check_methods(methods), tuple(configs), dict(options or {})
+    methods, configs = check_methods(methods), tuple(configs)
     _check_source(methods, model, granularity)
-    unknown = [m for m in options if m not in methods]
-    if unknown:
-        raise UserError(f"options given for {unknown}, which are not among the methods {methods}")
+    options = _check_options(options, methods)
     calibration = text_fingerprint(windows)
     parts = {m: cache_key_parts(model_name=model_name, model=model, linears=linears, calibration_sha256=calibration,
                                 configs=configs, method=m, granularity=granularity,
