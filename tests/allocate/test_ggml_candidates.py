@@ -107,3 +107,13 @@ def test_ggml_table_round_trips_through_its_file(tmp_path):
     again = DamageTable.load(tmp_path / "t.json")
     assert again.configs == table.configs
     assert np.array_equal(np.isnan(again.damage), np.isnan(table.damage))
+
+
+def test_uniform_baselines_are_only_types_every_layer_can_take():
+    from mixbits.allocate.feasibility import uniform_baselines
+
+    configs = AllocationConfig(target_bpw=4.0, candidates="gguf").configs()
+    numel = sum(o * i for o, i in SHAPES.values())
+    out = uniform_baselines(SHAPES, configs, Budget(bpw=5.2), 0)
+    assert [(c.name, fits) for c, fits in out] == [("Q4_1", True), ("Q5_0", False)]  # 5.0 and 5.5 bpw
+    assert all(c.block == 32 for c, _ in out) and numel > 0

@@ -15,7 +15,8 @@ from mixbits.allocate.optimal import Constraints, allowed_options, merged_proble
 from mixbits.allocate.solver import feasible_range
 from mixbits.errors import UserError
 from mixbits.plan import Plan
-from mixbits.quant.spec import QuantSpec
+from mixbits.quant.fake import storable
+from mixbits.quant.spec import GGMLSpec, QuantSpec
 from mixbits.sensitivity.table import DamageTable
 
 
@@ -66,11 +67,14 @@ def uniform_baselines(
 ) -> list[tuple[QuantSpec, bool]]:
     """The uniform configs a budget is compared with: the richest one whose storage fits the
     budget, and the cheapest one above it (so a mixed plan is shown against a uniform model
-    both smaller and larger than itself). Ties in cost: the larger group size wins. The flag
-    says whether the config fits the budget."""
+    both smaller and larger than itself). Ties in cost: the larger group size (ggml: block) wins.
+    Only configs every layer can take compete (a K-quant is no uniform baseline of a model with
+    576-wide rows). The flag says whether the config fits the budget."""
     numel = sum(o * i for o, i in shapes.values())
     limit = budget.to_bits(numel, fixed_bytes)
-    priced = [(8 * Plan.uniform(shapes, c).storage_bytes(shapes), c.group_size or 1 << 30, c) for c in configs if not c.keep]
+    uniform = [c for c in configs if not c.keep and all(storable(c, i) for _, i in shapes.values())]
+    priced = [(8 * Plan.uniform(shapes, c).storage_bytes(shapes), (c.block if isinstance(c, GGMLSpec) else c.group_size) or 1 << 30, c)
+              for c in uniform]
     fitting = [p for p in priced if p[0] <= limit]
     above = [p for p in priced if p[0] > limit]
     out = []
