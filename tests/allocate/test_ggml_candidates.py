@@ -117,3 +117,15 @@ def test_uniform_baselines_are_only_types_every_layer_can_take():
     out = uniform_baselines(SHAPES, configs, Budget(bpw=5.2), 0)
     assert [(c.name, fits) for c, fits in out] == [("Q4_1", True), ("Q5_0", False)]  # 5.0 and 5.5 bpw
     assert all(c.block == 32 for c, _ in out) and numel > 0
+
+
+@pytest.mark.parametrize("name", sorted(__import__("mixbits.allocate.registry", fromlist=["x"]).STRATEGIES))
+def test_every_strategy_gives_only_types_a_row_can_take(name):
+    from mixbits.allocate.registry import run_strategy
+
+    base = ggml_table()
+    table = DamageTable(base.units, base.shapes, base.configs, base.damage, "test",
+                        scores={"s": np.array([1.0, 2.0, 3.0, 4.0])})
+    result = run_strategy(name, table, [(u,) for u in table.units], 5.0 * table.numels().sum())
+    Plan(result.specs).validate(SHAPES)  # raises for a ggml type a row cannot split
+    assert all(isinstance(s, GGMLSpec) or s.keep for s in result.specs.values())

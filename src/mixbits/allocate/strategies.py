@@ -35,7 +35,7 @@ from mixbits.allocate.optimal import Constraints, allowed_options, merged_proble
 from mixbits.allocate.solver import REL_TOL
 from mixbits.errors import UserError
 from mixbits.plan import Plan
-from mixbits.quant.spec import QuantSpec
+from mixbits.quant.spec import GGMLSpec, QuantSpec
 from mixbits.sensitivity.table import DamageTable
 
 PER_CHANNEL_LOG2 = 16.0  # log2 "group size" of per-channel scales, for nearest-group matching
@@ -169,6 +169,11 @@ def _log2_group(group_size: int | None) -> float:
     return PER_CHANNEL_LOG2 if group_size is None else math.log2(group_size)
 
 
+def group_of(spec: QuantSpec | GGMLSpec) -> int | None:
+    """Weights per scale: the group size, or a ggml type's sub-block (what the rules compare)."""
+    return spec.sub_block if isinstance(spec, GGMLSpec) else spec.group_size
+
+
 def ladder(
     problem: Problem, group_size, cap: int = 16, symmetric: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -183,7 +188,7 @@ def ladder(
         best: dict[int, tuple] = {}
         for c in capped:
             spec = problem.configs[c]
-            key = (abs(_log2_group(spec.group_size) - _log2_group(want)), spec.symmetric != symmetric,
+            key = (abs(_log2_group(group_of(spec)) - _log2_group(want)), spec.symmetric != symmetric,
                    problem.cost[g, c], c)
             if spec.bits not in best or key < best[spec.bits]:
                 best[spec.bits] = key
@@ -236,7 +241,7 @@ def uniform(problem: Problem, spec: QuantSpec | None = None) -> StrategyResult:
     """Every unit takes `spec` (nearest allowed config). Without a spec, the richest uniform
     candidate whose plan fits the budget (ties: the larger group), else the cheapest one."""
     if spec is not None:
-        cfg, bits = ladder(problem, spec.group_size, symmetric=spec.symmetric)
+        cfg, bits = ladder(problem, group_of(spec), symmetric=spec.symmetric)
         choice = cfg[np.arange(len(cfg)), snap(bits, np.full(len(cfg), spec.bits))]
         moved = sum(problem.configs[c] != spec for c in choice)
         note = f"; {moved} of {len(choice)} groups take the nearest allowed config" if moved else ""
@@ -248,5 +253,5 @@ def uniform(problem: Problem, spec: QuantSpec | None = None) -> StrategyResult:
     if not fitting:
         result = min(plans, key=lambda p: p[0].bpw)[0]
         return replace(result, rule=result.rule + " (cheapest uniform spec; none fits the budget)")
-    result = max(fitting, key=lambda p: (p[0].bpw, _log2_group(p[1].group_size)))[0]
+    result = max(fitting, key=lambda p: (p[0].bpw, _log2_group(group_of(p[1]))))[0]
     return replace(result, rule=result.rule + " (richest uniform spec within the budget)")
