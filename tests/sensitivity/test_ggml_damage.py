@@ -65,3 +65,17 @@ def test_a_fisher_table_with_nan_entries_allocates_without_them():
     for bpw in (4.6, 5.0, 6.0):
         specs, sol = allocate_optimal(table, [(u,) for u in units], bpw * numel)
         assert getattr(specs["odd"], "block", 32) != 256 and np.isfinite(sol.damage) and sol.cost <= bpw * numel
+
+
+def test_quantizer_errors_measure_ggml_types_with_the_quantizer_and_skip_rows_that_cannot_take_them():
+    from mixbits.sensitivity.quantizer_damage import quantizer_errors, quantizer_gain
+
+    wide, odd = weights(4)
+    x = torch.randn(512, 256, generator=torch.Generator().manual_seed(5)) * torch.rand(256).add(0.1)
+    H = x.T @ x
+    err, rtn = quantizer_errors(wide, H, CONFIGS, quantizer="gptq")
+    res = kquant.gptq_ggml(wide, H, GGML_TYPES["Q4_K"])
+    assert err[Q4K] == pytest.approx(res.error, rel=1e-6) and err[Q4K] < rtn[Q4K]
+    err, rtn = quantizer_errors(odd, torch.eye(576), CONFIGS, quantizer="clip")
+    assert np.isnan(err[Q4K]) and np.isnan(rtn[Q4K]) and np.isfinite(err[Q8])
+    assert quantizer_gain(err, rtn)[Q4K] == 1.0  # Fisher's NaN stays NaN in the follow table

@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 
 from mixbits.model.arch import LinearInfo, get_weight
 from mixbits.model.quantize import check_quantizer, quantize_weight
+from mixbits.quant.fake import storable
 from mixbits.quant.gptq import GPTQConfig
 from mixbits.quant.spec import QuantSpec
 from mixbits.sensitivity.capture import collect_gram
@@ -81,7 +82,9 @@ def quantizer_errors(
     w = weight.detach().to(gram.device, torch.float32)
     err, rtn = np.zeros(len(configs)), np.zeros(len(configs))
     for j, spec in enumerate(configs):
-        if not spec.keep:
+        if not storable(spec, w.shape[1]):
+            err[j] = rtn[j] = np.nan  # a ggml type this row length cannot take: not measured (gain 1)
+        elif not spec.keep:
             q = quantize_weight(w, spec, quantizer, H=gram, gptq=gptq)
             err[j], rtn[j] = q.error, q.rtn_error
     return err, rtn
