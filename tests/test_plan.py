@@ -92,3 +92,10 @@ def test_a_k_quant_on_a_row_it_cannot_split_is_refused():
     with pytest.raises(PlanError, match="'w.odd'.*576.*blocks of 256.*q8_0") as err:
         plan.validate(GGML_SHAPES)
     assert "q3_k" not in str(err.value).split("allows")[1]
+
+
+def test_exporters_can_check_names_alone():
+    plan = Plan.from_dict({"layers": {"w.odd": "q4_k"}})
+    plan.validate(GGML_SHAPES, rows=False)  # export.rules lists the row problems with the nearest spec
+    with pytest.raises(PlanError, match="does not have"):
+        Plan.from_dict({"layers": {"w.none": "q4_k"}}).validate(GGML_SHAPES, rows=False)

@@ -55,8 +55,10 @@ class Plan:
         """The layers that are actually quantized (not kept in 16 bit)."""
         return {n: s for n, s in self.specs.items() if not s.keep}
 
-    def validate(self, shapes: Mapping[str, tuple[int, int]]) -> None:
-        """Check every named layer exists in the model; `shapes` maps name -> (out, in)."""
+    def validate(self, shapes: Mapping[str, tuple[int, int]], *, rows: bool = True) -> None:
+        """Check every named layer exists in the model, and (`rows`) that each ggml type's blocks
+        divide its layer's rows; `shapes` maps name -> (out, in). Exporters pass rows=False: they
+        list every such layer with the nearest storable spec themselves (`export.rules`)."""
         unknown = [n for n in self.specs if n not in shapes]
         if unknown:
             known = list(shapes)[:3]
@@ -64,7 +66,7 @@ class Plan:
                 f"plan names {len(unknown)} layer(s) the model does not have, e.g. {unknown[:3]}; "
                 f"layer names look like {known} (see `mixbits analyze` output or layer_statistics.json)"
             )
-        for name, spec in self.specs.items():
+        for name, spec in self.specs.items() if rows else ():
             in_features = shapes[name][1]
             if isinstance(spec, GGMLSpec) and not spec.fits(in_features):
                 allowed = [s.label for s in ggml_types_for_row(in_features)]

@@ -149,7 +149,7 @@ def problems(
     rules: Rules, plan: Plan, shapes: Mapping[str, tuple[int, int]], fused: Sequence[Sequence[str]] = ()
 ) -> list[Problem]:
     """Every layer (or fused group) of `plan` that `rules` cannot store, in plan order."""
-    plan.validate(shapes)
+    plan.validate(shapes, rows=False)  # rows a ggml type cannot split are problems listed here
     found = []
     for name, spec in plan.specs.items():
         reason = spec_problem(rules, spec, shapes[name])
@@ -170,7 +170,7 @@ def nearest_plan(
     rules: Rules, plan: Plan, shapes: Mapping[str, tuple[int, int]], fused: Sequence[Sequence[str]] = ()
 ) -> Plan:
     """`plan` with every layer `rules` cannot store replaced by its nearest storable spec."""
-    plan.validate(shapes)
+    plan.validate(shapes, rows=False)
     specs = {name: nearest_spec(rules, spec, shapes[name]) for name, spec in plan.specs.items()}
     if rules.fused_alike:
         full = {name: specs.get(name, KEEP) for name in shapes}
