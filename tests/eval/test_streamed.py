@@ -77,6 +77,34 @@ def test_top_k_kl_is_a_lower_bound_that_is_exact_at_full_k():
     assert few.top1 == full.top1 and few.ppl == full.ppl  # top-1 and perplexity do not depend on k
 
 
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_hidden_state_summary_is_exact(batch_size):
+    """topk="hidden" keeps the reference's final hidden states and recomputes its log-probs: the same
+    numbers as the full log-probabilities, not a bound."""
+    model = tiny_llama()
+    variants = [Variant("original"), Variant("w3g32", quantize_all)]
+    run = lambda k: evaluate_streamed(model, windows(), variants, device=CPU, reference="original", topk=k,
+                                      batch_size=batch_size, progress=False)
+    full, hidden = run(None), run("hidden")
+    for name in ("original", "w3g32"):
+        assert hidden[name].kl == pytest.approx(full[name].kl, rel=1e-6, abs=1e-12)
+        assert hidden[name].top1 == full[name].top1 and hidden[name].ppl == full[name].ppl
+    assert hidden["w3g32"].kl > 1e-5
+
+
+def test_auto_never_chooses_a_bound(monkeypatch):
+    """Above the size limit for full log-probs, "auto" keeps hidden states (exact), never top-k."""
+    import mixbits.eval.streamed as streamed
+
+    monkeypatch.setattr(streamed, "AUTO_FULL_BYTES", 1)
+    assert streamed.resolve_topk("auto", 10, 256) == streamed.HIDDEN
+    model = tiny_llama()
+    variants = [Variant("original"), Variant("w3g32", quantize_all)]
+    auto = evaluate_streamed(model, windows(), variants, device=CPU, reference="original", progress=False)
+    full = evaluate_streamed(model, windows(), variants, device=CPU, reference="original", topk=None, progress=False)
+    assert auto["w3g32"].kl == pytest.approx(full["w3g32"].kl, rel=1e-6)
+
+
 def test_without_reference_only_perplexity():
     model = tiny_llama()
     res = evaluate_streamed(model, windows(1), [Variant("a")], device=CPU, progress=False)

@@ -12,9 +12,15 @@ each later variant is scored against that summary:
     KL   = mean_t Σ_v p(v) (log p(v) − log q(v))         (p: reference, q: variant; nats/token)
     top1 = mean_t [argmax p = argmax q]
 
-The summary is either the reference's full log-probabilities (KL exact, as `evaluate_models`
-computes it) or its top-k log-probabilities with the rest of the vocabulary merged into one
-outcome (`topk=k`):
+The summary is one of three, all exact except the last:
+- the reference's full log-probabilities (`topk=None`; KL exact, as `evaluate_models` computes it);
+- the reference's final hidden states X_L (`topk="hidden"`): its log-probabilities are recomputed
+  from them by the head, batch by batch, when each variant is scored. The head is the same for every
+  variant (only block linears are quantized), so this is the same arithmetic on the same inputs: KL
+  and top-1 are exact, at n · S · H floats instead of n · S · V (V/H = 85 for SmolLM2, 31 for
+  Llama-2-7B), for one more head pass per variant;
+- the top-k log-probabilities with the rest of the vocabulary merged into one outcome (`topk=k`),
+  only when asked for:
 
     KL_k = Σ_{v∈top-k} p(v) (log p(v) − log q(v)) + r_p (log r_p − log r_q),   r = 1 − Σ_{top-k} mass
 
@@ -27,7 +33,8 @@ all windows at one block boundary, twice (input and output: 2 · n · S · H in 
 one batch's logits [batch, S, V] in float32 with their log-softmax, and the reference's summary:
 n · (S−1) · V · 4 bytes in full, n · (S−1) · (12k + 12) bytes as top-k (values, indices, argmax,
 and the tail mass r_p, summed directly rather than as 1 − Σ top-k, which would cancel to rounding
-noise). `topk="auto"` keeps the full log-probabilities when they take at most 256 MiB, else the top 64.
+noise); as hidden states, n · S · H in the compute dtype. `topk="auto"` keeps the full log-probabilities
+when they take at most 256 MiB, else the hidden states: KL is exact either way, never silently a bound.
 
 Trade-off: each variant reads every block once (V variants: V passes over the weights) instead of
 holding V models; the reference is run once and never stored whole when the vocabulary is large.
@@ -50,14 +57,14 @@ from mixbits.model.arch import LinearInfo, find_linears, get_weight
 from mixbits.model.blockwise import BlockInputs, capture_block_inputs
 from mixbits.model.stream import BlockSource, as_source, call_block, head_forward
 
-__all__ = ["AUTO_FULL_BYTES", "Scorer", "Variant", "WeightOverride", "evaluate_streamed", "overridden",
+__all__ = ["AUTO_FULL_BYTES", "HIDDEN", "Scorer", "Variant", "WeightOverride", "evaluate_streamed", "overridden",
            "score_reference"]
 
 WeightOverride = Callable[[str, torch.Tensor], "torch.Tensor | None"]
 """(linear name, weight [out, in]) -> the variant's weight [out, in], or None to keep the original."""
 
 AUTO_FULL_BYTES = 256 * 2**20
-_AUTO_TOPK = 64
+HIDDEN = "hidden"  # keep the reference's final hidden states; its log-probs are recomputed when scoring
 
 
 @dataclass(frozen=True)
@@ -136,8 +143,10 @@ class _Scores:
         self.kl += float((values.exp() * (values - logq)).sum() + _tail_kl(r_p, _tail_mass(logp, indices)))
         self.agree += int((argmax == logp.argmax(-1)).sum())
 
-    def keep(self, logp: torch.Tensor, topk: int | None, store) -> None:
-        if topk is None:
+    def keep(self, logp: torch.Tensor, hidden: torch.Tensor, topk: int | str | None, store) -> None:
+        if topk == HIDDEN:
+            self.summary.append(hidden.to(store))
+        elif topk is None:
             self.summary.append(logp.to(store))
         else:
             values, indices = logp.topk(topk, dim=-1)
@@ -145,11 +154,13 @@ class _Scores:
             self.summary.append(tuple(t.to(store) for t in kept))
 
 
-def _resolve_topk(topk, n_positions: int, vocab: int) -> int | None:
+def resolve_topk(topk, n_positions: int, vocab: int) -> int | str | None:
+    """The summary kept of the reference: None (full log-probs), "hidden", or an integer k (top-k)."""
     if topk == "auto":
-        return None if n_positions * vocab * 4 <= AUTO_FULL_BYTES else min(_AUTO_TOPK, vocab)
-    if topk is not None and not (isinstance(topk, int) and 1 <= topk <= vocab):
-        raise ValueError(f"topk={topk!r}: use None (full log-probabilities), 'auto', or an integer in 1..{vocab}")
+        return None if n_positions * vocab * 4 <= AUTO_FULL_BYTES else HIDDEN
+    if topk is not None and topk != HIDDEN and not (isinstance(topk, int) and 1 <= topk <= vocab):
+        raise ValueError(f"topk={topk!r}: use None (full log-probabilities), 'hidden' (final hidden states), "
+                         f"'auto', or an integer in 1..{vocab} (top-k: KL becomes a lower bound)")
     return topk
 
 
@@ -167,8 +178,8 @@ def evaluate_streamed(
 ) -> dict[str, EvalResult]:
     """Score every variant on `windows` [n, seqlen] as `evaluate_models` does; KL and top-1 are against
     the variant named `reference`. `model`: a loaded model (blocks run on `device`) or a `LazyCheckpoint`.
-    `topk`: None keeps the reference's full log-probabilities (exact KL), an integer its top-k (KL_k,
-    a lower bound), "auto" chooses (see the module docstring)."""
+    `topk`: None keeps the reference's full log-probabilities, "hidden" its final hidden states (both
+    exact), an integer its top-k (KL_k, a lower bound), "auto" one of the exact two (module docstring)."""
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise ValueError(f"variant names must be unique; got {names}")
@@ -268,13 +279,15 @@ def _score_batch(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, as_t
     logits = head_forward(model, hidden.to(settings.device), ids, as_tuple=as_tuple).logits[:, :-1]
     logp = F.log_softmax(logits.float(), dim=-1)
     del logits
-    topk = _resolve_topk(settings.topk, settings.positions, logp.shape[-1])
+    topk = resolve_topk(settings.topk, settings.positions, logp.shape[-1])
     if is_reference:
-        score.keep(logp, topk, settings.store)
+        score.keep(logp, hidden, topk, settings.store)
     kept = None if reference is None else reference.summary[b]
     if kept is not None:
         kept = kept.to(settings.device) if isinstance(kept, torch.Tensor) else tuple(t.to(settings.device) for t in kept)
-    score.add(logp, ids[:, 1:], kept, topk)
+    if topk == HIDDEN and kept is not None:  # the reference's log-probs, recomputed by the same head
+        kept = F.log_softmax(head_forward(model, kept, ids, as_tuple=as_tuple).logits[:, :-1].float(), dim=-1)
+    score.add(logp, ids[:, 1:], kept, None if topk == HIDDEN else topk)
 
 
 def _result(score: _Scores, count: int, n: int, seqlen: int, with_reference: bool) -> EvalResult:

@@ -4,7 +4,7 @@ Idea: `mixbits run` is a chain of stages, each streamed block by block (model/me
 one stage's peak from shapes). The run's peak is the largest stage's, plus what the process
 holds throughout:
 
-    peak(run) = max_stage peak(stage) + runtime + mapped shard pages
+    peak(run) = max_stage peak(stage) + runtime + mapped shard pages + read buffer + allocator slack
 
     stages   fisher            the empirical Fisher, block by block (`predict_fisher`)
              gain table        the quantizer's gain per layer x config: one block's Hessians and a
@@ -20,6 +20,10 @@ holds throughout:
                                6 M-parameter checkpoint (bench/memory.py --sizes tiny), counted as 0.8 GiB
     mapped shard pages         while a piece is read, its bytes in the checkpoint's dtype are
                                resident as file-backed pages of the open shard
+    read buffer                the tensor being read, in the checkpoint's dtype, before its cast
+    allocator slack            without a budget the mmap threshold is not pinned (model/memory.py)
+                               and glibc keeps freed tensors under 32 MiB: about two blocks'
+                               weights, measured by bench/memory.py (0.5 GiB at hidden 2048)
 
 Each stage's head (final norm, head, one batch's logits) is one of its phases. With stream=False,
 or an option that still loads the whole model (--iterative, --qat, --tasks), every variant is a
@@ -66,8 +70,8 @@ __all__ = ["RUNTIME_BYTES", "RunMemory", "check_run_memory", "predict_run", "ske
 
 RUNTIME_BYTES = 820 * 2**20  # a mixbits process on the CPU: 0.75-0.80 GiB measured on a 6 M-parameter model
 CUDA_CONTEXT_BYTES = 512 * 2**20  # the CUDA context and kernels on the device
-_AUTO_FULL_BYTES = 256 * 2**20  # eval/streamed.py's topk="auto": full log-probs up to this size, else top-64
-_AUTO_TOPK = 64
+SLACK_BLOCKS = 2  # freed memory glibc keeps when its mmap threshold is not pinned: ~2 blocks (bench/memory.py, 0.6b)
+_AUTO_FULL_BYTES = 256 * 2**20  # eval/streamed.py's topk="auto": full log-probs up to this size, else hidden states
 _CHARS_PER_TOKEN = 3  # a whole test split's token count, estimated from its characters (English BPE: ~4)
 
 
@@ -138,8 +142,9 @@ def _union(first: MemoryPrediction, first_phase: str, second: MemoryPrediction, 
     return MemoryPrediction(stage, f"{first_phase} + {prefix}{second_phase}", MappingProxyType(parts))
 
 
-def _eval_topk(windows: int, seqlen: int, vocab: int) -> int | None:
-    return None if windows * (seqlen - 1) * vocab * 4 <= _AUTO_FULL_BYTES else min(_AUTO_TOPK, vocab)
+def _eval_topk(windows: int, seqlen: int, vocab: int) -> str | None:
+    """The reference summary `eval.streamed` keeps with topk="auto": full log-probs, else hidden states."""
+    return None if windows * (seqlen - 1) * vocab * 4 <= _AUTO_FULL_BYTES else "hidden"
 
 
 def _quantize_evaluate(cfg: RunConfig, shapes: ModelShapes, dtype: torch.dtype, eval_n: int) -> MemoryPrediction:
@@ -225,8 +230,12 @@ def predict_run(
         stages.append(train)
     block = max(range(shapes.n_blocks), key=lambda i: shapes.block_params[i]) if shapes.n_blocks else 0
     largest_piece = max(max(shapes.block_params, default=0), shapes.outside_params)
+    largest_tensor = max([shapes.vocab * shapes.hidden] + [o * i for blk in shapes.block_linears for o, i in blk])
+    pinned = cfg.max_memory is not None and streamed  # check_run_memory pins the mmap threshold then
     held = {"runtime": RUNTIME_BYTES,
-            "mapped shard pages": largest_piece * checkpoint_dtype.itemsize if streamed else 0}
+            "mapped shard pages": largest_piece * checkpoint_dtype.itemsize if streamed else 0,
+            "read buffer": largest_tensor * checkpoint_dtype.itemsize if streamed else 0,
+            "allocator slack": 0 if pinned else SLACK_BLOCKS * max(shapes.block_params, default=0) * dtype.itemsize}
     budget_device = "cpu" if device.type == "cpu" else f"cuda:{device.index or 0}"
     return RunMemory(budget_device, dtype, tuple(stages), MappingProxyType(held), block,
                      shapes.block_params[block] * dtype.itemsize if shapes.n_blocks else 0)

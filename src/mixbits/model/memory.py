@@ -177,15 +177,21 @@ def predict_fisher(
 
 def predict_evaluation(
     shapes: ModelShapes, *, windows: int, seqlen: int, dtype: torch.dtype = torch.float32,
-    batch_size: int = 1, topk: int | None = None, streamed: bool = True,
+    batch_size: int = 1, topk: int | str | None = None, streamed: bool = True,
 ) -> MemoryPrediction:
-    """`eval/streamed.py` with the reference's full log-probs (topk None) or its top-k: the captured
-    block-0 inputs stay (every variant starts from them), plus one variant's current boundaries."""
+    """`eval/streamed.py` with the reference's full log-probs (topk None), its final hidden states
+    (topk "hidden") or its top-k: the captured block-0 inputs stay (every variant starts from them),
+    plus one variant's current boundaries."""
     b = dtype.itemsize
     block, outside = _weights(shapes, b, streamed)
     boundary = windows * seqlen * shapes.hidden * b
     positions = windows * (seqlen - 1)
-    summary = positions * shapes.vocab * 4 if topk is None else positions * (12 * topk + 12)
+    if topk is None:
+        summary = positions * shapes.vocab * 4
+    elif topk == "hidden":
+        summary = boundary
+    else:
+        summary = positions * (12 * topk + 12)
     return _peak("evaluation", {
         "blocks": {"block weights": block, "overridden linears": _linear_params(shapes) * b,
                    "quantizer temporaries": _quantizer_temporaries(shapes),
