@@ -86,8 +86,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.add_argument("--calib-windows", type=int, default=2)
     a.add_argument("--seqlen", type=int, default=256)
     a.add_argument("--eval-windows", type=int, default=2)
-    a.add_argument("--bpw", type=float, default=4.25)
-    a.add_argument("--bits", default="2,3,4,8", help="candidate bits (fewer: a shorter gain table)")
+    a.add_argument("--bpw", type=float, default=4.5)
+    a.add_argument("--bits", default="4,8", help="candidate bits: ones every export format stores as they are "
+                   "(gptq: 2, 3, 4, 8; gguf: 4, 5, 8), so the exports stream the run's codes; fewer: a shorter gain table")
+    a.add_argument("--damage", default="follow", choices=("follow", "rtn"),
+                   help="mixbits run --damage (rtn: no gain table, the GPTQ run's longest stage)")
     a.add_argument("--group-sizes", default="128")
     a.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="pass --stream/--no-stream to mixbits run (and predict that path)")
@@ -176,7 +179,8 @@ def stage_argv(stage: str, model: Path, out: Path, args: argparse.Namespace) -> 
         return _mixbits() + ["run", "--model", str(model), "--output-dir", str(out / stage), "--target-bpw",
                              str(args.bpw), "--quantizer", stage.removeprefix("run-"), "--calib-windows",
                              str(args.calib_windows), "--eval-windows", str(args.eval_windows), "--no-cache",
-                             "--no-report", "--stream" if args.stream else "--no-stream", *cands, *data]
+                             "--no-report", "--stream" if args.stream else "--no-stream", "--damage", args.damage,
+                             *cands, *data]
     if stage == "analyze":
         return _mixbits() + ["analyze", "--model", str(model), "--methods", "fisher", "--calib-windows",
                              str(args.calib_windows), "--no-validate", "--no-cache", "--output-dir", str(out / stage),
@@ -202,7 +206,8 @@ def predicted_bytes(stage: str, model: Path, args: argparse.Namespace) -> int | 
     data = DataConfig(seqlen=args.seqlen, calib_windows=args.calib_windows, eval_windows=args.eval_windows)
     cpu = torch.device("cpu")
     if stage.startswith("run-"):
-        cfg = RunConfig(model=str(model), data=data, quantizer=stage.removeprefix("run-"), stream=args.stream)
+        cfg = RunConfig(model=str(model), data=data, quantizer=stage.removeprefix("run-"), stream=args.stream,
+                        damage=args.damage)
         return predict_run(cfg, shapes, device=cpu, checkpoint_dtype=stored).total
     if stage == "analyze":
         memory = predict_run(RunConfig(model=str(model), data=data, quantizer="rtn"), shapes, device=cpu,
