@@ -256,6 +256,12 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.quantizer not in QUANTIZERS:
             raise UserError(f"`quantizer` {self.quantizer!r} is not one of {', '.join(QUANTIZERS)}")
+        if self.allocation.candidates != "affine":  # refused here, not after the sensitivity stage
+            raise UserError(
+                f"`allocation.candidates` {self.allocation.candidates!r}: a run cannot store ggml types yet (its native "
+                "model folder holds affine grids only); use `allocation.candidates` affine for `mixbits run`, or plan "
+                "and write a GGUF file from Python (allocate.optimal over a table with the ggml types, "
+                "model.quantize.quantize_model, export.gguf.write_gguf), as docs/gguf.md shows")
         if self.train is not None and self.train.init != self.quantizer:
             raise UserError(f"training starts from the run's quantizer ({self.quantizer}), not {self.train.init}; "
                              "set TrainConfig(init=...) to the same value")

@@ -129,3 +129,14 @@ def test_every_strategy_gives_only_types_a_row_can_take(name):
     result = run_strategy(name, table, [(u,) for u in table.units], 5.0 * table.numels().sum())
     Plan(result.specs).validate(SHAPES)  # raises for a ggml type a row cannot split
     assert all(isinstance(s, GGMLSpec) or s.keep for s in result.specs.values())
+
+
+def test_a_run_over_ggml_candidates_is_refused_up_front():
+    """`mixbits run` cannot store ggml layers in its native folder yet: refused before any work, naming the field."""
+    from mixbits.config import AllocationConfig, RunConfig
+    from mixbits.errors import UserError
+
+    for candidates in ("gguf", "both"):
+        with pytest.raises(UserError, match="allocation.candidates.*cannot store ggml types yet"):
+            RunConfig(model="x", allocation=AllocationConfig(target_bpw=4.0, candidates=candidates))
+    assert RunConfig(model="x", allocation=AllocationConfig(target_bpw=4.0)).allocation.candidates == "affine"
