@@ -20,5 +20,5 @@ def test_export_refuses_a_plan_gguf_cannot_store(finished_run, tmp_path):  # noq
     out = tmp_path / "model.gguf"
     r = CliRunner().invoke(app, ["export", "--format", "gguf", "--run-dir", str(cfg.output_dir), "--out", str(out),
                                  "--no-verbose"])
-    assert r.exit_code == 2 and "error" in r.output
+    assert r.exit_code == 2 and "error: the plan cannot be written as gguf" in r.output and "--nearest" in r.output, r.output
     assert not out.exists() and not list(tmp_path.iterdir())

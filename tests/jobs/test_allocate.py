@@ -29,8 +29,12 @@ def test_allocate_refuses_an_impossible_budget(finished_run):  # noqa: F811
     assert r.exit_code == 2 and "cheapest" in r.output
 
 
-@pytest.mark.parametrize("args", [["--strategy", "nope", "--target-bpw", "3"], ["--bits", "7", "--target-bpw", "3"]])
-def test_allocate_bad_input(finished_run, args):  # noqa: F811
+@pytest.mark.parametrize("args, words", [
+    (["--strategy", "nope", "--target-bpw", "3"], ("error: unknown strategy 'nope'", "optimal")),
+    (["--bits", "7", "--target-bpw", "3"], ("error: --bits/--group-sizes leave no quantizing config", "w4g64")),
+])
+def test_allocate_bad_input(finished_run, args, words):  # noqa: F811
     cfg, _ = finished_run
     r = CliRunner().invoke(app, ["allocate", str(cfg.output_dir / "sensitivity.json"), *args])
-    assert r.exit_code == 2
+    assert r.exit_code == 2 and all(w in r.output for w in words), r.output
+    assert "Traceback" not in r.output
