@@ -37,3 +37,12 @@ def test_a_long_inner_product_is_the_same_at_1_and_2_threads():
     finally:
         torch.set_num_threads(saved)
     assert torch.equal(outs[0], outs[1])
+
+
+def test_results_record_the_mkl_mode_in_force(monkeypatch):
+    from mixbits.provenance import environment
+
+    monkeypatch.setenv("MKL_CBWR", "AVX2,STRICT")
+    assert environment(torch.device("cpu"))["mkl_cbwr"] == "AVX2,STRICT"
+    monkeypatch.delenv("MKL_CBWR")
+    assert environment(torch.device("cpu"))["mkl_cbwr"] is None
