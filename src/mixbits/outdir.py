@@ -208,22 +208,35 @@ def _holder(info: dict) -> str:
 
 
 def acquire_lock(path: Path, command: str) -> Path:
-    """Create the lock file `path` (O_EXCL); a live holder is refused, a dead one's lock taken over."""
+    """Create the lock file `path` with its content in one step; a live holder is refused, a dead one's
+    lock taken over.
+
+    The content is written to a private temporary file first and then hard-linked to `path`, which
+    fails if `path` exists: a lock is never seen empty. (Creating `path` with O_EXCL and writing
+    afterwards let a second process read the empty file in between, take it for a dead holder's, and
+    take it over: both runs held the folder.) Two runs that find the same dead holder's lock at once
+    may both remove it; the link then lets only one of them create the new lock.
+    """
     info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "started": time.time()}
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            held = _read_lock(path)
-            if held and _alive(held.get("pid"), held.get("host")):
-                raise UserError(f"{path.parent} is in use by another mixbits command, {_holder(held)}; wait for it "
-                                f"to finish or choose another output folder (if no such process runs, delete {path})")
-            log.warning("taking over the stale lock %s of %s, which no longer runs", path, _holder(held))
-            path.unlink(missing_ok=True)
-            continue
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
         with os.fdopen(fd, "w") as handle:
             json.dump(info, handle)
-        return path
+        for _ in range(2):
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                held = _read_lock(path)
+                if held and _alive(held.get("pid"), held.get("host")):
+                    raise UserError(f"{path.parent} is in use by another mixbits command, {_holder(held)}; wait "
+                                    f"for it to finish or choose another output folder (if no such process runs, "
+                                    f"delete {path})") from None
+                log.warning("taking over the stale lock %s of %s, which no longer runs", path, _holder(held))
+                path.unlink(missing_ok=True)
+                continue
+            return path
+    finally:
+        os.unlink(tmp)
     raise UserError(f"could not take the lock {path}; another command keeps creating it; retry")
 
 

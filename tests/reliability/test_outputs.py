@@ -199,19 +199,31 @@ def test_the_lock_is_released_when_the_command_fails(tmp_path):
 
 
 def test_two_processes_race_for_one_folder_and_one_wins(tmp_path):
+    """Both processes import mixbits, meet at a barrier (files), then claim at once; the winner holds the
+    folder until the loser has tried, so the outcome does not depend on how long the imports took."""
+    sync = tmp_path / "sync"
+    sync.mkdir()
     script = textwrap.dedent(f"""
-        import sys, time
+        import pathlib, sys, time
         from mixbits.errors import UserError
         from mixbits.outdir import claim
+        me, sync = sys.argv[1], pathlib.Path({str(sync)!r})
+        (sync / ("ready-" + me)).touch()
+        deadline = time.monotonic() + 60
+        while len(list(sync.glob("ready-*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
         try:
             with claim({str(tmp_path / 'run')!r}, "run"):
-                time.sleep(1.5)
+                while not (sync / "tried").exists() and time.monotonic() < deadline:
+                    time.sleep(0.01)
         except UserError as err:
+            (sync / "tried").touch()
             print("REFUSED", err); sys.exit(3)
     """)
-    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], stdout=subprocess.PIPE, text=True)
+             for i in range(2)]
     outs = [(p.wait(), p.stdout.read()) for p in procs]
-    assert sorted(code for code, _ in outs) == [0, 3]
+    assert sorted(code for code, _ in outs) == [0, 3], outs
     refused = [text for code, text in outs if code == 3][0]
     assert "in use by another mixbits command, pid" in refused
 
