@@ -10,7 +10,7 @@ mixbits did not write survive byte for byte. A folder with foreign content and n
 existing file where a folder is wanted, and a location that cannot be written are refused with a
 `UserError` before anything is loaded or computed.
 
-While a command runs, `.mixbits.lock` in the folder (created with O_EXCL; pid, host, command, start)
+While a command runs, `.mixbits.lock` in the folder (pid, host, command, start; hard-linked into place whole)
 stops a second command from writing into it; a lock whose pid is dead on this host is stale and is
 taken over with a warning. Staged writes (`mixbits.export.staging`) build in hidden temporary
 folders named `.<target>.<random>` that hold a marker, `.mixbits-staging`; a kill -9 during a save
