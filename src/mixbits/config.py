@@ -1,8 +1,8 @@
 """Frozen configuration of every stage. The CLI builds these; nothing else reads argv.
 
-Defaults are sized for the embedded demo on 2 CPU cores (about 25 minutes end to end with the
-default GPTQ, ~10 with --quantizer clip); the
-same fields scale to real runs (`--calib-windows 128 --seqlen 2048 --eval-windows 0`).
+Defaults are sized for the embedded demo on 2 CPU cores (`make demo`: about 5.5 minutes with GPTQ and
+`--damage rtn`); the same fields scale to real runs (`--calib-windows 128 --seqlen 2048 --eval-windows 0`).
+Device, compute dtype and memory-budget values are read by `mixbits.devices`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from mixbits.data.windows import MIN_SEQLEN
+from mixbits.devices import compute_torch_dtype, parse_max_memory
 from mixbits.errors import UserError
 from mixbits.quant.gptq import GPTQConfig
 from mixbits.quant.spec import GGML_TYPES, KEEP, QUANT_BITS, GGMLSpec, QuantSpec
@@ -301,71 +302,6 @@ class RunConfig:
         d["plan"] = None if self.plan is None else str(self.plan)
         d["offload_dir"] = None if self.offload_dir is None else str(self.offload_dir)
         return d
-
-
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def compute_torch_dtype(name: str | None) -> torch.dtype | None:
-    """The torch dtype of a `compute_dtype` name (None stays None: the device's default)."""
-    if name is None:
-        return None
-    if name not in COMPUTE_DTYPES:
-        raise UserError(f"compute_dtype (--compute-dtype) {name!r} is not known; use one of "
-                        f"{', '.join(COMPUTE_DTYPES)}")
-    return COMPUTE_DTYPES[name]
-
-
-def parse_max_memory(text: str) -> dict[str, int]:
-    """Read accelerate's budget format, ``cuda:0=20GiB,cpu=16GiB``, into {device: bytes}.
-
-    Sizes use accelerate's own parser (``GiB``/``MiB``/``KiB`` are powers of 2, ``GB``/``MB``/``KB``
-    powers of 10, a plain number is bytes). Devices: ``cpu``, ``cuda`` (= ``cuda:0``), ``cuda:N`` or
-    accelerate's bare GPU index ``N``; a CUDA device must exist on this machine. Disk is not a budget
-    here: ``--offload-dir`` says where activations may wait on disk."""
-    from accelerate.utils import convert_file_size_to_int
-
-    accepted = "accepted: 'cuda:0=20GiB,cpu=16GiB' (devices cpu, cuda:N; sizes such as 512MiB, 20GiB, 16GB)"
-    budget: dict[str, int] = {}
-    for item in (part.strip() for part in str(text).split(",")):
-        device, sep, size = (x.strip() for x in item.partition("="))
-        if not sep or not device or not size:
-            raise UserError(f"max_memory (--max-memory) {text!r}: {item!r} is not DEVICE=SIZE; {accepted}")
-        device = _budget_device(device, text, accepted)
-        try:
-            nbytes = int(size) if size.isdigit() else convert_file_size_to_int(size)
-        except ValueError:
-            nbytes = -1
-        if nbytes <= 0:
-            raise UserError(f"max_memory (--max-memory) {text!r}: size {size!r} of {device} is not a positive "
-                            f"size; {accepted}")
-        if device in budget:
-            raise UserError(f"max_memory (--max-memory) {text!r} gives {device} twice; give each device once")
-        budget[device] = nbytes
-    return budget
-
-
-def _budget_device(name: str, text: str, accepted: str) -> str:
-    """`name` as cpu or cuda:N, refused when it is not a device or not on this machine."""
-    name = name.lower()
-    if name.isdigit():
-        name = f"cuda:{name}"
-    elif name == "cuda":
-        name = "cuda:0"
-    if name == "cpu":
-        return name
-    if name == "disk":
-        raise UserError(f"max_memory (--max-memory) {text!r}: disk is not a memory budget here; give "
-                        "--offload-dir FOLDER to let activations wait on disk")
-    index = name.removeprefix("cuda:")
-    if not name.startswith("cuda:") or not index.isdigit():
-        raise UserError(f"max_memory (--max-memory) {text!r}: device {name!r} is not known; {accepted}")
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if int(index) >= count:
-        have = f"cuda:0 to cuda:{count - 1}" if count else "no CUDA device"
-        raise UserError(f"max_memory (--max-memory) {text!r}: {name} does not exist on this machine ({have}); "
-                        "give a budget for cpu or a device that exists")
-    return f"cuda:{int(index)}"
 
 
 def check_regex(pattern: str, flag: str) -> re.Pattern:

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from mixbits.errors import UserError
+from mixbits.lock import acquire_lock, alive, held_here, holder, read_lock, release_lock
 
 log = logging.getLogger(__name__)
 
@@ -170,84 +171,12 @@ def remove_stale_staging(parent: Path, target_name: str | None = None) -> list[P
             continue
         if target_name is not None and info.get("target") != target_name:
             continue
-        if _alive(info.get("pid"), info.get("host")) and info.get("pid") != os.getpid():
+        if alive(info.get("pid"), info.get("host")) and info.get("pid") != os.getpid():
             continue
         log.warning("removing %s, left by an interrupted save", path)
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
-
-
-# --- the lock ------------------------------------------------------------------------------------
-
-
-def _alive(pid, host) -> bool:
-    if host != socket.gethostname():
-        return True  # another machine's process: it cannot be checked from here, so it is respected
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except (TypeError, ValueError, OverflowError):
-        return False
-    return True
-
-
-def _read_lock(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (ValueError, OSError):
-        return {}
-
-
-def _holder(info: dict) -> str:
-    return (f"pid {info.get('pid')} on {info.get('host')} ({info.get('command') or 'mixbits'}, started "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(info.get('started', 0)))})")
-
-
-def acquire_lock(path: Path, command: str) -> Path:
-    """Create the lock file `path` with its content in one step; a live holder is refused, a dead one's
-    lock taken over.
-
-    The content is written to a private temporary file first and then hard-linked to `path`, which
-    fails if `path` exists: a lock is never seen empty. (Creating `path` with O_EXCL and writing
-    afterwards let a second process read the empty file in between, take it for a dead holder's, and
-    take it over: both runs held the folder.) Two runs that find the same dead holder's lock at once
-    may both remove it; the link then lets only one of them create the new lock.
-    """
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "started": time.time()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(info, handle)
-        for _ in range(2):
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                held = _read_lock(path)
-                if held and _alive(held.get("pid"), held.get("host")):
-                    raise UserError(f"{path.parent} is in use by another mixbits command, {_holder(held)}; wait "
-                                    f"for it to finish or choose another output folder (if no such process runs, "
-                                    f"delete {path})") from None
-                log.warning("taking over the stale lock %s of %s, which no longer runs", path, _holder(held))
-                path.unlink(missing_ok=True)
-                continue
-            return path
-    finally:
-        os.unlink(tmp)
-    raise UserError(f"could not take the lock {path}; another command keeps creating it; retry")
-
-
-def _held_here(folder: Path) -> bool:
-    held = _read_lock(folder / LOCK) if (folder / LOCK).is_file() else {}
-    return held.get("pid") == os.getpid() and held.get("host") == socket.gethostname()
-
-
-def release_lock(path: Path) -> None:
-    if _read_lock(path).get("pid") == os.getpid():
-        path.unlink(missing_ok=True)
 
 
 # --- checks --------------------------------------------------------------------------------------
@@ -284,8 +213,8 @@ def check_folder(path: Path, kind: str, *, overwrite: bool, resume: bool = False
     if not path.is_dir():
         return None
     lock = path / LOCK
-    if lock.exists() and (held := _read_lock(lock)) and _alive(held.get("pid"), held.get("host")):
-        raise UserError(f"{path} is in use by another mixbits command, {_holder(held)}; wait for it to finish or "
+    if lock.exists() and (held := read_lock(lock)) and alive(held.get("pid"), held.get("host")):
+        raise UserError(f"{path} is in use by another mixbits command, {holder(held)}; wait for it to finish or "
                         f"choose another output folder")
     earlier = read_manifest(path)
     if earlier is None:
@@ -328,11 +257,11 @@ def claim(path: str | Path, kind: str, *, overwrite: bool = False, resume: bool 
     checks, locks and cleans leftovers. The lock is released on every exit, exceptions included.
     """
     path = Path(path)
-    if _held_here(path):  # a job that claimed this folder runs a stage into it (ablate runs `run`)
+    if held_here(path / LOCK):  # a job that claimed this folder runs a stage into it (ablate runs `run`)
         yield Claim(path, None)
         return
     # a folder inside one this process claimed was allowed with it: its outputs are the job's own
-    overwrite = overwrite or any(_held_here(up) for up in path.parents)
+    overwrite = overwrite or any(held_here(up / LOCK) for up in path.parents)
     earlier = check_folder(path, kind, overwrite=overwrite, resume=resume, replaces=replaces, flag=flag)
     created = not path.exists()
     check_writable(path, flag)

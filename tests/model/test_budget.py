@@ -9,7 +9,8 @@ import torch
 from typer.testing import CliRunner
 
 from mixbits.cli import app
-from mixbits.config import DataConfig, RunConfig, TrainConfig, compute_torch_dtype, parse_max_memory
+from mixbits.config import DataConfig, RunConfig, TrainConfig
+from mixbits.devices import compute_torch_dtype, parse_max_memory
 from mixbits.errors import UserError
 from mixbits.eval.streamed import Scorer
 from mixbits.model.arch import find_linears

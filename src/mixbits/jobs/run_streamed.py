@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mixbits.config import RunConfig, compute_torch_dtype
+from mixbits.config import RunConfig
+from mixbits.devices import compute_torch_dtype
 from mixbits.data.windows import text_fingerprint
 from mixbits.eval.perplexity import EvalResult
 from mixbits.eval.streamed import Scorer, score_reference

@@ -51,7 +51,8 @@ from types import MappingProxyType
 import torch
 from torch import nn
 
-from mixbits.config import RunConfig, compute_torch_dtype, parse_max_memory, resolve_device
+from mixbits.config import RunConfig, resolve_device
+from mixbits.devices import compute_torch_dtype, parse_max_memory
 from mixbits.errors import UserError
 from mixbits.model.arch import find_blocks
 from mixbits.model.memory import (
