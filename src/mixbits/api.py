@@ -212,7 +212,7 @@ def load(path: str | Path, *, device: str = "cpu") -> QuantizedModel:
     import torch
 
     from mixbits.config import resolve_device
-    from mixbits.export.from_native import _tokenizer
+    from mixbits.export.from_native import saved_tokenizer
     from mixbits.export.native import load_native
     from mixbits.plan import Plan
 
@@ -223,7 +223,7 @@ def load(path: str | Path, *, device: str = "cpu") -> QuantizedModel:
                         "QuantizedModel.save(path) or `mixbits run` (<output-dir>/model)")
     plan = Plan.from_dict(json.loads(meta_file.read_text()).get("plan"), source=str(meta_file))
     model = load_native(folder, device=resolve_device(device), dtype=torch.float32)
-    return QuantizedModel(model=model, plan=plan, tokenizer=_tokenizer(folder), shapes=_block_shapes(model),
+    return QuantizedModel(model=model, plan=plan, tokenizer=saved_tokenizer(folder), shapes=_block_shapes(model),
                           device=device, info={"model": str(folder)}, source=folder)
 
 

@@ -135,7 +135,8 @@ def model_source(model: nn.Module, plan: Plan, qparams: Mapping[str, QParams] | 
     return StoredSource(model, plan, tokenizer, metas, biases, read, tied)
 
 
-def _tokenizer(path: Path):
+def saved_tokenizer(path: Path):
+    """The tokenizer saved in a model folder, or None when the folder holds none."""
     from transformers import AutoTokenizer
 
     try:
@@ -178,7 +179,7 @@ def stored_source(path: str | Path) -> StoredSource:
                   if block_of(n, folder.block_path) == part.index}
         return PartTensors(layers, {k: v for k, v in tensors.items() if k in metas})
 
-    return StoredSource(structure, folder.plan, _tokenizer(folder.path), metas, biases, read, dict(folder.tied))
+    return StoredSource(structure, folder.plan, saved_tokenizer(folder.path), metas, biases, read, dict(folder.tied))
 
 
 @torch.no_grad()
@@ -203,7 +204,7 @@ def load_for_export(path: str | Path) -> ExportSource:
         if unexpected:
             raise UserError(f"{folder.path} holds tensors its config does not have: {unexpected[:5]}")
     model.tie_weights()
-    return ExportSource(model.eval(), folder.plan, qparams, _tokenizer(folder.path))
+    return ExportSource(model.eval(), folder.plan, qparams, saved_tokenizer(folder.path))
 
 
 @torch.no_grad()
