@@ -159,10 +159,10 @@ def test_one_block_is_materialized_at_a_time(tmp_path, monkeypatch):
     live, peak = set(), []
     materialize, release = LazyCheckpoint.materialize, LazyCheckpoint.release
 
-    def counting_materialize(self, prefix):
+    def counting_materialize(self, prefix, hold=None):
         live.add(prefix)
         peak.append(len(live))
-        return materialize(self, prefix)
+        return materialize(self, prefix, hold)
 
     def counting_release(self, prefix):
         live.discard(prefix)

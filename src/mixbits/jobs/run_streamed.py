@@ -116,8 +116,8 @@ class FiniteChecked:
             yield module
 
     @contextlib.contextmanager
-    def resident(self) -> Iterator[nn.Module]:
-        with self.inner.resident() as model:
+    def resident(self, hold: torch.dtype | None = None) -> Iterator[nn.Module]:
+        with self.inner.resident(hold) as model:
             self._check(None, model, "")
             yield model
 

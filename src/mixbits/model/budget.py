@@ -148,20 +148,24 @@ def _eval_topk(windows: int, seqlen: int, vocab: int) -> str | None:
     return None if windows * (seqlen - 1) * vocab * 4 <= _AUTO_FULL_BYTES else "hidden"
 
 
-def _quantize_evaluate(cfg: RunConfig, shapes: ModelShapes, dtype: torch.dtype, eval_n: int) -> MemoryPrediction:
+def _quantize_evaluate(cfg: RunConfig, shapes: ModelShapes, dtype: torch.dtype, eval_n: int,
+                       held: int) -> MemoryPrediction:
     """A variant's block quantized (rtn: one linear at a time; clip/gptq: on the calibration
-    boundaries with the block's Hessians) while the evaluation windows go through it."""
+    boundaries with the block's Hessians) while the evaluation windows go through it. `held`: bytes
+    per value of the embedding and head (the original's in its checkpoint dtype, a variant's rounded
+    to float16, whichever is wider)."""
     seqlen, b = cfg.data.seqlen, dtype.itemsize
-    evaluation = predict_evaluation(shapes, windows=eval_n, seqlen=seqlen, dtype=dtype,
+    evaluation = predict_evaluation(shapes, windows=eval_n, seqlen=seqlen, dtype=dtype, held=held,
                                     topk=_eval_topk(eval_n, seqlen, shapes.vocab), streamed=True)
     phases = {phase: dict(parts) for phase, parts in evaluation.phases.items()}
     phases["blocks"]["packed block (float16 bound)"] = max(shapes.block_params) * 2  # what the sink is given
-    phases["head"]["rounded outside copies"] = shapes.outside_params * b  # stored-dtype copies swapped in
+    # stored-dtype copies swapped in for what the checkpoint does not hold rounded already (final norm, ...)
+    phases["head"]["rounded outside copies"] = (shapes.outside_params - shapes.held_params) * b
     evaluation = dataclasses.replace(evaluation, phases=MappingProxyType(phases), parts=phases[evaluation.phase])
     if cfg.quantizer == "rtn":  # no calibration windows: the peak phase of the evaluation
         phase = max(phases, key=lambda k: sum(phases[k].values()))
         return MemoryPrediction("quantize+evaluate", phase, MappingProxyType(phases[phase]))
-    quantize = predict_gptq(shapes, windows=cfg.data.calib_windows, seqlen=seqlen, dtype=dtype)
+    quantize = predict_gptq(shapes, windows=cfg.data.calib_windows, seqlen=seqlen, dtype=dtype, held=held)
     return max((_union(evaluation, "blocks", quantize, "block", "quantize+evaluate", "calibration "),
                 _union(evaluation, "head", quantize, "capture", "quantize+evaluate", "calibration ")),
                key=lambda p: p.total)
@@ -215,13 +219,15 @@ def predict_run(
     eval_n = _eval_windows(cfg, eval_windows)
     d, offload = cfg.data, cfg.offload_dir is not None
     stages = []
+    # a lazy checkpoint holds embedding and head in the stored dtype where it is narrower (model/upcast.py)
+    stored = min(dtype.itemsize, checkpoint_dtype.itemsize if checkpoint_dtype.is_floating_point else 4)
     if cfg.plan is None:
         stages.append(predict_fisher(shapes, windows=d.calib_windows, seqlen=d.seqlen, dtype=dtype,
-                                     streamed=streamed, offload=offload))
+                                     streamed=streamed, offload=offload, held=stored))
         if cfg.quantizer != "rtn" and cfg.damage == "follow":
             stages.append(_rename(predict_gptq(shapes, windows=d.calib_windows, seqlen=d.seqlen, dtype=dtype,
-                                               streamed=streamed), "gain table"))
-    stages.append(_quantize_evaluate(cfg, shapes, dtype, eval_n) if streamed
+                                               streamed=streamed, held=stored), "gain table"))
+    stages.append(_quantize_evaluate(cfg, shapes, dtype, eval_n, max(stored, min(dtype.itemsize, 2))) if streamed
                   else _whole_model(cfg, shapes, dtype, eval_n, 1 + variants))
     if cfg.train is not None:  # after quantization; without streaming the models stay alive
         train = _train(cfg, shapes)

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from mixbits.errors import UserError
+from mixbits.model.upcast import held_names, upcasting
 from mixbits.model.checkpoint_files import (
     PICKLE_INDEX,
     PICKLE_SINGLE,
@@ -169,6 +170,7 @@ class LazyCheckpoint:
         self.block_path, blocks = find_blocks(model)
         self.n_blocks = len(blocks)
         self._aliases, self._keys = _tensor_groups(model, entries, folder)
+        self._held = set(held_names(model)) & set(self._aliases)
 
     @property
     def checkpoint_dtype(self) -> torch.dtype:
@@ -190,15 +192,32 @@ class LazyCheckpoint:
             return [n for n, al in self._aliases.items() if not any(_under(a, self.block_path) for a in al)]
         return [n for n, al in self._aliases.items() if any(_under(a, prefix) for a in al)]
 
-    def nbytes(self, prefix: str | None) -> int:
-        """Bytes of the tensors under `prefix` (None: outside the blocks) once materialized."""
-        size = self.compute_dtype.itemsize
-        return sum(_numel(self.entries[self._keys[n]].shape) * (size if self.entries[self._keys[n]].dtype
-                   .is_floating_point else self.entries[self._keys[n]].dtype.itemsize) for n in self._names(prefix))
+    def nbytes(self, prefix: str | None, hold: torch.dtype | None = None) -> int:
+        """Bytes of the tensors under `prefix` (None: outside the blocks) once materialized (`hold`: as
+        `materialize`)."""
+        total = 0
+        for name in self._names(prefix):
+            entry = self.entries[self._keys[name]]
+            dtype = (self.held_dtype(name, hold) if prefix is None else None) or self.compute_dtype
+            total += entry.nbytes // entry.dtype.itemsize * (dtype.itemsize if entry.dtype.is_floating_point
+                                                               else entry.dtype.itemsize)
+        return total
 
-    def materialize(self, prefix: str | None) -> nn.Module:
+    def held_dtype(self, name: str, hold: torch.dtype | None = None) -> torch.dtype | None:
+        """The dtype the embedding or head weight `name` is held in when materialized outside the blocks
+        (None: not held, it takes the compute dtype): `hold` when given (rounding through it), else its
+        stored dtype where that is a narrower float than the compute dtype (model/upcast.py)."""
+        if name not in self._held:
+            return None
+        if hold is not None:
+            return hold
+        stored = self.entries[self._keys[name]].dtype
+        return stored if stored.is_floating_point and stored.itemsize < self.compute_dtype.itemsize else None
+
+    def materialize(self, prefix: str | None, hold: torch.dtype | None = None) -> nn.Module:
         """Read the tensors under `prefix` (a module name; "" for all, None for all outside the blocks)
-        onto `device` in `compute_dtype`; returns that module (the whole model for "" and None)."""
+        onto `device` in `compute_dtype`; returns that module (the whole model for "" and None).
+        Outside the blocks (prefix None) the embedding and head weights are held in `held_dtype(name, hold)`."""
         from accelerate.utils import set_module_tensor_to_device
         from safetensors import safe_open
 
@@ -209,7 +228,8 @@ class LazyCheckpoint:
             with safe_open(str(file), framework="pt", device="cpu") as handle:
                 for name in names:
                     value = handle.get_tensor(self._keys[name])
-                    dtype = self.compute_dtype if value.is_floating_point() else None
+                    held = self.held_dtype(name, hold) if prefix is None else None
+                    dtype = (held or self.compute_dtype) if value.is_floating_point() else None
                     set_module_tensor_to_device(self.model, name, self.device, value=value, dtype=dtype)
                     self._share(name)
         self._move_buffers(prefix)
@@ -250,11 +270,14 @@ class LazyCheckpoint:
             self.release(prefix)
 
     @contextlib.contextmanager
-    def resident(self) -> Iterator[nn.Module]:
-        """Everything outside the blocks (embeddings, final norm, head) materialized; yields the model."""
-        self.materialize(None)
+    def resident(self, hold: torch.dtype | None = None) -> Iterator[nn.Module]:
+        """Everything outside the blocks (embeddings, final norm, head) materialized; yields the model.
+        The embedding and head weights are held in 16 bits where the checkpoint stores them so (or in
+        `hold`: rounded through it) and compute in the compute dtype (model/upcast.py: same values)."""
+        self.materialize(None, hold)
         try:
-            yield self.model
+            with upcasting(self.model, self.compute_dtype):
+                yield self.model
         finally:
             self.release(None)
 

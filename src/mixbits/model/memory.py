@@ -9,7 +9,8 @@ calibration settings. The prediction is the largest phase total:
 with, for N windows of S tokens, hidden size H, vocabulary V, L blocks, compute dtype of b bytes:
 
     block weights      the largest block's parameters · b   (the whole model when not streamed)
-    outside weights    embeddings, final norm, head · b      (only during capture and the head)
+    outside weights    embeddings, final norm, head · b      (only during capture and the head; a lazy
+                       checkpoint holds embedding and head in 16 bits: `held` bytes each, one chunk cast)
     boundary           N · S · H · b  hidden states at one block boundary
     logits             batch · S · V · 4 · k  one batch's logits in float32 and the k temporaries the
                        head makes from them (k = 3 for the loss and its gradient, 4 for log-softmax + KL)
@@ -48,6 +49,7 @@ import torch
 from torch import nn
 
 from mixbits.model.arch import find_blocks, find_linears
+from mixbits.model.upcast import CHUNK_BYTES, held_names
 
 __all__ = ["MemoryPrediction", "ModelShapes", "fix_mmap_threshold", "model_shapes", "predict_evaluation",
            "predict_fisher", "predict_gptq"]
@@ -65,6 +67,7 @@ class ModelShapes:
     block_params: tuple[int, ...]  # parameters per block
     outside_params: int  # parameters outside the blocks, tied tensors once
     block_linears: tuple[tuple[tuple[int, int], ...], ...]  # (out, in) of each linear, per block
+    held_params: int = 0  # of outside_params: the embedding and head weights a lazy checkpoint holds in 16 bits
 
     @property
     def n_blocks(self) -> int:
@@ -92,6 +95,7 @@ def model_shapes(model: nn.Module) -> ModelShapes:
         block_params=tuple(sum(p.numel() for p in b.parameters()) for b in blocks),
         outside_params=outside,
         block_linears=tuple(tuple(x) for x in linears),
+        held_params=sum(p.numel() for n, p in model.named_parameters() if n in set(held_names(model))),
     )
 
 
@@ -143,21 +147,26 @@ def _quantizer_temporaries(shapes: ModelShapes) -> int:
     return 5 * 4 * max((o * i for block in shapes.block_linears for o, i in block), default=0)
 
 
-def _weights(shapes: ModelShapes, size: int, streamed: bool) -> tuple[int, int]:
-    """(bytes held while a block works, bytes held during capture / head)."""
+def _weights(shapes: ModelShapes, size: int, streamed: bool, held: int | None = None) -> tuple[int, int]:
+    """(bytes held while a block works, bytes held during capture / head); `held`: bytes per value of the
+    embedding and head weights when streamed (model/upcast.py; default `size`), plus one chunk of the
+    head cast to the compute dtype when they are held narrower."""
     if not streamed:
         return shapes.total_params * size, 0
-    return max(shapes.block_params) * size, shapes.outside_params * size
+    held = size if held is None else held
+    chunk = min(CHUNK_BYTES, shapes.vocab * shapes.hidden * size) if held < size else 0
+    outside = (shapes.outside_params - shapes.held_params) * size + shapes.held_params * held + chunk
+    return max(shapes.block_params) * size, outside
 
 
 def predict_fisher(
     shapes: ModelShapes, *, windows: int, seqlen: int, dtype: torch.dtype = torch.float32,
-    streamed: bool = True, offload: bool = False,
+    streamed: bool = True, offload: bool = False, held: int | None = None,
 ) -> MemoryPrediction:
     """`sensitivity/fisher_streamed.py`: the inputs of every block kept (on disk with `offload`),
     X_L, the output gradients G and, per block, one window's graph and the block's Fisher."""
     b = dtype.itemsize
-    block, outside = _weights(shapes, b, streamed)
+    block, outside = _weights(shapes, b, streamed, held)
     model = block if not streamed else 0
     boundary = windows * seqlen * shapes.hidden * b
     saved = 0 if offload else shapes.n_blocks * boundary
@@ -177,13 +186,13 @@ def predict_fisher(
 
 def predict_evaluation(
     shapes: ModelShapes, *, windows: int, seqlen: int, dtype: torch.dtype = torch.float32,
-    batch_size: int = 1, topk: int | str | None = None, streamed: bool = True,
+    batch_size: int = 1, topk: int | str | None = None, streamed: bool = True, held: int | None = None,
 ) -> MemoryPrediction:
     """`eval/streamed.py` with the reference's full log-probs (topk None), its final hidden states
     (topk "hidden") or its top-k: the captured block-0 inputs stay (every variant starts from them),
     plus one variant's current boundaries."""
     b = dtype.itemsize
-    block, outside = _weights(shapes, b, streamed)
+    block, outside = _weights(shapes, b, streamed, held)
     boundary = windows * seqlen * shapes.hidden * b
     positions = windows * (seqlen - 1)
     if topk is None:
@@ -203,7 +212,7 @@ def predict_evaluation(
 
 
 def predict_gptq(
-    shapes: ModelShapes, *, windows: int, seqlen: int, dtype: torch.dtype = torch.float32, streamed: bool = True,
+    shapes: ModelShapes, *, windows: int, seqlen: int, dtype: torch.dtype = torch.float32, streamed: bool = True, held: int | None = None,
 ) -> MemoryPrediction:
     """A block-wise GPTQ pass: one block, its linears' float32 Hessians, two boundaries, and GPTQ's
     working set for the largest linear (the inverse Hessian factor and float32 copies of W, Q, E).
@@ -211,7 +220,7 @@ def predict_gptq(
     `quant/` (q/k/v, gate/up), so this bounds them from above. Checked against the measured peak of
     `model.quantize_streamed` (with its evaluation) in tests/model/test_budget.py."""
     b = dtype.itemsize
-    block, outside = _weights(shapes, b, streamed)
+    block, outside = _weights(shapes, b, streamed, held)
     boundary = windows * seqlen * shapes.hidden * b
     hessians = max((sum(4 * i * i for _, i in blk) for blk in shapes.block_linears), default=0)
     largest = max(((o, i) for blk in shapes.block_linears for o, i in blk), key=lambda s: s[0] * s[1], default=(0, 0))

@@ -27,7 +27,9 @@ the planned linears) and the rounded copies of its other tensors; the calibratio
 hidden states at one block boundary, twice while a block runs (input and output:
 2 · (n_calib + n_eval) · S · H in the compute dtype, on `store`); one block's Gram matrices (in²
 float32 per distinct input, q/k/v and gate/up sharing one); outside the blocks, during capture and
-the head only: embeddings, final norm and head plus their rounded copies and one batch's logits;
+the head only: embeddings, final norm and head (a lazy source holds the embedding and head rounded
+in the storage dtype, 16 bits, computing in the compute dtype: model/upcast.py; a loaded model's are
+rounded into copies) and one batch's logits;
 the reference's kept log-probs (see `eval.streamed`).
 
 Trade-off: every variant reads the weights once more (V variants: V passes over the checkpoint)
@@ -143,14 +145,15 @@ def _swapped(model: nn.Module, scope: nn.Module, new: Mapping[str, Tensor]) -> I
 
 
 def _rounded(model: nn.Module, names, dtype: torch.dtype | None) -> dict[str, Tensor]:
-    """Each named float tensor rounded through `dtype` (as `apply.round_to_storage` does in place)."""
+    """Each named float tensor rounded through `dtype` (as `apply.round_to_storage` does in place);
+    tensors already held in `dtype` (a lazy source's `resident(hold=dtype)`) are rounded as they are."""
     if dtype is None:
         return {}
     out = {}
     for name in names:
         owner, leaf = _split(model, name)
         tensor = owner._parameters.get(leaf) if leaf in owner._parameters else owner._buffers.get(leaf)
-        if tensor is not None and tensor.is_floating_point():
+        if tensor is not None and tensor.is_floating_point() and tensor.dtype != dtype:
             out[name] = tensor.detach().to(dtype).to(tensor.dtype)
     return out
 
@@ -230,7 +233,7 @@ def quantize_streamed(
     start, store = time.perf_counter(), torch.device(store)
     p = _Pass(source, plan.quantized(), linears, list(source.model.state_dict()), quantizer, gptq, storage_dtype,
               true_sequential)
-    with source.resident() as model, _swapped(model, model, _rounded(model, p.outside_state(), storage_dtype)):
+    with source.resident(storage_dtype) as model, _swapped(model, model, _rounded(model, p.outside_state(), storage_dtype)):
         if windows is not None:
             p.calib = capture_block_inputs(model, windows, batch_size=batch_size, store=store, progress=False)
             p.tokens = p.calib.n_tokens
@@ -249,7 +252,7 @@ def quantize_streamed(
         if after_block is not None:
             after_block(i)
     evaluation = None
-    with source.resident() as model, _swapped(model, model, _rounded(model, p.outside_state(), storage_dtype)):
+    with source.resident(storage_dtype) as model, _swapped(model, model, _rounded(model, p.outside_state(), storage_dtype)):
         if sink is not None:
             sink.write_rest(*_plain(model, p.outside_state(), set()))
         if scorer is not None:

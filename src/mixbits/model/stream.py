@@ -2,7 +2,9 @@
 
 Idea: a streamed stage needs three things from a causal LM, never the whole of it at once:
 
-    resident()  everything outside the blocks (embeddings, final norm, head) on the compute device,
+    resident()  everything outside the blocks (embeddings, final norm, head) on the compute device
+                (`hold=`: a lazy checkpoint may hold the embedding and head in that 16-bit dtype,
+                rounded through it, computing in the compute dtype: model/upcast.py),
     block(i)    block i on the compute device,
     head        the model's own computation after its block loop (final norm, head, logit soft-capping,
                 the loss), applied to hidden states X_L that the stage computed block by block.
@@ -45,7 +47,7 @@ class BlockSource(Protocol):
 
     def block(self, index: int) -> contextlib.AbstractContextManager[nn.Module]: ...
 
-    def resident(self) -> contextlib.AbstractContextManager[nn.Module]: ...
+    def resident(self, hold: torch.dtype | None = None) -> contextlib.AbstractContextManager[nn.Module]: ...
 
 
 class LoadedModel:
@@ -63,7 +65,9 @@ class LoadedModel:
         return block_on(self._blocks[index], self.device)
 
     @contextlib.contextmanager
-    def resident(self) -> Iterator[nn.Module]:
+    def resident(self, hold: torch.dtype | None = None) -> Iterator[nn.Module]:
+        """`hold` is accepted for the protocol and ignored: a loaded model's tensors stay as they are
+        (a caller that wants them rounded rounds copies, as `quantize_streamed` does)."""
         outside = [p for n, p in self.model.named_parameters() if not n.startswith(self.block_path + ".")]
         home = outside[0].device if outside else self.device
         if home == self.device:
