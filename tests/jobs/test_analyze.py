@@ -1,10 +1,14 @@
 import json
+import logging
 
+import numpy as np
 import pytest
 
-from mixbits.jobs.analyze import AnalyzeConfig, analyze
+from mixbits.jobs.analyze import AnalyzeConfig, analyze, whole_model_reasons
+from mixbits.model.lazy import LazyCheckpoint
 from mixbits.sensitivity.seedfile import write_seed_file
 from mixbits.sensitivity.table import DamageTable
+from tests.conftest import make_tokenizer, tiny_llama
 
 
 def config(tiny_model_dir, tiny_text_file, tmp_path, **kw):
@@ -46,7 +50,97 @@ def test_seed_file_at_block_granularity(tiny_model_dir, tiny_text_file, tmp_path
 def test_bad_config_is_refused_at_once(tmp_path):
     with pytest.raises(ValueError, match="fishr"):
         AnalyzeConfig(methods=("fishr",))
+    with pytest.raises(ValueError, match="float8"):
+        AnalyzeConfig(compute_dtype="float8")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match="--offload-dir .*a-file.* is a file"):
+        AnalyzeConfig(offload_dir=tmp_path / "a-file")
     with pytest.raises(ValueError, match="validate-with"):
         AnalyzeConfig(validate_with="fisher")
     with pytest.raises(ValueError, match="w9"):
         AnalyzeConfig(validate_configs=("w9g128",))
+
+
+# ---- streamed block by block (issue 15) -------------------------------------------------------------------------
+
+FISHER_ONLY = dict(methods=("fisher",), validate=False, use_cache=False)  # use_cache False: both paths compute
+
+
+@pytest.fixture
+def sharded_model_dir(tmp_path, tiny_text):
+    """The tiny Llama (tied embeddings) in several safetensors shards, with its tokenizer."""
+    tokenizer = make_tokenizer(tiny_text)
+    folder = tmp_path / "sharded"
+    tiny_llama(vocab=len(tokenizer)).save_pretrained(folder, max_shard_size="100KB")
+    tokenizer.save_pretrained(folder)
+    assert len(list(folder.glob("*.safetensors"))) > 1
+    return folder
+
+
+def test_streamed_analysis_equals_the_whole_model_one(sharded_model_dir, tiny_text_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("MIXBITS_HOME", str(tmp_path / "home"))
+    whole = analyze(config(sharded_model_dir, tiny_text_file, tmp_path / "w", output_dir=tmp_path / "whole",
+                           stream=False, **FISHER_ONLY))
+
+    def no_whole_model(*args, **kwargs):
+        raise AssertionError("the streamed analysis loaded the whole model")
+
+    live, reads = set(), []  # pieces materialized now; every read, with how many were live then
+    materialize, release = LazyCheckpoint.materialize, LazyCheckpoint.release
+
+    def counting_materialize(self, prefix, hold=None):
+        live.add(prefix)
+        reads.append((prefix, len(live)))
+        return materialize(self, prefix, hold)
+
+    def counting_release(self, prefix):
+        live.discard(prefix)
+        return release(self, prefix)
+
+    monkeypatch.setattr("mixbits.jobs.analyze.load_model", no_whole_model)
+    monkeypatch.setattr(LazyCheckpoint, "materialize", counting_materialize)
+    monkeypatch.setattr(LazyCheckpoint, "release", counting_release)
+    streamed = analyze(config(sharded_model_dir, tiny_text_file, tmp_path / "s", output_dir=tmp_path / "streamed",
+                              **FISHER_ONLY))
+    assert {"model.layers.0", "model.layers.1"} <= {prefix for prefix, _ in reads}
+    assert max(n for _, n in reads) == 1 and not live  # one piece at a time, all released
+
+    want, got = (DamageTable.load(tmp_path / out / "sensitivity.json") for out in ("whole", "streamed"))
+    assert got.units == want.units and got.configs == want.configs
+    assert np.allclose(got.damage, want.damage, rtol=1e-4, atol=0) and (want.damage[:, 0] > 0).all()
+    assert np.allclose(got.scores["fisher_trace"], want.scores["fisher_trace"], rtol=1e-4, atol=0)
+    assert got.meta["streamed"] is True and "streamed" not in want.meta
+    assert streamed["model"] == {**whole["model"], "streamed": True} and whole["model"]["streamed"] is False
+    vocab = json.loads((sharded_model_dir / "config.json").read_text())["vocab_size"]
+    assert streamed["model"]["parameters"] == sum(p.numel() for p in tiny_llama(vocab=vocab).parameters())  # tied once
+    assert [u for u, _ in streamed["ranking"]] == [u for u, _ in whole["ranking"]]
+
+
+def test_streamed_fisher_boundaries_on_disk_give_the_same_table(sharded_model_dir, tiny_text_file, tmp_path,
+                                                                 monkeypatch):
+    monkeypatch.setenv("MIXBITS_HOME", str(tmp_path / "home"))
+    analyze(config(sharded_model_dir, tiny_text_file, tmp_path, output_dir=tmp_path / "memory", **FISHER_ONLY))
+    analyze(config(sharded_model_dir, tiny_text_file, tmp_path, output_dir=tmp_path / "disk",
+                   offload_dir=tmp_path / "offload", **FISHER_ONLY))
+    in_memory, on_disk = (DamageTable.load(tmp_path / out / "sensitivity.json") for out in ("memory", "disk"))
+    assert np.array_equal(on_disk.damage, in_memory.damage) and on_disk.meta["streamed"] is True
+    assert list((tmp_path / "offload").iterdir()) == []  # this analysis's boundary files are removed
+
+
+def test_options_that_need_the_whole_model_load_it_and_say_why(tiny_model_dir, tiny_text_file, tmp_path,
+                                                               monkeypatch, caplog):
+    assert whole_model_reasons(AnalyzeConfig(methods=("fisher",), validate=False)) == []
+    assert whole_model_reasons(AnalyzeConfig()) == ["--methods gradient,output_error", "--validate (measured damage)"]
+    assert whole_model_reasons(AnalyzeConfig(methods=("fisher",), validate=False, granularity="block")) == [
+        "--granularity block"]
+    monkeypatch.setenv("MIXBITS_HOME", str(tmp_path / "home"))
+
+    def no_lazy_read(*args, **kwargs):
+        raise AssertionError("a streamed read in a whole-model analysis")
+
+    monkeypatch.setattr(LazyCheckpoint, "materialize", no_lazy_read)
+    with caplog.at_level(logging.INFO, logger="mixbits.jobs.analyze"):
+        summary = analyze(config(tiny_model_dir, tiny_text_file, tmp_path, methods=("fisher", "output_error"),
+                                 validate=False, use_cache=False))
+    assert summary["model"]["streamed"] is False
+    assert "--methods output_error: not streamed yet; this analysis loads the whole model" in caplog.text

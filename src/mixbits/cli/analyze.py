@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mixbits.outdir import claim
+from mixbits.cli.options import option
 from mixbits.cli.common import (
     user_errors,
     OVERWRITE, app, console, setup_logging, MODEL, DATASET, SEQLEN,
@@ -41,9 +42,13 @@ def analyze(
     cache: bool = typer.Option(True, help="reuse tables cached under $MIXBITS_CACHE_DIR/sensitivity (default MIXBITS_HOME/cache)"),
     overwrite: bool = OVERWRITE,
     device: str = DEVICE,
+    compute_dtype: Optional[str] = option("compute_dtype"),
+    offload_dir: Optional[Path] = option("offload_dir"),
+    stream: bool = option("stream"),
     verbose: bool = VERBOSE,
 ) -> None:
-    """Sensitivity by several methods, validated against measured damage; writes tables and plots."""
+    """Sensitivity by several methods, validated against measured damage; writes tables and plots.
+    `--methods fisher --no-validate` streams the model block by block (the other options load it whole)."""
     setup_logging(verbose)
     from mixbits.jobs.analyze import AnalyzeConfig, analyze as run_analyze  # heavy imports after parsing
 
@@ -55,7 +60,8 @@ def analyze(
             measure_configs=None if measure_configs is None else split_list(measure_configs),
             validate=validate, validate_configs=split_list(validate_configs), validate_windows=validate_windows,
             validate_with=validate_with, output_dir=output_dir, sensitivity_file=sensitivity_file,
-            device=device, progress=verbose, use_cache=cache,
+            device=device, progress=verbose, use_cache=cache, compute_dtype=compute_dtype, offload_dir=offload_dir,
+            stream=stream,
         )
         with claim(output_dir, "analyze", overwrite=overwrite, command="mixbits analyze"):
             summary = run_analyze(cfg)

@@ -9,13 +9,29 @@ damage on held-out text, and write the evidence.
 
 The best method is `validate.validate_methods`'s pick when validating, else the first method
 asked for. Stages are chained here; every formula lives in its own module.
+
+Two paths, chosen as `mixbits run` chooses (`AnalyzeConfig.stream`, default on):
+* streamed: when every method asked for is computed from a block source (today the layer-wise
+  Fisher alone: `sensitivity.methods.cached_tables` runs `fisher_streamed.streamed_fisher_table`)
+  and nothing else needs the weights, the model is opened lazily (`jobs.run_streamed.open_streamed`:
+  the meta skeleton, each block read from the shards while it is worked on). Peak memory: one block
+  in the compute dtype plus the block boundaries of the calibration windows (on disk under
+  `offload_dir` when it is set), as for the Fisher stage of `mixbits run`; never the whole model.
+  Everything in analysis.json comes from the skeleton (linears, blocks, parameter count) and the
+  table. Same numbers as the whole-model path (tested in float32), and the same cache key.
+* whole model: otherwise (another method, --granularity block, --validate, --sensitivity-file, or
+  --no-stream), the model loaded in float32; the log names the options that need it
+  (`whole_model_reasons`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +41,11 @@ from torch import nn
 from mixbits.errors import UserError
 from mixbits.provenance import environment
 from mixbits.config import DEFAULT_BITS, DEFAULT_GROUPS, candidate_configs, resolve_device
+from mixbits.devices import compute_torch_dtype
 from mixbits.data.text import load_text, resolve_text
 from mixbits.data.windows import calibration_windows, eval_windows, text_fingerprint
 from mixbits.io import atomic_write_json
+from mixbits.jobs.run_streamed import open_streamed
 from mixbits.model.arch import LinearInfo, find_linears
 from mixbits.model.load import load_model, resolve_model_source, validate_model_name
 from mixbits.quant.spec import QuantSpec
@@ -43,6 +61,7 @@ log = logging.getLogger(__name__)
 
 ANALYZE_FORMAT = "mixbits.analyze/1"
 MEASURED = tuple(m for m, spec in METHODS.items() if spec.kind == "measured")
+STREAMED_METHODS = ("fisher",)  # what `sensitivity.methods.cached_tables` computes from a block source
 
 
 def _parse(labels: tuple[str, ...], flag: str) -> tuple[QuantSpec, ...]:
@@ -73,10 +92,17 @@ class AnalyzeConfig:
     device: str = "auto"
     progress: bool = True
     use_cache: bool = True
+    compute_dtype: str | None = None  # streamed; None: float32 on CPU, the stored dtype on CUDA
+    offload_dir: Path | None = None  # streamed: where the Fisher's block boundaries wait on disk instead of in memory
+    stream: bool = True  # block by block from the checkpoint when the methods allow; False: the whole model
 
     def __post_init__(self) -> None:
         check_methods(self.methods)
         check_granularity(self.granularity)
+        compute_torch_dtype(self.compute_dtype)
+        if self.offload_dir is not None and Path(self.offload_dir).exists() and not Path(self.offload_dir).is_dir():
+            raise UserError(f"--offload-dir {str(self.offload_dir)!r} is a file; give a folder (it is created if "
+                            "missing)")
         if self.validate_with not in MEASURED:
             raise UserError(f"--validate-with {self.validate_with!r}; use one of {MEASURED}")
         for flag, value, low in (("--calib-windows", self.calib_windows, 1), ("--seqlen", self.seqlen, 2),
@@ -104,7 +130,36 @@ class AnalyzeConfig:
         d = dataclasses.asdict(self)
         d["output_dir"] = str(self.output_dir)
         d["sensitivity_file"] = None if self.sensitivity_file is None else str(self.sensitivity_file)
+        d["offload_dir"] = None if self.offload_dir is None else str(self.offload_dir)
         return d
+
+
+def whole_model_reasons(cfg: AnalyzeConfig) -> list[str]:
+    """The options of `cfg` that need the whole model in memory (not streamed yet)."""
+    reasons = []
+    others = [m for m in cfg.methods if m not in STREAMED_METHODS]
+    if others:
+        reasons.append(f"--methods {','.join(others)}")
+    if cfg.granularity != "layer":
+        reasons.append(f"--granularity {cfg.granularity}")
+    if cfg.validate:
+        reasons.append("--validate (measured damage)")
+    if cfg.sensitivity_file is not None:
+        reasons.append("--sensitivity-file (its damage proxy reads every weight)")
+    return reasons
+
+
+@contextlib.contextmanager
+def _boundaries_folder(offload_dir: Path | None) -> Iterator[Path | None]:
+    """A fresh folder under `offload_dir` for the streamed Fisher's block boundaries (None: they stay
+    in memory), removed afterwards; one per analysis, so two sharing an offload folder never mix files."""
+    if offload_dir is None:
+        yield None
+        return
+    Path(offload_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fisher-boundaries-", dir=offload_dir,
+                                     ignore_cleanup_errors=True) as folder:
+        yield Path(folder)
 
 
 def time_fwd_bwd(model: nn.Module, windows: torch.Tensor, linears: dict[str, LinearInfo], *,
@@ -124,12 +179,13 @@ def time_fwd_bwd(model: nn.Module, windows: torch.Tensor, linears: dict[str, Lin
 
 
 def _tables(cfg: AnalyzeConfig, methods, model, linears, windows, configs, device,
-            measure_configs=None) -> tuple[dict[str, DamageTable], set[str]]:
-    """Tables of `methods` on `windows`, from the cache where possible; also the cached names."""
+            measure_configs=None, offload_dir=None) -> tuple[dict[str, DamageTable], set[str]]:
+    """Tables of `methods` on `windows`, from the cache where possible; also the cached names.
+    `model`: a loaded model, or a block source (streamed; `offload_dir` may then hold its boundaries)."""
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     return cached_tables(methods, model, windows, linears, configs, model_name=cfg.model, granularity=cfg.granularity,
                          device=device, progress=cfg.progress, measure_configs=measure_configs, generator=gen,
-                         use_cache=cfg.use_cache)
+                         use_cache=cfg.use_cache, offload_dir=offload_dir)
 
 
 def _validate(cfg, model, tokenizer, linears, calib, tables, device) -> tuple[dict | None, DamageTable | None, dict]:
@@ -175,12 +231,14 @@ def _write(cfg, best, tables, validation, measured, linears) -> dict[str, str]:
     return {k: str(v) for k, v in files.items()}
 
 
-def _summary(cfg, model, linears, calib, held_info, tables, cached, validation, best_name, best, files) -> dict:
+def _summary(cfg, model, linears, calib, held_info, tables, cached, validation, best_name, best, files,
+             streamed) -> dict:
+    """analysis.json; `model` may be a meta skeleton (shapes only: nothing here reads a weight)."""
     return {
         "format": ANALYZE_FORMAT,
         "config": cfg.to_dict(),
         "model": {"name": cfg.model, "linears": len(linears), "blocks": len(block_units(linears)),
-                  "parameters": sum(p.numel() for p in model.parameters())},
+                  "parameters": sum(p.numel() for p in model.parameters()), "streamed": streamed},
         "data": {"dataset": cfg.dataset, "calibration": {"windows": len(calib), "seqlen": cfg.seqlen,
                  "sha256": text_fingerprint(calib), "seed": cfg.seed}, "validation": held_info},
         "methods": {m: {"kind": t.meta.get("kind"), "seconds": t.meta.get("seconds"), "cached": m in cached,
@@ -200,7 +258,17 @@ def analyze(cfg: AnalyzeConfig) -> dict:
     if cfg.sensitivity_file is not None and not Path(cfg.sensitivity_file).is_file():
         raise UserError(f"--sensitivity-file {str(cfg.sensitivity_file)!r} does not exist; check the path")
     device = resolve_device(cfg.device)
-    model, tokenizer = load_model(resolve_model_source(cfg.model), device=device)
+    whole = whole_model_reasons(cfg)
+    stream = cfg.stream and not whole
+    if cfg.stream and whole:
+        log.info("%s: not streamed yet; this analysis loads the whole model in memory", ", ".join(whole))
+    source = resolve_model_source(cfg.model)
+    blocks = None
+    if stream:
+        blocks, tokenizer = open_streamed(cfg.model, source, device, cfg.compute_dtype)
+        model = blocks.model  # the meta skeleton: shapes, linears and parameter count, no weights
+    else:
+        model, tokenizer = load_model(source, device=device)
     linears = find_linears(model)
     seed_scores = None  # read before any compute: a wrong length fails at once
     if cfg.sensitivity_file is not None:
@@ -208,7 +276,11 @@ def analyze(cfg: AnalyzeConfig) -> dict:
     calib = calibration_windows(tokenizer, load_text(cfg.dataset, "calibration"), cfg.seqlen, cfg.calib_windows, cfg.seed)
     configs = cfg.configs()
     measure = cfg.measure_specs()
-    tables, cached = _tables(cfg, list(cfg.methods), model, linears, calib, configs, device, measure)
+    with _boundaries_folder(cfg.offload_dir if stream else None) as folder:
+        tables, cached = _tables(cfg, list(cfg.methods), blocks if stream else model, linears, calib, configs,
+                                 device, measure, offload_dir=folder)
+    if stream:  # said on the returned tables, never on the cached ones (one metadata rule)
+        tables = {m: t if m in cached else t.with_meta(streamed=True) for m, t in tables.items()}
     if seed_scores is not None:
         tables["seed"] = seed_table(seed_scores, model, linears, configs, source=str(cfg.sensitivity_file))
     validation, measured, held_info = (None, None, None)
@@ -219,6 +291,7 @@ def analyze(cfg: AnalyzeConfig) -> dict:
         "config": cfg.to_dict(), "environment": environment(device),
         "data": {"dataset": cfg.dataset, "calibration_sha256": text_fingerprint(calib), "validation": held_info}})
     files = _write(cfg, best, tables, validation, measured, linears)
-    summary = _summary(cfg, model, linears, calib, held_info, tables, cached, validation, best_name, best, files)
+    summary = _summary(cfg, model, linears, calib, held_info, tables, cached, validation, best_name, best, files,
+                       stream)
     atomic_write_json(Path(cfg.output_dir) / "analysis.json", summary)
     return summary
