@@ -129,15 +129,16 @@ def _expanded_nodes(node: yaml.Node, memo: dict[int, int]) -> int:
     return memo[key]
 
 
-def check_safetensors(path: str | Path, what: str = "weights file") -> None:
-    """Refuse a truncated or corrupt .safetensors file from its header alone, before any tensor is read.
+def safetensors_header(path: str | Path, what: str = "weights file") -> tuple[dict, int]:
+    """(the header {name: {dtype, shape, data_offsets}, without "__metadata__"}, the byte offset where
+    the data starts) of a .safetensors file, refusing a truncated or corrupt one before any tensor is read.
 
     Layout: 8 bytes little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}},
     then the data; the file must be exactly 8 + N + the largest end offset bytes long."""
     path = Path(path)
-    size = path.stat().st_size
-    problem = None
+    problem, header, n = None, {}, 0
     try:
+        size = path.stat().st_size
         with path.open("rb") as handle:
             head = handle.read(8)
             n = int.from_bytes(head, "little") if len(head) == 8 else -1
@@ -145,7 +146,10 @@ def check_safetensors(path: str | Path, what: str = "weights file") -> None:
                 problem = "its header is cut off"
             else:
                 header = json.loads(handle.read(n).decode("utf-8"))
-                ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+                header = {k: v for k, v in header.items() if k != "__metadata__"}
+                ends = [v["data_offsets"][1] for v in header.values()]
+                if any(not (0 <= v["data_offsets"][0] <= v["data_offsets"][1]) for v in header.values()):
+                    problem = "a tensor's data offsets run backwards"
                 expected = 8 + n + max(ends, default=0)
                 if size < expected:
                     problem = f"it is truncated ({size:,} of {expected:,} bytes)"
@@ -157,3 +161,9 @@ def check_safetensors(path: str | Path, what: str = "weights file") -> None:
         problem = f"it cannot be read ({err.strerror or err})"
     if problem:
         raise UserError(f"{what} {str(path)!r} is corrupt: {problem}; copy or write it again")
+    return header, 8 + n
+
+
+def check_safetensors(path: str | Path, what: str = "weights file") -> None:
+    """Refuse a truncated or corrupt .safetensors file from its header alone (`safetensors_header`)."""
+    safetensors_header(path, what)

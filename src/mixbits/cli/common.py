@@ -21,6 +21,11 @@ console = Console(width=None if sys.stdout.isatty() else 120)  # logs and pipes 
 @app.callback()
 def _root() -> None:
     """mixbits: for a size you choose, the best quantized model, with the evidence."""
+    from mixbits.model.memory import MMAP_THRESHOLD, fix_mmap_threshold
+
+    # The process is mixbits' own: tensors over 1 MiB become their own mappings, returned to the system
+    # when freed, so a streamed stage's peak stays one block's (model/memory.py; the memory budget counts on it)
+    fix_mmap_threshold(MMAP_THRESHOLD)
 
 
 def setup_logging(verbose: bool) -> None:

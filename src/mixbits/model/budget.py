@@ -4,7 +4,7 @@ Idea: `mixbits run` is a chain of stages, each streamed block by block (model/me
 one stage's peak from shapes). The run's peak is the largest stage's, plus what the process
 holds throughout:
 
-    peak(run) = max_stage peak(stage) + runtime + mapped shard pages + read buffer + allocator slack
+    peak(run) = max_stage peak(stage) + runtime + read buffer + allocator slack
 
     stages   fisher            the empirical Fisher, block by block (`predict_fisher`)
              gain table        the quantizer's gain per layer x config: one block's Hessians and a
@@ -18,12 +18,12 @@ holds throughout:
     runtime                    python, torch, transformers and mixbits, the tokenizer and the texts:
                                0.75-0.80 GiB measured for `mixbits run` / `analyze` on the CPU with a
                                6 M-parameter checkpoint (bench/memory.py --sizes tiny), counted as 0.8 GiB
-    mapped shard pages         while a piece is read, its bytes in the checkpoint's dtype are
-                               resident as file-backed pages of the open shard
     read buffer                the tensor being read, in the checkpoint's dtype, before its cast
-    allocator slack            without a budget the mmap threshold is not pinned (model/memory.py)
-                               and glibc keeps freed tensors under 32 MiB: about two blocks'
-                               weights, measured by bench/memory.py (0.5 GiB at hidden 2048)
+                               (read with a plain file read, not mapped: model/lazy.py)
+    allocator slack            the CLI pins glibc's mmap threshold (model/memory.py), so a streamed
+                               run's freed tensors go back to the system: none counted; a
+                               whole-model run keeps freed copies in the heap regardless: about
+                               two blocks' weights (bench/memory.py, 0.5 GiB at hidden 2048)
 
 Each stage's head (final norm, head, one batch's logits) is one of its phases. With stream=False,
 or an option that still loads the whole model (--iterative, --qat, --tasks), every variant is a
@@ -58,7 +58,6 @@ from mixbits.model.arch import find_blocks
 from mixbits.model.memory import (
     MemoryPrediction,
     ModelShapes,
-    fix_mmap_threshold,
     model_shapes,
     predict_evaluation,
     predict_fisher,
@@ -236,13 +235,11 @@ def predict_run(
             train = dataclasses.replace(train, parts=MappingProxyType({**models, **train.parts}))
         stages.append(train)
     block = max(range(shapes.n_blocks), key=lambda i: shapes.block_params[i]) if shapes.n_blocks else 0
-    largest_piece = max(max(shapes.block_params, default=0), shapes.outside_params)
     largest_tensor = max([shapes.vocab * shapes.hidden] + [o * i for blk in shapes.block_linears for o, i in blk])
-    pinned = cfg.max_memory is not None and streamed  # check_run_memory pins the mmap threshold then
     held = {"runtime": RUNTIME_BYTES,
-            "mapped shard pages": largest_piece * checkpoint_dtype.itemsize if streamed else 0,
             "read buffer": largest_tensor * checkpoint_dtype.itemsize if streamed else 0,
-            "allocator slack": 0 if pinned else SLACK_BLOCKS * max(shapes.block_params, default=0) * dtype.itemsize}
+            # check_run_memory pins the mmap threshold of a streamed run: freed tensors are returned
+            "allocator slack": 0 if streamed else SLACK_BLOCKS * max(shapes.block_params, default=0) * dtype.itemsize}
     budget_device = "cpu" if device.type == "cpu" else f"cuda:{device.index or 0}"
     return RunMemory(budget_device, dtype, tuple(stages), MappingProxyType(held), block,
                      shapes.block_params[block] * dtype.itemsize if shapes.n_blocks else 0)
@@ -284,9 +281,10 @@ def check_run_memory(
     variants: int | None = None, eval_windows: int | None = None,
 ) -> RunMemory:
     """Predict the run's peak, log it with its parts, and under cfg.max_memory refuse (UserError) a
-    run that cannot fit, before any weight is read; a streamed run that fits its budget gets glibc's
-    mmap threshold pinned (`fix_mmap_threshold`: without it the resident peak drifts up with depth). `source`: a local model folder (config.json is
-    read, nothing else), a `LazyCheckpoint`, or a model (loaded or on the meta device)."""
+    run that cannot fit, before any weight is read. The prediction of a streamed run assumes glibc's
+    mmap threshold pinned, as the CLI does for its process (`model.memory.fix_mmap_threshold`; a
+    library caller may call it too). `source`: a local model folder (config.json is read, nothing
+    else), a `LazyCheckpoint`, or a model (loaded or on the meta device)."""
     device = device if device is not None else resolve_device(cfg.device)
     model, stored = _model_of(source)
     shapes = model_shapes(model)
@@ -297,8 +295,6 @@ def check_run_memory(
     log.info("memory: %s", memory.describe())
     if cfg.max_memory is not None:
         _enforce(cfg, shapes, memory, parse_max_memory(cfg.max_memory), kwargs)
-        if streams(cfg) and fix_mmap_threshold():  # freed blocks go back to the system (model/memory.py)
-            log.info("memory: malloc's mmap threshold pinned at 64 KiB for the budget (freed blocks are returned)")
     return memory
 
 

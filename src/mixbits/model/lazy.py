@@ -3,19 +3,24 @@
 Idea: a causal LM is an embedding, L identical blocks and a head, and every block-wise stage needs only
 one of those pieces at a time. So the model is built without storage (accelerate's `init_empty_weights`:
 every parameter on the meta device, shapes only, no custom code from the folder), and a piece's tensors
-are read from the safetensors shards (`safe_open`, memory-mapped: reading one tensor touches only its
-bytes) when that piece is worked on, cast to the compute dtype on the compute device, and sent back to
-the meta device when done:
+are read from the safetensors shards when that piece is worked on, cast to the compute dtype on the
+compute device, and sent back to the meta device when done:
 
     materialize("model.layers.7")  ->  run block 7  ->  release("model.layers.7")
 
-Peak memory of a pass over the blocks: one block's weights in the compute dtype, plus, while a
-shard is open, the mapped pages of the tensors read from it (file-backed, in the checkpoint's dtype,
-released when the shard closes), plus what stays resident: buffers the model computes itself
-(rotary frequencies), and, only inside `resident()`, everything outside the blocks (embeddings,
-final norm, head; tied embeddings are held once). For Llama-2-7B in bfloat16 that
-is 0.40 GB per block and 0.52 GB outside, against 13.5 GB for the whole model. Activations are the
-caller's.
+Reading: each tensor's offset comes from the shard's header (parsed and checked once, `safeload.
+safetensors_header`), and its bytes are read with a plain file read into fresh memory, then cast. Not
+through `safe_open`'s memory map: the pages a map touches stay resident in the process (file-backed)
+until the shard closes, so reading a 7B block through a map costs its 0.4 GB again on top of its
+float32 copy; a read goes through the page cache, which the kernel may drop, and is freed with the
+buffer once cast. The only copy besides the result is one tensor in the checkpoint's dtype.
+
+Peak memory of a pass over the blocks: one block's weights in the compute dtype plus the tensor being
+read, plus what stays resident: buffers the model computes itself (rotary frequencies), and, only
+inside `resident()`, everything outside the blocks (embeddings, final norm, head; tied embeddings are
+held once; embedding and head in 16 bits where the checkpoint stores them so, model/upcast.py). For
+Llama-2-7B in bfloat16 that is 0.81 GB per block in float32 and 0.52 GB outside, against 13.5 GB for
+the whole model. Activations are the caller's.
 
 Checks made before any tensor is read, each a `UserError` naming the file and the fix: a shard listed
 in `model.safetensors.index.json` that is missing, a tensor the model needs that no shard holds, a
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +47,7 @@ import torch
 from torch import nn
 
 from mixbits.errors import UserError
+from mixbits.safeload import safetensors_header
 from mixbits.model.upcast import held_names, upcasting
 from mixbits.model.checkpoint_files import (
     PICKLE_INDEX,
@@ -67,6 +74,7 @@ class TensorEntry:
     file: Path
     shape: tuple[int, ...]
     dtype: torch.dtype
+    offset: int = -1  # where its bytes start in the file (-1: unknown; read through safetensors then)
 
     @property
     def nbytes(self) -> int:
@@ -81,20 +89,34 @@ def _numel(shape: Iterable[int]) -> int:
 
 
 def _headers(files: Iterable[Path]) -> dict[str, TensorEntry]:
-    """Every tensor's entry from the safetensors headers (no tensor data is read)."""
-    from safetensors import safe_open
-
+    """Every tensor's entry from the safetensors headers (no tensor data is read; a truncated or corrupt
+    shard is refused here, naming it)."""
     entries: dict[str, TensorEntry] = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
-                piece = handle.get_slice(key)
-                dtype = _SAFE_DTYPES.get(piece.get_dtype())
-                if dtype is None:
-                    raise UserError(f"{file}: tensor {key!r} has dtype {piece.get_dtype()}, which mixbits cannot "
-                                    f"load; accepted: {sorted(_SAFE_DTYPES)}")
-                entries[key] = TensorEntry(file, tuple(piece.get_shape()), dtype)
+        header, start = safetensors_header(file, "checkpoint shard")
+        for key, info in header.items():
+            dtype = _SAFE_DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise UserError(f"{file}: tensor {key!r} has dtype {info.get('dtype')}, which mixbits cannot "
+                                f"load; accepted: {sorted(_SAFE_DTYPES)}")
+            shape, (begin, end) = tuple(int(d) for d in info["shape"]), info["data_offsets"]
+            if end - begin != _numel(shape) * dtype.itemsize:
+                raise UserError(f"checkpoint shard {str(file)!r} is corrupt: tensor {key!r} of shape {list(shape)} "
+                                f"{info['dtype']} spans {end - begin} bytes; copy or write it again")
+            entries[key] = TensorEntry(file, shape, dtype, start + begin)
     return entries
+
+
+def _read(handle, entry: TensorEntry) -> torch.Tensor:
+    """One tensor read with a plain file read into fresh memory (module docstring: no mapping)."""
+    if sys.byteorder != "little":
+        raise UserError(f"{entry.file}: safetensors data is little-endian and this machine is big-endian; "
+                        "mixbits streams checkpoints on little-endian machines only")
+    raw = torch.empty(entry.nbytes, dtype=torch.uint8)
+    handle.seek(entry.offset)
+    if entry.nbytes and handle.readinto(raw.numpy()) != entry.nbytes:
+        raise UserError(f"checkpoint shard {str(entry.file)!r} ended inside a tensor; copy or write it again")
+    return raw.view(entry.dtype).reshape(entry.shape)
 
 
 def checkpoint_tensors(folder: str | Path, *, cache_dir: str | Path | None = None) -> dict[str, TensorEntry]:
@@ -219,18 +241,18 @@ class LazyCheckpoint:
         onto `device` in `compute_dtype`; returns that module (the whole model for "" and None).
         Outside the blocks (prefix None) the embedding and head weights are held in `held_dtype(name, hold)`."""
         from accelerate.utils import set_module_tensor_to_device
-        from safetensors import safe_open
 
         by_file: dict[Path, list[str]] = {}
         for name in self._names(prefix):
             by_file.setdefault(self.entries[self._keys[name]].file, []).append(name)
         for file, names in by_file.items():
-            with safe_open(str(file), framework="pt", device="cpu") as handle:
+            with open(file, "rb", buffering=0) as handle:
                 for name in names:
-                    value = handle.get_tensor(self._keys[name])
+                    value = _read(handle, self.entries[self._keys[name]])
                     held = self.held_dtype(name, hold) if prefix is None else None
                     dtype = (held or self.compute_dtype) if value.is_floating_point() else None
                     set_module_tensor_to_device(self.model, name, self.device, value=value, dtype=dtype)
+                    del value
                     self._share(name)
         self._move_buffers(prefix)
         return self.model.get_submodule(prefix) if prefix else self.model

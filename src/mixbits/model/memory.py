@@ -30,10 +30,12 @@ Tests check it against the peak of live tensor bytes that torch's profiler recor
 The allocator matters as much as the count: glibc's malloc raises its mmap threshold each time a
 large block is freed, after which large tensors come from the heap and freed ones are kept, so a
 block loop's resident peak drifts upward with depth (a random 16-block Llama, hidden 512: 815 MiB
-instead of 692 MiB, and 200–325 MiB still held after the run). `fix_mmap_threshold()` pins the threshold
-so every tensor over 64 KiB is its own mapping, returned to the system when freed; it costs about
-a quarter more wall time on that model (fresh pages fault in) and is the caller's choice (the CLI
-sets it for a run under a memory budget).
+instead of 692 MiB, and 200–325 MiB still held after the run; `mixbits run` on bench/memory.py's
+0.6b checkpoint: 2.34 GiB instead of 1.40 GiB, the excess growing variant after variant).
+`fix_mmap_threshold()` pins the threshold so every tensor over the threshold is its own mapping,
+returned to the system when freed; fresh pages fault in, which costs wall time (measured by
+bench/memory.py beside the peak). The CLI pins it at `MMAP_THRESHOLD` for its own process
+(cli/common.py); a library never changes it behind its caller's back.
 
 Trade-off: a closed-form count is cheap and runs before any tensor is read, so a run can refuse
 with the figure and the fix; it is an estimate of activations (kernels may keep more or less
@@ -55,6 +57,7 @@ __all__ = ["MemoryPrediction", "ModelShapes", "fix_mmap_threshold", "model_shape
            "predict_fisher", "predict_gptq"]
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+MMAP_THRESHOLD = 1 << 20  # what the CLI pins: tensors over 1 MiB are their own mappings
 
 
 @dataclass(frozen=True)
