@@ -32,6 +32,11 @@ q/k, which transformers and llama.cpp undo on load), Qwen2, Qwen3; tensor names 
 `gguf`'s own name map. RoPE scaling variants are not written (refused). The tokenizer, when
 given, is written as llama.cpp's converter does (`gguf_vocab`).
 
+The file before its tensor data (metadata, tokenizer, tensor table: `gguf_layout`) is built from
+shapes alone, so its exact size is known before a byte is written (`GGUFLayout.file_bytes`,
+`gguf_size`); a plan allocated for a GGUF file size records its target, and the writer warns when
+the file would come out above it (another file name or tokenizer.ggml.pre than it was sized for).
+
 Loaders: llama.cpp / Ollama (`ollama create -f Modelfile` with `FROM ./model.gguf`) and
 transformers (`AutoModelForCausalLM.from_pretrained(dir, gguf_file="model.gguf")`, which
 dequantizes to float).
@@ -39,6 +44,7 @@ dequantizes to float).
 
 from __future__ import annotations
 
+import io
 import logging
 from collections import Counter
 from collections.abc import Mapping
@@ -49,6 +55,7 @@ import gguf
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
+from gguf.gguf_writer import WriterState
 from torch import Tensor, nn
 
 from mixbits.errors import UserError
@@ -209,20 +216,42 @@ class TensorInfo:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
 
 
+def tensor_type(spec: QuantSpec | GGMLSpec) -> Q:
+    """The ggml type a planned layer's weight is written in: a ggml spec's own type, an affine
+    spec's legacy block type (`ggml_blocks.block_type`), F16 for a kept layer."""
+    if spec.keep:
+        return Q.F16
+    return Q[spec.name] if isinstance(spec, GGMLSpec) else block_type(spec)
+
+
+def plain_info(shape: tuple[int, ...]) -> TensorInfo:
+    """A tensor the plan does not quantize (embedding, output head, norm, kept layer, bias):
+    F32 when 1-D, F16 otherwise."""
+    one_d = len(shape) == 1
+    return TensorInfo(tuple(shape), np.float32 if one_d else np.float16, Q.F32 if one_d else Q.F16)
+
+
+def weight_info(shape: tuple[int, int], spec: QuantSpec | GGMLSpec) -> TensorInfo:
+    """The weight tensor of an [out, in] layer planned as `spec`, as the file stores it (ggml
+    blocks as uint8 rows; a kept layer as a plain tensor). The caller checks the row first
+    (`rules.spec_problem`)."""
+    if spec.keep:
+        return plain_info(shape)
+    out_features, in_features = shape
+    kind = tensor_type(spec)
+    block, type_size = gguf.GGML_QUANT_SIZES[kind]
+    return TensorInfo((out_features, in_features // block * type_size), np.uint8, kind)
+
+
 def _part_infos(source: StoredSource, part, shapes, order) -> dict[str, TensorInfo]:
     """The tensors of one part as `_quantized_tensors` and `_plain` will give them, from shapes alone."""
     infos = {}
     for name in source.part_layers(part):
-        out_features, in_features = shapes[name]
-        spec = source.plan.specs[name]
-        kind = Q[spec.name] if isinstance(spec, GGMLSpec) else block_type(spec)
-        block, type_size = gguf.GGML_QUANT_SIZES[kind]
-        infos[f"{name}.weight"] = TensorInfo((out_features, in_features // block * type_size), np.uint8, kind)
+        infos[f"{name}.weight"] = weight_info(shapes[name], source.plan.specs[name])
         if name in source.biases:
-            infos[f"{name}.bias"] = TensorInfo((out_features,), np.float32, Q.F32)
+            infos[f"{name}.bias"] = plain_info((shapes[name][0],))
     for key, meta in source.part_plain_metas(part).items():
-        one_d = len(meta.shape) == 1
-        infos[key] = TensorInfo(meta.shape, np.float32 if one_d else np.float16, Q.F32 if one_d else Q.F16)
+        infos[key] = plain_info(meta.shape)
     return {k: infos[k] for k in sorted(infos, key=order.__getitem__)}
 
 
@@ -289,29 +318,22 @@ def write_gguf_from(source: StoredSource, path: str | Path, *, regroup: str = "r
     written with the header, then each block is read, encoded, appended and released. Peak: one block."""
     if regroup not in REGROUP:
         raise UserError(f"regroup={regroup!r}; use 'repeat' (keep the plan's codes) or 'requantize' (min-max per 32)")
-    plan, structure = source.plan, source.structure
-    config = structure.config
-    arch = gguf_arch(config)
-    shapes = layer_shapes(structure)
-    require_expressible(RULES, plan, shapes)
+    plan = source.plan
     coarse = sorted({s.label for s in plan.quantized().values()
                      if isinstance(s, QuantSpec) and s.group_size != 32})
+    path = Path(path)
+    layout = gguf_layout(source, tokenizer_pre=tokenizer_pre, name=path.stem)
     if coarse and regroup == "requantize":
         log.warning("GGUF blocks hold 32 weights: layers at %s are re-quantized per 32-block (min-max), so the file "
                     "is not the model mixbits evaluated; regroup='repeat' keeps the plan's codes", ", ".join(coarse))
-    order = {k: i for i, k in enumerate(structure.state_dict())}
-    parts = source.parts()
-    infos = [_part_infos(source, part, shapes, order) for part in parts]
-    name_map = gguf.get_tensor_name_map(arch.arch, config.num_hidden_layers)
-    path = Path(path)
+    _warn_over_target(plan, layout, path)
+    config, arch, writer = source.config, layout.arch, layout.writer
     with staged_file(path) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch.arch])
         try:
-            _fill(writer, infos, name_map, config, arch, source.tokenizer, tokenizer_pre, path.stem)
-            writer.write_header_to_file()
+            writer.write_header_to_file(path=tmp)
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            for part, part_infos in zip(parts, infos):
+            for part, part_infos in zip(layout.parts, layout.infos):
                 read = source.read(part)
                 arrays = {**_plain(read.plain, config, arch), **_quantized_tensors(read.layers, config, arch, regroup)}
                 for key in part_infos:
@@ -320,6 +342,66 @@ def write_gguf_from(source: StoredSource, path: str | Path, *, regroup: str = "r
         finally:
             writer.close()
     return path
+
+
+@dataclass(frozen=True, eq=False)
+class GGUFLayout:
+    """A GGUF file before its tensor data: a `gguf.GGUFWriter` holding the metadata (tokenizer
+    included) and the tensor table, with no file opened, and the tensors of each part in the
+    order they are written. `write_gguf_from` writes it; `gguf_size` measures it."""
+
+    arch: GGUFArch
+    writer: gguf.GGUFWriter
+    parts: list
+    infos: list[dict[str, TensorInfo]]
+
+    def file_bytes(self) -> int:
+        """The size of the file: pad(header + metadata + tensor table) + Σ pad(tensor bytes), the
+        first term serialised by the writer itself into memory (its state is restored after)."""
+        sink, writer = io.BytesIO(), self.writer
+        writer.fout, writer.state = [sink], WriterState.EMPTY
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+        finally:
+            writer.fout, writer.state = None, WriterState.NO_FILE
+        pad = gguf.GGUFWriter.ggml_pad
+        data = sum(pad(info.nbytes, writer.data_alignment) for part in self.infos for info in part.values())
+        return pad(sink.tell(), writer.data_alignment) + data
+
+
+def gguf_layout(source: StoredSource, *, tokenizer_pre: str = "default", name: str = "model") -> GGUFLayout:
+    """Everything the file holds but the tensor data, from shapes, config and tokenizer alone
+    (`name` is general.name; the writer uses the file's stem). ExportError for a plan or model
+    the format cannot store."""
+    plan, structure = source.plan, source.structure
+    config = structure.config
+    arch = gguf_arch(config)
+    shapes = layer_shapes(structure)
+    require_expressible(RULES, plan, shapes)
+    order = {k: i for i, k in enumerate(structure.state_dict())}
+    parts = source.parts()
+    infos = [_part_infos(source, part, shapes, order) for part in parts]
+    name_map = gguf.get_tensor_name_map(arch.arch, config.num_hidden_layers)
+    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[arch.arch])
+    _fill(writer, infos, name_map, config, arch, source.tokenizer, tokenizer_pre, name)
+    return GGUFLayout(arch, writer, parts, infos)
+
+
+def _warn_over_target(plan: Plan, layout: GGUFLayout, path: Path) -> None:
+    """A plan allocated for a GGUF file size (`mixbits allocate --candidates gguf --target-size-mb`)
+    records its target; the metadata it was sized with (file name, tokenizer.ggml.pre) may differ."""
+    target = (plan.meta.get("gguf") or {}).get("target_bytes")
+    if target is None:
+        return
+    size = layout.file_bytes()
+    if size > target:
+        sized = plan.meta["gguf"]
+        log.warning("%s will be %d bytes, %d above the %d the plan was allocated for: it was sized for general.name "
+                    "%r and tokenizer.ggml.pre %r; name the file %s.gguf and pass that pre to fit", path, size,
+                    size - target, target, sized.get("general_name"), sized.get("tokenizer_pre"),
+                    sized.get("general_name"))
 
 
 def _fill(writer, infos, name_map, config, arch, tokenizer, tokenizer_pre, name) -> None:

@@ -44,17 +44,18 @@ __all__ = ["FORMATS", "NATIVE_FORMAT", "NativeFolder", "load_native", "model_ten
 
 def model_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
     """The model's state tensors (references, no copy) with tied copies left out, and the ties
-    (left-out name -> the name it shares storage with)."""
+    (left-out name -> the name it shares storage with). On the meta device (a skeleton: no
+    storage, every data pointer 0) a tie is the same parameter object instead."""
     tensors: dict[str, Tensor] = {}
     tied: dict[str, str] = {}
     seen: dict[tuple[int, tuple[int, ...]], str] = {}
-    for key, value in model.state_dict(keep_vars=False).items():
-        ident = (value.untyped_storage().data_ptr(), tuple(value.shape))
+    for key, value in model.state_dict(keep_vars=True).items():
+        ident = (id(value) if value.is_meta else value.untyped_storage().data_ptr(), tuple(value.shape))
         if ident in seen:
             tied[key] = seen[ident]
             continue
         seen[ident] = key
-        tensors[key] = value
+        tensors[key] = value.detach()
     return tensors, tied
 
 
