@@ -140,3 +140,14 @@ def test_a_run_over_ggml_candidates_is_refused_up_front():
         with pytest.raises(UserError, match="allocation.candidates.*cannot store ggml types yet"):
             RunConfig(model="x", allocation=AllocationConfig(target_bpw=4.0, candidates=candidates))
     assert RunConfig(model="x", allocation=AllocationConfig(target_bpw=4.0)).allocation.candidates == "affine"
+
+
+def test_default_score_of_a_ggml_table_without_scores_is_a_type_every_layer_takes():
+    from mixbits.allocate.strategies import select_score
+
+    table = ggml_table()  # K-quants are NaN on the 576-rows
+    name, values = select_score(table)
+    first = next(j for j, c in enumerate(table.configs) if not c.keep and np.isfinite(table.damage[:, j]).all())
+    assert table.configs[first].block == 32 and np.isnan(table.damage[:, 0]).any()
+    assert name == f"damage:{table.configs[first].label}"
+    np.testing.assert_array_equal(values, table.damage[:, first])

@@ -38,28 +38,45 @@ def check_budget(
     fixed_bytes: int,
 ) -> float:
     """Return the budget in stored bits, or raise BudgetInfeasible naming the reachable range."""
-    table = shape_table(shapes, configs)
+    return check_table_budget(shape_table(shapes, configs), groups, constraints, budget, fixed_bytes)
+
+
+def check_table_budget(
+    table: DamageTable,
+    groups: Sequence[Sequence[str]],
+    constraints: Constraints,
+    budget: Budget,
+    fixed_bytes: int,
+    stored_as: str = "model",
+) -> float:
+    """`check_budget` on the costs `table` gives (the cost model's, or a file format's:
+    `file_cost.FileCostTable`); `stored_as` names what a size budget measures in messages."""
+    configs = table.configs
     cost, _ = merged_problem(table, groups, allowed_options(table, constraints))
     cheapest, richest = feasible_range(cost)
     numel = int(table.numels().sum())
     bits = budget.to_bits(numel, fixed_bytes)
+    flag = "--target-bpw" if budget.bpw is not None else "--target-size-mb"
+    lo, hi = budget.from_bits(cheapest, numel, fixed_bytes), budget.from_bits(richest, numel, fixed_bytes)
+    sizes = "" if budget.bpw is not None else (
+        f" (the smallest {stored_as} is {_bytes(cheapest, fixed_bytes)} bytes, the largest "
+        f"{_bytes(richest, fixed_bytes)} bytes)")
     if bits < cheapest:
-        lo, hi = budget.from_bits(cheapest, numel, fixed_bytes), budget.from_bits(richest, numel, fixed_bytes)
-        flag = "--target-bpw" if budget.bpw is not None else "--target-size-mb"
         raise BudgetInfeasible(
             f"{flag} {budget.label} cannot be met: with candidate configs "
             f"{[c.label for c in configs]} and these constraints the cheapest plan needs {lo:.4g} and the "
-            f"richest {hi:.4g}; choose a budget in [{lo:.4g}, {hi:.4g}] or allow fewer bits/larger groups"
+            f"richest {hi:.4g}{sizes}; choose a budget in [{lo:.4g}, {hi:.4g}] or allow fewer bits/larger groups"
         )
     if bits > richest * (1 + 1e-12):
-        hi = budget.from_bits(richest, numel, fixed_bytes)
-        lo = budget.from_bits(cheapest, numel, fixed_bytes)
-        flag = "--target-bpw" if budget.bpw is not None else "--target-size-mb"
         raise BudgetInfeasible(
-            f"{flag} {budget.label} is above the richest reachable plan ({hi:.4g}): nothing would be quantized; "
-            f"choose a budget in [{lo:.4g}, {hi:.4g}]"
+            f"{flag} {budget.label} is above the richest reachable plan ({hi:.4g}){sizes}: nothing would be "
+            f"quantized; choose a budget in [{lo:.4g}, {hi:.4g}]"
         )
     return bits
+
+
+def _bytes(bits: float, fixed_bytes: int) -> int:
+    return int(round(bits / 8 + fixed_bytes))
 
 
 def uniform_baselines(

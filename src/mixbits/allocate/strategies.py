@@ -35,7 +35,7 @@ from mixbits.allocate.optimal import Constraints, allowed_options, merged_proble
 from mixbits.allocate.solver import REL_TOL
 from mixbits.errors import UserError
 from mixbits.plan import Plan
-from mixbits.quant.spec import GGMLSpec, QuantSpec
+from mixbits.quant.spec import GGMLSpec, QuantSpec, parse_spec
 from mixbits.sensitivity.table import DamageTable
 
 PER_CHANNEL_LOG2 = 16.0  # log2 "group size" of per-channel scales, for nearest-group matching
@@ -95,15 +95,18 @@ class Problem:
 
 def select_score(table: DamageTable, name: str | None = None) -> tuple[str, np.ndarray]:
     """The named score vector [U]; None takes the table's first score, or, without scores,
-    the damage at the first quantizing config."""
+    the damage at the first quantizing config every unit can take (a ggml type a row cannot
+    split has NaN damage there: Q2_K on SmolLM2's 576-wide rows), else the first."""
     if name is None:
         if table.scores:
             name = next(iter(table.scores))
         else:
-            name = "damage:" + next(c.label for c in table.configs if not c.keep)
+            quantizing = [j for j, c in enumerate(table.configs) if not c.keep]
+            whole = [j for j in quantizing if np.isfinite(table.damage[:, j]).all()]
+            name = "damage:" + table.configs[(whole or quantizing)[0]].label
     if name.startswith("damage:"):
         labels = [c.label for c in table.configs]
-        label = QuantSpec.parse(name.split(":", 1)[1]).label
+        label = parse_spec(name.split(":", 1)[1]).label
         if label not in labels:
             raise UserError(f"score {name!r}: {label} is not a candidate config; use damage:<one of {labels}>")
         values = table.damage[:, labels.index(label)]

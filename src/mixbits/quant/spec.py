@@ -194,3 +194,8 @@ def ggml_types_for_row(in_features: int) -> tuple[GGMLSpec, ...]:
     K-quants need whole super-blocks of 256, the legacy types blocks of 32; llama.cpp falls
     back for other rows too. Empty when `in_features` is not a multiple of 32."""
     return tuple(sorted((s for s in GGML_TYPES.values() if s.fits(in_features)), key=lambda s: s.bits_per_weight))
+
+
+def parse_spec(text: str) -> QuantSpec | GGMLSpec:
+    """A spec from its label: a ggml type's name (``q4_k``) or an affine label (``w4g128``, ``fp16``)."""
+    return GGMLSpec.parse(text) if text.strip().upper() in GGML_TYPES else QuantSpec.parse(text)
