@@ -74,8 +74,18 @@ def allocate(
     sensitivity: Path = typer.Argument(..., help="sensitivity.json written by `mixbits run` or `mixbits analyze`"),
     strategy: str = typer.Option("optimal", help="strategy name, several separated by commas, or 'all'"),
     target_bpw: Optional[float] = typer.Option(None, help="average stored bits per weight over the block linears"),
-    target_size_mb: Optional[float] = typer.Option(None, help="whole saved model in MB; needs --fixed-bytes"),
+    target_size_mb: Optional[float] = typer.Option(
+        None, help="size in MB (10^6 bytes) of the file the plan is stored as: with ggml candidates (--candidates "
+                   "gguf|both, or a table over them) the GGUF file `mixbits export --format gguf` writes (tensors, "
+                   "header, tokenizer; read from --model), never exceeded; else the native model (needs --fixed-bytes)"),
     fixed_bytes: Optional[int] = typer.Option(None, help="bytes stored outside the block linears (results.json other_bytes_fp16)"),
+    candidates: Optional[str] = typer.Option(
+        None, help="affine (bits x group sizes), gguf (the ggml types, each only where a layer's row allows it) or "
+                   "both; default: every config of the table"),
+    model: Optional[str] = typer.Option(None, help="GGUF size budgets: the model whose config and tokenizer the "
+                                                   "file holds (default: the table's model)"),
+    gguf_pre: str = typer.Option("default", help="GGUF size budgets: tokenizer.ggml.pre the export will write "
+                                                 "(pass the same --gguf-pre to `mixbits export`)"),
     bits: Optional[str] = typer.Option(None, help="candidate bit-widths (default: all in the table)"),
     group_sizes: Optional[str] = typer.Option(None, help="candidate group sizes, pc = per-channel (default: all in the table)"),
     min_bits: int = MIN_BITS,
@@ -92,20 +102,27 @@ def allocate(
     from mixbits.jobs.allocate import allocate_from_table
 
     with user_errors():
-        results, table = allocate_from_table(
+        done = allocate_from_table(
             sensitivity, strategy=strategy, target_bpw=target_bpw, target_size_mb=target_size_mb,
             fixed_bytes=fixed_bytes, bits=parse_ints(bits) if bits else None,
             group_sizes=parse_group_sizes(group_sizes) if group_sizes else None, min_bits=min_bits, max_bits=max_bits,
-            keep=keep, pins=tuple(pin), tie=tie, score=score, alpha=alpha, spec=spec, output=output)
+            keep=keep, pins=tuple(pin), tie=tie, score=score, alpha=alpha, spec=spec, output=output,
+            candidates=candidates, model=model, gguf_pre=gguf_pre)
     from mixbits.allocate.registry import predicted_damage
 
+    results, table = done.results, done.table
     out = Table(title=f"{sensitivity} ({len(table.units)} units, {table.method} damage)")
-    for col in ("strategy", "bpw", "target", "miss", "predicted damage", "rule"):
+    columns = ("strategy", "bpw", "target", "miss", "predicted damage") + (("GGUF bytes",) if done.file_bytes else ())
+    for col in columns + ("rule",):
         out.add_column(col, justify="left" if col in ("strategy", "rule") else "right")
     for name, r in results.items():
         target = "-" if r.target_bpw is None else f"{r.target_bpw:.3f}"
         miss = "met" if r.miss == 0 else f"+{r.miss:.3f}"
-        out.add_row(name, f"{r.bpw:.3f}", target, miss, f"{predicted_damage(table, r.specs):.4g}", escape(r.rule))
+        size = (f"{done.file_bytes[name]:,}",) if done.file_bytes else ()
+        out.add_row(name, f"{r.bpw:.3f}", target, miss, f"{predicted_damage(table, r.specs):.4g}", *size, escape(r.rule))
     console.print(out)
+    if done.file_bytes:
+        console.print(f"GGUF file sizes predicted exactly; target {done.target_bytes:,} bytes (bpw: GGUF bits of the "
+                      "block linears per weight)")
     if output is not None and results:
         console.print(f"wrote {output} ({next(iter(results))})")
