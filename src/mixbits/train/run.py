@@ -104,10 +104,13 @@ class _Run:
     def names_of(self, index: int) -> list[str]:
         return [n for n in self.trained if self.linears[n].block == index]
 
-    def fingerprint(self, calib: Tensor, val: Tensor) -> dict:
+    def fingerprint(self, calib: Tensor, val: Tensor, model: str | None = None) -> dict:
+        """What a resumed run must share with the one that saved the blocks (`BlockCheckpoint`).
+        `model`: the model's identity; default the sums of its tensors (a streamed run, whose
+        weights are not in memory, names its checkpoint instead)."""
         return {"config": self.cfg.blockwise_dict(), "plan": self.plan.to_dict()["layers"],
                 "calib": text_fingerprint(calib), "val": text_fingerprint(val), "sensitivity": self.scores,
-                "model": _model_fingerprint(self.model)}
+                "model": _model_fingerprint(self.model) if model is None else model}
 
     def hparams(self, index: int) -> BlockHParams:
         sched = self.schedules[index]
