@@ -15,6 +15,7 @@ depth and growing width:
     0.6b   2048 x 8          5632           0.61 B
     1.1b   2048 x 16         5632           1.02 B
     2.2b   2048 x 40         5632           2.26 B
+    7b     4096 x 32         11008          6.88 B  (Llama-2-7B's blocks; 13.8 GB in bf16)
     tiny   64 x 2            128            6.3 M  (the smoke test's)
 
 Stages, each its own process (`mixbits ...`, imports, loading, computing and saving all count):
@@ -74,6 +75,7 @@ SIZES = {
     "0.6b": Shape(2048, 8, 5632),
     "1.1b": Shape(2048, 16, 5632),
     "2.2b": Shape(2048, 40, 5632),
+    "7b": Shape(4096, 32, 11008, head_dim=128),  # Llama-2-7B's blocks (its vocabulary is 32000; this one 49152)
 }
 
 

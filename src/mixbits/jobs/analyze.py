@@ -26,12 +26,9 @@ Two paths, chosen as `mixbits run` chooses (`AnalyzeConfig.stream`, default on):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +42,7 @@ from mixbits.devices import compute_torch_dtype
 from mixbits.data.text import load_text, resolve_text
 from mixbits.data.windows import calibration_windows, eval_windows, text_fingerprint
 from mixbits.io import atomic_write_json
-from mixbits.jobs.run_streamed import open_streamed
+from mixbits.jobs.run_streamed import boundaries_folder, open_streamed
 from mixbits.model.arch import LinearInfo, find_linears
 from mixbits.model.load import load_model, resolve_model_source, validate_model_name
 from mixbits.quant.spec import QuantSpec
@@ -147,19 +144,6 @@ def whole_model_reasons(cfg: AnalyzeConfig) -> list[str]:
     if cfg.sensitivity_file is not None:
         reasons.append("--sensitivity-file (its damage proxy reads every weight)")
     return reasons
-
-
-@contextlib.contextmanager
-def _boundaries_folder(offload_dir: Path | None) -> Iterator[Path | None]:
-    """A fresh folder under `offload_dir` for the streamed Fisher's block boundaries (None: they stay
-    in memory), removed afterwards; one per analysis, so two sharing an offload folder never mix files."""
-    if offload_dir is None:
-        yield None
-        return
-    Path(offload_dir).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="fisher-boundaries-", dir=offload_dir,
-                                     ignore_cleanup_errors=True) as folder:
-        yield Path(folder)
 
 
 def time_fwd_bwd(model: nn.Module, windows: torch.Tensor, linears: dict[str, LinearInfo], *,
@@ -276,7 +260,7 @@ def analyze(cfg: AnalyzeConfig) -> dict:
     calib = calibration_windows(tokenizer, load_text(cfg.dataset, "calibration"), cfg.seqlen, cfg.calib_windows, cfg.seed)
     configs = cfg.configs()
     measure = cfg.measure_specs()
-    with _boundaries_folder(cfg.offload_dir if stream else None) as folder:
+    with boundaries_folder(cfg.offload_dir if stream else None) as folder:
         tables, cached = _tables(cfg, list(cfg.methods), blocks if stream else model, linears, calib, configs,
                                  device, measure, offload_dir=folder)
     if stream:  # said on the returned tables, never on the cached ones (one metadata rule)

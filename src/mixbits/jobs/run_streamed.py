@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,7 +51,7 @@ from mixbits.timing import StageTimer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["open_streamed", "run_variants", "stored_tensors", "streamed_fisher", "whole_model_reasons",
+__all__ = ["boundaries_folder", "open_streamed", "run_variants", "stored_tensors", "streamed_fisher", "whole_model_reasons",
            "writer_provenance"]
 
 
@@ -148,7 +147,7 @@ def streamed_fisher(cfg: RunConfig, source: BlockSource, calib: torch.Tensor, li
     builder (`sensitivity.methods.cached_tables`), so the whole-model run's cached table serves it
     and the other way round; the block boundaries on disk under cfg.offload_dir when it is set.
     The returned table (not the cached one) says `streamed: True` when this run computed it."""
-    with _offload(cfg) as folder:
+    with boundaries_folder(cfg.offload_dir) as folder:
         tables, cached = cached_tables(["fisher"], source, calib, linears, configs, model_name=cfg.model,
                                        device=source.device, progress=cfg.progress, use_cache=cfg.use_cache,
                                        offload_dir=folder)
@@ -156,18 +155,15 @@ def streamed_fisher(cfg: RunConfig, source: BlockSource, calib: torch.Tensor, li
 
 
 @contextlib.contextmanager
-def _offload(cfg: RunConfig) -> Iterator[Path | None]:
-    """A fresh folder under cfg.offload_dir for the Fisher's block boundaries (None: kept in memory),
-    removed afterwards; its own per run, so two runs sharing an offload folder never mix files."""
-    if cfg.offload_dir is None:
+def boundaries_folder(offload_dir: Path | None) -> Iterator[Path | None]:
+    """A fresh folder under `offload_dir` for the streamed Fisher's block boundaries (None: they stay in
+    memory), removed afterwards; one per job, so two jobs sharing an offload folder never mix files."""
+    if offload_dir is None:
         yield None
         return
-    Path(cfg.offload_dir).mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix="fisher-boundaries-", dir=cfg.offload_dir))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    Path(offload_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fisher-boundaries-", dir=offload_dir, ignore_cleanup_errors=True) as folder:
+        yield Path(folder)
 
 
 def writer_provenance(cfg: RunConfig, calib: torch.Tensor) -> dict:
