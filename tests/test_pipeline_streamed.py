@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mixbits.config import AllocationConfig, DataConfig, RunConfig
+from mixbits.errors import UserError
 from mixbits.jobs import run_streamed
 from mixbits.jobs.run_streamed import whole_model_reasons
 from mixbits.pipeline import run
@@ -215,3 +216,18 @@ def test_fixed_bytes_of_a_meta_skeleton_equal_the_loaded_models(tied, tmp_path):
     embeddings = 256 * 64 * 2
     norms = (2 * 2 + 1) * 64 * 2
     assert fixed_bytes_of(lazy.model, shapes) == fixed_bytes_of(loaded, shapes) == embeddings * (1 if tied else 2) + norms
+
+
+def test_a_preloaded_checkpoint_gives_the_same_run(tiny_model_dir, tiny_text_file, tmp_path, monkeypatch):
+    from mixbits.model.lazy import _read, checkpoint_tensors
+
+    reads = []
+    monkeypatch.setattr("mixbits.model.lazy._read", lambda handle, entry: reads.append(entry) or _read(handle, entry))
+    read = run(config(tiny_model_dir, tiny_text_file, tmp_path / "read", "rtn"))
+    passes, reads[:] = len(reads), []
+    held = run(config(tiny_model_dir, tiny_text_file, tmp_path / "held", "rtn", preload=True))
+    assert_same_run(held, read, tmp_path / "held", tmp_path / "read")
+    tensors = len(checkpoint_tensors(tiny_model_dir))
+    assert passes > 2 * tensors and len(reads) <= tensors  # read once at the preload, every pass cast from RAM
+    with pytest.raises(UserError, match="drop --preload or --no-stream"):
+        config(tiny_model_dir, tiny_text_file, tmp_path / "x", "rtn", preload=True, stream=False)

@@ -253,6 +253,7 @@ class RunConfig:
     max_memory: str | None = None  # accelerate's format "cuda:0=20GiB,cpu=16GiB": refuse a run predicted above it
     offload_dir: Path | None = None  # where block-boundary activations wait on disk instead of in memory
     stream: bool = True  # block by block from the checkpoint; False: the whole model in memory (the reference path)
+    preload: bool = False  # streamed: hold the checkpoint in RAM in its own dtype (one read; + its bytes to the peak)
 
     def __post_init__(self) -> None:
         if self.quantizer not in QUANTIZERS:
@@ -292,6 +293,9 @@ class RunConfig:
         if self.offload_dir is not None and Path(self.offload_dir).exists() and not Path(self.offload_dir).is_dir():
             raise UserError(f"offload_dir (--offload-dir) {str(self.offload_dir)!r} is a file; give a folder "
                             "(it is created when missing)")
+        if self.preload and not self.stream:
+            raise UserError("`preload` holds the checkpoint for the streamed path, and `stream` is off (the whole "
+                            "model is loaded in float32 anyway); drop --preload or --no-stream")
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -109,7 +109,7 @@ def prepare(cfg: RunConfig, timer: StageTimer, loaded: tuple[nn.Module, object] 
             check_context(source, cfg.data.seqlen, cfg.model)  # config.json only, before the weights
             check_run_memory(cfg, source, device=device)  # the predicted peak logged; refused over --max-memory
             if stream:
-                blocks, tokenizer = open_streamed(cfg.model, source, device, cfg.compute_dtype)
+                blocks, tokenizer = open_streamed(cfg.model, source, device, cfg.compute_dtype, cfg.preload)
                 model = blocks.model
             else:
                 model, tokenizer = load_model(source, device=device)

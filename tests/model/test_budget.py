@@ -165,6 +165,19 @@ def test_prediction_follows_the_settings(folder):
     assert qat.held["read buffer"] == 0 and base.held["read buffer"] > 0
     assert qat.held["allocator slack"] > 0 and base.held["allocator slack"] == 0  # pinned only when streamed
     assert "predicted peak" in base.describe() and base.peak.stage in base.describe()
+    preloaded = predict(calib=32, seqlen=128, preload=True)
+    assert preloaded.total - base.total == preloaded.held["checkpoint held in RAM (--preload)"] == \
+        shapes.total_params * 2  # the bf16 checkpoint
+    assert base.held["checkpoint held in RAM (--preload)"] == 0
+
+
+def test_a_preloaded_run_over_budget_names_dropping_the_preload(folder, no_weights):
+    cfg = config(quantizer="rtn", preload=True)
+    shapes = model_shapes(skeleton_of(folder)[0])
+    need = predict_run(cfg, shapes, device=CPU, checkpoint_dtype=torch.bfloat16).total
+    with pytest.raises(UserError) as err:
+        check_run_memory(dataclasses.replace(cfg, max_memory=f"cpu={need - 1024}"), folder, device=CPU)
+    assert "without --preload (weights read from disk block by block)" in str(err.value)
 
 
 # --- prediction against measured peaks --------------------------------------------------------------------

@@ -182,3 +182,41 @@ def test_unreadable_index_is_named(sharded, tmp_path):
     (copy / "model.safetensors.index.json").write_text('{"metadata": {}}')
     with pytest.raises(UserError, match="weight_map"):
         open_checkpoint(copy)
+
+
+def test_preloaded_checkpoint_reads_no_file_and_gives_the_same_tensors(sharded, monkeypatch):
+    model, path = sharded
+    ckpt = open_checkpoint(path, preload=True)
+    assert ckpt.preloaded
+    unique = {t.data_ptr(): t for t in model.state_dict().values()}  # the tied head: held once
+    held = sum(t.numel() * t.element_size() for t in unique.values())
+    assert ckpt.preload() == held  # every tensor the model needs, in its stored dtype
+    import builtins
+
+    def no_open(*args, **kwargs):
+        raise AssertionError("a preloaded checkpoint opened a file")
+
+    monkeypatch.setattr(builtins, "open", no_open)
+    with ckpt.block(1) as block:
+        assert torch.equal(block.mlp.down_proj.weight, model.model.layers[1].mlp.down_proj.weight)
+        block.mlp.down_proj.weight.data.zero_()  # a stage changing the module in place ...
+    with ckpt.block(1) as block:  # ... never reaches the preloaded tensor
+        assert torch.equal(block.mlp.down_proj.weight, model.model.layers[1].mlp.down_proj.weight)
+    with ckpt.resident() as full:
+        assert torch.equal(full.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_preloaded_bfloat16_checkpoint_is_cast_like_a_read_one(tmp_path):
+    model = tiny_llama().to(torch.bfloat16)
+    path = save(model, tmp_path)
+    read, held = open_checkpoint(path), open_checkpoint(path, preload=True)
+    for ckpt in (read, held):
+        with ckpt.block(0) as block:
+            weight = block.self_attn.q_proj.weight
+            assert weight.dtype == torch.float32
+            assert torch.equal(weight, model.model.layers[0].self_attn.q_proj.weight.float())
+    same = open_checkpoint(path, compute_dtype=torch.bfloat16, preload=True)
+    with same.block(0) as block:
+        block.self_attn.q_proj.weight.data.fill_(1.0)  # same dtype: a copy, not the preloaded tensor
+    with same.block(0) as block:
+        assert torch.equal(block.self_attn.q_proj.weight, model.model.layers[0].self_attn.q_proj.weight)

@@ -135,6 +135,8 @@ FLAGS: dict[str, Flag] = {f.name: f for f in [
     Flag("offload_dir", ("offload_dir",), "keep block-boundary activations on disk in this folder", Optional[Path]),
     Flag("stream", ("stream",), "work block by block from the checkpoint (--no-stream: the whole model in memory, "
          "the reference path)", bool),
+    Flag("preload", ("preload",), "streamed: read the whole checkpoint into RAM once, in its own dtype, and cast "
+         "blocks from there (no disk reads after the first; the peak grows by the checkpoint's bytes)", bool),
     Flag("overwrite", ("overwrite",), "replace an earlier mixbits output in the output folder as a whole (files "
          "mixbits did not write are kept); without it such a folder is refused", bool),
     Flag("device", ("device",), "auto, cpu, cuda, cuda:1 ..."),

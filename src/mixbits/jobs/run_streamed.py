@@ -84,16 +84,18 @@ def local_folder(source: str, name: str) -> Path:
         raise _load_error(err, source, name, _hub_offline()) from err
 
 
-def open_streamed(name: str, source: str, device: torch.device, compute_dtype: str | None = None
-                  ) -> tuple["FiniteChecked", object]:
+def open_streamed(name: str, source: str, device: torch.device, compute_dtype: str | None = None,
+                  preload: bool = False) -> tuple["FiniteChecked", object]:
     """The lazy checkpoint of `source` (a resolved model source; `name`: the model as the user gave it,
     for messages), computed on `device` in `compute_dtype` (a `--compute-dtype` name; None: the
     device's default), its pieces checked for NaN and inf as they are first read, and its tokenizer
-    (with a pad token). Used by `mixbits run` and `mixbits analyze`."""
+    (with a pad token); `preload`: the checkpoint held in RAM (`LazyCheckpoint.preload`). Used by
+    `mixbits run` and `mixbits analyze`."""
     from transformers import AutoTokenizer
 
     folder = local_folder(source, name)
-    checkpoint = open_checkpoint(folder, device=device, compute_dtype=compute_torch_dtype(compute_dtype))
+    checkpoint = open_checkpoint(folder, device=device, compute_dtype=compute_torch_dtype(compute_dtype),
+                                 preload=preload)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -20,6 +20,7 @@ holds throughout:
                                6 M-parameter checkpoint (bench/memory.py --sizes tiny), counted as 0.8 GiB
     read buffer                the tensor being read, in the checkpoint's dtype, before its cast
                                (read with a plain file read, not mapped: model/lazy.py)
+    preloaded checkpoint       with --preload, the whole checkpoint in its own dtype (model/lazy.py)
     allocator slack            the CLI pins glibc's mmap threshold (model/memory.py), so a streamed
                                run's freed tensors go back to the system: none counted; a
                                whole-model run keeps freed copies in the heap regardless: about
@@ -238,6 +239,8 @@ def predict_run(
     largest_tensor = max([shapes.vocab * shapes.hidden] + [o * i for blk in shapes.block_linears for o, i in blk])
     held = {"runtime": RUNTIME_BYTES,
             "read buffer": largest_tensor * checkpoint_dtype.itemsize if streamed else 0,
+            "checkpoint held in RAM (--preload)": (shapes.total_params * checkpoint_dtype.itemsize
+                                                   if streamed and cfg.preload else 0),
             # check_run_memory pins the mmap threshold of a streamed run: freed tensors are returned
             "allocator slack": 0 if streamed else SLACK_BLOCKS * max(shapes.block_params, default=0) * dtype.itemsize}
     budget_device = "cpu" if device.type == "cpu" else f"cuda:{device.index or 0}"
@@ -344,6 +347,9 @@ def _fixes(cfg: RunConfig, shapes: ModelShapes, device: str, limit: int, kwargs:
     d = cfg.data
     data = lambda **change: dataclasses.replace(cfg, data=dataclasses.replace(d, **change))  # noqa: E731
     tries: list[list[tuple[str, RunConfig]]] = []
+    if cfg.preload and device == "cpu":
+        tries.append([("without --preload (weights read from disk block by block)",
+                       dataclasses.replace(cfg, preload=False))])
     if cfg.offload_dir is None:
         tries.append([("--offload-dir FOLDER (block boundaries wait on disk)",
                        dataclasses.replace(cfg, offload_dir=Path("offload")))])

@@ -30,7 +30,9 @@ unpickles nothing but tensors and plain containers (model/checkpoint_files.py); 
 
 Trade-off: weights are read from disk once per pass per block (the page cache makes repeats cheap when
 RAM allows); a module outside the blocks that must stay loaded across blocks is the caller's choice
-(`resident()` is a context, not a default). Source: accelerate's big-model inference (meta skeleton,
+(`resident()` is a context, not a default). `preload()` holds the whole checkpoint in RAM in its own
+dtype instead (one read; every later pass casts from memory and reads no disk): the peak grows by the
+checkpoint's bytes, for a machine whose RAM holds them and whose disk is slow or remote. Source: accelerate's big-model inference (meta skeleton,
 `set_module_tensor_to_device`), llm-compressor's sequential pipeline.
 """
 
@@ -193,6 +195,25 @@ class LazyCheckpoint:
         self.n_blocks = len(blocks)
         self._aliases, self._keys = _tensor_groups(model, entries, folder)
         self._held = set(held_names(model)) & set(self._aliases)
+        self._ram: dict[str, torch.Tensor] = {}  # checkpoint key -> tensor in its stored dtype (`preload`)
+
+    @property
+    def preloaded(self) -> bool:
+        return bool(self._ram)
+
+    def preload(self) -> int:
+        """Read every tensor the model needs into RAM in its stored dtype (module docstring); later
+        `materialize` calls cast from there and read no file. Returns the bytes held."""
+        by_file: dict[Path, list[str]] = {}
+        for key in sorted(set(self._keys.values())):
+            by_file.setdefault(self.entries[key].file, []).append(key)
+        for file, keys in by_file.items():
+            with open(file, "rb", buffering=0) as handle:
+                for key in sorted(keys, key=lambda k: self.entries[k].offset):
+                    self._ram[key] = _read(handle, self.entries[key])
+        total = sum(t.numel() * t.element_size() for t in self._ram.values())
+        log.info("preloaded %s: %.1f MiB held in RAM in the checkpoint's dtype", self.folder, total / 2**20)
+        return total
 
     @property
     def checkpoint_dtype(self) -> torch.dtype:
@@ -246,11 +267,15 @@ class LazyCheckpoint:
         for name in self._names(prefix):
             by_file.setdefault(self.entries[self._keys[name]].file, []).append(name)
         for file, names in by_file.items():
-            with open(file, "rb", buffering=0) as handle:
+            with contextlib.ExitStack() as stack:
+                handle = None if self._ram else stack.enter_context(open(file, "rb", buffering=0))
                 for name in names:
-                    value = _read(handle, self.entries[self._keys[name]])
+                    key = self._keys[name]
+                    value = self._ram[key] if self._ram else _read(handle, self.entries[key])
                     held = self.held_dtype(name, hold) if prefix is None else None
                     dtype = (held or self.compute_dtype) if value.is_floating_point() else None
+                    if self._ram and self.device.type == "cpu" and dtype in (None, value.dtype):
+                        value = value.clone()  # no cast would copy it: nothing done to the module reaches RAM
                     set_module_tensor_to_device(self.model, name, self.device, value=value, dtype=dtype)
                     del value
                     self._share(name)
@@ -347,11 +372,13 @@ def open_checkpoint(
     device: torch.device | str = "cpu",
     compute_dtype: torch.dtype | None = None,
     cache_dir: str | Path | None = None,
+    preload: bool = False,
 ) -> LazyCheckpoint:
     """The lazy view of a local HF causal-LM folder, every check done before any tensor is read.
 
     `compute_dtype` default: float32 on the CPU, the checkpoint's own dtype elsewhere. `cache_dir`:
-    where a pickle-only checkpoint is converted (default `<mixbits home>/converted`).
+    where a pickle-only checkpoint is converted (default `<mixbits home>/converted`). `preload`: hold
+    the whole checkpoint in RAM in its own dtype (`LazyCheckpoint.preload`).
     """
     folder = Path(folder).expanduser()
     if not folder.is_dir():
@@ -369,4 +396,6 @@ def open_checkpoint(
              checkpoint.n_blocks, max(checkpoint.nbytes(checkpoint.block_prefix(i))
                                       for i in range(checkpoint.n_blocks)) / 2**20,
              checkpoint.nbytes(None) / 2**20, str(compute_dtype).removeprefix("torch."), device)
+    if preload:
+        checkpoint.preload()
     return checkpoint
