@@ -238,6 +238,7 @@ class RunConfig:
     quantizer: str = "gptq"  # rtn | clip | gptq; gptq (+ clip): chosen by bench/quantizers.sh (README "Quantizers")
     gptq: GPTQConfig = field(default_factory=lambda: GPTQConfig(clip=True))  # with clip-searched group scales
     damage: str = "follow"  # follow: Fisher x the quantizer's gain over RTN (sensitivity.follow); rtn: Fisher as is
+    gain_rows: int | None = None  # follow: output rows per layer whose gain is measured (evenly strided); 0/None: all
     use_cache: bool = True  # reuse damage tables cached under $MIXBITS_CACHE_DIR/sensitivity (default MIXBITS_HOME/cache)
     train: TrainConfig | None = None  # Block-AP (+ E2E-QP) of the mixed plan after quantization; None: PTQ only
     baselines: bool = True  # also quantize and score the uniform configs around the budget (False: the mixed model only)
@@ -277,6 +278,10 @@ class RunConfig:
         if self.damage not in DAMAGE_MODES:
             raise UserError(f"`damage` {self.damage!r} is not one of {', '.join(DAMAGE_MODES)} (follow: the damage "
                              "of the quantizer that will be used; rtn: the damage of round-to-nearest)")
+        if self.gain_rows is not None and (isinstance(self.gain_rows, bool) or not isinstance(self.gain_rows, int)
+                                           or self.gain_rows < 0):
+            raise UserError(f"`gain_rows` {self.gain_rows!r} must be a whole number of output rows per layer, e.g. "
+                             "128 (0: every row)")
 
         if self.iterative is not None and self.plan is not None:
             raise UserError("`iterative` builds its own plan; drop `plan` or `iterative`")

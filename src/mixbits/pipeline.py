@@ -46,7 +46,7 @@ from mixbits.plan import Plan
 from mixbits.recipe import save_recipe
 from mixbits.report.results import build_layer_statistics, build_results, write_outputs
 from mixbits.sensitivity.cache import cache_key_parts, cached_table
-from mixbits.sensitivity.follow import follow_quantizer, gain_table
+from mixbits.sensitivity.follow import follow_quantizer, gain_cache_options, gain_table
 from mixbits.sensitivity.methods import cached_tables
 from mixbits.sensitivity.table import DamageTable
 from mixbits.timing import StageTimer
@@ -151,7 +151,8 @@ def sensitivity(cfg: RunConfig, p: Prepared, calib: torch.Tensor, timer: StageTi
 
     def gain() -> DamageTable:
         return gain_table(p.source or p.model, calib, p.linears, configs, quantizer=cfg.quantizer, device=p.device,
-                          progress=cfg.progress, gptq=cfg.gptq, meta={"model": cfg.model, "calibration": data_info["calibration"]})
+                          progress=cfg.progress, gptq=cfg.gptq, meta={"model": cfg.model, "calibration": data_info["calibration"]},
+                          rows=cfg.gain_rows)
 
     with timer.stage("sensitivity"):
         if p.source is not None:  # block by block
@@ -165,7 +166,7 @@ def sensitivity(cfg: RunConfig, p: Prepared, calib: torch.Tensor, timer: StageTi
                                            other_bytes_fp16=p.fixed_bytes)
         if cfg.quantizer != "rtn" and cfg.damage == "follow":
             method = f"gain_{cfg.quantizer}"
-            options = {"gptq": dataclasses.asdict(cfg.gptq)} if method == "gain_gptq" else None
+            options = gain_cache_options(cfg.quantizer, cfg.gptq, cfg.gain_rows)
             key = cache_key_parts(model_name=cfg.model, model=p.source or p.model, linears=p.linears,
                                   calibration_sha256=data_info["calibration"]["sha256"], configs=configs,
                                   method=method, granularity="layer", options=options)

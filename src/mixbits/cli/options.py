@@ -94,6 +94,8 @@ FLAGS: dict[str, Flag] = {f.name: f for f in [
          "alone) or rtn (round-to-nearest)"),
     Flag("damage", ("damage",), "follow: allocate on Fisher damage x the quantizer's gain over RTN; rtn: on the "
          "damage of round-to-nearest"),
+    Flag("gain_rows", ("gain_rows",), "--damage follow: output rows per layer on which the quantizer's gain is "
+         "measured, evenly strided (0: every row; exact per row, the gain's ratio estimated)", Optional[int]),
     Flag("cache", ("use_cache",), "reuse damage tables cached under $MIXBITS_CACHE_DIR/sensitivity (default "
          "MIXBITS_HOME/cache)", bool),
     Flag("gptq_clip", ("gptq.clip",), "gptq: clip-search each group's scale (weighted by diag XᵀX) as it is "

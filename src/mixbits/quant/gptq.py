@@ -62,7 +62,7 @@ from mixbits.quant.clip import search_qparams
 from mixbits.quant.groups import effective_group_size, expand_groups
 from mixbits.quant.spec import QuantSpec
 
-__all__ = ["GPTQConfig", "GPTQResult", "GramAccumulator", "gptq_fixed_grid", "gptq_quantize", "gram",
+__all__ = ["GPTQConfig", "GPTQFactor", "GPTQResult", "GramAccumulator", "gptq_factor", "gptq_fixed_grid", "gptq_quantize", "gram",
            "output_error"]
 
 logger = logging.getLogger(__name__)
@@ -282,36 +282,80 @@ def _group_index(n: int, spec: QuantSpec, perm: Tensor | None, static: bool, dev
     return g_idx
 
 
-def gptq_quantize(w: Tensor, H: Tensor, spec: QuantSpec, cfg: GPTQConfig = GPTQConfig()) -> GPTQResult:
+@dataclass(frozen=True, eq=False)
+class GPTQFactor:
+    """What GPTQ derives from H alone, shared by every weight and config quantized on that H.
+
+    dead: bool [in], inputs never active (H_ii = 0). perm: int64 [in] processing order
+    (act-order) or None. diag: [in] diag H (dead set to 1) in processing order, the clip
+    importance. U: [in, in] upper Cholesky factor of (H + lambda I)^-1 in processing order. H:
+    the original H [in, in], for the output errors. All in one dtype on one device. Neither the
+    bit-width nor the group size enters, so one factor serves a whole candidate sweep; the
+    in^3 factorisation then runs once per layer instead of once per config."""
+
+    dead: Tensor
+    perm: Tensor | None
+    diag: Tensor
+    U: Tensor
+    H: Tensor
+
+
+def gptq_factor(H: Tensor, cfg: GPTQConfig = GPTQConfig(), *, dtype: torch.dtype = torch.float32,
+                device: torch.device | str | None = None) -> GPTQFactor:
+    """The `GPTQFactor` of H [in, in] under cfg (damp, act_order), in `dtype` on `device` (H's by default)."""
+    if H.dim() != 2 or H.shape[0] != H.shape[1]:
+        raise ValueError(f"H has shape {tuple(H.shape)}; expected a square [in, in] = X^T X")
+    if not bool(torch.isfinite(H).all()):
+        raise ValueError("H holds inf or nan; check the calibration inputs")
+    H0 = H.detach().to(device=H.device if device is None else device, dtype=dtype)
+    Hd = H0.clone()
+    dead = torch.diagonal(Hd) == 0
+    Hd[dead, dead] = 1.0
+    diag = torch.diagonal(Hd).clone()
+    perm = torch.argsort(diag, descending=True, stable=True) if cfg.act_order else None
+    if perm is not None:
+        Hd, diag = Hd[perm][:, perm], diag[perm]
+    return GPTQFactor(dead=dead, perm=perm, diag=diag, U=_inverse_cholesky(Hd, cfg.damp), H=H0)
+
+
+def gptq_quantize(w: Tensor, H: Tensor, spec: QuantSpec, cfg: GPTQConfig = GPTQConfig(),
+                  factor: GPTQFactor | None = None) -> GPTQResult:
     """GPTQ-quantize w [out, in] given H [in, in] = X^T X (see the module docstring).
 
     Computes on w's device in float32 (float64 when w is float64: slower, but the float
     rounding that can tip a rounding or fp16-scale decision is then negligible; used by the
     tests to compare orderings). Group parameters are always float32. w and H are not modified.
+    factor: `gptq_factor(H, cfg)` computed beforehand (same dtype and device as the computation),
+    to share the factorisation across configs; the result is the same bit for bit.
+
+    Rows are independent given H: each row's codes, scales and error depend on that row and H
+    only, so quantizing w[rows] gives exactly the rows `rows` of quantizing w (what
+    `sensitivity.quantizer_damage` samples).
     """
     _check_inputs(w, H, spec)
     n = w.shape[1]
     dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+    if factor is None:
+        factor = gptq_factor(H, cfg, dtype=dtype, device=w.device)
+    elif factor.U.dtype != dtype or factor.U.device != w.device or factor.U.shape[0] != n:
+        raise ValueError(f"factor is {tuple(factor.U.shape)} {factor.U.dtype} on {factor.U.device}; this weight "
+                         f"needs [{n}, {n}] {dtype} on {w.device} (gptq_factor(H, cfg, dtype=..., device=...))")
     W = w.detach().to(dtype).clone()
-    H0 = H.detach().to(device=w.device, dtype=dtype)
-    Hd = H0.clone()
-    dead = torch.diagonal(Hd) == 0
-    Hd[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    diag = torch.diagonal(Hd).clone()
+    W[:, factor.dead] = 0.0
+    perm, diag = factor.perm, factor.diag
 
     static_qp = None
     S = torch.empty_like(W)
     Z = torch.empty_like(W)
     if cfg.static_groups:
-        static_qp = search_qparams(W, spec, importance=diag) if cfg.clip else minmax_qparams(W, spec)
+        importance = diag if perm is None else diag[torch.argsort(perm)]
+        static_qp = search_qparams(W, spec, importance=importance) if cfg.clip else minmax_qparams(W, spec)
         S = expand_groups(static_qp.scale, n, spec.group_size).to(dtype)
         Z = expand_groups(static_qp.zero, n, spec.group_size).to(dtype)
-    perm = torch.argsort(diag, descending=True, stable=True) if cfg.act_order else None
     if perm is not None:
-        W, Hd, diag, S, Z = W[:, perm], Hd[perm][:, perm], diag[perm], S[:, perm], Z[:, perm]
+        W, S, Z = W[:, perm], S[:, perm], Z[:, perm]
 
-    codes, groups = _solve(W, _inverse_cholesky(Hd, cfg.damp), spec, cfg, diag, S, Z)
+    codes, groups = _solve(W, factor.U, spec, cfg, diag, S, Z)
     if perm is not None:
         inv = torch.argsort(perm)
         codes, S, Z = codes[:, inv], S[:, inv], Z[:, inv]
@@ -328,8 +372,8 @@ def gptq_quantize(w: Tensor, H: Tensor, spec: QuantSpec, cfg: GPTQConfig = GPTQC
         codes=codes,
         perm=perm,
         g_idx=_group_index(n, spec, perm, cfg.static_groups, w.device),
-        error=output_error(w, weight, H0),
-        rtn_error=output_error(w, fake_quantize(w.detach().float(), spec), H0),
+        error=output_error(w, weight, factor.H),
+        rtn_error=output_error(w, fake_quantize(w.detach().float(), spec), factor.H),
     )
 
 

@@ -26,9 +26,19 @@ the Gram matrices of one block (in² float32 per distinct input) and one quantiz
 measured with every earlier layer unquantized; `quantize_model` runs GPTQ on inputs that
 already carry upstream quantization noise, so the gain is the layer-alone estimate the
 allocator's additive model assumes anyway.
+
+Sampled rows (`gain_rows`, `mixbits run --gain-rows`). GPTQ, clip and RTN treat the output rows of W
+independently given H (the factor of H and the column order depend on H alone; group scales and
+the clip search are per row), and tr(ΔHΔᵀ) is a sum over rows; so the two traces over an evenly
+strided sample of rows are exactly what the full run gives on those rows, and their ratio
+estimates the layer's gain at out/rows of the O(out·in²) cost. The factor of H is computed once
+per layer and shared by the configs (`quant.gptq.gptq_factor`). Measured on SmolLM2-135M in
+bench/README.md ("End to end"): the time, the gains' agreement with every row, and the plans' quality.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import torch
@@ -43,10 +53,10 @@ from mixbits.model.quantize import block_grams, check_quantizer
 from mixbits.model.stream import BlockSource, as_source
 from mixbits.quant.gptq import GPTQConfig
 from mixbits.quant.spec import QuantSpec
-from mixbits.sensitivity.quantizer_damage import quantizer_errors, quantizer_gain
+from mixbits.sensitivity.quantizer_damage import quantizer_errors, quantizer_gain, sample_rows
 from mixbits.sensitivity.table import DamageTable
 
-__all__ = ["DAMAGE_MODES", "follow_quantizer", "gain_table", "streamed_quantizer_errors"]
+__all__ = ["DAMAGE_MODES", "follow_quantizer", "gain_cache_options", "gain_table", "streamed_quantizer_errors"]
 
 
 @torch.no_grad()
@@ -54,10 +64,13 @@ def streamed_quantizer_errors(
     model: nn.Module | BlockSource, windows: torch.Tensor, linears: dict[str, LinearInfo],
     configs: tuple[QuantSpec, ...], *, quantizer: str, device: torch.device | None = None,
     progress: bool = True, gptq: GPTQConfig = GPTQConfig(), store: torch.device | str = "cpu",
+    rows: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """(errors [U, C], rtn_errors [U, C], tokens) as `quantizer_damage.quantizer_errors_table` gives
     them, block by block over `model` (a loaded model, whose blocks then run on `device`, or a
-    `LazyCheckpoint`); see the module docstring for the order of work and the peak."""
+    `LazyCheckpoint`); see the module docstring for the order of work and the peak. rows: output
+    rows measured per layer (`quantizer_damage.sample_rows`; None or 0: all); the errors are then
+    sums over those rows only."""
     check_quantizer(quantizer)
     source = as_source(model, device)
     row = {name: u for u, name in enumerate(linears)}
@@ -75,7 +88,7 @@ def streamed_quantizer_errors(
                 for name in names:
                     weight = get_weight(source.model.get_submodule(name))
                     errors[row[name]], rtn[row[name]] = quantizer_errors(weight, grams.H(name), configs,
-                                                                         quantizer=quantizer, gptq=gptq)
+                                                                         quantizer=quantizer, gptq=gptq, rows=rows)
                 del grams
             if i < source.n_blocks - 1:
                 inputs = inputs.with_hidden(block_forward(block, inputs, device=source.device))
@@ -84,19 +97,33 @@ def streamed_quantizer_errors(
 
 def gain_table(model: nn.Module | BlockSource, windows: torch.Tensor, linears: dict[str, LinearInfo],
                configs: tuple[QuantSpec, ...], *, quantizer: str, device: torch.device | None = None,
-               progress: bool = True, gptq: GPTQConfig = GPTQConfig(), meta: dict | None = None) -> DamageTable:
+               progress: bool = True, gptq: GPTQConfig = GPTQConfig(), meta: dict | None = None,
+               rows: int | None = None) -> DamageTable:
     """gain_q(u, c) for every linear and config, as a DamageTable (method `gain_<quantizer>`, so the
     sensitivity cache stores it); scores hold the gain at the first quantizing config. `model`: a
-    loaded model (blocks run on `device`) or a `LazyCheckpoint`; computed block by block either way."""
+    loaded model (blocks run on `device`) or a `LazyCheckpoint`; computed block by block either way.
+    rows: output rows measured per layer (None or 0: all; see the module docstring); the meta's
+    output errors per token are then the sampled rows' scaled by out / rows, an estimate."""
     errors, rtn, tokens = streamed_quantizer_errors(model, windows, linears, configs, quantizer=quantizer,
-                                                    device=device, progress=progress, gptq=gptq)
+                                                    device=device, progress=progress, gptq=gptq, rows=rows)
     gain = quantizer_gain(errors, rtn)
+    counts = [(i.out_features, i.out_features if (idx := sample_rows(i.out_features, rows)) is None else len(idx))
+              for i in linears.values()]
+    per_row = np.array([[out / measured] for out, measured in counts]) if counts else np.ones((0, 1))
+    sampled = {"gain_rows": rows} if rows else {}
     first = next(j for j, c in enumerate(configs) if not c.keep)
     shapes = tuple((i.out_features, i.in_features) for i in linears.values())
     return DamageTable(units=tuple(linears), shapes=shapes, configs=configs, damage=gain,
                        method=f"gain_{quantizer}", scores={f"gain_{quantizer}": gain[:, first]},
-                       meta={**(meta or {}), "quantizer": quantizer, "tokens": tokens,
-                             "output_error_per_token": (errors / max(tokens, 1)).tolist()})
+                       meta={**(meta or {}), "quantizer": quantizer, "tokens": tokens, **sampled,
+                             "output_error_per_token": (errors * per_row / max(tokens, 1)).tolist()})
+
+
+def gain_cache_options(quantizer: str, gptq: GPTQConfig, rows: int | None) -> dict:
+    """The options a cached `gain_<quantizer>` table depends on beyond model, data and configs: GPTQ's
+    settings (gptq only) and the sampled rows (left out for every row, so such a table keeps its old key)."""
+    options: dict = {"gptq": dataclasses.asdict(gptq)} if check_quantizer(quantizer) == "gptq" else {}
+    return options | ({"gain_rows": rows} if rows else {})
 
 
 def follow_quantizer(table: DamageTable, gain: DamageTable) -> DamageTable:

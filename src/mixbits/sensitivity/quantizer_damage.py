@@ -57,15 +57,25 @@ from tqdm.auto import tqdm
 from mixbits.model.arch import LinearInfo, get_weight
 from mixbits.model.quantize import check_quantizer, quantize_weight
 from mixbits.quant.fake import storable
-from mixbits.quant.gptq import GPTQConfig
-from mixbits.quant.spec import QuantSpec
+from mixbits.quant.gptq import GPTQConfig, gptq_factor
+from mixbits.quant.spec import GGMLSpec, QuantSpec
 from mixbits.sensitivity.capture import collect_gram
 from mixbits.sensitivity.output_error import DEFAULT_MAX_GRAM_BYTES, _chunks, reference_config
 
 log = logging.getLogger(__name__)
 
 __all__ = ["quantizer_damage", "quantizer_damage_table", "quantizer_errors", "quantizer_errors_table",
-           "quantizer_gain"]
+           "quantizer_gain", "sample_rows"]
+
+
+def sample_rows(out_features: int, rows: int | None) -> torch.Tensor | None:
+    """Indices of `rows` output rows evenly strided over [0, out_features) (row k·out // rows, so the
+    first row is always in), or None for every row: rows None or 0, or not fewer than out_features."""
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 0):
+        raise ValueError(f"rows={rows!r} must be a non-negative integer (0 or None: every row)")
+    if not rows or rows >= out_features:
+        return None
+    return torch.arange(rows, dtype=torch.int64) * out_features // rows
 
 
 def quantizer_errors(
@@ -75,17 +85,31 @@ def quantizer_errors(
     *,
     quantizer: str,
     gptq: GPTQConfig = GPTQConfig(),
+    rows: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(tr((W − Q_c) H (W − Q_c)ᵀ), tr((W − R_c) H (W − R_c)ᵀ)) per config c: the quantizer's output
-    error and min-max RTN's, both sums over the tokens H sums; 0 for keep. weight [out, in], H [in, in]."""
+    error and min-max RTN's, both sums over the tokens H sums; 0 for keep. weight [out, in], H [in, in].
+
+    rows: measure only these many output rows (`sample_rows`; None or 0: all). Every quantizer here
+    treats rows independently given H, so the two traces are exactly those of the full weight's
+    quantization restricted to the sampled rows; their ratio (the gain) estimates the layer's.
+    GPTQ's factorisation of H (`quant.gptq.gptq_factor`) is computed once and shared by the configs."""
     check_quantizer(quantizer)
     w = weight.detach().to(gram.device, torch.float32)
+    idx = sample_rows(w.shape[0], rows)
+    if idx is not None:
+        w = w[idx.to(w.device)]
+    factor = None
+    if quantizer == "gptq" and any(not c.keep and not isinstance(c, GGMLSpec) and storable(c, w.shape[1])
+                                   for c in configs):
+        factor = gptq_factor(gram, gptq, device=w.device)
     err, rtn = np.zeros(len(configs)), np.zeros(len(configs))
     for j, spec in enumerate(configs):
         if not storable(spec, w.shape[1]):
             err[j] = rtn[j] = np.nan  # a ggml type this row length cannot take: not measured (gain 1)
         elif not spec.keep:
-            q = quantize_weight(w, spec, quantizer, H=gram, gptq=gptq)
+            q = quantize_weight(w, spec, quantizer, H=gram, gptq=gptq,
+                                factor=None if isinstance(spec, GGMLSpec) else factor)
             err[j], rtn[j] = q.error, q.rtn_error
     return err, rtn
 
