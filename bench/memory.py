@@ -19,7 +19,8 @@ depth and growing width:
     tiny   64 x 2            128            6.3 M  (the smoke test's)
 
 Stages, each its own process (`mixbits ...`, imports, loading, computing and saving all count):
-run-rtn and run-gptq (`mixbits run` with the uniform baselines), analyze (`--methods fisher`),
+run-rtn and run-gptq (`mixbits run` with the uniform baselines), run-rtn-ram (run-rtn with
+`--preload`: the checkpoint held in RAM in its own dtype), analyze (`--methods fisher`),
 train (Block-AP of run-rtn's plan), export-gptq and export-gguf (of run-rtn's folder). Small
 calibration settings (--calib-windows, --seqlen, --eval-windows) keep the data's share small: the
 figures are the model's. Per stage: wall time around the process, and its peak resident memory
@@ -46,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-STAGES = ("run-rtn", "run-gptq", "analyze", "train", "export-gptq", "export-gguf")
+STAGES = ("run-rtn", "run-rtn-ram", "run-gptq", "analyze", "train", "export-gptq", "export-gguf")
 NEEDS_RUN = ("train", "export-gptq", "export-gguf")  # read run-rtn's folder
 VOCAB = 49152
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -107,6 +108,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = [s for s in args.sizes if s not in SIZES] + [s for s in args.stages if s not in STAGES]
     if bad:
         a.error(f"unknown sizes or stages {bad}; sizes: {', '.join(SIZES)}; stages: {', '.join(STAGES)}")
+    if "run-rtn-ram" in args.stages and not args.stream:
+        a.error("run-rtn-ram preloads the checkpoint for the streamed path; drop it or --no-stream")
     if any(s in NEEDS_RUN for s in args.stages) and "run-rtn" not in args.stages:
         args.stages.insert(0, "run-rtn")  # train and export read its folder
     args.stages = [s for s in STAGES if s in args.stages]
@@ -178,8 +181,10 @@ def stage_argv(stage: str, model: Path, out: Path, args: argparse.Namespace) -> 
     data = ["--dataset", "wiki", "--seqlen", str(args.seqlen), "--device", "cpu", "--no-verbose"]
     cands = ["--bits", args.bits, "--group-sizes", args.group_sizes]
     if stage.startswith("run-"):
+        quantizer = stage.split("-")[1]
         return _mixbits() + ["run", "--model", str(model), "--output-dir", str(out / stage), "--target-bpw",
-                             str(args.bpw), "--quantizer", stage.removeprefix("run-"), "--calib-windows",
+                             str(args.bpw), "--quantizer", quantizer, *(["--preload"] if stage.endswith("-ram") else []),
+                             "--calib-windows",
                              str(args.calib_windows), "--eval-windows", str(args.eval_windows), "--no-cache",
                              "--no-report", "--stream" if args.stream else "--no-stream", "--damage", args.damage,
                              *cands, *data]
@@ -200,7 +205,7 @@ def stage_argv(stage: str, model: Path, out: Path, args: argparse.Namespace) -> 
 def predicted_bytes(stage: str, model: Path, args: argparse.Namespace) -> int | None:
     """The peak `mixbits.model.budget` predicts for the stage (None where it predicts none: export)."""
     from mixbits.config import DataConfig, RunConfig, TrainConfig
-    from mixbits.model.budget import predict_run, skeleton_of
+    from mixbits.model.budget import predict_run, predict_train, skeleton_of
     from mixbits.model.memory import model_shapes
 
     skeleton, stored = skeleton_of(model)
@@ -208,18 +213,16 @@ def predicted_bytes(stage: str, model: Path, args: argparse.Namespace) -> int | 
     data = DataConfig(seqlen=args.seqlen, calib_windows=args.calib_windows, eval_windows=args.eval_windows)
     cpu = torch.device("cpu")
     if stage.startswith("run-"):
-        cfg = RunConfig(model=str(model), data=data, quantizer=stage.removeprefix("run-"), stream=args.stream,
-                        damage=args.damage)
+        cfg = RunConfig(model=str(model), data=data, quantizer=stage.split("-")[1], stream=args.stream,
+                        damage=args.damage, preload=stage.endswith("-ram"))
         return predict_run(cfg, shapes, device=cpu, checkpoint_dtype=stored).total
     if stage == "analyze":
         memory = predict_run(RunConfig(model=str(model), data=data, quantizer="rtn"), shapes, device=cpu,
                              checkpoint_dtype=stored)
         return memory.stages[0].total + sum(memory.held.values())  # the Fisher stage alone
-    if stage == "train":
-        train = TrainConfig(train_size=args.calib_windows, val_size=1, seqlen=args.seqlen, batch_size=1)
-        memory = predict_run(RunConfig(model=str(model), data=data, quantizer="rtn", plan=Path("plan.json"),
-                                       train=train, baselines=False), shapes, device=cpu, checkpoint_dtype=stored)
-        return memory.total
+    if stage == "train":  # streamed Block-AP (E2E-QP off), as stage_argv runs it
+        train = TrainConfig(train_size=args.calib_windows, val_size=1, seqlen=args.seqlen, batch_size=1, epochs=1)
+        return predict_train(train, shapes, device=cpu, checkpoint_dtype=stored, eval_windows=args.eval_windows).total
     return None
 
 

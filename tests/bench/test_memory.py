@@ -38,14 +38,18 @@ def test_checkpoint_is_built_shard_by_shard(bench, tmp_path):
 
 
 def test_tiny_run_measures_each_stage_and_deletes_the_checkpoint(bench, tmp_path):
-    data = bench.main(["--sizes", "tiny", "--stages", "export-gguf", "--out", str(tmp_path), "--threads", "1",
-                       "--seqlen", "64", "--bits", "4,8", "--group-sizes", "32", "--bpw", "5", "--timeout", "300"])
+    data = bench.main(["--sizes", "tiny", "--stages", "export-gguf,train,run-rtn-ram", "--out", str(tmp_path),
+                       "--threads", "1", "--seqlen", "64", "--bits", "4,8", "--group-sizes", "32", "--bpw", "5",
+                       "--timeout", "300"])
     rows = {r["stage"]: r for r in data["rows"]}
-    assert list(rows) == ["run-rtn", "export-gguf"]  # export reads run-rtn's folder, so it ran first
+    assert list(rows) == ["run-rtn", "run-rtn-ram", "train", "export-gguf"]  # train, export read run-rtn's folder
     for row in rows.values():
         assert row["status"] == "ok", row
         assert row["rc"] == 0 and row["peak_mib"] > 100 and row["wall_s"] > 0
     assert rows["run-rtn"]["predicted_mib"] > 0 and rows["export-gguf"]["predicted_mib"] is None
+    assert rows["train"]["predicted_mib"] > 0
+    assert rows["run-rtn-ram"]["predicted_mib"] > rows["run-rtn"]["predicted_mib"]  # + the checkpoint's bytes
+    assert "--preload" in (tmp_path / "tiny" / "logs" / "run-rtn-ram.log").read_text().splitlines()[0]
     assert (tmp_path / "tiny" / "export-gguf" / "model.gguf").is_file()
     text = (tmp_path / "memory.md").read_text()
     assert "Random weights measure memory and time only" in text and "| tiny | " in text

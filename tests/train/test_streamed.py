@@ -158,3 +158,27 @@ def test_on_cuda_close_to_the_cpu(saved, tmp_path):
     assert writer.done_blocks() == set(range(gpu.n_blocks)) and set(on_gpu.qparams) == set(plan.quantized())
     for a, b in zip(on_gpu.blocks, on_cpu.blocks):
         assert a.loss_start == pytest.approx(b.loss_start, rel=1e-3) and a.loss_end <= a.loss_start
+
+
+@pytest.mark.parametrize("train_size", [4, 16])
+def test_the_predicted_training_peak_is_not_below_the_measured_one(train_size, tmp_path):
+    """On a 256-wide Llama (the block, not Python's fixed costs, is most of the peak)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mixbits.model.budget import predict_train
+    from mixbits.model.memory import model_shapes
+    from tests.model.test_memory import measured_peak
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    model.save_pretrained(tmp_path / "ckpt", max_shard_size="1MB")
+    calib, val = windows(train_size, 1), windows(4, 2)
+    cfg = TrainConfig(**{**CFG.to_dict(), "train_size": train_size, "val_size": len(val), "seqlen": calib.shape[1]})
+    source = open_checkpoint(tmp_path / "ckpt")
+    predicted = predict_train(cfg, model_shapes(source.model), device=CPU, checkpoint_dtype=source.checkpoint_dtype,
+                              eval_windows=4)
+    assert [s.stage for s in predicted.stages] == ["train", "quantize+evaluate"]
+    run = lambda: streamed(tmp_path / "ckpt", mixed_plan(model), calib, val, cfg, tmp_path / "out" / "model")  # noqa: E731
+    measured, train = measured_peak(run, tmp_path / "ckpt", tmp_path), predicted.stages[0].total
+    assert 0.9 * measured <= train <= 2 * measured, (train, measured)

@@ -43,8 +43,10 @@ from mixbits.io import atomic_write_json
 from mixbits.jobs.run_streamed import local_folder, open_streamed
 from mixbits.model.apply import layer_shapes
 from mixbits.model.arch import find_blocks
+from mixbits.model.budget import predict_train
 from mixbits.model.checkpoint_files import SAFE_INDEX, SAFE_SINGLE
 from mixbits.model.load import load_model, resolve_model_source
+from mixbits.model.memory import model_shapes
 from mixbits.model.quantize import quantize_model
 from mixbits.model.quantize_streamed import quantize_streamed
 from mixbits.plan import Plan
@@ -126,6 +128,9 @@ def _train_streamed(model: str, folder: Path, plan: Plan, output_dir: Path, cfg:
     """The streamed path (module docstring): (windows, evaluation, bytes on disk, report)."""
     source, tokenizer = open_streamed(model, str(folder), device, "float32")
     plan.validate(layer_shapes(source.model))  # shapes from the skeleton: before any weight is read
+    memory = predict_train(cfg, model_shapes(source.model), device=device, checkpoint_dtype=source.checkpoint_dtype,
+                           eval_windows=eval_count)
+    log.info("memory: %s", memory.describe())
     sensitivity = _sensitivity(sensitivity_file, source.n_blocks)
     windows = _windows(tokenizer, cfg, eval_count)
     calib, val = windows["calibration"], windows["validation"]

@@ -52,7 +52,7 @@ from types import MappingProxyType
 import torch
 from torch import nn
 
-from mixbits.config import RunConfig, resolve_device
+from mixbits.config import DataConfig, RunConfig, TrainConfig, resolve_device
 from mixbits.devices import compute_torch_dtype, parse_max_memory
 from mixbits.errors import UserError
 from mixbits.model.arch import find_blocks
@@ -67,7 +67,7 @@ from mixbits.model.memory import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RUNTIME_BYTES", "RunMemory", "check_run_memory", "predict_run", "skeleton_of", "streams"]
+__all__ = ["RUNTIME_BYTES", "RunMemory", "check_run_memory", "predict_run", "predict_train", "skeleton_of", "streams"]
 
 RUNTIME_BYTES = 820 * 2**20  # a mixbits process on the CPU: 0.75-0.80 GiB measured on a 6 M-parameter model
 CUDA_CONTEXT_BYTES = 512 * 2**20  # the CUDA context and kernels on the device
@@ -181,17 +181,28 @@ def _whole_model(cfg: RunConfig, shapes: ModelShapes, dtype: torch.dtype, eval_n
     return MemoryPrediction("quantize+evaluate", f"{variants} models alive", MappingProxyType(parts))
 
 
-def _train(cfg: RunConfig, shapes: ModelShapes) -> MemoryPrediction:
-    """Block-AP: the block in float32 with its gradient and AdamW's moments (4 copies), its inputs
-    and targets for the training and validation windows (two batches on disk with offload)."""
-    t = cfg.train
+def _train(t: TrainConfig, shapes: ModelShapes) -> MemoryPrediction:
+    """Block-AP (train/streamed.py, train/run.py): the original block and its quantized copy, the
+    float32 working copy with its gradient and AdamW's two moments, the start and best states kept for
+    the restore, the fake-quantization graph of a step; the fp, q, target and next streams
+    for the training and validation windows at one block boundary (two batches each with offload);
+    for a clip / gptq init also the calibration stream and the block's Hessians; one batch's graph."""
     boundary = t.seqlen * shapes.hidden * 4
-    kept = 2 * (2 * t.batch_size if t.offload else t.train_size + t.val_size) * boundary
+    kept = 4 * (2 * t.batch_size if t.offload else t.train_size + t.val_size) * boundary
     grad_io = max((sum(i + o for o, i in blk) for blk in shapes.block_linears), default=0)
     activations = t.batch_size * (t.seqlen * grad_io * 4 + shapes.heads * t.seqlen ** 2 * 4)
-    return MemoryPrediction("train", "block", MappingProxyType({
-        "block weights, gradient, AdamW moments": 4 * max(shapes.block_params) * 4,
-        "boundaries": kept, "block activations": activations}))
+    block = max(shapes.block_params) * 4
+    parts = {"original block, quantized copy": 2 * block,
+             "working copy, gradient, AdamW moments": 4 * block,
+             "start and best finalized states": 2 * block,
+             # the straight-through fake quantization keeps W/s, its rounding, the dequantized W and their
+             # gradients per step: about 4 blocks (12 blocks in all measured 10.8-12.5 on a 256-wide Llama)
+             "fake-quantization graph": 4 * block,
+             "boundaries (fp, q, targets, next)": kept, "block activations": activations}
+    if t.init != "rtn":
+        parts["init calibration stream, Hessians"] = t.train_size * boundary + max(
+            (sum(4 * i * i for _, i in blk) for blk in shapes.block_linears), default=0)
+    return MemoryPrediction("train", "block", MappingProxyType(parts))
 
 
 def _eval_windows(cfg: RunConfig, given: int | None) -> int:
@@ -230,7 +241,7 @@ def predict_run(
     stages.append(_quantize_evaluate(cfg, shapes, dtype, eval_n, max(stored, min(dtype.itemsize, 2))) if streamed
                   else _whole_model(cfg, shapes, dtype, eval_n, 1 + variants))
     if cfg.train is not None:  # after quantization; without streaming the models stay alive
-        train = _train(cfg, shapes)
+        train = _train(cfg.train, shapes)
         if not streamed:
             models = {k: v for k, v in stages[-1].parts.items() if k in ("original model", "quantized copies")}
             train = dataclasses.replace(train, parts=MappingProxyType({**models, **train.parts}))
@@ -246,6 +257,22 @@ def predict_run(
     budget_device = "cpu" if device.type == "cpu" else f"cuda:{device.index or 0}"
     return RunMemory(budget_device, dtype, tuple(stages), MappingProxyType(held), block,
                      shapes.block_params[block] * dtype.itemsize if shapes.n_blocks else 0)
+
+
+def predict_train(
+    cfg: TrainConfig, shapes: ModelShapes, *, device: torch.device, checkpoint_dtype: torch.dtype = torch.float32,
+    eval_windows: int = 24,
+) -> RunMemory:
+    """`mixbits train` streamed (jobs/train.py, train/streamed.py): Block-AP block by block in float32
+    (its block with gradient and AdamW moments, the training and validation boundaries), then the
+    original, the initial quantization (`cfg.init`, on the training windows) and the trained model
+    scored one block at a time on `eval_windows` test windows; plus what the process holds."""
+    data = DataConfig(dataset=cfg.dataset, seqlen=cfg.seqlen, calib_windows=cfg.train_size, eval_windows=eval_windows)
+    run = RunConfig(data=data, quantizer=cfg.init)  # the init pass and the scoring are `mixbits run`'s
+    memory = predict_run(run, shapes, device=device, checkpoint_dtype=checkpoint_dtype, variants=2,
+                         eval_windows=eval_windows)
+    scoring = next(s for s in memory.stages if s.stage == "quantize+evaluate")
+    return dataclasses.replace(memory, stages=(_train(cfg, shapes), scoring))
 
 
 def streams(cfg: RunConfig) -> bool:
