@@ -173,7 +173,7 @@ def test_affine_plans_below_4_bits_move_to_the_k_quant_of_their_bits_where_rows_
     assert narrow.specs[L + "0.mlp.down_proj"].label == "w4g128"  # a 128-wide row has no K-quant: bits rounded up
 
 
-@pytest.mark.parametrize("fmt", ["native", "gptq", "compressed"])
+@pytest.mark.parametrize("fmt", ["gptq", "compressed"])  # native stores ggml types (tests/export/test_native_ggml.py)
 def test_other_formats_refuse_ggml_types_and_offer_the_affine_spec_of_their_bits(fmt):
     shapes = layer_shapes(wide_llama(256))
     found = expressible(fmt, Plan({L + "0.mlp.down_proj": GGMLSpec.parse("q4_k")}), shapes)

@@ -1,6 +1,6 @@
 """Every export format by name, what each can express, and one `export` entry point.
 
-    native      mixbits' packed safetensors (`load_native`); stores every plan
+    native      mixbits' packed safetensors (`load_native`); stores every plan, ggml types as their blocks
     gptq        GPTQ v1 with per-module `dynamic` overrides (GPTQModel, vLLM, SGLang); 2/3/4/8 bits
     compressed  compressed-tensors pack-quantized (vLLM; transformers for symmetric plans); 4/8 bits
     gguf        llama.cpp / Ollama: one ggml type per tensor, K-quants Q2_K..Q6_K (ggml-type plans,
@@ -28,7 +28,7 @@ from mixbits.export.rules import ExportError, Problem, Rules, nearest_plan as _n
 from mixbits.model.arch import find_linears, tied_groups
 from mixbits.plan import Plan
 from mixbits.quant.affine import QParams
-from mixbits.quant.spec import QUANT_BITS
+from mixbits.quant.spec import GGML_TYPES, QUANT_BITS
 
 __all__ = ["FORMATS", "ExportError", "ExportFormat", "Problem", "expressible", "export", "fused_groups", "nearest_plan"]
 
@@ -50,8 +50,9 @@ class ExportFormat:
 
 
 FORMATS: Mapping[str, ExportFormat] = MappingProxyType({
-    "native": ExportFormat("native", Rules("native", bits=QUANT_BITS), _write_native, None,
-                           "mixbits' packed safetensors; every plan; load with mixbits.export.native.load_native"),
+    "native": ExportFormat("native", Rules("native", bits=QUANT_BITS, ggml_types=tuple(GGML_TYPES)), _write_native,
+                           None, "mixbits' packed safetensors; every plan (ggml types as their blocks); load with "
+                           "mixbits.export.native.load_native"),
     "gptq": ExportFormat("gptq", gptq.RULES, gptq.write_gptq, None,
                          "GPTQ v1 + per-module dynamic (GPTQModel, vLLM, SGLang); 2/3/4/8 bits"),
     "compressed": ExportFormat("compressed", compressed.RULES, compressed.write_compressed, None,

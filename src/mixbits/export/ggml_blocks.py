@@ -42,7 +42,9 @@ from gguf import quants
 from torch import Tensor
 
 from mixbits.errors import UserError
+from mixbits.quant import ggml_packing
 from mixbits.quant.affine import QParams, dequantize
+from mixbits.quant.ggml_packing import fp16_bytes as _fp16_bytes, high_bits as _high_bits
 from mixbits.quant.groups import effective_group_size
 from mixbits.quant.spec import QuantSpec
 
@@ -67,23 +69,10 @@ def per_block(t: Tensor, in_features: int, group_size: int | None) -> Tensor:
     return t[:, starts // gs]
 
 
-def _fp16_bytes(t: Tensor) -> Tensor:
-    """float [out, nb] -> uint8 [out, nb, 2]: each value's little-endian fp16 bytes."""
-    raw = t.to(torch.float16).contiguous().view(torch.uint8).view(*t.shape, 2)
-    return raw.flip(-1) if sys.byteorder == "big" else raw
-
-
 def _nibbles(q: Tensor) -> Tensor:
     """uint8 [out, nb, 32] -> uint8 [out, nb, 16]: low nibbles of q[j] and q[j + 16]."""
     low = q & 0x0F
     return low[..., :16] | (low[..., 16:] << 4)
-
-
-def _high_bits(q: Tensor) -> Tensor:
-    """uint8 [out, nb, 32] -> uint8 [out, nb, 4]: the little-endian word whose bit j is bit 4 of q[j]."""
-    bits = ((q >> 4) & 1).to(torch.int64)
-    word = (bits << torch.arange(32, dtype=torch.int64)).sum(dim=-1)
-    return torch.stack([(word >> (8 * k)) & 0xFF for k in range(4)], dim=-1).to(torch.uint8)
 
 
 def _q8_0_asymmetric(codes: Tensor, qp: QParams, spec: QuantSpec) -> np.ndarray:
@@ -124,61 +113,7 @@ def encode_blocks(codes: Tensor, qp: QParams, spec: QuantSpec) -> tuple[Q, np.nd
 
 
 # --- Blocks of any GGMLSpec (K-quants and legacy) from `quant.kquant`'s codes and grid --------------
-#
-# Each type's block is a sequence of fields (LAYOUT). Codes are stored unsigned, u = q - qmin
-# (Q8_0: the int8 q itself); a "planes" field puts several codes in a byte: with `per` codes of
-# b bits per byte, code j of a run of per * span codes goes to byte j % span at bit b * (j // span).
-# That single rule gives every K-quant layout (Q2_K's 2-bit qs, Q3_K's hmask, Q4_K's nibbles,
-# Q6_K's ql and qh, Q3_K's packed scales); the legacy 5-bit high bits are one little-endian word.
-
-LAYOUT = {
-    "Q2_K": ("scales_q2k", "low2", "d", "dmin"),
-    "Q3_K": ("bit2", "low2", "scales_q3k", "d"),
-    "Q4_K": ("d", "dmin", "scales_k4", "low4"),
-    "Q5_K": ("d", "dmin", "scales_k4", "bit4", "low4"),
-    "Q6_K": ("low4_64", "high2", "scales_i8", "d"),
-    "Q4_0": ("d", "low4_16"),
-    "Q4_1": ("d", "m", "low4_16"),
-    "Q5_0": ("d", "word4", "low4_16"),
-    "Q5_1": ("d", "m", "word4", "low4_16"),
-    "Q8_0": ("d", "int8"),
-}
-
-
-def _planes(v: Tensor, bits: int, span: int) -> Tensor:
-    """uint8 [..., n] values < 2**bits -> uint8 [..., n * bits / 8] (see the comment above)."""
-    per = 8 // bits
-    v = v.to(torch.int32).reshape(*v.shape[:-1], -1, per, span)
-    shifts = (torch.arange(per, dtype=torch.int32) * bits).reshape(per, 1)
-    return (v << shifts).sum(dim=-2).reshape(*v.shape[:-3], -1).to(torch.uint8)
-
-
-def _scales_k4(sc: Tensor, mn: Tensor) -> Tensor:
-    """Q4_K / Q5_K: eight 6-bit scales and mins in 12 bytes (get_scale_min_k4's layout)."""
-    lo_sc, hi_sc, lo_mn, hi_mn = sc[..., :4], sc[..., 4:], mn[..., :4], mn[..., 4:]
-    return torch.cat([lo_sc | ((hi_sc >> 4) << 6), lo_mn | ((hi_mn >> 4) << 6), (hi_sc & 15) | ((hi_mn & 15) << 4)], -1)
-
-
-def _field(name: str, u: Tensor, q: Tensor, d: Tensor, dmin: Tensor, sc: Tensor, mn: Tensor) -> Tensor:
-    """One field of every block: uint8 [out, nb, bytes]."""
-    if name in ("d", "dmin", "m"):
-        return _fp16_bytes({"d": d, "dmin": dmin, "m": -dmin}[name])
-    if name == "scales_q2k":
-        return (sc | (mn << 4)).to(torch.uint8)
-    if name == "scales_q3k":
-        s = sc + 32
-        return torch.cat([_planes(s & 15, 4, 8), _planes(s >> 4, 2, 4)], -1)
-    if name == "scales_k4":
-        return _scales_k4(sc, mn).to(torch.uint8)
-    if name == "scales_i8":
-        return sc.to(torch.int8).view(torch.uint8)
-    if name == "int8":
-        return q.to(torch.int8).view(torch.uint8)
-    if name == "word4":
-        return _high_bits(u)
-    bits, shift, span = {"low2": (2, 0, 32), "bit2": (1, 2, 32), "low4": (4, 0, 32), "bit4": (1, 4, 32),
-                         "low4_64": (4, 0, 64), "high2": (2, 4, 32), "low4_16": (4, 0, 16)}[name]
-    return _planes((u >> shift) & ((1 << bits) - 1), bits, span)
+# The layouts live in `quant.ggml_packing` (encode and decode), so the native format stores the same bytes.
 
 
 def encode_ggml(codes: Tensor, params) -> tuple[Q, np.ndarray]:
@@ -186,18 +121,4 @@ def encode_ggml(codes: Tensor, params) -> tuple[Q, np.ndarray]:
 
     codes: int [out, in] in [qmin, qmax]; params: a `kquant.GGMLParams`. Bit-exact: ggml (and
     `gguf.quants.dequantize`) read back exactly the weights mixbits computed."""
-    spec = params.spec
-    out_features, in_features = codes.shape
-    nb = in_features // spec.block
-    q = codes.to(torch.int32).cpu().reshape(out_features, nb, spec.block)
-    if int(q.min()) < spec.qmin or int(q.max()) > spec.qmax:
-        raise ValueError(f"{spec.name} codes must lie in [{spec.qmin}, {spec.qmax}]")
-    u = q - spec.qmin
-    sc = params.sc.to(torch.int32).cpu().reshape(out_features, nb, spec.subs)
-    mn = params.mn.to(torch.int32).cpu().reshape(out_features, nb, spec.subs)
-    d, dmin = params.d.float().cpu(), params.dmin.float().cpu()
-    parts = [_field(name, u, q, d, dmin, sc, mn) for name in LAYOUT[spec.name]]
-    blocks = torch.cat(parts, dim=-1)
-    if blocks.shape[-1] != spec.type_size:
-        raise AssertionError(f"{spec.name} block has {blocks.shape[-1]} bytes, expected {spec.type_size}")
-    return Q[spec.name], blocks.reshape(out_features, -1).contiguous().numpy()
+    return Q[params.spec.name], ggml_packing.encode(codes, params).numpy()

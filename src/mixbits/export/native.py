@@ -31,6 +31,7 @@ from mixbits.model.apply import layer_shapes
 from mixbits.model.arch import find_blocks, get_bias, get_weight
 from mixbits.plan import Plan
 from mixbits.quant.affine import QParams
+from mixbits.quant.packed import layer_from_state
 from mixbits.quant.qlinear import QuantLinear
 from mixbits.safeload import check_safetensors
 
@@ -137,10 +138,11 @@ class NativeFolder:
         return self.read(n for n in self.weight_map if block_of(n, self.block_path) is None)
 
     def layer(self, tensors: Mapping[str, Tensor], name: str, shape: tuple[int, int]) -> QuantLinear:
-        """The quantized layer `name` ([out, in] = shape) rebuilt from its block's tensors."""
+        """The quantized layer `name` ([out, in] = shape) rebuilt from its block's tensors: a
+        `QuantLinear`, or a `GGMLLinear` when the plan gives it a ggml type."""
         prefix = f"{name}."
         own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        return QuantLinear.from_state(own, self.plan.specs[name], shape[1], shape[0])
+        return layer_from_state(own, self.plan.specs[name], shape[1], shape[0])
 
 
 def _meta(path: Path) -> dict:
@@ -195,7 +197,8 @@ def skeleton(config, dtype: torch.dtype = torch.float32) -> nn.Module:
 
 def load_native(path: str | Path, *, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Rebuild a model saved by `save_native` (either layout): packed layers become QuantLinear modules."""
+    """Rebuild a model saved by `save_native` (either layout): packed layers become QuantLinear modules
+    (GGMLLinear for layers planned as ggml types, dequantized by mixbits' own decoder)."""
     folder = open_native(path)
     model = skeleton(folder.config, dtype)
     shapes = layer_shapes(model)

@@ -5,8 +5,11 @@ Layout of a native folder:
                                         linear `{name}.qweight` (uint8 bitstream of the [out, in]
                                         codes, row-major), `{name}.scales` (fp16 [out, G]),
                                         `{name}.qzeros` (uint8 bitstream of the [out, G] zero
-                                        codes, empty when symmetric), `{name}.bias` (fp16); every
-                                        other tensor of the block (norms, kept linears) in fp16
+                                        codes, empty when symmetric), `{name}.bias` (fp16); a
+                                        linear planned as a ggml type: `{name}.qweight` uint8
+                                        [out, in / block * type_size], its GGUF blocks byte for byte
+                                        (the type is the plan's; `quant.ggml_linear`), and its bias;
+                                        every other tensor of the block (norms, kept linears) in fp16
     model-rest.safetensors              everything outside the blocks (embeddings, final norm,
                                         head), fp16; tied copies are left out
     model.safetensors.index.json        Hugging Face's index: every tensor -> its shard

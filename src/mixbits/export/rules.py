@@ -139,7 +139,8 @@ def _most_precise(specs: Iterable[QuantSpec]) -> QuantSpec:
 
 
 def _fused_spec(rules: Rules, members: Sequence[str], specs: Mapping[str, QuantSpec], shapes) -> QuantSpec:
-    unified = _most_precise(specs[n] for n in members)
+    own = [_ggml_nearest(rules, specs[n], shapes[n]) if isinstance(specs[n], GGMLSpec) else specs[n] for n in members]
+    unified = _most_precise(own)
     if all(spec_problem(rules, unified, shapes[n]) is None for n in members):
         return unified
     return KEEP

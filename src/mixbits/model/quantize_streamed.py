@@ -58,14 +58,14 @@ from mixbits.model.quantize import (
     QuantizeReport,
     block_grams,
     check_quantizer,
+    params_on_cpu,
     quantize_layer,
 )
 from mixbits.model.stream import BlockSource, call_block
 from mixbits.plan import Plan
 from mixbits.quant.affine import QParams
 from mixbits.quant.gptq import GPTQConfig
-from mixbits.quant.packed import packed_tensors
-from mixbits.quant.qlinear import QuantLinear
+from mixbits.quant.packed import layer_from_state, packed_tensors
 from mixbits.quant.spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -105,12 +105,13 @@ class StreamedVariant:
 
 def dequantized_block(tensors: Mapping[str, Tensor], specs: Mapping[str, QuantSpec],
                       linears: Mapping[str, LinearInfo]) -> dict[str, tuple[Tensor, QParams]]:
-    """(weight [out, in] float32, stored QParams) of each planned linear, from a block's packed tensors."""
+    """(weight [out, in] float32, stored QParams or GGMLParams) of each planned linear, from a block's
+    packed tensors."""
     out = {}
     for name, spec in specs.items():
         prefix, info = f"{name}.", linears[name]
         own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        layer = QuantLinear.from_state(own, spec, info.in_features, info.out_features)
+        layer = layer_from_state(own, spec, info.in_features, info.out_features)
         out[name] = (layer.dequantized_weight(torch.float32), layer.qparams())
     return out
 
@@ -280,7 +281,7 @@ def _block(p: _Pass, i: int, block: nn.Module, sink: BlockSink | None, *, resume
                 if sink is not None:
                     sink.write_block(i, _packed(p, names, made, state))
             _push(p, i, block)
-    return {n: (report, QParams(lq.qparams.scale.cpu(), lq.qparams.zero.cpu()),
+    return {n: (report, params_on_cpu(lq.qparams),
                 None if lq.g_idx is None else lq.g_idx.cpu()) for n, (lq, report) in made.items()}
 
 
