@@ -13,6 +13,8 @@ clock around it, with its peak resident memory from the kernel's rusage of that 
                          `--eval-windows 1`, and the evaluate
                          stage its own timer reports (results.json timings_s) is subtracted:
                          no other tool evaluates
+  mixbits-gptq-all-rows  the same as mixbits-gptq with `--gain-rows 0`: GPTQ's gain measured on every
+                         output row of every layer (the default before it was sampled)
   mixbits-gptq-rtn-damage  the same with `--damage rtn`: allocated on RTN's damage, no GPTQ gain table
   mixbits-gptq-qat       the same as mixbits-gptq with `--qat --e2e` (Block-AP, then E2E-QP)
   llamacpp               llama.cpp's convert_hf_to_gguf.py (F16), then llama-quantize TYPE
@@ -46,7 +48,7 @@ from quality_rows import NotRun  # noqa: E402
 from mixbits.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-SUBJECTS = ("mixbits-rtn", "mixbits-gptq", "mixbits-gptq-rtn-damage", "mixbits-gptq-qat", "llamacpp", "llamacpp-imatrix",
+SUBJECTS = ("mixbits-rtn", "mixbits-gptq", "mixbits-gptq-all-rows", "mixbits-gptq-rtn-damage", "mixbits-gptq-qat", "llamacpp", "llamacpp-imatrix",
             "gptqmodel", "torchao")
 BASELINE = "mixbits-rtn"
 
@@ -171,14 +173,22 @@ def _peer(args, name: str, job: dict, settings: str, module: str) -> Subject:
 
 
 def subjects(args, hf: str, ids: Path, text: Path) -> list[Subject]:
+    from mixbits.config import RunConfig
+
     calibration = json.loads(ids.read_text())
     bits, group, mse = args.gptq.split(",")
     bits, group, mse = int(bits), int(group), float(mse)
     tb, tg, variant = args.torchao.split(",")
+    rows = RunConfig().gain_rows
+    sampled = f"gain on {rows} rows per layer" if rows else "gain on every row"
     made = {
         "mixbits-rtn": lambda: _mixbits(args, "mixbits-rtn", ["--quantizer", "rtn"], f"optimal at {args.bpw:g} bpw, RTN"),
         "mixbits-gptq": lambda: _mixbits(args, "mixbits-gptq", ["--quantizer", "gptq"],
-                                         f"optimal at {args.bpw:g} bpw, GPTQ with clip search"),
+                                         f"optimal at {args.bpw:g} bpw, GPTQ with clip search ({sampled})"),
+        "mixbits-gptq-all-rows": lambda: _mixbits(args, "mixbits-gptq-all-rows", ["--quantizer", "gptq", "--gain-rows",
+                                                                                  "0"],
+                                                  f"optimal at {args.bpw:g} bpw, GPTQ with clip search (gain on every "
+                                                  "row)"),
         "mixbits-gptq-rtn-damage": lambda: _mixbits(args, "mixbits-gptq-rtn-damage",
                                                     ["--quantizer", "gptq", "--damage", "rtn"],
                                                     f"optimal at {args.bpw:g} bpw on RTN's damage, GPTQ with clip search"),

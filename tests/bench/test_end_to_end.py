@@ -53,3 +53,14 @@ def test_a_rerun_measures_nothing_again(quick):
     e2e, data, _, argv = quick
     again = e2e.main(argv)
     assert again["subjects"] == json.loads(json.dumps(data["subjects"]))
+
+
+def test_the_every_row_subject_asks_for_every_row(quick, tmp_path):
+    e2e, _, _, _ = quick
+    args = e2e.parse_args(["--out", str(tmp_path), "--subjects", "mixbits-gptq,mixbits-gptq-all-rows"])
+    ids = tmp_path / "ids.json"
+    ids.write_text("[]")
+    default, every = e2e.subjects(args, "hf", ids, tmp_path / "text.txt")
+    assert "--gain-rows" not in default.steps[0].argv  # the default, whatever it is
+    argv = every.steps[0].argv
+    assert argv[argv.index("--gain-rows") + 1] == "0" and "every row" in every.settings
