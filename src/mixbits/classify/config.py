@@ -11,9 +11,11 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from mixbits.classify.model import HEADS
 from mixbits.errors import UserError
 from mixbits.quant.spec import QuantSpec
+
+
+HEADS = ("auto", "train", "model")  # where the classifier head comes from (ClassifyConfig.head)
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,12 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from mixbits.classify.config import HEADS
 from mixbits.classify.head import HeadFit, sentence_embedding
 from mixbits.model.load import embedded_model, model_architectures
 
 log = logging.getLogger(__name__)
 
-HEADS = ("auto", "train", "model")
 
 
 class EncoderClassifier(nn.Module):

@@ -9,64 +9,50 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from mixbits.outdir import claim
-from mixbits.cli.options import option
 from mixbits.cli.common import (
     user_errors,
-    OVERWRITE, app, console, setup_logging, MODEL, DATASET, SEQLEN,
-    CALIB_WINDOWS, BITS, GROUP_SIZES, MIN_BITS, MAX_BITS, KEEP, PIN, TIE, DEVICE, VERBOSE,
+    OVERWRITE, app, console, setup_logging, MIN_BITS, MAX_BITS, KEEP, PIN, TIE, VERBOSE,
 )
-from mixbits.parsing import parse_group_sizes, parse_ints, split_list
+from mixbits.cli.fields import ConfigOptions, config_options
+from mixbits.cli.options import FLAGS
+from mixbits.jobs.analyze_config import AnalyzeConfig
+from mixbits.outdir import claim
+from mixbits.parsing import parse_group_sizes, parse_ints
 from mixbits.report.console import print_analysis
 
 
+ANALYZE_HELPS = {
+    **{name: FLAGS[name].help for name in ("model", "dataset", "calib_windows", "seqlen", "bits", "group_sizes",
+                                           "device", "compute_dtype", "offload_dir", "stream")},
+    "methods": "comma list of fisher, gradient, hessian, output_error, divergence, ablation",
+    "granularity": "layer (each linear) or block (all linears of a block together)",
+    "seed": "seed of the calibration window sampler and of random probes",
+    "measure_configs": "configs measured methods run, e.g. w2g128,w4g128 (default all)",
+    "validate": "rank-correlate every method with measured damage on held-out text",
+    "validate_configs": "configs compared in validation",
+    "validate_windows": "held-out windows (validation split) for measured damage",
+    "validate_with": "measured damage for validation: divergence (KL) or ablation (ΔPPL)",
+    "output_dir": "where sensitivity.json, validation.json, plots/ go",
+    "sensitivity_file": 'import {"sensitivity_scores": [one per block]}',
+    "use_cache": "reuse tables cached under $MIXBITS_CACHE_DIR/sensitivity (default MIXBITS_HOME/cache)",
+}
+ANALYZE_HIDDEN = ("progress",)  # --verbose
+
+
 @app.command()
-def analyze(
-    model: str = MODEL,
-    dataset: str = DATASET,
-    methods: str = typer.Option("fisher,gradient,output_error",
-                                help="comma list of fisher, gradient, hessian, output_error, divergence, ablation"),
-    granularity: str = typer.Option("layer", help="layer (each linear) or block (all linears of a block together)"),
-    calib_windows: int = CALIB_WINDOWS,
-    seqlen: int = SEQLEN,
-    seed: int = typer.Option(0, help="seed of the calibration window sampler and of random probes"),
-    bits: str = BITS,
-    group_sizes: str = GROUP_SIZES,
-    measure_configs: Optional[str] = typer.Option(None, help="configs measured methods run, e.g. w2g128,w4g128 (default all)"),
-    validate: bool = typer.Option(True, help="rank-correlate every method with measured damage on held-out text"),
-    validate_configs: str = typer.Option("w2g128,w3g128", help="configs compared in validation"),
-    validate_windows: int = typer.Option(8, help="held-out windows (validation split) for measured damage"),
-    validate_with: str = typer.Option("divergence", help="measured damage for validation: divergence (KL) or ablation (ΔPPL)"),
-    output_dir: Path = typer.Option(Path("runs/analyze"), help="where sensitivity.json, validation.json, plots/ go"),
-    sensitivity_file: Optional[Path] = typer.Option(None, help='import {"sensitivity_scores": [one per block]}'),
-    cache: bool = typer.Option(True, help="reuse tables cached under $MIXBITS_CACHE_DIR/sensitivity (default MIXBITS_HOME/cache)"),
-    overwrite: bool = OVERWRITE,
-    device: str = DEVICE,
-    compute_dtype: Optional[str] = option("compute_dtype"),
-    offload_dir: Optional[Path] = option("offload_dir"),
-    stream: bool = option("stream"),
-    verbose: bool = VERBOSE,
-) -> None:
+@config_options(AnalyzeConfig, ANALYZE_HELPS, flags={"use_cache": "cache"})
+def analyze(overwrite: bool = OVERWRITE, verbose: bool = VERBOSE, *, options: ConfigOptions) -> None:
     """Sensitivity by several methods, validated against measured damage; writes tables and plots.
     `--methods fisher --no-validate` streams the model block by block (the other options load it whole)."""
     setup_logging(verbose)
-    from mixbits.jobs.analyze import AnalyzeConfig, analyze as run_analyze  # heavy imports after parsing
+    from mixbits.jobs.analyze import analyze as run_analyze  # heavy imports after parsing
 
     with user_errors():
-        cfg = AnalyzeConfig(
-            model=model, dataset=dataset, methods=split_list(methods), granularity=granularity,
-            calib_windows=calib_windows, seqlen=seqlen, seed=seed, bits=parse_ints(bits),
-            group_sizes=parse_group_sizes(group_sizes),
-            measure_configs=None if measure_configs is None else split_list(measure_configs),
-            validate=validate, validate_configs=split_list(validate_configs), validate_windows=validate_windows,
-            validate_with=validate_with, output_dir=output_dir, sensitivity_file=sensitivity_file,
-            device=device, progress=verbose, use_cache=cache, compute_dtype=compute_dtype, offload_dir=offload_dir,
-            stream=stream,
-        )
-        with claim(output_dir, "analyze", overwrite=overwrite, command="mixbits analyze"):
+        cfg = options.config(progress=verbose)
+        with claim(cfg.output_dir, "analyze", overwrite=overwrite, command="mixbits analyze"):
             summary = run_analyze(cfg)
     print_analysis(console, summary)
-    console.print("wrote " + ", ".join(summary["files"].values()) + f", {output_dir}/analysis.json")
+    console.print("wrote " + ", ".join(summary["files"].values()) + f", {cfg.output_dir}/analysis.json")
 
 
 @app.command()

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import typer
 from rich.markup import escape
 from rich.table import Table
 
 from mixbits.cli.common import OVERWRITE
 from mixbits.outdir import claim
 
-from mixbits.cli.common import DEVICE, VERBOSE, app, console, setup_logging, user_errors
+from mixbits.classify.config import ClassifyConfig
+from mixbits.cli.common import VERBOSE, app, console, setup_logging, user_errors
+from mixbits.cli.fields import ConfigOptions, config_options
+from mixbits.cli.options import FLAGS
 from mixbits.errors import UserError
-from mixbits.parsing import parse_floats, parse_group_sizes
+from mixbits.parsing import parse_group_sizes
+
+DEVICE_HELP = FLAGS["device"].help
 
 
 def _group(text: str) -> int | None:
@@ -55,38 +57,35 @@ def print_classify(results: dict) -> None:
         console.print(f"  {row['name']}: {escape(row['rule'])}")
 
 
+CLASSIFY_HELPS = {
+    "model": "embedded encoder (minilm-l6), hub id or local HF folder",
+    "dataset": "pang-lee-polarity, sst2, or a file of '__label__X text' lines",
+    "output_dir": "where classify.json and classify.png go",
+    "head": "auto (the checkpoint's head if any, else train one), train, or model",
+    "test_fraction": "share of each class held out for testing (not sst2: its own split)",
+    "seed": "seed of the split, the head's folds and the ranking subset",
+    "max_length": "tokens per sentence; longer ones are truncated",
+    "batch_size": "sentences per forward pass",
+    "group_size": "group size of every quantized layer (pc = per-channel)",
+    "int4_fraction": "share of layers, least sensitive first, at 4 bits in the mixed strategies",
+    "rank_examples": "training sentences that rank the layers (all when fewer)",
+    "head_l2": "L2 penalties of the trained head, picked by cross-validation",
+    "head_folds": "cross-validation folds of the trained head",
+    "device": DEVICE_HELP,
+}
+CLASSIFY_HIDDEN = ("progress",)  # --verbose
+
+
 @app.command()
-def classify(
-    model: str = typer.Option("minilm-l6", help="embedded encoder (minilm-l6), hub id or local HF folder"),
-    dataset: str = typer.Option("pang-lee-polarity", help="pang-lee-polarity, sst2, or a file of '__label__X text' lines"),
-    output_dir: Path = typer.Option(Path("runs/classify"), help="where classify.json and classify.png go"),
-    head: str = typer.Option("auto", help="auto (the checkpoint's head if any, else train one), train, or model"),
-    test_fraction: float = typer.Option(0.3, help="share of each class held out for testing (not sst2: its own split)"),
-    seed: int = typer.Option(0, help="seed of the split, the head's folds and the ranking subset"),
-    max_length: int = typer.Option(128, help="tokens per sentence; longer ones are truncated"),
-    batch_size: int = typer.Option(32, help="sentences per forward pass"),
-    group_size: str = typer.Option("128", help="group size of every quantized layer (pc = per-channel)"),
-    int4_fraction: float = typer.Option(0.5, help="share of layers, least sensitive first, at 4 bits in the mixed strategies"),
-    rank_examples: int = typer.Option(256, help="training sentences that rank the layers (all when fewer)"),
-    head_l2: str = typer.Option("0.01,0.1,1,10", help="L2 penalties of the trained head, picked by cross-validation"),
-    head_folds: int = typer.Option(5, help="cross-validation folds of the trained head"),
-    overwrite: bool = OVERWRITE,
-    device: str = DEVICE,
-    verbose: bool = VERBOSE,
-) -> None:
+@config_options(ClassifyConfig, CLASSIFY_HELPS, parsers={"group_size": _group})
+def classify(overwrite: bool = OVERWRITE, verbose: bool = VERBOSE, *, options: ConfigOptions) -> None:
     """Accuracy drop per layer at 4 bits, and INT8 / INT4 / INT6+INT4 / INT8+selective-INT4 plans."""
     setup_logging(verbose)
-    from mixbits.classify.config import ClassifyConfig  # heavy imports after parsing
-    from mixbits.jobs.classify import run_classify
+    from mixbits.jobs.classify import run_classify  # heavy imports after parsing
 
     with user_errors():
-        cfg = ClassifyConfig(
-            model=model, dataset=dataset, output_dir=output_dir, head=head, test_fraction=test_fraction, seed=seed,
-            max_length=max_length, batch_size=batch_size, group_size=_group(group_size), int4_fraction=int4_fraction,
-            rank_examples=rank_examples, head_l2=parse_floats(head_l2, field="--head-l2", example="0.01,0.1,1,10"), head_folds=head_folds, device=device,
-            progress=verbose,
-        )
-        with claim(output_dir, "classify", overwrite=overwrite, command="mixbits classify"):
+        cfg = options.config(progress=verbose)
+        with claim(cfg.output_dir, "classify", overwrite=overwrite, command="mixbits classify"):
             results = run_classify(cfg)
     print_classify(results)
     console.print("wrote " + ", ".join(results["files"].values()))

@@ -8,61 +8,64 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from mixbits.cli.common import (
-    user_errors,
-    app, console, setup_logging, MODEL, DATASET, EVAL_WINDOWS, SEED, DEVICE, VERBOSE,
-)
-from mixbits.cli.common import OVERWRITE
+from mixbits.cli.common import DEVICE, EVAL_WINDOWS, MODEL, OVERWRITE, VERBOSE, app, console, setup_logging, user_errors
+from mixbits.cli.fields import ConfigOptions, config_options
+from mixbits.cli.options import FLAGS
 from mixbits.config import TrainConfig
 from mixbits.outdir import claim
 
 
-_T = TrainConfig()
+TRAIN_HELPS = {
+    "dataset": FLAGS["dataset"].help,
+    "train_size": "training windows (EfficientQAT: 4096)",
+    "val_size": "validation windows that pick each block's best state (64)",
+    "seqlen": "tokens per window (2048)",
+    "epochs": "base epochs per block; a schedule scales them",
+    "batch_size": "windows per step",
+    "quant_lr": "lr of the scales and zero-points",
+    "weight_lr": "lr of the weights (default 2e-5 at 2 bits, 1e-5 above)",
+    "schedule": "fixed, linear, sqrt, conservative or joint (all but fixed need --sensitivity-file)",
+    "total_epoch_budget": "rescale the schedule to the total epochs of fixed",
+    "patience": "stop a block after this many epochs without improvement",
+    "init": "starting point of every block: rtn, clip or gptq",
+    "e2e": "then train the step sizes end to end (E2E-QP)",
+    "e2e_epochs": "E2E-QP epochs",
+    "e2e_lr": "E2E-QP lr (default 2e-5 at 2 bits, 1e-5 above)",
+    "offload": "keep block activations on disk instead of in CPU memory",
+    "seed": "seed of the window sampler and of each block's training",
+}
+# set in a recipe of `mixbits run --qat` only: the finer knobs (cli/options.py RECIPE_ONLY)
+TRAIN_HIDDEN = ("min_lr_factor", "weight_decay", "grad_clip", "max_nonfinite", "offload_dir", "e2e_batch_size",
+                "e2e_grad_clip")
 
 
 @app.command()
+@config_options(TrainConfig, TRAIN_HELPS, flags={"init": "qat_init"})
 def train(
     plan: Path = typer.Argument(..., help="plan.json (or .yaml) written by `mixbits run` or `mixbits allocate`"),
     model: str = MODEL,
     output_dir: Path = typer.Option(Path("runs/train"), help="where model/, train_report.json, checkpoint/ go"),
-    dataset: str = DATASET,
-    train_size: int = typer.Option(_T.train_size, help="training windows (EfficientQAT: 4096)"),
-    val_size: int = typer.Option(_T.val_size, help="validation windows that pick each block's best state (64)"),
-    seqlen: int = typer.Option(_T.seqlen, help="tokens per window (2048)"),
-    epochs: float = typer.Option(_T.epochs, help="base epochs per block; a schedule scales them"),
-    batch_size: int = typer.Option(_T.batch_size, help="windows per step"),
-    quant_lr: float = typer.Option(_T.quant_lr, help="lr of the scales and zero-points"),
-    weight_lr: Optional[float] = typer.Option(None, help="lr of the weights (default 2e-5 at 2 bits, 1e-5 above)"),
-    schedule: str = typer.Option(_T.schedule, help="fixed, linear, sqrt, conservative or joint (all but fixed need --sensitivity-file)"),
-    total_epoch_budget: bool = typer.Option(False, help="rescale the schedule to the total epochs of fixed"),
-    patience: Optional[int] = typer.Option(None, help="stop a block after this many epochs without improvement"),
-    qat_init: str = typer.Option(_T.init, help="starting point of every block: rtn, clip or gptq"),
     sensitivity_file: Optional[Path] = typer.Option(None, help='{"sensitivity_scores": [one per block]}'),
-    e2e: bool = typer.Option(False, help="then train the step sizes end to end (E2E-QP)"),
-    e2e_epochs: float = typer.Option(_T.e2e_epochs, help="E2E-QP epochs"),
-    e2e_lr: Optional[float] = typer.Option(None, help="E2E-QP lr (default 2e-5 at 2 bits, 1e-5 above)"),
-    offload: bool = typer.Option(False, help="keep block activations on disk instead of in CPU memory"),
-    resume: bool = typer.Option(False, help="continue a killed run from OUTPUT_DIR/checkpoint"),
+    resume: bool = typer.Option(False, help="continue a killed run in OUTPUT_DIR after its last finished block "
+                                            "(same plan, model and settings; a changed setting is refused, naming it)"),
     eval_windows: int = EVAL_WINDOWS,
-    seed: int = SEED,
     overwrite: bool = OVERWRITE,
     device: str = DEVICE,
     verbose: bool = VERBOSE,
+    *,
+    options: ConfigOptions,
 ) -> None:
     """Block-AP (then optionally E2E-QP) of a model quantized by a plan; evaluated against its init."""
     setup_logging(verbose)
     from mixbits.jobs.train import train_command  # heavy imports only once arguments parse
 
     with user_errors():
-        cfg = TrainConfig(
-            dataset=dataset, train_size=train_size, val_size=val_size, seqlen=seqlen, epochs=epochs,
-            batch_size=batch_size, quant_lr=quant_lr, weight_lr=weight_lr, patience=patience, schedule=schedule,
-            total_epoch_budget=total_epoch_budget, init=qat_init, offload=offload, e2e=e2e, e2e_epochs=e2e_epochs,
-            e2e_lr=e2e_lr, seed=seed)
+        cfg = options.config()
         with claim(output_dir, "train", overwrite=overwrite, resume=resume, command="mixbits train"):
             results = train_command(model=model, plan=plan, output_dir=output_dir, cfg=cfg,
                                     sensitivity_file=sensitivity_file, device=device, resume=resume,
                                     eval_windows=eval_windows, progress=verbose)
+    schedule = cfg.schedule
     table = Table(title=f"{model}: {results['training']['init']} init vs Block-AP ({schedule} schedule)")
     for col in ("model", "perplexity", "KL (nats/tok)", "top-1 agree"):
         table.add_column(col, justify="left" if col == "model" else "right", no_wrap=col == "model")
