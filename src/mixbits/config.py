@@ -255,16 +255,14 @@ class RunConfig:
     offload_dir: Path | None = None  # where block-boundary activations wait on disk instead of in memory
     stream: bool = True  # block by block from the checkpoint; False: the whole model in memory (the reference path)
     preload: bool = False  # streamed: hold the checkpoint in RAM in its own dtype (one read; + its bytes to the peak)
+    gguf_pre: str = "default"  # tokenizer.ggml.pre of the GGUF file a size target over ggml candidates counts
 
     def __post_init__(self) -> None:
         if self.quantizer not in QUANTIZERS:
             raise UserError(f"`quantizer` {self.quantizer!r} is not one of {', '.join(QUANTIZERS)}")
-        if self.allocation.candidates != "affine":  # refused here, not after the sensitivity stage
-            raise UserError(
-                f"`allocation.candidates` {self.allocation.candidates!r}: a run cannot store ggml types yet (its native "
-                "model folder holds affine grids only); use `allocation.candidates` affine for `mixbits run`, or plan "
-                "and write a GGUF file from Python (allocate.optimal over a table with the ggml types, "
-                "model.quantize.quantize_model, export.gguf.write_gguf), as docs/gguf.md shows")
+        if self.allocation.candidates != "affine" and self.train is not None:  # refused here, before any work
+            raise UserError(f"`allocation.candidates` {self.allocation.candidates!r} with `train`: Block-AP trains "
+                            "affine grids only, not ggml types; drop --qat or use `allocation.candidates` affine")
         if self.train is not None and self.train.init != self.quantizer:
             raise UserError(f"training starts from the run's quantizer ({self.quantizer}), not {self.train.init}; "
                              "set TrainConfig(init=...) to the same value")

@@ -31,6 +31,7 @@ from mixbits.config import RunConfig, resolve_device
 from mixbits.data.text import load_text, resolve_text
 from mixbits.data.windows import calibration_windows, eval_windows, text_fingerprint
 from mixbits.eval.perplexity import evaluate_models
+from mixbits.jobs.gguf_budget import GGUFBudget, check_ggml_rows, counts_gguf, gguf_budget
 from mixbits.jobs.run_streamed import open_streamed, run_variants, streamed_fisher, whole_model_reasons
 from mixbits.model.budget import check_run_memory
 from mixbits.model.stream import BlockSource, LoadedModel
@@ -73,6 +74,7 @@ class Prepared:
     fixed_bytes: int
     given_plan: Plan | None
     source: BlockSource | None = None  # streamed: the blocks' source (`model` is then its model, maybe a meta skeleton)
+    gguf: GGUFBudget | None = None  # a size target over ggml candidates: the GGUF file it counts (jobs.gguf_budget)
 
 
 def constraints_of(cfg: RunConfig) -> Constraints:
@@ -117,13 +119,19 @@ def prepare(cfg: RunConfig, timer: StageTimer, loaded: tuple[nn.Module, object] 
     shapes = {n: (i.out_features, i.in_features) for n, i in linears.items()}
     groups = unit_groups(tuple(linears), tied_groups(model, linears), constraints.tie)
     fixed = fixed_bytes_of(model, shapes)  # tied tensors by identity: a meta skeleton counts as the model
+    check_ggml_rows(cfg, shapes, cfg.model)
+    gguf = None
     if given is not None:
         given.validate(shapes)
         budget = Budget(bpw=given.bits_per_weight(shapes))
         bits = budget.to_bits(sum(o * i for o, i in shapes.values()), fixed)
+    elif counts_gguf(cfg):
+        gguf = gguf_budget(cfg, model, tokenizer, shapes, groups, constraints)
+        bits = gguf.budget_bits()
     else:
         bits = check_budget(shapes, cfg.allocation.configs(), groups, constraints, budget, fixed)
-    return Prepared(model, tokenizer, device, linears, shapes, groups, constraints, budget, bits, fixed, given, blocks)
+    return Prepared(model, tokenizer, device, linears, shapes, groups, constraints, budget, bits, fixed, given, blocks,
+                    gguf)
 
 
 def calibrate(cfg: RunConfig, p: Prepared, timer: StageTimer) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -254,10 +262,13 @@ def _run(cfg: RunConfig, owned: Claim) -> dict:
                                                                              p.fixed_bytes))
     elif plan is None:
         with timer.stage("allocate"):
-            specs, solution = allocate_optimal(table, p.groups, p.budget_bits, p.constraints)
+            priced = table if p.gguf is None else p.gguf.priced(table)  # GGUF target: options in file bytes
+            specs, solution = allocate_optimal(priced, p.groups, p.budget_bits, p.constraints)
         plan = Plan(specs, {"strategy": "optimal", "budget": p.budget.label, "sensitivity": table.method})
+        plan = plan if p.gguf is None else p.gguf.record(plan)
     plans = {"original": Plan({}), "mixed": plan}
-    baselines = uniform_baselines(p.shapes, cfg.allocation.configs(), p.budget, p.fixed_bytes) if cfg.baselines else ()
+    baselines = () if not cfg.baselines else p.gguf.baselines(cfg.allocation.configs()) if p.gguf is not None else \
+        uniform_baselines(p.shapes, cfg.allocation.configs(), p.budget, p.fixed_bytes)
     for spec, fits in baselines:
         plans[f"uniform {spec.label}"] = Plan.uniform(p.shapes, spec, fits_budget=fits)
     for name in made:  # iterative: also the model with every unit at the target config (always smaller)

@@ -131,14 +131,17 @@ def test_every_strategy_gives_only_types_a_row_can_take(name):
     assert all(isinstance(s, GGMLSpec) or s.keep for s in result.specs.values())
 
 
-def test_a_run_over_ggml_candidates_is_refused_up_front():
-    """`mixbits run` cannot store ggml layers in its native folder yet: refused before any work, naming the field."""
-    from mixbits.config import AllocationConfig, RunConfig
+def test_a_run_over_ggml_candidates_is_accepted_and_qat_over_them_refused_up_front():
+    """`mixbits run` stores ggml layers in its native folder (tests/cli/test_run_gguf.py); Block-AP trains
+    affine grids only, so --qat with ggml candidates is refused before any work, naming the field."""
+    from mixbits.config import AllocationConfig, RunConfig, TrainConfig
     from mixbits.errors import UserError
 
     for candidates in ("gguf", "both"):
-        with pytest.raises(UserError, match="allocation.candidates.*cannot store ggml types yet"):
-            RunConfig(model="x", allocation=AllocationConfig(target_bpw=4.0, candidates=candidates))
+        allocation = AllocationConfig(target_bpw=4.0, candidates=candidates)
+        assert RunConfig(model="x", allocation=allocation).allocation.candidates == candidates
+        with pytest.raises(UserError, match="allocation.candidates.*train.*affine grids only"):
+            RunConfig(model="x", allocation=allocation, train=TrainConfig(init="gptq"))
     assert RunConfig(model="x", allocation=AllocationConfig(target_bpw=4.0)).allocation.candidates == "affine"
 
 

@@ -70,7 +70,8 @@ FLAGS: dict[str, Flag] = {f.name: f for f in [
     Flag("model", ("model",), "embedded name, Hugging Face hub id, or local HF folder"),
     Flag("target_bpw", ("allocation.target_bpw",), "average stored bits per weight over the block linears",
          Optional[float]),
-    Flag("target_size_mb", ("allocation.target_size_mb",), "size of the whole saved model in MB (10^6 bytes)",
+    Flag("target_size_mb", ("allocation.target_size_mb",), "size of the whole saved model in MB (10^6 bytes); with "
+         "ggml candidates (--candidates gguf|both) the GGUF file `mixbits export --format gguf` writes",
          Optional[float]),
     Flag("output_dir", ("output_dir",), "where results, plan and model are written", Path),
     Flag("dataset", ("data.dataset",), "wiki, canterbury, wikitext2, c4, or a .txt/.jsonl path"),
@@ -88,7 +89,10 @@ FLAGS: dict[str, Flag] = {f.name: f for f in [
          list),
     Flag("tie", ("allocation.tie",), "fused layers (q/k/v, gate/up) share one config", bool),
     Flag("candidates", ("allocation.candidates",), "affine (bits x group sizes), gguf (the ggml types llama.cpp "
-         "loads, each offered only to layers whose row length allows it) or both"),
+         "loads, each offered only to layers whose row length allows it) or both; ggml layers are stored as their "
+         "GGUF blocks and exported unchanged (docs/gguf.md)"),
+    Flag("gguf_pre", ("gguf_pre",), "tokenizer.ggml.pre of the GGUF file a --target-size-mb over ggml candidates "
+         "counts (pass the same --gguf-pre to mixbits export)"),
     Flag("plan", ("plan",), "quantize with this plan (JSON/YAML) instead of allocating one", Optional[Path]),
     Flag("quantizer", ("quantizer",), "gptq (with --gptq-clip: chosen by measurement), clip (clipping search "
          "alone) or rtn (round-to-nearest)"),

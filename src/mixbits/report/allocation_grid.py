@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mixbits.quant.spec import QuantSpec
+from mixbits.quant.spec import GGMLSpec, QuantSpec, parse_spec
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,11 @@ def short_labels(columns: Sequence[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def cell_text(spec: QuantSpec) -> str:
+def cell_text(spec: QuantSpec | GGMLSpec) -> str:
     if spec.keep:
         return "16"
+    if isinstance(spec, GGMLSpec):
+        return spec.name
     group = "pc" if spec.group_size is None else str(spec.group_size)
     return f"{spec.bits}/{group}{'s' if spec.symmetric else ''}"
 
@@ -80,7 +82,7 @@ def allocation_grid(plan: Mapping[str, str], names: Sequence[str] | None = None,
     bits = np.full((len(rows), len(columns)), np.nan)
     text = [[""] * len(columns) for _ in rows]
     for name, (block, column) in where.items():
-        spec = QuantSpec.parse(plan.get(name, "fp16"))
+        spec = parse_spec(plan.get(name, "fp16"))
         r, c = rows.index(block), columns.index(column)
         bits[r, c], text[r][c] = spec.bits, cell_text(spec)
     return AllocationGrid(tuple(rows), tuple(columns), short_labels(columns), bits, tuple(map(tuple, text)))

@@ -93,7 +93,7 @@ def build_layer_statistics(linears, table: DamageTable | None, plan: Plan) -> di
             "params": info.numel,
             "spec": spec.label,
             "bits": spec.bits,
-            "group_size": spec.group_size,
+            "group_size": getattr(spec, "group_size", None),  # None for a ggml type (its label names it)
             "bpw": 8 * layer_storage_bytes(info.out_features, info.in_features, spec) / info.numel,
         }
         if table is not None:
