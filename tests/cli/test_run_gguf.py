@@ -23,7 +23,7 @@ from mixbits.export.native import load_native
 from mixbits.model.apply import layer_shapes
 from mixbits.plan import Plan
 from mixbits.quant.ggml_linear import GGMLLinear
-from mixbits.quant.spec import GGMLSpec
+from mixbits.quant.spec import GGMLSpec, ggml_types_for_row
 from tests.conftest import make_text, make_tokenizer
 from tests.export.test_gguf_kquant import gguf_name, read_tensors
 
@@ -83,6 +83,9 @@ def check_file(out, target: int) -> Plan:
         if isinstance(spec, GGMLSpec):
             assert isinstance(layer, GGMLLinear)
             assert torch.equal(weight, layer.dequantized_weight()), name  # exactly the run's weights
+    types = sorted({s.label for s in plan.quantized().values()})
+    print(f"\n{out.name}: target {target} bytes, file {predicted} bytes ({100 * (target - predicted) / target:.3f} % "
+          f"below), types {', '.join(types)}")  # the figures docs/gguf.md quotes (pytest -s)
     return plan
 
 
@@ -121,3 +124,31 @@ def test_a_model_whose_rows_allow_no_ggml_type_is_refused(tmp_path):
     save_llama(tmp_path / "odd", make_tokenizer(text), 40, 72)  # rows of 40 and 72: not multiples of 32
     r = run((tmp_path / "odd", tmp_path / "text.txt"), tmp_path / "run", "--candidates", "gguf", "--target-bpw", 4)
     assert r.exit_code != 0 and "no block linear" in r.output and "candidates affine" in r.output.replace("\n", " ")
+
+
+def test_nearest_gguf_export_of_an_affine_plan_moves_only_rows_without_a_type_at_their_bits(tmp_path):
+    """The demo's case in small: an affine plan at 3.25 bpw over 2-8 bits on a Llama with rows of 256 and 576,
+    exported with --nearest. A layer keeps its code bits (w3 -> Q3_K, w4 -> Q4_0/Q4_1 blocks, ...) unless its
+    row allows no GGUF type at those bits (576-wide rows at 2, 3 or 6 bits: bits rounded up), and the file has
+    exactly the bytes `gguf_size` predicts for the exported plan."""
+    text = make_text()
+    (tmp_path / "text.txt").write_text(text)
+    model = save_llama(tmp_path / "m", make_tokenizer(text), 256, 576)
+    out = tmp_path / "run"
+    r = run((tmp_path / "m", tmp_path / "text.txt"), out, "--target-bpw", 3.25, "--quantizer", "rtn",
+            "--group-sizes", "64,128", "--no-baselines")
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    r = runner.invoke(app, ["export", "--no-verbose", "--format", "gguf", "--run-dir", str(out), "--nearest"])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    path = out / "export-gguf" / "model.gguf"
+    planned, written = Plan.load(out / "plan.json"), Plan.load(path.with_suffix(".plan.json"))
+    shapes = layer_shapes(model)
+    moved = {n for n, s in planned.quantized().items() if written.specs[n].bits != s.bits}
+    print(f"\n--nearest: {len(moved)} of {len(planned.quantized())} planned layers moved; file {path.stat().st_size} "
+          "bytes")
+    no_type = {n for n, s in planned.quantized().items()
+               if s.bits not in (4, 5, 8) and not any(t.code_bits == s.bits for t in ggml_types_for_row(shapes[n][1]))}
+    assert moved == no_type and moved  # the 576-wide rows below 4 bits (or at 6), and only they
+    assert all(written.specs[n].bits > planned.specs[n].bits for n in moved)
+    size = gguf_size(model, AutoTokenizer.from_pretrained(tmp_path / "m"))
+    assert path.stat().st_size == size.file_bytes(written)
