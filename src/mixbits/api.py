@@ -17,6 +17,8 @@ loaded with `transformers` (then pass its tokenizer too).
 Memory: the returned `QuantizedModel` holds the quantized model and the original (float32, kept
 for `evaluate`'s KL and top-1 and for `save(..., nearest=True)`), so twice the model's size;
 `drop_original()` frees it. GPTQ also keeps one block's captured activations at a time.
+For a model whose float32 copy does not fit in memory, `mixbits.commands.run` (what `mixbits run`
+calls) streams the checkpoint block by block into a folder, and `load` reads the packed model back.
 Errors for bad arguments are `mixbits.errors.UserError`, naming the argument.
 """
 

@@ -76,6 +76,11 @@ class AllocationConfig:
                             f"{', '.join(CANDIDATE_SETS)} (gguf: the ggml types llama.cpp loads, per row length)")
         if (self.target_bpw is None) == (self.target_size_mb is None):
             raise UserError("give exactly one of `allocation.target_bpw` and `allocation.target_size_mb`")
+        for name in ("target_bpw", "target_size_mb"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise UserError(f"`allocation.{name}` {value!r} must be a positive number, e.g. 3.25 bits per weight "
+                                "or 110 MB")
         if self.min_bits > self.max_bits:
             raise UserError(f"`allocation.min_bits` {self.min_bits} is above `allocation.max_bits` {self.max_bits}")
         if self.keep is not None:

@@ -16,7 +16,7 @@ from mixbits.cli.common import (
 from mixbits.cli.fields import ConfigOptions, config_options
 from mixbits.cli.options import FLAGS
 from mixbits.jobs.analyze_config import AnalyzeConfig
-from mixbits.outdir import claim
+from mixbits import commands
 from mixbits.parsing import parse_group_sizes, parse_ints
 from mixbits.report.console import print_analysis
 
@@ -45,12 +45,9 @@ def analyze(overwrite: bool = OVERWRITE, verbose: bool = VERBOSE, *, options: Co
     """Sensitivity by several methods, validated against measured damage; writes tables and plots.
     `--methods fisher --no-validate` streams the model block by block (the other options load it whole)."""
     setup_logging(verbose)
-    from mixbits.jobs.analyze import analyze as run_analyze  # heavy imports after parsing
-
     with user_errors():
         cfg = options.config(progress=verbose)
-        with claim(cfg.output_dir, "analyze", overwrite=overwrite, command="mixbits analyze"):
-            summary = run_analyze(cfg)
+        summary = commands.analyze(cfg, overwrite=overwrite)
     print_analysis(console, summary)
     console.print("wrote " + ", ".join(summary["files"].values()) + f", {cfg.output_dir}/analysis.json")
 

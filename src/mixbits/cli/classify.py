@@ -6,7 +6,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mixbits.cli.common import OVERWRITE
-from mixbits.outdir import claim
+from mixbits import commands
 
 from mixbits.classify.config import ClassifyConfig
 from mixbits.cli.common import VERBOSE, app, console, setup_logging, user_errors
@@ -81,11 +81,8 @@ CLASSIFY_HIDDEN = ("progress",)  # --verbose
 def classify(overwrite: bool = OVERWRITE, verbose: bool = VERBOSE, *, options: ConfigOptions) -> None:
     """Accuracy drop per layer at 4 bits, and INT8 / INT4 / INT6+INT4 / INT8+selective-INT4 plans."""
     setup_logging(verbose)
-    from mixbits.jobs.classify import run_classify  # heavy imports after parsing
-
     with user_errors():
         cfg = options.config(progress=verbose)
-        with claim(cfg.output_dir, "classify", overwrite=overwrite, command="mixbits classify"):
-            results = run_classify(cfg)
+        results = commands.classify(cfg, overwrite=overwrite)
     print_classify(results)
     console.print("wrote " + ", ".join(results["files"].values()))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from mixbits import commands
 from mixbits.cli.common import VERBOSE, app, console, setup_logging, user_errors
 from mixbits.cli.options import SHARED, RunOptions, run_options
 from mixbits.config import DataConfig, RunConfig
@@ -21,11 +22,9 @@ def run(verbose: bool = VERBOSE, *, options: RunOptions) -> None:
 
     Every option is a field of RunConfig; --recipe FILE sets them from YAML, typed flags override it."""
     setup_logging(verbose)
-    from mixbits.pipeline import run as run_pipeline  # heavy imports only once arguments parse
-
     with user_errors():
         cfg = options.config()
-        results = run_pipeline(cfg)
+        results = commands.run(cfg)
     print_results(console, results)
     console.print(f"wrote {cfg.output_dir}/{', '.join(written_names(cfg.output_dir))}")
 

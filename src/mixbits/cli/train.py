@@ -12,7 +12,7 @@ from mixbits.cli.common import DEVICE, EVAL_WINDOWS, MODEL, OVERWRITE, VERBOSE, 
 from mixbits.cli.fields import ConfigOptions, config_options
 from mixbits.cli.options import FLAGS
 from mixbits.config import TrainConfig
-from mixbits.outdir import claim
+from mixbits import commands
 
 
 TRAIN_HELPS = {
@@ -57,14 +57,11 @@ def train(
 ) -> None:
     """Block-AP (then optionally E2E-QP) of a model quantized by a plan; evaluated against its init."""
     setup_logging(verbose)
-    from mixbits.jobs.train import train_command  # heavy imports only once arguments parse
-
     with user_errors():
         cfg = options.config()
-        with claim(output_dir, "train", overwrite=overwrite, resume=resume, command="mixbits train"):
-            results = train_command(model=model, plan=plan, output_dir=output_dir, cfg=cfg,
-                                    sensitivity_file=sensitivity_file, device=device, resume=resume,
-                                    eval_windows=eval_windows, progress=verbose)
+        results = commands.train(plan, cfg, model=model, output_dir=output_dir, sensitivity_file=sensitivity_file,
+                                 device=device, resume=resume, eval_windows=eval_windows, overwrite=overwrite,
+                                 progress=verbose)
     schedule = cfg.schedule
     table = Table(title=f"{model}: {results['training']['init']} init vs Block-AP ({schedule} schedule)")
     for col in ("model", "perplexity", "KL (nats/tok)", "top-1 agree"):
