@@ -92,6 +92,12 @@ def uniform_baselines(
     uniform = [c for c in configs if not c.keep and all(storable(c, i) for _, i in shapes.values())]
     priced = [(8 * Plan.uniform(shapes, c).storage_bytes(shapes), (c.block if isinstance(c, GGMLSpec) else c.group_size) or 1 << 30, c)
               for c in uniform]
+    return around_limit(priced, limit)
+
+
+def around_limit(priced: Sequence[tuple[float, int, object]], limit: float) -> list[tuple[object, bool]]:
+    """Of (cost, group or block size, config) triples: the richest config at or below `limit` and the
+    cheapest one above it (ties: the larger group or block wins), each with whether it fits."""
     fitting = [p for p in priced if p[0] <= limit]
     above = [p for p in priced if p[0] > limit]
     out = []

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 
 from mixbits.allocate.budget import Budget
-from mixbits.allocate.feasibility import check_table_budget, shape_table
+from mixbits.allocate.feasibility import around_limit, check_table_budget, shape_table
 from mixbits.allocate.file_cost import FileCostTable, file_cost_table
 from mixbits.allocate.optimal import Constraints
 from mixbits.allocate.solver import REL_TOL
@@ -88,14 +88,7 @@ class GGUFBudget:
             if all(b is not None for b in sizes):
                 block = spec.block if isinstance(spec, GGMLSpec) else spec.group_size or 1 << 30
                 priced.append((self.size.fixed + sum(sizes), block, spec))
-        fitting = [p for p in priced if p[0] <= self.target_bytes]
-        above = [p for p in priced if p[0] > self.target_bytes]
-        out = []
-        if fitting:
-            out.append((max(fitting, key=lambda p: (p[0], p[1]))[2], True))
-        if above:
-            out.append((min(above, key=lambda p: (p[0], -p[1]))[2], False))
-        return out
+        return around_limit(priced, self.target_bytes)
 
 
 def gguf_budget(cfg: RunConfig, model, tokenizer, shapes: dict[str, tuple[int, int]], groups,
