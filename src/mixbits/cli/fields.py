@@ -28,7 +28,7 @@ import typer
 
 from mixbits.parsing import parse_floats, parse_group_sizes, parse_ints, split_list
 
-__all__ = ["ConfigOptions", "config_options", "unexposed"]
+__all__ = ["ConfigOptions", "config_options", "unexposed", "with_parameters"]
 
 
 def _join(values) -> str | None:
@@ -99,9 +99,6 @@ def config_options(cls: type, helps: Mapping[str, str], *, flags: Mapping[str, s
             parsers[name] = parser
 
     def decorate(fn):
-        fn_hints = typing.get_type_hints(fn)
-        own = [p.replace(annotation=fn_hints.get(p.name, p.annotation))
-               for p in inspect.signature(fn).parameters.values() if p.name != "options"]
         kw = inspect.Parameter.KEYWORD_ONLY
         generated = []
         for name, text in helps.items():
@@ -110,20 +107,34 @@ def config_options(cls: type, helps: Mapping[str, str], *, flags: Mapping[str, s
             default = _join(value) if listed and isinstance(value, tuple) else value
             generated.append(inspect.Parameter(flags.get(name, name), kw, annotation=_kind(hints[name], value, listed),
                                                default=typer.Option(default, help=text)))
-        last = [p.replace(kind=kw) for p in own if p.name == "verbose"]
-        params = [p for p in own if p.name != "verbose"] + generated + last
 
-        @functools.wraps(fn)
-        def command(**kwargs):
-            values = {name: kwargs.pop(flags.get(name, name)) for name in helps}
-            return fn(**kwargs, options=ConfigOptions(cls, values, parsers))
+        def take(kwargs: dict) -> ConfigOptions:
+            return ConfigOptions(cls, {name: kwargs.pop(flags.get(name, name)) for name in helps}, parsers)
 
-        command.__signature__ = inspect.Signature(params)
-        command.__annotations__ = {p.name: p.annotation for p in params}
-        del command.__wrapped__  # typer reads the signature above, not fn's
-        return command
+        return with_parameters(fn, generated, take)
 
     return decorate
+
+
+def with_parameters(fn: Callable, generated: list[inspect.Parameter], take: Callable[[dict], object]) -> Callable:
+    """A typer command with `fn`'s own parameters (but `options`; --verbose last) and `generated`;
+    `take(kwargs)` pops the generated values from a call's keywords and returns what `fn` receives
+    as `options`. Shared by `config_options` and `cli.options.run_options`."""
+    hints = typing.get_type_hints(fn)
+    own = [p.replace(annotation=hints.get(p.name, p.annotation))
+           for p in inspect.signature(fn).parameters.values() if p.name != "options"]
+    last = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.name == "verbose"]
+    params = [p for p in own if p.name != "verbose"] + generated + last
+
+    @functools.wraps(fn)
+    def command(**kwargs):
+        options = take(kwargs)
+        return fn(**kwargs, options=options)
+
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    del command.__wrapped__  # typer reads the signature above, not fn's
+    return command
 
 
 def unexposed(cls: type, helps: Mapping[str, str], hidden: tuple[str, ...]) -> list[str]:

@@ -17,10 +17,8 @@ dataclasses so that a new field gets a flag or a line there).
 
 from __future__ import annotations
 
-import functools
 import inspect
 import re
-import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Optional
 
 import typer
 
+from mixbits.cli.fields import with_parameters
 from mixbits.config import RunConfig
 from mixbits.parsing import parse_group_sizes, parse_ints, split_list
 from mixbits.quant.spec import QuantSpec
@@ -240,23 +239,12 @@ def run_options(names: Iterable[str] = tuple(FLAGS), *, base: RunConfig = RunCon
     flags = [FLAGS[n] for n in names]
 
     def decorate(fn):
-        hints = typing.get_type_hints(fn)
-        own = [p.replace(annotation=hints.get(p.name, p.annotation))
-               for p in inspect.signature(fn).parameters.values() if p.name != "options"]
-        last = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.name == "verbose"]  # as before
-        params = [p for p in own if p.name != "verbose"] + _parameters(flags, base, helps or {}, recipe) + last
-
-        @functools.wraps(fn)
-        def command(**kwargs):
+        def take(kwargs: dict) -> RunOptions:
             ctx: typer.Context = kwargs.pop("ctx")
             values = {f.name: kwargs.pop(f.name) for f in flags}
             typed = {n: v for n, v in values.items() if _typed(ctx, n)}
-            path = kwargs.pop("recipe", None)
-            return fn(**kwargs, options=RunOptions(base, typed, path))
+            return RunOptions(base, typed, kwargs.pop("recipe", None))
 
-        command.__signature__ = inspect.Signature(params)
-        command.__annotations__ = {p.name: p.annotation for p in params}
-        del command.__wrapped__  # typer reads the signature above, not fn's
-        return command
+        return with_parameters(fn, _parameters(flags, base, helps or {}, recipe), take)
 
     return decorate
