@@ -95,6 +95,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.add_argument("--damage", default="follow", choices=("follow", "rtn"),
                    help="mixbits run --damage (rtn: no gain table, the GPTQ run's longest stage)")
     a.add_argument("--group-sizes", default="128")
+    a.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                   help="mixbits run with the uniform baselines (--no-baselines: the mixed model only; one variant "
+                        "at a time either way, so memory is the same and time a third)")
     a.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="pass --stream/--no-stream to mixbits run (and predict that path)")
     a.add_argument("--nearest", action="store_true", help="export --nearest: round up bits the format lacks "
@@ -187,6 +190,7 @@ def stage_argv(stage: str, model: Path, out: Path, args: argparse.Namespace) -> 
                              "--calib-windows",
                              str(args.calib_windows), "--eval-windows", str(args.eval_windows), "--no-cache",
                              "--no-report", "--stream" if args.stream else "--no-stream", "--damage", args.damage,
+                             "--baselines" if args.baselines else "--no-baselines",
                              *cands, *data]
     if stage == "analyze":
         return _mixbits() + ["analyze", "--model", str(model), "--methods", "fisher", "--calib-windows",
@@ -214,7 +218,7 @@ def predicted_bytes(stage: str, model: Path, args: argparse.Namespace) -> int | 
     cpu = torch.device("cpu")
     if stage.startswith("run-"):
         cfg = RunConfig(model=str(model), data=data, quantizer=stage.split("-")[1], stream=args.stream,
-                        damage=args.damage, preload=stage.endswith("-ram"))
+                        damage=args.damage, preload=stage.endswith("-ram"), baselines=args.baselines)
         return predict_run(cfg, shapes, device=cpu, checkpoint_dtype=stored).total
     if stage == "analyze":
         memory = predict_run(RunConfig(model=str(model), data=data, quantizer="rtn"), shapes, device=cpu,

@@ -104,3 +104,26 @@ def tiny_text_file(tmp_path_factory, tiny_text):
     path = tmp_path_factory.mktemp("text") / "tiny.txt"
     path.write_text(tiny_text)
     return path
+
+
+@pytest.fixture
+def materialized(monkeypatch):
+    """(live, counts): the LazyCheckpoint pieces materialized now, and after each materialize how many
+    were live; the test then asserts `max(counts) == 1 and not live` for one piece at a time."""
+    from mixbits.model.lazy import LazyCheckpoint
+
+    live, counts = set(), []
+    materialize, release = LazyCheckpoint.materialize, LazyCheckpoint.release
+
+    def counting_materialize(self, prefix, hold=None):
+        live.add(prefix)
+        counts.append(len(live))
+        return materialize(self, prefix, hold)
+
+    def counting_release(self, prefix):
+        live.discard(prefix)
+        return release(self, prefix)
+
+    monkeypatch.setattr(LazyCheckpoint, "materialize", counting_materialize)
+    monkeypatch.setattr(LazyCheckpoint, "release", counting_release)
+    return live, counts

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from mixbits.eval.perplexity import evaluate_models
 from mixbits.eval.streamed import Scorer, score_reference
 from mixbits.model.arch import find_linears, get_weight
-from mixbits.model.lazy import LazyCheckpoint, open_checkpoint
+from mixbits.model.lazy import open_checkpoint
 from mixbits.model.quantize import quantize_model
 from mixbits.model.quantize_streamed import dequantized_block, quantize_streamed
 from mixbits.model.stream import LoadedModel
@@ -153,23 +153,10 @@ def test_a_run_killed_midway_resumes_to_the_same_shards(tmp_path):
                        uninterrupted.report.qparams["model.layers.0.self_attn.q_proj"].scale)
 
 
-def test_one_block_is_materialized_at_a_time(tmp_path, monkeypatch):
+def test_one_block_is_materialized_at_a_time(tmp_path, materialized):
     model = tiny_llama()
     model.save_pretrained(tmp_path / "ckpt")
-    live, peak = set(), []
-    materialize, release = LazyCheckpoint.materialize, LazyCheckpoint.release
-
-    def counting_materialize(self, prefix, hold=None):
-        live.add(prefix)
-        peak.append(len(live))
-        return materialize(self, prefix, hold)
-
-    def counting_release(self, prefix):
-        live.discard(prefix)
-        return release(self, prefix)
-
-    monkeypatch.setattr(LazyCheckpoint, "materialize", counting_materialize)
-    monkeypatch.setattr(LazyCheckpoint, "release", counting_release)
+    live, peak = materialized
     plan = mixed_plan(model)
     _, result = streamed(open_checkpoint(tmp_path / "ckpt"), plan, "gptq", tokens(2, seed=1), tokens(2, seed=2))
     assert max(peak) == 1 and not live  # never two pieces (two blocks, or a block and the embeddings) at once

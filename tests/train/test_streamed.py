@@ -9,7 +9,7 @@ from mixbits.config import TrainConfig
 from mixbits.export.native import save_native
 from mixbits.export.native_shards import NativeWriter, block_file
 from mixbits.model.arch import find_linears, get_weight
-from mixbits.model.lazy import LazyCheckpoint, open_checkpoint
+from mixbits.model.lazy import open_checkpoint
 from mixbits.model.quantize_streamed import dequantized_block
 from mixbits.train.checkpoint import BlockCheckpoint
 from mixbits.train.run import train_model
@@ -107,22 +107,9 @@ def test_a_run_killed_after_block_0_resumes_to_identical_files(saved, tmp_path):
         assert torch.equal(resumed.qparams[name].scale, qp.scale) and torch.equal(resumed.qparams[name].zero, qp.zero)
 
 
-def test_one_block_is_materialized_at_a_time(saved, tmp_path, monkeypatch):
+def test_one_block_is_materialized_at_a_time(saved, tmp_path, materialized):
     model, folder, plan, calib, val = saved
-    live, peak = set(), []
-    materialize, release = LazyCheckpoint.materialize, LazyCheckpoint.release
-
-    def counting_materialize(self, prefix, hold=None):
-        live.add(prefix)
-        peak.append(len(live))
-        return materialize(self, prefix, hold)
-
-    def counting_release(self, prefix):
-        live.discard(prefix)
-        return release(self, prefix)
-
-    monkeypatch.setattr(LazyCheckpoint, "materialize", counting_materialize)
-    monkeypatch.setattr(LazyCheckpoint, "release", counting_release)
+    live, peak = materialized
     cfg = TrainConfig(**{**CFG.to_dict(), "init": "gptq", "epochs": 0.5})
     _, writer, report = streamed(folder, plan, calib, val, cfg, tmp_path / "model")
     assert max(peak) == 1 and not live  # never two blocks, nor a block and the embeddings, at once

@@ -53,10 +53,9 @@ def _tokenizer(folder: Path, fallback_source: str):
     from transformers import AutoTokenizer
 
     source = folder if (folder / "tokenizer_config.json").is_file() else fallback_source
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    from mixbits.model.load import with_pad_token
+
+    return with_pad_token(AutoTokenizer.from_pretrained(source))
 
 
 def _load_models(run_dir: Path | None, model: str | None, original: bool):

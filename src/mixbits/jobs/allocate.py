@@ -30,7 +30,7 @@ from mixbits.config import CANDIDATE_SETS
 from mixbits.errors import UserError
 from mixbits.export.gguf_size import GGUFSize, gguf_size, gguf_weight_bytes, meta_model
 from mixbits.model.arch import ARCHS
-from mixbits.model.load import resolve_model_source
+from mixbits.model.load import resolve_model_source, with_pad_token
 from mixbits.parsing import parse_names
 from mixbits.plan import Plan
 from mixbits.quant.spec import GGMLSpec, QuantSpec
@@ -182,6 +182,4 @@ def _config_and_tokenizer(name: str):
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError):
         tokenizer = None  # no tokenizer: the export writes the model alone
-    if tokenizer is not None and tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return config, tokenizer
+    return config, with_pad_token(tokenizer)

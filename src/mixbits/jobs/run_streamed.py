@@ -39,7 +39,7 @@ from mixbits.eval.perplexity import EvalResult
 from mixbits.eval.streamed import Scorer, score_reference
 from mixbits.export.native_shards import NativeWriter, native_size_of
 from mixbits.model.lazy import open_checkpoint
-from mixbits.model.load import check_finite_weights
+from mixbits.model.load import check_finite_weights, with_pad_token
 from mixbits.model.quantize import QuantizeReport
 from mixbits.model.quantize_streamed import quantize_streamed
 from mixbits.model.stream import BlockSource
@@ -97,8 +97,7 @@ def open_streamed(name: str, source: str, device: torch.device, compute_dtype: s
     checkpoint = open_checkpoint(folder, device=device, compute_dtype=compute_torch_dtype(compute_dtype),
                                  preload=preload)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
+    with_pad_token(tokenizer)
     return FiniteChecked(checkpoint, name), tokenizer
 
 

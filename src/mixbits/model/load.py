@@ -353,6 +353,13 @@ def check_context(source: str, seqlen: int, name: str | None = None) -> None:
                         f"(max_position_embeddings = {context}); use --seqlen {context} or less")
 
 
+def with_pad_token(tokenizer):
+    """`tokenizer` with a pad token (its end-of-text token when it has none), as batching needs; returned."""
+    if tokenizer is not None and tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(
     name_or_path: str,
     *,
@@ -374,8 +381,7 @@ def load_model(
     source = resolve_model_source(name_or_path)
     model, tokenizer = _from_pretrained(source, name_or_path, task, dtype)
     check_finite_weights(model, name_or_path)
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
+    with_pad_token(tokenizer)
     if task == "sequence-classification" and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # it finds each row's last token by it
     return model.to(device).eval(), tokenizer
