@@ -49,6 +49,12 @@ def test_each_cli_command_calls_its_python_function_with_the_config_of_its_flags
     assert isinstance(r.exception, Called)
     (cfg,), _ = calls["classify"]
     assert cfg == ClassifyConfig(group_size=None, head_l2=(0.5, 2.0), progress=False)
+    r = runner.invoke(app, ["zeroshot", "--no-verbose", "--model", "m", "--output", str(tmp_path / "z.json"),
+                            "--tasks", "bb_winowhy_cloze", "--limit", "3", "--max-memory", "cpu=2GiB"])
+    assert isinstance(r.exception, Called)
+    (tasks,), kwargs = calls["zeroshot"]
+    assert tasks == ("bb_winowhy_cloze",) and kwargs["model"] == "m" and kwargs["limit"] == 3
+    assert kwargs["max_memory"] == "cpu=2GiB" and kwargs["output"] == tmp_path / "z.json"
 
 
 def test_run_takes_a_config_or_a_recipe_with_fields_on_top(tiny_model_dir, tiny_text_file, tmp_path):

@@ -161,7 +161,7 @@ def test_modes_that_need_the_whole_model_are_named():
     from mixbits.config import IterativeConfig
 
     assert whole_model_reasons(RunConfig(model="x")) == []
-    assert whole_model_reasons(RunConfig(model="x", tasks=("piqa",))) == ["--tasks (zero-shot)"]
+    assert whole_model_reasons(RunConfig(model="x", tasks=("piqa",))) == []  # zero-shot: accelerate places the models
     assert whole_model_reasons(RunConfig(model="x", iterative=IterativeConfig())) == ["--iterative"]
 
 

@@ -41,3 +41,26 @@ def test_unknown_task_stops_the_run_before_the_model_loads(tiny_model_dir, tiny_
     with pytest.raises(MixbitsDataError, match="bb_no_such_task"):
         run(_cfg(tiny_model_dir, tiny_text_file, tmp_path, ("bb_no_such_task",)))
     assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.embedded
+def test_streamed_run_scores_as_the_whole_model_run(tiny_model_dir, tiny_text_file, tmp_path, monkeypatch):
+    """Zero-shot in a streamed run: each model loaded alone (`model.dispatch`, placed by accelerate under
+    a budget: tests/model/test_dispatch.py), never the whole model by the run's own loader; the same
+    accuracies as the whole-model path."""
+    from dataclasses import replace
+
+    import mixbits.pipeline as pipeline
+
+    task = "bb_winowhy_cloze"
+    whole = run(replace(_cfg(tiny_model_dir, tiny_text_file, tmp_path / "whole", (task,)), stream=False, report=False))
+
+    def no_load(*a, **k):
+        raise AssertionError("the streamed run loaded the whole model with load_model")
+
+    monkeypatch.setattr(pipeline, "load_model", no_load)
+    streamed = run(replace(_cfg(tiny_model_dir, tiny_text_file, tmp_path / "streamed", (task,)), report=False,
+                           offload_dir=tmp_path / "offload"))
+    assert streamed["zeroshot"]["tasks"][task] == whole["zeroshot"]["tasks"][task]
+    assert streamed["config"]["stream"] is True and "zeroshot" in streamed["timings_s"]
+    assert list((tmp_path / "offload").iterdir()) == []  # its temporary offload folder is removed

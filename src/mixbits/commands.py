@@ -22,12 +22,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mixbits.errors import UserError
+
 if TYPE_CHECKING:  # the jobs import torch and transformers: `import mixbits` stays cheap
     from mixbits.classify.config import ClassifyConfig
     from mixbits.config import RunConfig, TrainConfig
     from mixbits.jobs.analyze_config import AnalyzeConfig
 
-__all__ = ["analyze", "classify", "run", "train"]
+__all__ = ["analyze", "classify", "run", "train", "zeroshot"]
 
 
 def run(config: RunConfig | str | Path | None = None, fields: Mapping[str, object] | None = None) -> dict:
@@ -81,3 +83,30 @@ def classify(config: ClassifyConfig, *, overwrite: bool = False) -> dict:
 
     with claim(config.output_dir, "classify", overwrite=overwrite, command="mixbits classify"):
         return run_classify(config)
+
+
+def zeroshot(tasks, *, run_dir: str | Path | None = None, model: str | None = None, output: str | Path | None = None,
+             limit: int | None = 200, batch_size: int = 8, device: str = "auto", original: bool = True, seed: int = 0,
+             max_memory: str | None = None, offload_dir: str | Path | None = None, progress: bool = True) -> dict:
+    """`mixbits zeroshot`: zero-shot accuracy (lm-eval) of a run's original and quantized models
+    (`run_dir`), or of one `model`, each loaded alone and placed by accelerate within `max_memory`
+    (blocks beyond it on disk). Writes `output` (default RUN_DIR/zeroshot.json) and returns the results."""
+    from mixbits.eval.zeroshot import check_options, split_task_names
+    from mixbits.io import atomic_write_json
+    from mixbits.jobs.zeroshot import zeroshot_job
+    from mixbits.outdir import refresh
+
+    names = list(tasks)
+    check_options(names, limit=limit, batch_size=batch_size)
+    split_task_names(names)
+    run_dir = None if run_dir is None else Path(run_dir)
+    target = Path(output) if output is not None else (run_dir / "zeroshot.json" if run_dir is not None else None)
+    if target is None:
+        raise UserError("output= (--output FILE.json) is needed with model=: where to write the results")
+    result = zeroshot_job(run_dir=run_dir, model=model, tasks=names, limit=limit, batch_size=batch_size,
+                          device=device, original=original, seed=seed, max_memory=max_memory,
+                          offload_dir=None if offload_dir is None else Path(offload_dir), progress=progress)
+    atomic_write_json(target, result)
+    if run_dir is not None:
+        refresh(run_dir)  # zeroshot.json goes with the run when it is replaced (--overwrite)
+    return result

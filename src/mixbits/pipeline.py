@@ -7,10 +7,11 @@ Two paths, chosen by `RunConfig.stream`:
   the quantizer's gain, then ONE pass per variant that quantizes it and scores it together, the
   mixed model written block by block into out/model (resumable with `resume`). No copy of the
   model exists; the peak is about one block plus the activations at one block boundary.
+  Zero-shot tasks then score the original and the written mixed model one at a time, each placed
+  by accelerate within --max-memory (`model.dispatch`).
 * whole model (`stream=False`, the reference the streamed path is tested against, and what
-  iterative mode, --qat training and zero-shot tasks still need: with those options the whole
-  model is loaded, and the log says so): the model in float32 in memory, one quantized copy per
-  variant.
+  iterative mode and --qat training still need: with those options the whole model is loaded,
+  and the log says so): the model in float32 in memory, one quantized copy per variant.
 """
 
 from __future__ import annotations
@@ -32,7 +33,13 @@ from mixbits.data.text import load_text, resolve_text
 from mixbits.data.windows import calibration_windows, eval_windows, text_fingerprint
 from mixbits.eval.perplexity import evaluate_models
 from mixbits.jobs.gguf_budget import GGUFBudget, check_ggml_rows, counts_gguf, gguf_budget
-from mixbits.jobs.run_streamed import open_streamed, run_variants, streamed_fisher, whole_model_reasons
+from mixbits.jobs.run_streamed import (
+    open_streamed,
+    run_variants,
+    streamed_fisher,
+    streamed_zeroshot,
+    whole_model_reasons,
+)
 from mixbits.model.budget import check_run_memory
 from mixbits.model.stream import BlockSource, LoadedModel
 from mixbits.allocate.iterative import sensitivity_order
@@ -278,6 +285,8 @@ def _run(cfg: RunConfig, owned: Claim) -> dict:
     if stream:
         evals, reports, sizes = run_variants(cfg, p.source, p.tokenizer, plans, p.shapes, calib, test, out / "model",
                                              timer)
+        if cfg.tasks:
+            zeroshot = streamed_zeroshot(cfg, p.source, p.tokenizer, out / "model", timer)
     else:
         evals, reports, sizes, training, zeroshot = _whole_model_variants(cfg, p, plans, made, calib, test, table,
                                                                            timer)

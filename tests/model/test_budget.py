@@ -171,6 +171,17 @@ def test_prediction_follows_the_settings(folder):
     assert base.held["checkpoint held in RAM (--preload)"] == 0
 
 
+def test_zero_shot_is_a_streamed_stage_capped_by_the_budget(folder):
+    shapes = model_shapes(skeleton_of(folder)[0])
+    tasks = predict_run(config(tasks=("bb_winowhy_cloze",)), shapes, device=CPU, checkpoint_dtype=torch.bfloat16)
+    assert [s.stage for s in tasks.stages][-1] == "zeroshot"
+    whole = tasks.stages[-1].parts["model weights (accelerate's share)"]
+    assert whole == shapes.total_params * 4  # no budget: the whole model in float32
+    capped = predict_run(config(tasks=("bb_winowhy_cloze",), max_memory=f"cpu={RUNTIME_BYTES + 4096}"), shapes,
+                         device=CPU, checkpoint_dtype=torch.bfloat16).stages[-1].parts["model weights (accelerate's share)"]
+    assert capped < whole and capped >= shapes.outside_params * 4  # accelerate's share, or the packed model first
+
+
 def test_a_preloaded_run_over_budget_names_dropping_the_preload(folder, no_weights):
     cfg = config(quantizer="rtn", preload=True)
     shapes = model_shapes(skeleton_of(folder)[0])

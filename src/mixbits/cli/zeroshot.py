@@ -2,33 +2,21 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.table import Table
 
+from mixbits import commands
 from mixbits.cli.common import DEVICE, VERBOSE, app, console, setup_logging, user_errors
+from mixbits.cli.options import option
 from mixbits.parsing import split_list
 from mixbits.errors import UserError
-from mixbits.outdir import refresh
 
 # The embedded tasks the original smollm2-135m scores above chance on by > 2 stderr (README "Zero-shot tasks").
 DEFAULT_TASKS = ("bb_social_iqa_cloze,bb_goal_step_wikihow_goal_inference_cloze,"
                  "bb_goal_step_wikihow_step_inference_cloze,bb_general_knowledge_cloze")
-
-
-def _run_model_name(run_dir: Path) -> str:
-    results = run_dir / "results.json"
-    if not (run_dir / "model" / "mixbits.json").is_file():
-        raise UserError(f"--run-dir {str(run_dir)!r} has no quantized model (model/mixbits.json); "
-                                f"pass the output folder of `mixbits run`")
-    try:
-        return str(json.loads(results.read_text())["config"]["model"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UserError(f"--run-dir {str(run_dir)!r}: cannot read config.model from {results} ({err}); "
-                                f"pass the output folder of a finished `mixbits run`") from None
 
 
 def _check_flags(run_dir, model, output, original, limit, batch_size, device) -> Path:
@@ -47,31 +35,6 @@ def _check_flags(run_dir, model, output, original, limit, batch_size, device) ->
         raise UserError(f"--batch-size {batch_size}: must be a positive integer")
     resolve_device(device)
     return output or run_dir / "zeroshot.json"
-
-
-def _tokenizer(folder: Path, fallback_source: str):
-    from transformers import AutoTokenizer
-
-    source = folder if (folder / "tokenizer_config.json").is_file() else fallback_source
-    from mixbits.model.load import with_pad_token
-
-    return with_pad_token(AutoTokenizer.from_pretrained(source))
-
-
-def _load_models(run_dir: Path | None, model: str | None, original: bool):
-    """({label: model}, tokenizer): a run's original (unless --no-original) and mixed models, or one model."""
-    from mixbits.export.native import load_native
-    from mixbits.model.load import load_model, resolve_model_source
-
-    if model is not None:
-        loaded, tokenizer = load_model(model)
-        return {model: loaded}, tokenizer
-    name = _run_model_name(run_dir)
-    models, tokenizer = {}, None
-    if original:
-        models["original"], tokenizer = load_model(name)
-    models["mixed"] = load_native(run_dir / "model")
-    return models, tokenizer or _tokenizer(run_dir / "model", resolve_model_source(name))
 
 
 def _table(result: dict) -> Table:
@@ -103,24 +66,18 @@ def zeroshot_cmd(
     output: Optional[Path] = typer.Option(None, help="results JSON; default RUN_DIR/zeroshot.json "
                                                      "(required with --model)"),
     seed: int = typer.Option(0, help="seed of lm-eval's random generators"),
+    max_memory: Optional[str] = option("max_memory"),
+    offload_dir: Optional[Path] = typer.Option(None, help="where accelerate keeps the blocks beyond --max-memory "
+                                                          "(default: a temporary folder)"),
     verbose: bool = VERBOSE,
 ) -> None:
     """Zero-shot multiple-choice accuracy through lm-evaluation-harness (acc, acc_norm, chance)."""
     setup_logging(verbose)
-    from mixbits.eval.zeroshot import check_options, evaluate_zeroshot, split_task_names
-    from mixbits.io import atomic_write_json
-
     with user_errors():
         target = _check_flags(run_dir, model, output, original, limit, batch_size, device)
-        names = split_list(tasks)
-        check_options(names, limit=limit or None, batch_size=batch_size)
-        split_task_names(names)
-        models, tokenizer = _load_models(run_dir, model, original)
-        result = evaluate_zeroshot(models, tokenizer, names, device=device, limit=limit or None,
-                                   batch_size=batch_size, seed=seed, progress=verbose)
-        atomic_write_json(target, result)
-        if run_dir is not None:
-            refresh(run_dir)  # zeroshot.json goes with the run when it is replaced (--overwrite)
+        result = commands.zeroshot(split_list(tasks), run_dir=run_dir, model=model, output=target,
+                                   limit=limit or None, batch_size=batch_size, device=device, original=original,
+                                   seed=seed, max_memory=max_memory, offload_dir=offload_dir, progress=verbose)
     console.print(_table(result))
     console.print(f"wrote {target}")
     if run_dir is not None and target == run_dir / "zeroshot.json" and (run_dir / "report.html").is_file():

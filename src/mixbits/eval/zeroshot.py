@@ -21,7 +21,7 @@ of evaluation. Chance accuracy is the mean of 1/num_choices over the scored docu
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -33,6 +33,7 @@ from mixbits.data.bigbench import SOURCE as EMBEDDED_SOURCE
 from mixbits.data.bigbench import TASK_PREFIX, embedded_task_names, ensure_embedded_tasks, tasks_root
 from mixbits.data.errors import MixbitsDataError
 from mixbits.errors import UserError
+from mixbits.model.dispatch import is_placed
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def evaluate_zeroshot(
-    models: Mapping[str, nn.Module],
+    models: Mapping[str, nn.Module | Callable[[], nn.Module]],
     tokenizer,
     tasks: Sequence[str],
     *,
@@ -202,7 +203,9 @@ def evaluate_zeroshot(
 
     Returns {"lm_eval", "limit", "num_fewshot", "seed", "tasks": {task: {"source", "docs", "chance",
     "models": {label: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}}}}}. Models are moved to
-    `device` one at a time and back to where they were afterwards.
+    `device` one at a time and back to where they were afterwards; a model given as a function is
+    loaded when its turn comes and dropped after it (one alive at a time), and a model accelerate
+    placed (`model.dispatch`: parts on other devices or on disk) is scored where it is.
     """
     import lm_eval
 
@@ -213,14 +216,18 @@ def evaluate_zeroshot(
     out = {name: {"source": resolved.sources[name], "docs": None, "chance": resolved.chance[name], "models": {}}
            for name in resolved.names}
     doc_ids: dict[str, list[int]] = {}
-    for label, model in models.items():
+    for label, entry in models.items():
         log.info("zero-shot: scoring %s on %d task(s), limit %s, on %s", label, len(resolved.names), limit, target)
-        home = _model_device(model)
+        model = entry if isinstance(entry, nn.Module) else entry()
+        placed = is_placed(model)
+        home = None if placed else _model_device(model)
         try:
-            raw = _score(model.to(target).eval(), tokenizer, resolved, limit=limit, batch_size=batch_size,
-                         seed=seed, progress=progress)
+            raw = _score((model if placed else model.to(target)).eval(), tokenizer, resolved, limit=limit,
+                         batch_size=batch_size, seed=seed, progress=progress)
         finally:
-            model.to(home)
+            if home is not None:
+                model.to(home)
+            del model
             if target.type == "cuda":
                 torch.cuda.empty_cache()
         for name in resolved.names:

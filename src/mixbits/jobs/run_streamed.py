@@ -12,12 +12,14 @@ or a loaded model), never on a copy of the model:
                 variant (`model.quantize_streamed`): the mixed plan into the native writer
                 (`export.native_shards.NativeWriter`, resumable block by block), each uniform baseline
                 evaluated only; sizes from the cost model (`native_size_of`), never from a written copy
+    zero-shot   (cfg.tasks) the original and the written mixed model, one at a time, each placed by
+                accelerate within --max-memory (`model.dispatch`: blocks beyond it on disk)
 
 Peak memory: the largest of the stages' peaks (see each module's docstring; `model/budget.py`
 predicts it), about one block plus the activations at one block boundary; never the whole model.
 
 Not streamed yet (they need a whole model; `whole_model_reasons` names them and `pipeline.run`
-loads the whole model for them, saying so): iterative mode, --qat training, zero-shot tasks.
+loads the whole model for them, saying so): iterative mode and --qat training.
 """
 
 from __future__ import annotations
@@ -51,8 +53,8 @@ from mixbits.timing import StageTimer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["boundaries_folder", "open_streamed", "run_variants", "stored_tensors", "streamed_fisher", "whole_model_reasons",
-           "writer_provenance"]
+__all__ = ["boundaries_folder", "open_streamed", "run_variants", "stored_tensors", "streamed_fisher",
+           "streamed_zeroshot", "whole_model_reasons", "writer_provenance"]
 
 
 def whole_model_reasons(cfg: RunConfig) -> list[str]:
@@ -62,8 +64,6 @@ def whole_model_reasons(cfg: RunConfig) -> list[str]:
         reasons.append("--iterative")
     if cfg.train is not None:
         reasons.append("--qat")
-    if cfg.tasks:
-        reasons.append("--tasks (zero-shot)")
     return reasons
 
 
@@ -212,3 +212,30 @@ def run_variants(cfg: RunConfig, source: BlockSource, tokenizer, plans: dict[str
         if writer is not None:
             sizes["mixed"] = writer.finish()
     return evals, reports, sizes
+
+
+def streamed_zeroshot(cfg: RunConfig, source: BlockSource, tokenizer, model_dir: Path, timer: StageTimer) -> dict:
+    """Zero-shot tasks (cfg.tasks) of the original checkpoint and the mixed model just written to
+    `model_dir`, one at a time, each placed by accelerate within cfg.max_memory (`model.dispatch`;
+    whole on the device without a budget), offloaded pieces under cfg.offload_dir (default: a
+    temporary folder), removed afterwards."""
+    from mixbits.eval.zeroshot import evaluate_zeroshot
+    from mixbits.model.budget import RUNTIME_BYTES
+    from mixbits.jobs.zeroshot import load_mixed
+    from mixbits.model.dispatch import accelerate_budget, load_original
+
+    device, dtype = source.device, source.compute_dtype
+    budget = accelerate_budget(cfg.max_memory, device, reserve=RUNTIME_BYTES)
+    root = cfg.offload_dir
+    if root is not None:
+        Path(root).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="zeroshot-offload-", dir=root, ignore_cleanup_errors=True) as folder:
+        models = {
+            "original": lambda: load_original(source.folder, device=device, dtype=dtype, budget=budget,
+                                              offload_dir=Path(folder) / "original"),
+            "mixed": lambda: load_mixed(model_dir, device=device, dtype=dtype, budget=budget,
+                                        offload_dir=Path(folder) / "mixed"),
+        }
+        with timer.stage("zeroshot"):
+            return evaluate_zeroshot(models, tokenizer, cfg.tasks, device=device, limit=cfg.task_limit,
+                                     seed=cfg.data.seed, progress=cfg.progress)

@@ -15,6 +15,8 @@ holds throughout:
                                for every later variant, so the count of variants costs time, not memory
              train             Block-AP (with --qat): one block in float32 with its gradient and
                                AdamW's two moments, the training and validation boundaries
+             zeroshot          (with --tasks) one model at a time placed by accelerate: its weights
+                               up to the --max-memory share, the rest on disk (model/dispatch.py)
     runtime                    python, torch, transformers and mixbits, the tokenizer and the texts:
                                0.75-0.80 GiB measured for `mixbits run` / `analyze` on the CPU with a
                                6 M-parameter checkpoint (bench/memory.py --sizes tiny), counted as 0.8 GiB
@@ -27,7 +29,7 @@ holds throughout:
                                two blocks' weights (bench/memory.py, 0.5 GiB at hidden 2048)
 
 Each stage's head (final norm, head, one batch's logits) is one of its phases. With stream=False,
-or an option that still loads the whole model (--iterative, --qat, --tasks), every variant is a
+or an option that still loads the whole model (--iterative, --qat), every variant is a
 float32 copy of the whole model, all alive at once, and training comes on top of them.
 
 On CUDA the stages' tensors are compared with the device's budget (`cuda:N=...`), the runtime and
@@ -205,6 +207,22 @@ def _train(t: TrainConfig, shapes: ModelShapes) -> MemoryPrediction:
     return MemoryPrediction("train", "block", MappingProxyType(parts))
 
 
+def _zeroshot(cfg: RunConfig, shapes: ModelShapes, dtype: torch.dtype, device: torch.device) -> MemoryPrediction:
+    """Zero-shot tasks in a streamed run (model/dispatch.py): one model at a time, its weights in the
+    compute dtype up to the share accelerate is given (--max-memory less the runtime; the rest on
+    disk), the mixed model first loaded packed (bounded by 8 bits a block weight), and lm-eval's
+    batch of 8 sequences' logits (512 tokens assumed; task contexts are usually shorter)."""
+    weights = shapes.total_params * dtype.itemsize
+    if cfg.max_memory is not None:
+        budget = parse_max_memory(cfg.max_memory)
+        key = "cpu" if device.type == "cpu" else f"cuda:{device.index or 0}"
+        if key in budget:
+            weights = min(weights, max(budget[key] - (RUNTIME_BYTES if key == "cpu" else 0), 0))
+    packed = shapes.outside_params * dtype.itemsize + sum(shapes.block_params)
+    return MemoryPrediction("zeroshot", "one model", MappingProxyType({
+        "model weights (accelerate's share)": max(weights, packed), "lm-eval batch logits": 8 * 512 * shapes.vocab * 4}))
+
+
 def _eval_windows(cfg: RunConfig, given: int | None) -> int:
     if given is not None:
         return given
@@ -240,6 +258,8 @@ def predict_run(
                                                streamed=streamed, held=stored), "gain table"))
     stages.append(_quantize_evaluate(cfg, shapes, dtype, eval_n, max(stored, min(dtype.itemsize, 2))) if streamed
                   else _whole_model(cfg, shapes, dtype, eval_n, 1 + variants))
+    if cfg.tasks and streamed:  # the whole-model path scores the models it already holds
+        stages.append(_zeroshot(cfg, shapes, dtype, device))
     if cfg.train is not None:  # after quantization; without streaming the models stay alive
         train = _train(cfg.train, shapes)
         if not streamed:
@@ -277,8 +297,8 @@ def predict_train(
 
 def streams(cfg: RunConfig) -> bool:
     """Whether the run works block by block: cfg.stream, and none of the options that still load the
-    whole model (--iterative, --qat, zero-shot --tasks; `jobs.run_streamed.whole_model_reasons`)."""
-    return cfg.stream and cfg.iterative is None and cfg.train is None and not cfg.tasks
+    whole model (--iterative, --qat; `jobs.run_streamed.whole_model_reasons`)."""
+    return cfg.stream and cfg.iterative is None and cfg.train is None
 
 
 def skeleton_of(source: str | Path) -> tuple[nn.Module, torch.dtype]:
