@@ -103,3 +103,26 @@ def test_scaled_embedding_subclass_is_not_taken_over():
     model = untied_llama()
     model.model.embed_tokens = Scaled(256, 64)
     assert held_names(model) == ["lm_head.weight"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("build", [tiny_llama, untied_llama])
+def test_on_cuda_held_in_bf16_and_equal_to_the_float32_model(build, tmp_path):
+    """float32 compute on the GPU with the embedding and head held in bfloat16 on the device: the
+    float32 model's perplexity (TF32 off, so both sides run true float32 matmuls)."""
+    cuda = torch.device("cuda")
+    reference = bf16_checkpoint(build(), tmp_path)
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        whole = evaluate_models({"original": reference}, windows(), device=cuda, reference="original", progress=False)
+        ckpt = open_checkpoint(tmp_path, device=cuda, compute_dtype=torch.float32)
+        with ckpt.resident() as model:
+            assert model.get_output_embeddings().weight.dtype == torch.bfloat16
+            assert model.get_output_embeddings().weight.device.type == "cuda"
+        streamed = evaluate_streamed(ckpt, windows(), [Variant("original")], reference="original", topk=None,
+                                     progress=False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+    assert streamed["original"].ppl == pytest.approx(whole["original"].ppl, rel=1e-5)
