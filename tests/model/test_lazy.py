@@ -206,6 +206,18 @@ def test_preloaded_checkpoint_reads_no_file_and_gives_the_same_tensors(sharded, 
         assert torch.equal(full.model.embed_tokens.weight, model.model.embed_tokens.weight)
 
 
+def test_a_preloaded_bfloat16_embedding_is_held_without_a_copy(tmp_path):
+    model = tiny_llama().to(torch.bfloat16)
+    path = save(model, tmp_path)
+    ckpt = open_checkpoint(path, preload=True)
+    with ckpt.resident() as full:
+        held = full.model.embed_tokens.weight
+        assert held.dtype == torch.bfloat16 and torch.equal(held, model.model.embed_tokens.weight)
+        assert held.data_ptr() in {t.data_ptr() for t in ckpt._ram.values()}  # the preloaded storage itself
+    with ckpt.block(0) as block:  # blocks are cast copies
+        assert block.self_attn.q_proj.weight.data_ptr() not in {t.data_ptr() for t in ckpt._ram.values()}
+
+
 def test_preloaded_bfloat16_checkpoint_is_cast_like_a_read_one(tmp_path):
     model = tiny_llama().to(torch.bfloat16)
     path = save(model, tmp_path)

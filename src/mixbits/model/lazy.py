@@ -32,7 +32,9 @@ Trade-off: weights are read from disk once per pass per block (the page cache ma
 RAM allows); a module outside the blocks that must stay loaded across blocks is the caller's choice
 (`resident()` is a context, not a default). `preload()` holds the whole checkpoint in RAM in its own
 dtype instead (one read; every later pass casts from memory and reads no disk): the peak grows by the
-checkpoint's bytes, for a machine whose RAM holds them and whose disk is slow or remote. Source: accelerate's big-model inference (meta skeleton,
+checkpoint's bytes, for a machine whose RAM holds them and whose disk is slow or remote. The embedding
+and head held in that dtype share the preloaded storage (read only: no stage trains or edits them);
+every other tensor is a copy. Source: accelerate's big-model inference (meta skeleton,
 `set_module_tensor_to_device`), llm-compressor's sequential pipeline.
 """
 
@@ -274,8 +276,8 @@ class LazyCheckpoint:
                     value = self._ram[key] if self._ram else _read(handle, self.entries[key])
                     held = self.held_dtype(name, hold) if prefix is None else None
                     dtype = (held or self.compute_dtype) if value.is_floating_point() else None
-                    if self._ram and self.device.type == "cpu" and dtype in (None, value.dtype):
-                        value = value.clone()  # no cast would copy it: nothing done to the module reaches RAM
+                    if self._ram and self.device.type == "cpu" and dtype in (None, value.dtype) and held is None:
+                        value = value.clone()  # no cast would copy it: nothing done to a block reaches RAM
                     set_module_tensor_to_device(self.model, name, self.device, value=value, dtype=dtype)
                     del value
                     self._share(name)
