@@ -269,7 +269,9 @@ def predict_run(
     largest_tensor = max([shapes.vocab * shapes.hidden] + [o * i for blk in shapes.block_linears for o, i in blk])
     held = {"runtime": RUNTIME_BYTES,
             "read buffer": largest_tensor * checkpoint_dtype.itemsize if streamed else 0,
-            "checkpoint held in RAM (--preload)": (shapes.total_params * checkpoint_dtype.itemsize
+            # the embedding and head held in 16 bits share it (counted in the stages)
+            "checkpoint held in RAM (--preload)": ((shapes.total_params - (shapes.held_params if stored < dtype.itemsize
+                                                                           else 0)) * checkpoint_dtype.itemsize
                                                    if streamed and cfg.preload else 0),
             # check_run_memory pins the mmap threshold of a streamed run: freed tensors are returned
             "allocator slack": 0 if streamed else SLACK_BLOCKS * max(shapes.block_params, default=0) * dtype.itemsize}
