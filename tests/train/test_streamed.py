@@ -117,16 +117,13 @@ def test_one_block_is_materialized_at_a_time(saved, tmp_path, materialized):
     assert writer.done_blocks() == {0, 1} and len(report.blocks) == 2
 
 
-def test_a_used_checkpoint_or_e2e_is_refused(saved, tmp_path):
+def test_a_used_checkpoint_is_refused(saved, tmp_path):
     model, folder, plan, calib, val = saved
     cfg = TrainConfig(**{**CFG.to_dict(), "epochs": 0.5})
     streamed(folder, plan, calib, val, cfg, tmp_path / "model")
     with pytest.raises(ValueError, match="config.epochs"):  # another run's blocks are never trusted
         streamed(folder, plan, calib, val, TrainConfig(**{**cfg.to_dict(), "epochs": 1.0}), tmp_path / "model",
                  resume=True)
-    with pytest.raises(ValueError, match="E2E-QP"):
-        streamed(folder, plan, calib, val, TrainConfig(**{**cfg.to_dict(), "e2e": True}),
-                 tmp_path / "other" / "model")
 
 
 @pytest.mark.cuda

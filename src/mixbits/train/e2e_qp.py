@@ -15,7 +15,9 @@ on the validation windows, the start included, after rounding to fp16 as stored.
 weights are dequantize(q, (s, z)), so the export stores exactly q again.
 
 Trade-off: the whole model (not one block) sits on the device with activations for backward,
-so this stage needs as much memory as fine-tuning with frozen weights. Windows are reshuffled
+so this stage needs as much memory as fine-tuning with frozen weights. `train.e2e_streamed` takes
+the same steps from a lazy checkpoint and the packed codes with one block materialized at a time
+(every block read twice per step); both share `optimise_scales` and `step_weight`. Windows are reshuffled
 at the sample level every epoch (input ids need no extra arguments). Source: Chen et al. 2024,
 EfficientQAT (E2E-QP), `main_e2e_qp.py`; lr 2e-5 at 2 bits, 1e-5 above, clipping 0.3.
 """
@@ -25,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
 import torch
@@ -74,6 +76,20 @@ class E2EStats:
         return d
 
 
+def e2e_params(cfg, specs: Mapping[str, QuantSpec]) -> E2EParams:
+    """E2E-QP's hyper-parameters from a `TrainConfig` (lr of each linear's scales by its bits)."""
+    return E2EParams(cfg.e2e_epochs, cfg.e2e_batch_size, {n: cfg.e2e_lr_of(s.bits) for n, s in specs.items()},
+                     cfg.min_lr_factor, cfg.weight_decay, cfg.e2e_grad_clip, cfg.max_nonfinite)
+
+
+def step_weight(codes: Tensor, zero: Tensor, scale: Tensor, spec: QuantSpec) -> Tensor:
+    """W_hat = (q − z) · s [out, in] float32 from codes q [out, in] and zero-points z [out, in] (float32,
+    z expanded over its groups), differentiable in `scale` [out, G] (clamped to fp16's range with a
+    straight-through clamp)."""
+    s = expand_groups(clamp_ste(scale, FP16_TINY, FP16_MAX), codes.shape[1], spec.group_size)
+    return (codes - zero) * s
+
+
 class _FrozenCodes:
     """Codes and zero-points of every planned linear; weights as a function of the scales."""
 
@@ -90,9 +106,7 @@ class _FrozenCodes:
 
     def weight(self, name: str, scale: Tensor) -> Tensor:
         """(q − z) · s as [out, in] float32, differentiable in `scale` [out, G]."""
-        s = expand_groups(clamp_ste(scale, FP16_TINY, FP16_MAX), self.codes[name].shape[1],
-                          self.specs[name].group_size)
-        return (self.codes[name] - self.zero[name]) * s
+        return step_weight(self.codes[name], self.zero[name], scale, self.specs[name])
 
     def weights(self, scales: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Model parameter key -> weight in the module's layout and dtype."""
@@ -103,7 +117,7 @@ class _FrozenCodes:
         return out
 
 
-def _stored(scales: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
+def stored_scales(scales: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
     """Scales rounded to fp16 as stored; None if any is not finite."""
     if not all(bool(torch.isfinite(s).all()) for s in scales.values()):
         return None
@@ -127,7 +141,7 @@ def _val_loss(model, frozen: _FrozenCodes, scales, windows: Tensor, batch_size: 
     return value if math.isfinite(value) else math.inf
 
 
-def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator) -> list[Tensor]:
+def step_batches(n: int, batch_size: int, steps: int, generator: torch.Generator) -> list[Tensor]:
     """Window indices of every step: a fresh permutation per epoch, cut into batches."""
     out: list[Tensor] = []
     while len(out) < steps:
@@ -158,31 +172,47 @@ def train_step_sizes(model: nn.Module, specs: Mapping[str, QuantSpec], qparams: 
 
 
 def _optimise(model, frozen, scales, windows, val_windows, hp: E2EParams, device, generator, progress):
-    start = _stored(scales)
-    loss_start = _val_loss(model, frozen, start, val_windows, hp.batch_size, device)
+    def step(opt: GuardedOptimizer, idx: Tensor) -> None:
+        opt.step(lm_loss(model, frozen.weights(scales), windows[idx].to(device)))
+
+    return optimise_scales(scales, len(windows), hp, generator, step=step, progress=progress,
+                           validate=lambda kept: _val_loss(model, frozen, kept, val_windows, hp.batch_size, device))
+
+
+def optimise_scales(scales: Mapping[str, nn.Parameter], n_windows: int, hp: E2EParams, generator: torch.Generator, *,
+                    step: Callable[[GuardedOptimizer, Tensor], None], validate: Callable[[dict | None], float],
+                    progress: bool = True, what: str = "E2E-QP") -> tuple[dict[str, Tensor], E2EStats]:
+    """The training loop both E2E-QP paths share: epochs, shuffling, the lr schedule, the guard,
+    validation after each epoch and the best-state rule (the start included; fp16-rounded scales).
+
+    step(opt, idx): one optimizer step on the windows `idx` (calls `opt.step`); validate(kept): the
+    mean validation LM loss with the scales `kept` (None: not finite -> inf). Returns the kept scales
+    (float32, fp16-exact) and the stats (seconds left 0 for the caller)."""
+    start = stored_scales(scales)
+    loss_start = validate(start)
     if not math.isfinite(loss_start):
         raise ValueError(f"E2E-QP: the starting model has a non-finite validation loss ({loss_start}); "
                          "check the Block-AP result and the model dtype (use float32)")
-    per_epoch = math.ceil(len(windows) / hp.batch_size)
+    per_epoch = math.ceil(n_windows / hp.batch_size)
     steps = max(1, round(hp.epochs * per_epoch))
     groups = [{"params": [s], "lr": hp.lrs[n], "name": n} for n, s in scales.items()]
     opt = GuardedOptimizer(groups, total_steps=steps, min_lr_factor=hp.min_lr_factor, weight_decay=hp.weight_decay,
-                           grad_clip=hp.grad_clip, max_nonfinite=hp.max_nonfinite, what="E2E-QP")
+                           grad_clip=hp.grad_clip, max_nonfinite=hp.max_nonfinite, what=what)
     best, best_loss, best_epoch, history = start, loss_start, 0.0, [loss_start]
     done = 0
-    for done, idx in enumerate(tqdm(_batches(len(windows), hp.batch_size, steps, generator), desc="E2E-QP",
+    for done, idx in enumerate(tqdm(step_batches(n_windows, hp.batch_size, steps, generator), desc=what,
                                     disable=not progress, leave=False), 1):
-        opt.step(lm_loss(model, frozen.weights(scales), windows[idx].to(device)))
+        step(opt, idx)
         if opt.exhausted:
             break
         if done % per_epoch == 0 or done == steps:
-            val = _val_loss(model, frozen, _stored(scales), val_windows, hp.batch_size, device)
+            val = validate(stored_scales(scales))
             history.append(val)
             if val < best_loss:
-                best, best_loss, best_epoch = _stored(scales), val, done / per_epoch
+                best, best_loss, best_epoch = stored_scales(scales), val, done / per_epoch
     if opt.exhausted:
-        log.warning("E2E-QP: %d non-finite steps; keeping the scales Block-AP gave", opt.nonfinite)
+        log.warning("%s: %d non-finite steps; keeping the scales Block-AP gave", what, opt.nonfinite)
         best, best_loss, best_epoch = start, loss_start, 0.0
-    log.info("E2E-QP: validation LM loss %.4f -> %.4f (best epoch %.2f)", loss_start, best_loss, best_epoch)
+    log.info("%s: validation LM loss %.4f -> %.4f (best epoch %.2f)", what, loss_start, best_loss, best_epoch)
     stats = E2EStats(loss_start, best_loss, best_epoch, done, opt.nonfinite, opt.exhausted, 0.0, tuple(history))
     return best, stats

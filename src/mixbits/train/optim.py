@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -60,14 +61,15 @@ class GuardedOptimizer:
                     self.step_index, self.lr_scale, self.nonfinite, self.max_nonfinite,
                     "; giving up" if self.exhausted else "")
 
-    def step(self, loss: Tensor) -> bool:
-        """Backward `loss` and update; False when the step was skipped as non-finite."""
+    def step(self, loss: Tensor, backward: Callable[[], None] | None = None) -> bool:
+        """Backward `loss` and update; False when the step was skipped as non-finite. `backward`: what
+        sets the gradients instead of `loss.backward()` (a streamed trainer goes back block by block)."""
         self._set_lr()
         taken = False
         if not bool(torch.isfinite(loss.detach())):
             self._fail("loss")
         else:
-            loss.backward()
+            (backward or loss.backward)()
             clip = self.grad_clip if self.grad_clip is not None else math.inf
             norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
             self.last_grad_norm = float(norm)

@@ -41,7 +41,7 @@ from mixbits.train.activations import Stream, advance, capture_stream
 from mixbits.train.block_ap import BlockHParams, BlockOutcome, train_block
 from mixbits.train.checkpoint import BlockCheckpoint
 from mixbits.config import TrainConfig
-from mixbits.train.e2e_qp import E2EParams, train_step_sizes
+from mixbits.train.e2e_qp import e2e_params, train_step_sizes
 from mixbits.train.quantized_block import QuantizedBlock, start_of
 from mixbits.train.report import BlockStats, TrainReport
 from mixbits.train.schedule import BlockSchedule, block_bits, model_schedules, normalise_scores
@@ -271,11 +271,8 @@ def _block_loop(run: _Run, model_q: nn.Module, windows: dict[str, Tensor], ckpt:
 
 
 def _e2e(run: _Run, model_q: nn.Module, qparams: dict[str, QParams], calib: Tensor, val: Tensor) -> dict:
-    cfg = run.cfg
-    hp = E2EParams(cfg.e2e_epochs, cfg.e2e_batch_size, {n: cfg.e2e_lr_of(s.bits) for n, s in run.trained.items()},
-                   cfg.min_lr_factor, cfg.weight_decay, cfg.e2e_grad_clip, cfg.max_nonfinite)
-    generator = torch.Generator().manual_seed(seed_of(cfg.seed, -1))
-    new, stats = train_step_sizes(model_q, run.trained, qparams, calib, val, hp, device=run.device,
-                                  generator=generator, progress=run.progress)
+    generator = torch.Generator().manual_seed(seed_of(run.cfg.seed, -1))
+    new, stats = train_step_sizes(model_q, run.trained, qparams, calib, val, e2e_params(run.cfg, run.trained),
+                                  device=run.device, generator=generator, progress=run.progress)
     qparams.update(new)
     return stats.to_dict()

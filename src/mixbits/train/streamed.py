@@ -32,8 +32,12 @@ capture. Never the whole model. Compute is float32 (the caller opens the checkpo
 
 Trade-off: the shards, not a float32 copy of the trained weights, are the checkpoint (the packed size
 on disk instead of 4 bytes a weight); a clip / gptq init keeps one more stream at a block boundary
-(C) instead of a whole quantized model. E2E-QP trains the whole quantized model's step sizes
-end to end: it is not streamed here (`train_model` does it; the train job says so when it falls back).
+(C) instead of a whole quantized model.
+
+E2E-QP (cfg.e2e) is the next stage, not part of this pass: `train.e2e_streamed.train_e2e_streamed`
+trains the step sizes end to end over the blocks written here, one block at a time, and rewrites
+their shards (jobs/train.py runs it after `train_streamed`, as `train_model` runs E2E-QP after its
+block loop).
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ from mixbits.train.run import _check_windows, _Run, _sensitivity, _train_one
 
 log = logging.getLogger(__name__)
 
-__all__ = ["STORAGE_DTYPE", "finish_streamed", "train_fingerprint", "train_streamed"]
+__all__ = ["STORAGE_DTYPE", "finish_streamed", "stored_outside", "train_fingerprint", "train_streamed"]
 
 STORAGE_DTYPE = torch.float16  # what the native format stores every tensor but the packed linears in
 
@@ -113,11 +117,9 @@ def train_streamed(
     blocks (`train_fingerprint` names the run); without it nothing is resumed. The sink receives every
     block (untrained ones too: their tensors rounded as stored) but not what lies outside the blocks:
     `finish_streamed` writes that, scoring the trained variant in the same pass. Returns the report;
-    its qparams are those the sink holds."""
+    its qparams are those the sink holds. Block-AP only: with cfg.e2e the caller runs
+    `e2e_streamed.train_e2e_streamed` next (the e2e fields do not enter the blocks' fingerprint)."""
     start = time.perf_counter()
-    if cfg.e2e:
-        raise ValueError("E2E-QP (cfg.e2e) trains the step sizes of the whole quantized model end to end and is "
-                         "not streamed; use train_model, or train with e2e=False")
     _check_windows(calib_windows, "calib_windows")
     _check_windows(val_windows, "val_windows")
     plan.validate(layer_shapes(source.model))
@@ -163,7 +165,7 @@ def _offload_root(cfg: TrainConfig) -> Iterator[Path | None]:
 
 
 @contextlib.contextmanager
-def _stored_outside(source: BlockSource) -> Iterator[nn.Module]:
+def stored_outside(source: BlockSource) -> Iterator[nn.Module]:
     """Everything outside the blocks materialized and rounded through float16, as the native format
     (and `quantize_model`'s copy) holds it; the source's own tensors are left as they are."""
     prefix = f"{source.block_path}."
@@ -189,7 +191,7 @@ class _Pass:
         kw = dict(batch_size=cfg.batch_size, offload_root=self.root, progress=False)
         with self.source.resident() as model:
             self.fp = {k: capture_stream(model, w, **kw) for k, w in windows.items()}
-        with _stored_outside(self.source) as model:
+        with stored_outside(self.source) as model:
             self.q = {k: capture_stream(model, w, **kw) for k, w in windows.items()}
             if cfg.init != "rtn":  # quantize_model's capture: all windows at once, in training batches
                 self.calib = capture_block_inputs(model, calib, batch_size=cfg.batch_size, store="cpu",

@@ -1,0 +1,158 @@
+"""E2E-QP streamed block by block against `train_model`'s whole-model E2E-QP."""
+
+import json
+
+import pytest
+import torch
+
+from mixbits.config import TrainConfig
+from mixbits.errors import UserError
+from mixbits.export.native import load_native, save_native
+from mixbits.export.native_shards import block_file
+from mixbits.train.e2e_streamed import E2E_FILE, train_e2e_streamed
+from mixbits.train.run import train_model
+from mixbits.train.streamed import finish_streamed
+from tests.conftest import tiny_llama
+from tests.train.test_run import CFG, mixed_plan, one_thread, windows  # noqa: F401  (one thread: exact sums)
+from tests.train.test_streamed import Killed, sha256, streamed
+
+CPU = torch.device("cpu")
+# Block-AP short, E2E-QP with an lr at which the step sizes move and validation improves
+E2E = TrainConfig(**{**CFG.to_dict(), "epochs": 0.5, "e2e": True, "e2e_epochs": 2.0, "e2e_lr": 1e-3,
+                     "e2e_batch_size": 2})
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny Llama (two blocks) saved as safetensors in several shards, its plan and its windows."""
+    model = tiny_llama()
+    folder = tmp_path_factory.mktemp("ckpt")
+    model.save_pretrained(folder, max_shard_size="100KB")
+    assert len(list(folder.glob("*.safetensors"))) > 1
+    calib = windows(6, 1)
+    # validation on training windows: random tokens teach nothing that carries to other random windows,
+    # and the comparison must be of trained scales (best epoch > 0), not of the start kept
+    return model, folder, mixed_plan(model), calib, calib[:3]
+
+
+def e2e_streamed(folder, plan, calib, val, cfg, out, *, resume=False, after_block=None):
+    """Streamed Block-AP then streamed E2E-QP into a NativeWriter at `out`; (source, writer, report)."""
+    source, writer, report = streamed(folder, plan, calib, val, cfg, out, resume=resume)
+    from mixbits.train.checkpoint import BlockCheckpoint
+    from mixbits.train.streamed import train_fingerprint
+
+    ckpt = BlockCheckpoint(out.parent / "checkpoint", train_fingerprint(source, plan, calib, val, cfg, model="tiny"),
+                           resume=True)
+    report = train_e2e_streamed(source, plan, calib, val, cfg, sink=writer, report=report, checkpoint=ckpt,
+                                progress=False, after_block=after_block)
+    return source, writer, report
+
+
+def finished(source, plan, writer):
+    finish_streamed(source, plan, writer, progress=False)
+    writer.finish()
+    return sha256(writer.out_dir)
+
+
+def test_same_scales_and_shards_as_the_whole_model_e2e(saved, tmp_path):
+    model, folder, plan, calib, val = saved
+    whole, want = train_model(model, plan, calib, val, E2E, device=CPU, progress=False)
+    source, writer, got = e2e_streamed(folder, plan, calib, val, E2E, tmp_path / "s" / "model")
+    assert want.e2e["best_epoch"] > 0 and want.e2e["loss_end"] < want.e2e["loss_start"]  # E2E moved the scales
+    # Exact: the same float32 operations on the same values in the same order (one thread); the
+    # backward runs block by block, and each block's gradient is the whole graph's for that block
+    assert {k: v for k, v in got.e2e.items() if k != "seconds"} == {k: v for k, v in want.e2e.items()
+                                                                   if k != "seconds"}
+    moved = 0
+    for name, qp in want.qparams.items():
+        assert torch.equal(got.qparams[name].scale, qp.scale), name
+        assert torch.equal(got.qparams[name].zero, qp.zero), name
+        moved += not torch.equal(qp.scale, streamed_start(tmp_path, folder, plan, calib, val)[name])
+    assert moved > 0
+    files = finished(source, plan, writer)
+    save_native(whole, plan, tmp_path / "whole", qparams=want.qparams)
+    reference = sha256(tmp_path / "whole")
+    for i in range(model.config.num_hidden_layers):  # codes and scales: the whole-model export's bytes
+        assert files[block_file(i)] == reference[block_file(i)], i
+    assert load_native(tmp_path / "s" / "model") is not None
+
+
+_STARTS = {}
+
+
+def streamed_start(tmp_path, folder, plan, calib, val):
+    """Block-AP's scales (what E2E-QP starts from), by linear."""
+    if not _STARTS:
+        _, _, report = streamed(folder, plan, calib, val, E2E, tmp_path / "blockap" / "model")
+        _STARTS.update({n: qp.scale for n, qp in report.qparams.items()})
+    return _STARTS
+
+
+def test_one_block_is_materialized_at_a_time(saved, tmp_path, materialized):
+    model, folder, plan, calib, val = saved
+    live, peak = materialized
+    cfg = TrainConfig(**{**E2E.to_dict(), "e2e_epochs": 1.0})
+    _, writer, report = e2e_streamed(folder, plan, calib, val, cfg, tmp_path / "model")
+    assert max(peak) == 1 and not live  # never two blocks, nor a block and the embeddings, at once
+    steps, blocks = report.e2e["steps"], model.config.num_hidden_layers
+    # per step: capture, L blocks forward, the head, L blocks backward; per validation: capture, L, head
+    e2e = steps * (2 + 2 * blocks) + len(report.e2e["val_history"]) * (2 + blocks)
+    # Block-AP's capture (original, rounded) and blocks, then the rest written before E2E-QP (one more)
+    assert len(peak) == 2 + blocks + 1 + e2e and writer.done_blocks() == set(range(blocks))
+
+
+def test_a_run_killed_in_the_rewrite_leaves_a_loadable_folder_and_resumes(saved, tmp_path, monkeypatch):
+    model, folder, plan, calib, val = saved
+    cfg = TrainConfig(**{**E2E.to_dict(), "e2e_epochs": 1.0})
+    source, writer, report = e2e_streamed(folder, plan, calib, val, cfg, tmp_path / "full" / "model")
+    full = finished(source, plan, writer)
+
+    def kill(index):
+        if index == 0:
+            raise Killed
+
+    out = tmp_path / "again" / "model"
+    with pytest.raises(Killed):  # after block 0's shard holds the new scales, before block 1's
+        e2e_streamed(folder, plan, calib, val, cfg, out, after_block=kill)
+    assert (out.parent / "checkpoint" / E2E_FILE).is_file()
+    assert sha256(out)[block_file(0)] == full[block_file(0)] and sha256(out)[block_file(1)] != full[block_file(1)]
+    load_native(out)  # complete before E2E-QP started: every moment after, it loads
+    with pytest.raises(UserError, match="e2e_lr"):  # its scales may be in the shards: other settings are refused
+        e2e_streamed(folder, plan, calib, val, TrainConfig(**{**cfg.to_dict(), "e2e_lr": 2e-3}), out, resume=True)
+    from mixbits.train import e2e_streamed as module
+
+    monkeypatch.setattr(module, "_train", lambda *a, **k: pytest.fail("the saved scales are trained again"))
+    source, writer, resumed = e2e_streamed(folder, plan, calib, val, cfg, out, resume=True)
+    assert finished(source, plan, writer) == full
+    assert {k: v for k, v in resumed.e2e.items() if k != "seconds"} == {k: v for k, v in report.e2e.items()
+                                                                       if k != "seconds"}
+
+
+def test_a_run_killed_while_training_starts_e2e_again_from_block_ap(saved, tmp_path, monkeypatch):
+    model, folder, plan, calib, val = saved
+    cfg = TrainConfig(**{**E2E.to_dict(), "e2e_epochs": 1.0})
+    source, writer, report = e2e_streamed(folder, plan, calib, val, cfg, tmp_path / "full" / "model")
+    full = finished(source, plan, writer)
+    from mixbits.train import e2e_streamed as module
+
+    steps = []
+    real = module._Trainer.step
+
+    def dying(self, opt, ids):
+        steps.append(1)
+        if len(steps) == 2:
+            raise Killed
+        return real(self, opt, ids)
+
+    monkeypatch.setattr(module._Trainer, "step", dying)
+    out = tmp_path / "again" / "model"
+    with pytest.raises(Killed):
+        e2e_streamed(folder, plan, calib, val, cfg, out)
+    monkeypatch.setattr(module._Trainer, "step", real)
+    assert not (out.parent / "checkpoint" / E2E_FILE).exists()
+    load_native(out)  # the Block-AP model, untouched by the killed E2E-QP
+    source, writer, resumed = e2e_streamed(folder, plan, calib, val, cfg, out, resume=True)
+    assert finished(source, plan, writer) == full
+    assert {k: v for k, v in resumed.e2e.items() if k != "seconds"} == {k: v for k, v in report.e2e.items()
+                                                                       if k != "seconds"}
+    assert json.loads((out / "progress.json").read_text())["shards"].keys() >= {block_file(0), block_file(1)}
