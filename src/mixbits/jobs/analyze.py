@@ -11,9 +11,9 @@ The best method is `validate.validate_methods`'s pick when validating, else the 
 asked for. Stages are chained here; every formula lives in its own module.
 
 Two paths, chosen as `mixbits run` chooses (`AnalyzeConfig.stream`, default on):
-* streamed: when every method asked for is computed from a block source (today the layer-wise
-  Fisher alone: `sensitivity.methods.cached_tables` runs `fisher_streamed.streamed_fisher_table`)
-  and nothing else needs the weights, the model is opened lazily (`jobs.run_streamed.open_streamed`:
+* streamed: when every method asked for is computed from a block source (the Fisher and the
+  output error, per layer: `sensitivity.methods.cached_tables` runs `fisher_streamed` and
+  `output_error_streamed`) and nothing else needs the weights, the model is opened lazily (`jobs.run_streamed.open_streamed`:
   the meta skeleton, each block read from the shards while it is worked on). Peak memory: one block
   in the compute dtype plus the block boundaries of the calibration windows (on disk under
   `offload_dir` when it is set), as for the Fisher stage of `mixbits run`; never the whole model.
@@ -46,7 +46,7 @@ from mixbits.model.arch import LinearInfo, find_linears
 from mixbits.model.load import load_model, resolve_model_source, validate_model_name
 from mixbits.report.sensitivity_plots import plot_predicted_vs_measured, plot_scores
 from mixbits.sensitivity.capture import grad_only_on
-from mixbits.sensitivity.methods import cached_tables, primary_score
+from mixbits.sensitivity.methods import STREAMED, cached_tables, primary_score
 from mixbits.sensitivity.seedfile import read_seed_file, seed_table
 from mixbits.sensitivity.table import DamageTable
 from mixbits.sensitivity.units import block_units
@@ -55,7 +55,7 @@ from mixbits.sensitivity.validate import ranking, validate_methods
 log = logging.getLogger(__name__)
 
 ANALYZE_FORMAT = "mixbits.analyze/1"
-STREAMED_METHODS = ("fisher",)  # what `sensitivity.methods.cached_tables` computes from a block source
+STREAMED_METHODS = STREAMED  # what `sensitivity.methods.cached_tables` computes from a block source
 
 
 def whole_model_reasons(cfg: AnalyzeConfig) -> list[str]:

@@ -17,8 +17,9 @@ windows, tokens, options and quantizer "rtn".
 
 `cached_tables` is the one builder of cached tables, used by `mixbits run` (its Fisher table)
 and `mixbits analyze` alike. Given a `BlockSource` (the streamed run's lazy checkpoint) instead of
-a loaded model, it computes the Fisher block by block (`fisher_streamed.streamed_fisher_table`):
-the same numbers, so the same key and the same cached file. One key rule (`sensitivity.cache.cache_key_parts`, with the
+a loaded model, it computes the Fisher (`fisher_streamed.streamed_fisher_table`) and the output
+error (`output_error_streamed`) block by block: the same numbers, so the same key and the same
+cached file. One key rule (`sensitivity.cache.cache_key_parts`, with the
 method's options, the measured configs and the random seed where they matter) and one
 metadata rule (the meta `compute_tables` records, nothing else; callers add their own
 provenance to the table they get back with `DamageTable.with_meta`, never to the cached one).
@@ -52,6 +53,7 @@ from mixbits.sensitivity.fisher_streamed import streamed_fisher_table
 from mixbits.sensitivity.gradient import gradient_fisher_tables, gradient_table
 from mixbits.sensitivity.hessian import hessian_table
 from mixbits.sensitivity.output_error import output_error_table
+from mixbits.sensitivity.output_error_streamed import streamed_output_error_table
 from mixbits.sensitivity.table import DamageTable
 from mixbits.sensitivity.units import (
     block_table, check_granularity, measured_columns, measured_labels, reference_column, to_block_table, units_of,
@@ -100,7 +102,10 @@ def _kwargs(name: str, options: Mapping[str, Mapping[str, object]], generator: t
 
 def _run(name, model, windows, linears, configs, granularity, *, device, progress, measure_configs,
          options, generator, offload_dir) -> Raw:
-    if not isinstance(model, nn.Module):  # a block source: the Fisher block by block (checked by _check_source)
+    if not isinstance(model, nn.Module):  # a block source (checked by _check_source): block by block
+        if name == "output_error":
+            return streamed_output_error_table(model, windows, linears, configs, device=device, progress=progress,
+                                               **options.get(name, {}))
         return streamed_fisher_table(model, windows, linears, configs, device=device, progress=progress,
                                      offload_dir=offload_dir)
     method = METHODS[name]
@@ -135,11 +140,16 @@ def _raw_tables(methods, model, windows, linears, configs, granularity, **kw) ->
     return {m: out[m] for m in methods}
 
 
+STREAMED = ("fisher", "output_error")  # what a block source computes, block by block
+
+
 def _check_source(methods: Sequence[str], model: nn.Module | BlockSource, granularity: str) -> None:
-    """A block source serves the layer-wise Fisher only; every other method needs the whole model."""
-    if not isinstance(model, nn.Module) and (list(methods) != ["fisher"] or granularity != "layer"):
-        raise UserError(f"methods {list(methods)} at granularity {granularity!r} need the whole model in memory; "
-                        "a model streamed block by block gives the layer-wise fisher table only")
+    """A block source serves the Fisher and output-error tables (per layer, or summed per block); every
+    other method needs the whole model."""
+    others = [m for m in methods if m not in STREAMED]
+    if not isinstance(model, nn.Module) and others:
+        raise UserError(f"methods {others} need the whole model in memory; a model streamed block by block gives "
+                        f"the {' and '.join(STREAMED)} tables")
 
 
 def _check_options(options: Mapping[str, Mapping[str, object]] | None, methods: list[str]) -> dict:
