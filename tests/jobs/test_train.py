@@ -76,7 +76,7 @@ def test_streamed_and_whole_model_paths_agree(tiny_model_dir, tiny_text_file, tm
     load_native(tmp_path / "True" / "model")
 
 
-def test_e2e_trains_the_whole_model_and_says_why(tiny_model_dir, tiny_text_file, tmp_path, caplog):
+def test_e2e_streams_and_says_so(tiny_model_dir, tiny_text_file, tmp_path, caplog):
     model, _ = load_model(str(tiny_model_dir))
     Plan.uniform(find_linears(model), QuantSpec(4, 32)).save(tmp_path / "plan.json")
     cfg = TrainConfig(dataset=str(tiny_text_file), train_size=4, val_size=2, seqlen=32, epochs=0.5, e2e=True,
@@ -84,5 +84,5 @@ def test_e2e_trains_the_whole_model_and_says_why(tiny_model_dir, tiny_text_file,
     with caplog.at_level(logging.INFO, logger="mixbits.jobs.train"):
         results = train_command(model=str(tiny_model_dir), plan=tmp_path / "plan.json", output_dir=tmp_path / "out",
                                 cfg=cfg, device="cpu", eval_windows=2, progress=False)
-    assert results["streamed"] is False and results["training"]["e2e"] is not None
-    assert any("whole model" in r.getMessage() and "E2E-QP" in r.getMessage() for r in caplog.records)
+    assert results["streamed"] is True and results["training"]["e2e"] is not None
+    assert any("streams" in r.getMessage() and "E2E-QP" in r.getMessage() for r in caplog.records)

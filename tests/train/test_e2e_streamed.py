@@ -4,14 +4,23 @@ import json
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from mixbits.cli import app
 from mixbits.config import TrainConfig
 from mixbits.errors import UserError
 from mixbits.export.native import load_native, save_native
 from mixbits.export.native_shards import block_file
+from mixbits.jobs.train import train_command
+from mixbits.model.arch import find_linears
+from mixbits.model.load import load_model
+from mixbits.plan import Plan
+from mixbits.quant.spec import QuantSpec
+from mixbits.train import e2e_streamed as module
 from mixbits.train.e2e_streamed import E2E_FILE, train_e2e_streamed
+from mixbits.train.checkpoint import BlockCheckpoint
 from mixbits.train.run import train_model
-from mixbits.train.streamed import finish_streamed
+from mixbits.train.streamed import finish_streamed, train_fingerprint
 from tests.conftest import tiny_llama
 from tests.train.test_run import CFG, mixed_plan, one_thread, windows  # noqa: F401  (one thread: exact sums)
 from tests.train.test_streamed import Killed, sha256, streamed
@@ -35,12 +44,12 @@ def saved(tmp_path_factory):
     return model, folder, mixed_plan(model), calib, calib[:3]
 
 
-def e2e_streamed(folder, plan, calib, val, cfg, out, *, resume=False, after_block=None):
-    """Streamed Block-AP then streamed E2E-QP into a NativeWriter at `out`; (source, writer, report)."""
+def e2e_streamed(folder, plan, calib, val, cfg, out, *, resume=False, after_block=None, block_ap=None):
+    """Streamed Block-AP then streamed E2E-QP into a NativeWriter at `out`; (source, writer, report).
+    block_ap: a list that receives Block-AP's report."""
     source, writer, report = streamed(folder, plan, calib, val, cfg, out, resume=resume)
-    from mixbits.train.checkpoint import BlockCheckpoint
-    from mixbits.train.streamed import train_fingerprint
-
+    if block_ap is not None:
+        block_ap.append(report)
     ckpt = BlockCheckpoint(out.parent / "checkpoint", train_fingerprint(source, plan, calib, val, cfg, model="tiny"),
                            resume=True)
     report = train_e2e_streamed(source, plan, calib, val, cfg, sink=writer, report=report, checkpoint=ckpt,
@@ -57,7 +66,8 @@ def finished(source, plan, writer):
 def test_same_scales_and_shards_as_the_whole_model_e2e(saved, tmp_path):
     model, folder, plan, calib, val = saved
     whole, want = train_model(model, plan, calib, val, E2E, device=CPU, progress=False)
-    source, writer, got = e2e_streamed(folder, plan, calib, val, E2E, tmp_path / "s" / "model")
+    block_ap = []
+    source, writer, got = e2e_streamed(folder, plan, calib, val, E2E, tmp_path / "s" / "model", block_ap=block_ap)
     assert want.e2e["best_epoch"] > 0 and want.e2e["loss_end"] < want.e2e["loss_start"]  # E2E moved the scales
     # Exact: the same float32 operations on the same values in the same order (one thread); the
     # backward runs block by block, and each block's gradient is the whole graph's for that block
@@ -67,25 +77,14 @@ def test_same_scales_and_shards_as_the_whole_model_e2e(saved, tmp_path):
     for name, qp in want.qparams.items():
         assert torch.equal(got.qparams[name].scale, qp.scale), name
         assert torch.equal(got.qparams[name].zero, qp.zero), name
-        moved += not torch.equal(qp.scale, streamed_start(tmp_path, folder, plan, calib, val)[name])
-    assert moved > 0
+        moved += not torch.equal(qp.scale, block_ap[0].qparams[name].scale)
+    assert moved > 0  # not Block-AP's scales
     files = finished(source, plan, writer)
     save_native(whole, plan, tmp_path / "whole", qparams=want.qparams)
     reference = sha256(tmp_path / "whole")
     for i in range(model.config.num_hidden_layers):  # codes and scales: the whole-model export's bytes
         assert files[block_file(i)] == reference[block_file(i)], i
     assert load_native(tmp_path / "s" / "model") is not None
-
-
-_STARTS = {}
-
-
-def streamed_start(tmp_path, folder, plan, calib, val):
-    """Block-AP's scales (what E2E-QP starts from), by linear."""
-    if not _STARTS:
-        _, _, report = streamed(folder, plan, calib, val, E2E, tmp_path / "blockap" / "model")
-        _STARTS.update({n: qp.scale for n, qp in report.qparams.items()})
-    return _STARTS
 
 
 def test_one_block_is_materialized_at_a_time(saved, tmp_path, materialized):
@@ -119,8 +118,6 @@ def test_a_run_killed_in_the_rewrite_leaves_a_loadable_folder_and_resumes(saved,
     load_native(out)  # complete before E2E-QP started: every moment after, it loads
     with pytest.raises(UserError, match="e2e_lr"):  # its scales may be in the shards: other settings are refused
         e2e_streamed(folder, plan, calib, val, TrainConfig(**{**cfg.to_dict(), "e2e_lr": 2e-3}), out, resume=True)
-    from mixbits.train import e2e_streamed as module
-
     monkeypatch.setattr(module, "_train", lambda *a, **k: pytest.fail("the saved scales are trained again"))
     source, writer, resumed = e2e_streamed(folder, plan, calib, val, cfg, out, resume=True)
     assert finished(source, plan, writer) == full
@@ -133,8 +130,6 @@ def test_a_run_killed_while_training_starts_e2e_again_from_block_ap(saved, tmp_p
     cfg = TrainConfig(**{**E2E.to_dict(), "e2e_epochs": 1.0})
     source, writer, report = e2e_streamed(folder, plan, calib, val, cfg, tmp_path / "full" / "model")
     full = finished(source, plan, writer)
-    from mixbits.train import e2e_streamed as module
-
     steps = []
     real = module._Trainer.step
 
@@ -156,3 +151,29 @@ def test_a_run_killed_while_training_starts_e2e_again_from_block_ap(saved, tmp_p
     assert {k: v for k, v in resumed.e2e.items() if k != "seconds"} == {k: v for k, v in report.e2e.items()
                                                                        if k != "seconds"}
     assert json.loads((out / "progress.json").read_text())["shards"].keys() >= {block_file(0), block_file(1)}
+
+
+def test_mixbits_train_e2e_streams_a_local_folder(tiny_model_dir, tiny_text_file, tmp_path, monkeypatch):
+    """`mixbits train --e2e` on a local safetensors folder takes the streamed path (train_report.json says
+    so) and writes the shards the whole-model path (stream=False) writes, byte for byte."""
+    monkeypatch.setattr("mixbits.model.memory.fix_mmap_threshold", lambda nbytes: True)  # not this test process's
+    model, _ = load_model(str(tiny_model_dir))
+    Plan.uniform(find_linears(model), QuantSpec(3, 32)).save(tmp_path / "plan.json")
+    flags = {"dataset": str(tiny_text_file), "train_size": 4, "val_size": 2, "seqlen": 32, "epochs": 0.5,
+             "e2e_epochs": 1.0, "e2e_lr": 1e-3}
+    args = ["train", str(tmp_path / "plan.json"), "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "cli"),
+            "--e2e", "--device", "cpu", "--eval-windows", "2", "--no-verbose"]
+    args += [x for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "cli" / "train_report.json").read_text())
+    assert report["streamed"] is True and report["training"]["e2e"]["steps"] == 2
+    whole = train_command(model=str(tiny_model_dir), plan=tmp_path / "plan.json", output_dir=tmp_path / "whole",
+                          cfg=TrainConfig(**flags, e2e=True), device="cpu", eval_windows=2, progress=False,
+                          stream=False)
+    assert whole["streamed"] is False
+    assert {k: v for k, v in whole["training"]["e2e"].items() if k != "seconds"} == {
+        k: v for k, v in report["training"]["e2e"].items() if k != "seconds"}
+    a, b = sha256(tmp_path / "cli" / "model"), sha256(tmp_path / "whole" / "model")
+    assert all(a[f] == b[f] for f in a if f.endswith(".safetensors")) and report["bytes_on_disk"] == whole["bytes_on_disk"]
+    load_native(tmp_path / "cli" / "model")

@@ -7,19 +7,23 @@ original, the init (the untrained starting point) and the trained model on the s
 and writes output_dir/model (native packed format), train_report.json and train_statistics.json.
 Finished blocks are recorded under output_dir/checkpoint, so `--resume` continues a killed run.
 
-Two paths, the first whenever it can serve:
-* streamed (a local safetensors folder or cached snapshot, E2E-QP off): the checkpoint is opened
-  lazily and read one block at a time, in float32 (`train.streamed.train_streamed`); each trained
-  block is packed into output_dir/model as it finishes (those shards are what a resume continues
-  from; the checkpoint folder holds only the blocks' statistics); the evaluation pushes the test
-  windows through the original, the init and the trained blocks one block at a time
-  (`eval.streamed`). Peak: about one block three times plus the activations at a block boundary.
-* whole model (E2E-QP, which trains the step sizes of the whole quantized model end to end; a
-  pickle-only checkpoint; or `stream=False`): the model is loaded (kept on the CPU; blocks visit the
-  device one at a time), `train_model` trains a quantized copy and checkpoints every block (weights
-  and scales) under output_dir/checkpoint, and the three models are evaluated whole. The job logs
-  why it took this path.
-Both give the same trained weights, bit for bit in float32 (tests/train/test_streamed.py).
+Two paths, the first whenever it can serve; the job logs which it took, and why:
+* streamed (a local safetensors folder or cached snapshot): the checkpoint is opened lazily and
+  read one block at a time, in float32 (`train.streamed.train_streamed`); each trained block is
+  packed into output_dir/model as it finishes (those shards are what a resume continues from; the
+  checkpoint folder holds only the blocks' statistics). With E2E-QP (--e2e) the folder is then
+  completed and the step sizes trained end to end one block at a time from the packed codes
+  (`train.e2e_streamed.train_e2e_streamed`; the kept scales are saved in the checkpoint folder, then
+  each block's shard is rewritten atomically). The evaluation pushes the test windows through the
+  original, the init and the trained blocks one block at a time (`eval.streamed`). Peak: about one
+  block three times plus the activations at a block boundary (E2E-QP: one batch's activations at
+  every boundary, and every block's scales with their AdamW moments).
+* whole model (a pickle-only checkpoint, or `stream=False`): the model is loaded (kept on the CPU;
+  blocks visit the device one at a time), `train_model` trains a quantized copy and checkpoints
+  every block (weights and scales) under output_dir/checkpoint, E2E-QP trains the whole quantized
+  model, and the three models are evaluated whole.
+Both give the same trained weights, bit for bit in float32 (tests/train/test_streamed.py,
+tests/train/test_e2e_streamed.py).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from mixbits.model.quantize_streamed import quantize_streamed
 from mixbits.plan import Plan
 from mixbits.sensitivity.seedfile import read_seed_file
 from mixbits.train.checkpoint import BlockCheckpoint
+from mixbits.train.e2e_streamed import train_e2e_streamed
 from mixbits.train.report import TrainReport
 from mixbits.train.run import train_model
 from mixbits.train.streamed import finish_streamed, train_fingerprint, train_streamed
@@ -75,8 +80,6 @@ def _streamable(model: str, source: str, cfg: TrainConfig, stream: bool) -> tupl
     """(the local checkpoint folder to stream from, None) or (None, why the whole model is loaded)."""
     if not stream:
         return None, "stream=False"
-    if cfg.e2e:
-        return None, "E2E-QP (--e2e) trains the step sizes of the whole quantized model end to end"
     folder = local_folder(source, model)
     if not ((folder / SAFE_INDEX).is_file() or (folder / SAFE_SINGLE).is_file()):
         return None, f"{folder} holds no safetensors weights (a pickle checkpoint is loaded whole)"
@@ -141,6 +144,9 @@ def _train_streamed(model: str, folder: Path, plan: Plan, output_dir: Path, cfg:
                           block_path=source.block_path, resume=resume, provenance=fingerprint)
     report = train_streamed(source, plan, calib, val, cfg, sink=writer, checkpoint=checkpoint,
                             sensitivity=sensitivity, progress=progress)
+    if cfg.e2e:
+        report = train_e2e_streamed(source, plan, calib, val, cfg, sink=writer, report=report, checkpoint=checkpoint,
+                                    progress=progress)
     scorer = Scorer(windows["test"], device=device)
     evaluation = {"original": score_reference(source, scorer, progress=progress)}
     evaluation["init"] = quantize_streamed(source, plan, quantizer=cfg.init, scorer=scorer, name="init",
@@ -168,6 +174,8 @@ def train_command(*, model: str, plan: Path, output_dir: Path, cfg: TrainConfig,
         done = _train_whole(model, source, the_plan, output_dir, cfg, sensitivity_file, torch_device, resume,
                             eval_windows, progress)
     else:
+        log.info("training streams %s block by block: Block-AP%s", folder,
+                 ", then E2E-QP's step sizes end to end (--e2e)" if cfg.e2e else "")
         done = _train_streamed(model, folder, the_plan, output_dir, cfg, sensitivity_file, torch_device, resume,
                                eval_windows, progress)
     windows, evaluation, size, report = done
