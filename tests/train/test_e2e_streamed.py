@@ -177,3 +177,34 @@ def test_mixbits_train_e2e_streams_a_local_folder(tiny_model_dir, tiny_text_file
     a, b = sha256(tmp_path / "cli" / "model"), sha256(tmp_path / "whole" / "model")
     assert all(a[f] == b[f] for f in a if f.endswith(".safetensors")) and report["bytes_on_disk"] == whole["bytes_on_disk"]
     load_native(tmp_path / "cli" / "model")
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_the_predicted_e2e_peak_is_not_below_the_measured_one(batch_size, tmp_path):
+    """On a 256-wide Llama (the block, not Python's fixed costs, is most of the peak): E2E-QP's stage
+    of `predict_train` against the live tensors of `train_e2e_streamed` (Block-AP done before)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mixbits.model.apply import layer_shapes
+    from mixbits.model.budget import predict_train
+    from mixbits.model.memory import model_shapes
+    from mixbits.train.e2e_streamed import step_size_count
+    from tests.model.test_memory import measured_peak
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    model.save_pretrained(tmp_path / "ckpt", max_shard_size="1MB")
+    calib, val = windows(8, 1, seqlen=64), windows(4, 2, seqlen=64)
+    cfg = TrainConfig(**{**E2E.to_dict(), "train_size": 8, "val_size": 4, "seqlen": 64, "e2e_epochs": 0.5,
+                         "e2e_batch_size": batch_size})
+    plan = mixed_plan(model)
+    source, writer, report = streamed(tmp_path / "ckpt", plan, calib, val, cfg, tmp_path / "out" / "model")
+    predicted = predict_train(cfg, model_shapes(source.model), device=CPU, checkpoint_dtype=source.checkpoint_dtype,
+                              eval_windows=4, e2e_scales=step_size_count(plan, layer_shapes(source.model)))
+    assert [s.stage for s in predicted.stages] == ["train", "e2e", "quantize+evaluate"]
+    run = lambda: train_e2e_streamed(source, plan, calib, val, cfg, sink=writer, report=report,  # noqa: E731
+                                     progress=False)
+    measured, e2e = measured_peak(run, tmp_path / "ckpt", tmp_path), predicted.stages[1].total
+    print(f"E2E-QP streamed, batch {batch_size}: predicted {e2e / 2**20:.2f} MiB, measured {measured / 2**20:.2f} MiB")
+    assert 0.9 * measured <= e2e <= 2 * measured, (e2e, measured)

@@ -56,7 +56,7 @@ from mixbits.model.quantize_streamed import quantize_streamed
 from mixbits.plan import Plan
 from mixbits.sensitivity.seedfile import read_seed_file
 from mixbits.train.checkpoint import BlockCheckpoint
-from mixbits.train.e2e_streamed import train_e2e_streamed
+from mixbits.train.e2e_streamed import step_size_count, train_e2e_streamed
 from mixbits.train.report import TrainReport
 from mixbits.train.run import train_model
 from mixbits.train.streamed import finish_streamed, train_fingerprint, train_streamed
@@ -132,7 +132,7 @@ def _train_streamed(model: str, folder: Path, plan: Plan, output_dir: Path, cfg:
     source, tokenizer = open_streamed(model, str(folder), device, "float32")
     plan.validate(layer_shapes(source.model))  # shapes from the skeleton: before any weight is read
     memory = predict_train(cfg, model_shapes(source.model), device=device, checkpoint_dtype=source.checkpoint_dtype,
-                           eval_windows=eval_count)
+                           eval_windows=eval_count, e2e_scales=step_size_count(plan, layer_shapes(source.model)))
     log.info("memory: %s", memory.describe())
     sensitivity = _sensitivity(sensitivity_file, source.n_blocks)
     windows = _windows(tokenizer, cfg, eval_count)

@@ -15,6 +15,8 @@ holds throughout:
                                for every later variant, so the count of variants costs time, not memory
              train             Block-AP (with --qat): one block in float32 with its gradient and
                                AdamW's two moments, the training and validation boundaries
+             e2e               E2E-QP (with train --e2e): one block with its codes and W_hat, every
+                               step size with AdamW's moments, one batch's boundaries at every block
              zeroshot          (with --tasks) one model at a time placed by accelerate: its weights
                                up to the --max-memory share, the rest on disk (model/dispatch.py)
     runtime                    python, torch, transformers and mixbits, the tokenizer and the texts:
@@ -206,6 +208,24 @@ def _train(t: TrainConfig, shapes: ModelShapes) -> MemoryPrediction:
     return MemoryPrediction("train", "block", MappingProxyType(parts))
 
 
+def _e2e(t: TrainConfig, shapes: ModelShapes, scales: int | None) -> MemoryPrediction:
+    """E2E-QP streamed (train/e2e_streamed.py): one block materialized with its codes, zero-points and
+    W_hat in float32 and the autograd graph's copy of (q − z); every step size in float32 with its
+    gradient, AdamW's two moments and the start and best copies; one batch's boundaries at every block
+    and its gradient; one batch's block activations; the validation windows at one boundary, twice.
+    `scales`: how many step sizes the plan trains (None: one per 32 weights, an upper bound)."""
+    weights = sum(o * i for blk in shapes.block_linears for o, i in blk)
+    scales = weights // 32 if scales is None else scales
+    boundary = t.seqlen * shapes.hidden * 4
+    grad_io = max((sum(i + o for o, i in blk) for blk in shapes.block_linears), default=0)
+    activations = t.e2e_batch_size * (t.seqlen * grad_io * 4 + shapes.heads * t.seqlen ** 2 * 4)
+    return MemoryPrediction("e2e", "block", MappingProxyType({
+        "block, codes, zero-points, W_hat, graph": 5 * max(shapes.block_params) * 4,
+        "step sizes, gradient, AdamW moments, start and best": 6 * 4 * scales,
+        "one batch's boundaries and gradient": (shapes.n_blocks + 2) * t.e2e_batch_size * boundary,
+        "block activations": activations, "validation boundaries": 2 * t.val_size * boundary}))
+
+
 def _zeroshot(cfg: RunConfig, shapes: ModelShapes, dtype: torch.dtype, device: torch.device) -> MemoryPrediction:
     """Zero-shot tasks in a streamed run (model/dispatch.py): one model at a time, its weights in the
     compute dtype up to the share accelerate is given (--max-memory less the runtime; the rest on
@@ -282,18 +302,20 @@ def predict_run(
 
 def predict_train(
     cfg: TrainConfig, shapes: ModelShapes, *, device: torch.device, checkpoint_dtype: torch.dtype = torch.float32,
-    eval_windows: int = 24,
+    eval_windows: int = 24, e2e_scales: int | None = None,
 ) -> RunMemory:
     """`mixbits train` streamed (jobs/train.py, train/streamed.py): Block-AP block by block in float32
-    (its block with gradient and AdamW moments, the training and validation boundaries), then the
-    original, the initial quantization (`cfg.init`, on the training windows) and the trained model
-    scored one block at a time on `eval_windows` test windows; plus what the process holds."""
+    (its block with gradient and AdamW moments, the training and validation boundaries), with cfg.e2e
+    E2E-QP block by block (`_e2e`; e2e_scales: the plan's step sizes), then the original, the initial
+    quantization (`cfg.init`, on the training windows) and the trained model scored one block at a time
+    on `eval_windows` test windows; plus what the process holds."""
     data = DataConfig(dataset=cfg.dataset, seqlen=cfg.seqlen, calib_windows=cfg.train_size, eval_windows=eval_windows)
     run = RunConfig(data=data, quantizer=cfg.init)  # the init pass and the scoring are `mixbits run`'s
     memory = predict_run(run, shapes, device=device, checkpoint_dtype=checkpoint_dtype, variants=2,
                          eval_windows=eval_windows)
     scoring = next(s for s in memory.stages if s.stage == "quantize+evaluate")
-    return dataclasses.replace(memory, stages=(_train(cfg, shapes), scoring))
+    e2e = (_e2e(cfg, shapes, e2e_scales),) if cfg.e2e else ()
+    return dataclasses.replace(memory, stages=(_train(cfg, shapes), *e2e, scoring))
 
 
 def streams(cfg: RunConfig) -> bool:

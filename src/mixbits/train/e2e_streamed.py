@@ -69,7 +69,7 @@ from mixbits.model.quantize_streamed import _plain, _rounded, _swapped
 from mixbits.model.stream import BlockSource, head_forward
 from mixbits.plan import Plan
 from mixbits.quant.affine import QParams
-from mixbits.quant.groups import expand_groups
+from mixbits.quant.groups import expand_groups, num_groups
 from mixbits.quant.packed import layer_from_state
 from mixbits.quant.spec import QuantSpec
 from mixbits.train.checkpoint import BlockCheckpoint
@@ -81,7 +81,7 @@ from mixbits.train.streamed import STORAGE_DTYPE, stored_outside
 
 log = logging.getLogger(__name__)
 
-__all__ = ["E2E_FILE", "seal", "train_e2e_streamed"]
+__all__ = ["E2E_FILE", "seal", "step_size_count", "train_e2e_streamed"]
 
 E2E_FILE = "e2e_scales.safetensors"
 E2E_FORMAT = "mixbits.e2e-scales/1"
@@ -201,6 +201,11 @@ class _Trainer:
                                          labels=True, as_tuple=as_tuple).loss.float()) for b, h in enumerate(hidden)]
         value = sum(losses) / len(losses)
         return value if math.isfinite(value) else math.inf
+
+
+def step_size_count(plan: Plan, shapes: Mapping[str, tuple[int, int]]) -> int:
+    """How many step sizes E2E-QP trains for `plan` on linears of `shapes` (name -> (out, in))."""
+    return sum(shapes[n][0] * num_groups(shapes[n][1], s.group_size) for n, s in plan.quantized().items())
 
 
 def seal(source: BlockSource, sink) -> None:
