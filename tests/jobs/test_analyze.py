@@ -77,7 +77,7 @@ def sharded_model_dir(tmp_path, tiny_text):
     return folder
 
 
-@pytest.mark.parametrize("methods", [("fisher",), ("fisher", "output_error")])
+@pytest.mark.parametrize("methods", [("fisher",), ("fisher", "gradient", "output_error")])
 def test_streamed_analysis_equals_the_whole_model_one(methods, sharded_model_dir, tiny_text_file, tmp_path,
                                                       monkeypatch, materialized):
     monkeypatch.setenv("MIXBITS_HOME", str(tmp_path / "home"))
@@ -98,9 +98,8 @@ def test_streamed_analysis_equals_the_whole_model_one(methods, sharded_model_dir
     assert got.units == want.units and got.configs == want.configs
     assert np.allclose(got.damage, want.damage, rtol=1e-4, atol=0) and (want.damage[:, 0] > 0).all()
     assert np.allclose(got.scores["fisher_trace"], want.scores["fisher_trace"], rtol=1e-4, atol=0)
-    if "output_error" in methods:  # every method's scores ride in sensitivity.json
-        assert np.allclose(got.scores["output_error"], want.scores["output_error"], rtol=1e-4, atol=0)
-        assert (want.scores["output_error"] > 0).all()
+    for score in ("output_error", "gradient_l1") if len(methods) > 1 else ():  # every method's scores ride along
+        assert np.allclose(got.scores[score], want.scores[score], rtol=1e-4, atol=0) and (want.scores[score] > 0).all()
     assert got.meta["streamed"] is True and "streamed" not in want.meta
     assert streamed["model"] == {**whole["model"], "streamed": True} and whole["model"]["streamed"] is False
     vocab = json.loads((sharded_model_dir / "config.json").read_text())["vocab_size"]
@@ -122,7 +121,8 @@ def test_streamed_fisher_boundaries_on_disk_give_the_same_table(sharded_model_di
 def test_options_that_need_the_whole_model_load_it_and_say_why(tiny_model_dir, tiny_text_file, tmp_path,
                                                                monkeypatch, caplog):
     assert whole_model_reasons(AnalyzeConfig(methods=("fisher",), validate=False)) == []
-    assert whole_model_reasons(AnalyzeConfig()) == ["--methods gradient", "--validate (measured damage)"]
+    assert whole_model_reasons(AnalyzeConfig()) == ["--validate (measured damage)"]
+    assert whole_model_reasons(AnalyzeConfig(methods=("fisher", "hessian"), validate=False)) == ["--methods hessian"]
     assert whole_model_reasons(AnalyzeConfig(methods=("fisher",), validate=False, granularity="block")) == [
         "--granularity block"]
     monkeypatch.setenv("MIXBITS_HOME", str(tmp_path / "home"))
@@ -132,7 +132,7 @@ def test_options_that_need_the_whole_model_load_it_and_say_why(tiny_model_dir, t
 
     monkeypatch.setattr(LazyCheckpoint, "materialize", no_lazy_read)
     with caplog.at_level(logging.INFO, logger="mixbits.jobs.analyze"):
-        summary = analyze(config(tiny_model_dir, tiny_text_file, tmp_path, methods=("fisher", "gradient"),
+        summary = analyze(config(tiny_model_dir, tiny_text_file, tmp_path, methods=("fisher", "hessian"),
                                  validate=False, use_cache=False))
     assert summary["model"]["streamed"] is False
-    assert "--methods gradient: not streamed yet; this analysis loads the whole model" in caplog.text
+    assert "--methods hessian: not streamed yet; this analysis loads the whole model" in caplog.text

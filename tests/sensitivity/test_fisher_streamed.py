@@ -42,7 +42,7 @@ def test_lazy_checkpoint_gives_the_same_table_one_block_at_a_time(build, tmp_pat
     damage, scores = fisher_table(model, windows(), linears, CONFIGS, device=CPU, progress=False)
     ckpt = open_checkpoint(tmp_path / "ckpt")
     seen = []
-    for index, loaded, fisher in fisher_by_block(ckpt, windows(), find_linears(ckpt.model), progress=False):
+    for index, loaded, fisher, _ in fisher_by_block(ckpt, windows(), find_linears(ckpt.model), progress=False):
         real = {n.split(".")[2] for n, p in loaded.named_parameters() if p.device.type != "meta"
                 and n.startswith(ckpt.block_path + ".")}
         seen.append((index, real))
@@ -116,4 +116,4 @@ def test_one_builder_one_key_one_meta_for_a_lazy_checkpoint_and_the_loaded_model
             == {k: v for k, v in fresh.meta.items() if k not in drop})  # one metadata rule, no "streamed" flag
     assert np.allclose(streamed["fisher"].damage, fresh.damage, rtol=1e-5, atol=0)
     with pytest.raises(ValueError, match="whole model"):
-        cached_tables(["gradient"], ckpt, windows(), linears, CONFIGS, **common)
+        cached_tables(["hessian"], ckpt, windows(), linears, CONFIGS, **common)

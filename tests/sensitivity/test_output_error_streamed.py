@@ -35,11 +35,20 @@ def test_streamed_output_error_equals_the_loaded_models(build, tmp_path, materia
     assert np.allclose(got_scores["output_error"], want_scores["output_error"], rtol=1e-5, atol=0)
 
 
-def test_a_block_source_serves_fisher_and_output_error_and_names_the_others(tmp_path):
-    tiny_llama().save_pretrained(tmp_path / "ckpt")
+def test_a_block_source_serves_fisher_gradient_and_output_error_and_names_the_others(tmp_path):
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "ckpt", max_shard_size="100KB")
     ckpt = open_checkpoint(tmp_path / "ckpt")
     linears = find_linears(ckpt.model)
-    tables = compute_tables(["fisher", "output_error"], ckpt, windows(), linears, CONFIGS, device=CPU, progress=False)
-    assert set(tables) == {"fisher", "output_error"} and tables["output_error"].scores["output_error"].shape == (14,)
-    with pytest.raises(UserError, match=r"methods \['gradient'\] need the whole model"):
-        compute_tables(["fisher", "gradient"], ckpt, windows(), linears, CONFIGS, device=CPU, progress=False)
+    methods = ["fisher", "gradient", "output_error"]
+    tables = compute_tables(methods, ckpt, windows(), linears, CONFIGS, device=CPU, progress=False)
+    want = compute_tables(methods, model, windows(), find_linears(model), CONFIGS, device=CPU, progress=False)
+    for m in methods:  # the fisher + gradient pass shared, as for the loaded model
+        assert np.allclose(tables[m].damage, want[m].damage, rtol=1e-4, atol=0), m
+        for key, score in want[m].scores.items():
+            assert np.allclose(tables[m].scores[key], score, rtol=1e-4, atol=0), (m, key)
+    assert tables["gradient"].meta["shared_pass_with"] == "fisher"
+    alone = compute_tables(["gradient"], ckpt, windows(), linears, CONFIGS, device=CPU, progress=False)["gradient"]
+    assert np.allclose(alone.damage, want["gradient"].damage, rtol=1e-4, atol=0)
+    with pytest.raises(UserError, match=r"methods \['hessian'\] need the whole model"):
+        compute_tables(["fisher", "hessian"], ckpt, windows(), linears, CONFIGS, device=CPU, progress=False)

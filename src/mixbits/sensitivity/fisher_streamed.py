@@ -44,6 +44,7 @@ from mixbits.model.blockwise import capture_block_inputs
 from mixbits.model.stream import BlockSource, as_source, call_block, head_forward
 from mixbits.quant.spec import QuantSpec
 from mixbits.sensitivity.fisher import fisher_damage
+from mixbits.sensitivity.gradient import gradient_damage
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +129,13 @@ def fisher_by_block(
     store: torch.device | str = "cpu",
     offload_dir: str | Path | None = None,
     progress: bool = True,
-) -> Iterator[tuple[int, nn.Module, dict[str, torch.Tensor]]]:
-    """(block index, the model with that block still materialized, {linear: Fisher [out, in] float32}), from the last
-    block to the first; each block's Fisher is the mean over `windows` [n, seqlen] of squared
-    per-window gradients. `model`: a loaded model (then `device` says where blocks run) or a
+    mean_gradient: str | None = None,
+) -> Iterator[tuple[int, nn.Module, dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+    """(block index, the model with that block still materialized, {linear: Fisher [out, in] float32},
+    {linear: mean gradient}), from the last block to the first; each block's Fisher is the mean over
+    `windows` [n, seqlen] of squared per-window gradients, and with `mean_gradient` "signed" /
+    "absolute" the same pass gives (1/N) Σ_n g_n / (1/N) Σ_n |g_n| (`gradient.gradient_statistics`;
+    else the second dict is empty). `model`: a loaded model (then `device` says where blocks run) or a
     `LazyCheckpoint`. `store`: where boundaries and gradients wait; `offload_dir`: keep boundaries
     on disk there instead of in memory (the files are deleted as they are consumed)."""
     source = as_source(model, device)
@@ -152,26 +156,31 @@ def fisher_by_block(
     for i in tqdm(reversed(range(source.n_blocks)), total=source.n_blocks, desc="fisher backward",
                   disable=not progress, leave=False):
         with source.block(i):
-            fisher = _block_fisher(source, i, boundaries.take(i), args, kwargs, grads, by_block.get(i, []), linears)
-            yield i, source.model, fisher
-        del fisher  # before the next block's accumulators exist
+            fisher, mean = _block_fisher(source, i, boundaries.take(i), args, kwargs, grads, by_block.get(i, []),
+                                         linears, mean_gradient)
+            yield i, source.model, fisher, mean
+        del fisher, mean  # before the next block's accumulators exist
 
 
 def _block_fisher(source: BlockSource, i: int, saved, args, kwargs, grads: list, names: list[str],
-                  linears: Mapping[str, LinearInfo]) -> dict[str, torch.Tensor]:
-    """Block i's Fisher over all windows, replacing grads[n] by the gradient at the block's input.
-    Its own frame holds the block's parameters, so nothing of the block outlives the call."""
+                  linears: Mapping[str, LinearInfo], mean_gradient: str | None = None):
+    """Block i's Fisher (and mean gradient) over all windows, replacing grads[n] by the gradient at the
+    block's input. Its own frame holds the block's parameters, so nothing of the block outlives the call."""
     weights = [source.model.get_submodule(name).weight for name in names]
-    fisher = {name: torch.zeros(w.shape[::-1] if linears[name].transposed else w.shape, dtype=torch.float32,
-                                device=source.device) for name, w in zip(names, weights)}
+    zeros = lambda: {name: torch.zeros(w.shape[::-1] if linears[name].transposed else w.shape,  # noqa: E731
+                                       dtype=torch.float32, device=source.device) for name, w in zip(names, weights)}
+    fisher, mean = zeros(), (zeros() if mean_gradient is not None else {})
     with _differentiable(weights), torch.enable_grad():
         for n, x in enumerate(saved):
-            grads[n] = _window_backward(source, i, x, args[n], kwargs[n], grads[n], weights, names, linears, fisher)
-    return {name: f.div_(len(saved)) for name, f in fisher.items()}
+            grads[n] = _window_backward(source, i, x, args[n], kwargs[n], grads[n], weights, names, linears, fisher,
+                                        mean, mean_gradient == "absolute")
+    return ({name: f.div_(len(saved)) for name, f in fisher.items()},
+            {name: g.div_(len(saved)) for name, g in mean.items()})
 
 
-def _window_backward(source, i, x, args, kwargs, grad_out, weights, names, linears, fisher):
-    """Accumulate one window's squared weight gradients of block i; returns ∂loss/∂(block input)."""
+def _window_backward(source, i, x, args, kwargs, grad_out, weights, names, linears, fisher, mean, absolute):
+    """Accumulate one window's squared weight gradients of block i (and the gradients into `mean`,
+    their magnitudes with `absolute`); returns ∂loss/∂(block input)."""
     block = source.model.get_submodule(f"{source.block_path}.{i}")
     x = x.to(source.device).requires_grad_(i > 0)
     out, _ = call_block(block, x, args, kwargs)
@@ -181,7 +190,10 @@ def _window_backward(source, i, x, args, kwargs, grad_out, weights, names, linea
     got = torch.autograd.grad(out, wanted, grad_outputs=grad_out.to(source.device, out.dtype), allow_unused=True)
     for name, grad in zip(names, got[1:] if i > 0 else got):
         if grad is not None:
-            fisher[name].add_((grad.t() if linears[name].transposed else grad).float().square())
+            g = (grad.t() if linears[name].transposed else grad).float()
+            fisher[name].add_(g.square())
+            if name in mean:
+                mean[name].add_(g.abs() if absolute else g)
     return got[0].detach().to(grad_out.device) if i > 0 else grad_out
 
 
@@ -194,7 +206,7 @@ def streamed_fisher(
     """Every linear's Fisher [out, in] float32, as `empirical_fisher` returns it (keeps them all:
     use `fisher_by_block` or `streamed_fisher_table` for models whose Fisher does not fit)."""
     fisher: dict[str, torch.Tensor] = {}
-    for _, _, block_fisher in fisher_by_block(model, windows, linears, **kwargs):
+    for _, _, block_fisher, _ in fisher_by_block(model, windows, linears, **kwargs):
         fisher.update(block_fisher)
     return {name: fisher[name] for name in linears}
 
@@ -211,9 +223,33 @@ def streamed_fisher_table(
     row = {name: u for u, name in enumerate(linears)}
     damage = np.zeros((len(linears), len(configs)))
     trace = np.zeros(len(linears))
-    for _, loaded, fisher in fisher_by_block(model, windows, linears, **kwargs):
+    for _, loaded, fisher, _ in fisher_by_block(model, windows, linears, **kwargs):
         _fill_rows(loaded, fisher, configs, [row[name] for name in fisher], damage, trace)
     return damage, {"fisher_trace": trace}
+
+
+def streamed_gradient_fisher_tables(
+    model: nn.Module | BlockSource,
+    windows: torch.Tensor,
+    linears: Mapping[str, LinearInfo],
+    configs: Sequence[QuantSpec],
+    *,
+    absolute: bool = False,
+    **kwargs,
+) -> dict[str, tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """{"gradient": table, "fisher": table} from ONE streamed pass, each as `gradient.gradient_fisher_tables`
+    returns it; each block's rows are computed while the block is materialized."""
+    row = {name: u for u, name in enumerate(linears)}
+    damage = {m: np.zeros((len(linears), len(configs))) for m in ("gradient", "fisher")}
+    trace, l1 = np.zeros(len(linears)), np.zeros(len(linears))
+    for _, loaded, fisher, mean in fisher_by_block(model, windows, linears,
+                                                   mean_gradient="absolute" if absolute else "signed", **kwargs):
+        for name in list(mean):
+            g = mean.pop(name)
+            damage["gradient"][row[name]] = gradient_damage(get_weight(loaded.get_submodule(name)), g, configs)
+            l1[row[name]] = float(g.abs().sum())
+        _fill_rows(loaded, fisher, configs, [row[name] for name in fisher], damage["fisher"], trace)
+    return {"gradient": (damage["gradient"], {"gradient_l1": l1}), "fisher": (damage["fisher"], {"fisher_trace": trace})}
 
 
 def _fill_rows(model: nn.Module, fisher: dict[str, torch.Tensor], configs, rows: list[int], damage, trace) -> None:

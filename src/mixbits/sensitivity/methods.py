@@ -17,9 +17,9 @@ windows, tokens, options and quantizer "rtn".
 
 `cached_tables` is the one builder of cached tables, used by `mixbits run` (its Fisher table)
 and `mixbits analyze` alike. Given a `BlockSource` (the streamed run's lazy checkpoint) instead of
-a loaded model, it computes the Fisher (`fisher_streamed.streamed_fisher_table`) and the output
-error (`output_error_streamed`) block by block: the same numbers, so the same key and the same
-cached file. One key rule (`sensitivity.cache.cache_key_parts`, with the
+a loaded model, it computes the Fisher and the gradient table (`fisher_streamed`, one pass for
+both) and the output error (`output_error_streamed`) block by block: the same numbers, so the
+same key and the same cached file. One key rule (`sensitivity.cache.cache_key_parts`, with the
 method's options, the measured configs and the random seed where they matter) and one
 metadata rule (the meta `compute_tables` records, nothing else; callers add their own
 provenance to the table they get back with `DamageTable.with_meta`, never to the cached one).
@@ -49,7 +49,7 @@ from mixbits.sensitivity.ablation import ablation_table
 from mixbits.sensitivity.cache import cache_key_parts, load_cached, store_cached
 from mixbits.sensitivity.divergence import divergence_table
 from mixbits.sensitivity.fisher import fisher_table
-from mixbits.sensitivity.fisher_streamed import streamed_fisher_table
+from mixbits.sensitivity.fisher_streamed import streamed_fisher_table, streamed_gradient_fisher_tables
 from mixbits.sensitivity.gradient import gradient_fisher_tables, gradient_table
 from mixbits.sensitivity.hessian import hessian_table
 from mixbits.sensitivity.output_error import output_error_table
@@ -106,6 +106,9 @@ def _run(name, model, windows, linears, configs, granularity, *, device, progres
         if name == "output_error":
             return streamed_output_error_table(model, windows, linears, configs, device=device, progress=progress,
                                                **options.get(name, {}))
+        if name == "gradient":
+            return streamed_gradient_fisher_tables(model, windows, linears, configs, device=device, progress=progress,
+                                                   offload_dir=offload_dir, **options.get(name, {}))["gradient"]
         return streamed_fisher_table(model, windows, linears, configs, device=device, progress=progress,
                                      offload_dir=offload_dir)
     method = METHODS[name]
@@ -124,8 +127,13 @@ def _raw_tables(methods, model, windows, linears, configs, granularity, **kw) ->
         log.info("fisher + gradient: one shared gradient pass")
         start = time.perf_counter()
         absolute = bool(kw["options"].get("gradient", {}).get("absolute", False))
-        both = gradient_fisher_tables(model, windows, linears, configs, device=kw["device"],
-                                      progress=kw["progress"], absolute=absolute)
+        if isinstance(model, nn.Module):
+            both = gradient_fisher_tables(model, windows, linears, configs, device=kw["device"],
+                                          progress=kw["progress"], absolute=absolute)
+        else:  # a block source: the same pass block by block
+            both = streamed_gradient_fisher_tables(model, windows, linears, configs, device=kw["device"],
+                                                   progress=kw["progress"], absolute=absolute,
+                                                   offload_dir=kw["offload_dir"])
         seconds = time.perf_counter() - start
         for m, other in zip(SHARED_PASS, reversed(SHARED_PASS)):
             out[m] = (both[m], seconds, {"shared_pass_with": other})
@@ -140,16 +148,16 @@ def _raw_tables(methods, model, windows, linears, configs, granularity, **kw) ->
     return {m: out[m] for m in methods}
 
 
-STREAMED = ("fisher", "output_error")  # what a block source computes, block by block
+STREAMED = ("fisher", "gradient", "output_error")  # what a block source computes, block by block
 
 
 def _check_source(methods: Sequence[str], model: nn.Module | BlockSource, granularity: str) -> None:
-    """A block source serves the Fisher and output-error tables (per layer, or summed per block); every
-    other method needs the whole model."""
+    """A block source serves the Fisher, gradient and output-error tables (per layer, or summed per
+    block); every other method needs the whole model."""
     others = [m for m in methods if m not in STREAMED]
     if not isinstance(model, nn.Module) and others:
         raise UserError(f"methods {others} need the whole model in memory; a model streamed block by block gives "
-                        f"the {' and '.join(STREAMED)} tables")
+                        f"the {', '.join(STREAMED)} tables")
 
 
 def _check_options(options: Mapping[str, Mapping[str, object]] | None, methods: list[str]) -> dict:
