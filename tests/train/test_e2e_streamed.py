@@ -208,3 +208,25 @@ def test_the_predicted_e2e_peak_is_not_below_the_measured_one(batch_size, tmp_pa
     measured, e2e = measured_peak(run, tmp_path / "ckpt", tmp_path), predicted.stages[1].total
     print(f"E2E-QP streamed, batch {batch_size}: predicted {e2e / 2**20:.2f} MiB, measured {measured / 2**20:.2f} MiB")
     assert 0.9 * measured <= e2e <= 2 * measured, (e2e, measured)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_close_to_the_cpu(saved, tmp_path):
+    """Blocks materialized and E2E-QP run on the GPU (float32, boundaries kept on the CPU): the same start
+    loss as on the CPU up to float32 rounding, never worse than the start, every block rewritten."""
+    from mixbits.export.native_shards import NativeWriter
+    from mixbits.model.lazy import open_checkpoint
+    from mixbits.train.streamed import train_streamed
+
+    model, folder, plan, calib, val = saved
+    _, _, on_cpu = e2e_streamed(folder, plan, calib, val, E2E, tmp_path / "cpu" / "model")
+    gpu = open_checkpoint(folder, device="cuda", compute_dtype=torch.float32)
+    fingerprint = train_fingerprint(gpu, plan, calib, val, E2E, model="tiny")
+    writer = NativeWriter(tmp_path / "gpu" / "model", plan, gpu.model.config, n_blocks=gpu.n_blocks,
+                          block_path=gpu.block_path, resume=False, provenance=fingerprint)
+    report = train_streamed(gpu, plan, calib, val, E2E, sink=writer, progress=False)
+    on_gpu = train_e2e_streamed(gpu, plan, calib, val, E2E, sink=writer, report=report, progress=False)
+    assert on_gpu.e2e["loss_start"] == pytest.approx(on_cpu.e2e["loss_start"], rel=1e-3)
+    assert on_gpu.e2e["loss_end"] <= on_gpu.e2e["loss_start"] and writer.done_blocks() == set(range(gpu.n_blocks))
+    assert all(on_gpu.qparams[n].scale.device.type == "cpu" for n in plan.quantized())

@@ -55,7 +55,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, replace
 
 import torch
-from safetensors.torch import load as load_safetensors
+from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -72,6 +72,7 @@ from mixbits.quant.affine import QParams
 from mixbits.quant.groups import expand_groups, num_groups
 from mixbits.quant.packed import layer_from_state
 from mixbits.quant.spec import QuantSpec
+from mixbits.safeload import check_safetensors
 from mixbits.train.checkpoint import BlockCheckpoint
 from mixbits.train.e2e_qp import E2EStats, e2e_params, optimise_scales, step_weight
 from mixbits.train.optim import GuardedOptimizer
@@ -229,11 +230,10 @@ def _load_kept(checkpoint: BlockCheckpoint | None, cfg: TrainConfig) -> tuple[di
     if checkpoint is None or not (checkpoint.directory / E2E_FILE).is_file():
         return None
     path = checkpoint.directory / E2E_FILE
-    data = path.read_bytes()
-    from safetensors import safe_open  # the metadata without trusting anything else
-
+    check_safetensors(path, "E2E-QP scales file")
     with safe_open(str(path), "pt") as handle:
         meta = handle.metadata() or {}
+        kept = {k: handle.get_tensor(k) for k in handle.keys()}
     saved, wanted = json.loads(meta.get("run", "null")), json.loads(json.dumps(_fingerprint(checkpoint, cfg)))
     if saved != wanted:
         diff = sorted(k for k in wanted["e2e"] if (saved or {}).get("e2e", {}).get(k) != wanted["e2e"][k])
@@ -241,7 +241,7 @@ def _load_kept(checkpoint: BlockCheckpoint | None, cfg: TrainConfig) -> tuple[di
                         f"settings ({', '.join(diff) or 'another run'}) and may already be in the model's shards; rerun "
                         "with the same settings, or choose an empty output folder")
     log.info("resuming: E2E-QP's trained scales are saved in %s; rewriting the blocks that lack them", path)
-    return load_safetensors(data), json.loads(meta["stats"])
+    return kept, json.loads(meta["stats"])
 
 
 def _save_kept(checkpoint: BlockCheckpoint | None, cfg: TrainConfig, kept: Mapping[str, Tensor], stats: dict) -> None:
@@ -292,6 +292,10 @@ def train_e2e_streamed(
     if missing:
         raise RuntimeError(f"blocks {missing[:10]} are not in the sink; run train_streamed to the end first")
     linears, specs = find_linears(source.model), plan.quantized()
+    typed = [n for n, s in specs.items() if not isinstance(s, QuantSpec)]
+    if typed:
+        raise ValueError(f"E2E-QP trains affine step sizes; layers {typed[:3]} are planned as ggml types "
+                         "(their scales are not (q − z) · s): train without e2e, or plan affine specs")
     walk, store = _Walk(source, sink, specs, linears), torch.device(store)
     seal(source, sink)
     saved = _load_kept(checkpoint, cfg)
