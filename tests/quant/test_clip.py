@@ -166,3 +166,19 @@ def test_errors_name_the_bad_value():
         search_qparams(w, spec, max_shrink=1.0)
     with pytest.raises(ValueError, match="fp16"):
         search_qparams(w, KEEP)
+
+
+def test_rows_maxq_searches_each_row_as_with_its_own_spec():
+    """Rows bound for several bit-widths searched in one pass give each bit-width's own result."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(12, 128, generator=g)
+    imp = torch.rand(128, generator=g)
+    bits = [2, 3, 4, 8]
+    rows_maxq = torch.tensor([[float((1 << b) - 1)] for b in bits for _ in range(3)])
+    joint = search_qparams(w, QuantSpec(2, 64), importance=imp, rows_maxq=rows_maxq)
+    for k, b in enumerate(bits):
+        alone = search_qparams(w[3 * k:3 * k + 3], QuantSpec(b, 64), importance=imp)
+        assert torch.equal(joint.scale[3 * k:3 * k + 3], alone.scale)
+        assert torch.equal(joint.zero[3 * k:3 * k + 3], alone.zero)
+    with pytest.raises(ValueError, match="rows_maxq"):
+        search_qparams(w, QuantSpec(2, 64, True), rows_maxq=rows_maxq)

@@ -255,3 +255,24 @@ def test_gram_is_the_same_at_any_thread_count(threads):
         sums.append(acc.H.clone())
     assert torch.equal(sums[0], sums[1])
     torch.testing.assert_close(sums[0], x[0].double().T @ x[0].double(), rtol=1e-5, atol=1e-3, check_dtype=False)
+
+
+@pytest.mark.parametrize("cfg", [GPTQConfig(), GPTQConfig(clip=True), GPTQConfig(act_order=True, clip=True),
+                                 GPTQConfig(act_order=True, static_groups=True, clip=True)])
+def test_sweep_equals_one_run_per_spec_bit_for_bit(cfg):
+    """gptq_sweep stacks the rows of every bit-width of a group size into one column loop and
+    factors H once; each spec's result is still exactly gptq_quantize's."""
+    from mixbits.quant.gptq import gptq_factor, gptq_sweep
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(400, 128, generator=g) * torch.rand(128, generator=g) * 2
+    x[:, 3] = 0.0
+    w, H = torch.randn(40, 128, generator=g) * 0.1, x.T @ x
+    specs = [QuantSpec(2, 32), QuantSpec(4, 32), QuantSpec(3, 64), QuantSpec(8, 32), QuantSpec(3, 32, True),
+             QuantSpec(3, None)]
+    for factor in (None, gptq_factor(H, cfg)):
+        for spec, res in zip(specs, gptq_sweep(w, H, specs, cfg, factor)):
+            alone = gptq_quantize(w, H, spec, cfg)
+            assert torch.equal(res.codes, alone.codes) and torch.equal(res.weight, alone.weight)
+            assert torch.equal(res.qparams.scale, alone.qparams.scale) and torch.equal(res.g_idx, alone.g_idx)
+            assert (res.error, res.rtn_error) == (alone.error, alone.rtn_error)

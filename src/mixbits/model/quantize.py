@@ -65,7 +65,7 @@ from mixbits.plan import Plan
 from mixbits.quant.affine import QParams, dequantize, fake_quantize, minmax_qparams, quantize
 from mixbits.quant.clip import search_qparams
 from mixbits.quant import kquant
-from mixbits.quant.gptq import GPTQConfig, GPTQFactor, gptq_quantize, output_error
+from mixbits.quant.gptq import GPTQConfig, gptq_quantize, output_error
 from mixbits.quant.kquant import GGMLParams
 from mixbits.quant.spec import GGMLSpec, QuantSpec
 
@@ -95,13 +95,11 @@ class LayerQuant:
 
 
 def quantize_weight(
-    w: Tensor, spec: QuantSpec, quantizer: str, *, H: Tensor | None = None, gptq: GPTQConfig = GPTQConfig(),
-    factor: GPTQFactor | None = None,
+    w: Tensor, spec: QuantSpec, quantizer: str, *, H: Tensor | None = None, gptq: GPTQConfig = GPTQConfig()
 ) -> LayerQuant:
     """Quantize w [out, in] (float) with `quantizer`; H [in, in] = XᵀX (required for gptq).
 
-    A ggml type (`GGMLSpec`) is quantized by `quantize_ggml` and reports its `GGMLParams`. factor:
-    `quant.gptq.gptq_factor(H, gptq)`, shared by several calls on one H (affine gptq only)."""
+    A ggml type (`GGMLSpec`) is quantized by `quantize_ggml` and reports its `GGMLParams`."""
     check_quantizer(quantizer)
     if spec.keep:
         raise ValueError(f"spec {spec.label!r} keeps the layer in 16 bits; there is nothing to quantize")
@@ -111,7 +109,7 @@ def quantize_weight(
     if quantizer == "gptq":
         if H is None:
             raise ValueError("quantizer='gptq' needs H = XᵀX of the layer's inputs; pass calibration windows")
-        res = gptq_quantize(w, H, spec, gptq, factor)
+        res = gptq_quantize(w, H, spec, gptq)
         natural = res.perm is None or gptq.static_groups
         return LayerQuant(res.weight, res.qparams, None if natural else res.g_idx, None if natural else res.perm,
                           res.error, res.rtn_error)

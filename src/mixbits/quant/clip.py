@@ -38,8 +38,11 @@ from mixbits.quant.spec import QuantSpec
 __all__ = ["clip_fake_quantize", "search_qparams"]
 
 
-def _range_qparams(lo: Tensor, hi: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+def _range_qparams(lo: Tensor, hi: Tensor, spec: QuantSpec, rows_maxq: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Scale and zero [out, G] for the ranges lo <= 0 <= hi, as `minmax_qparams` computes them."""
+    if rows_maxq is not None:  # asymmetric, one code range per row: the same arithmetic, row by row
+        scale = _fp16_scale((hi - lo) / rows_maxq.expand_as(hi))
+        return scale, torch.clamp(torch.round(-lo / scale), min=0).minimum(rows_maxq)
     maxq = torch.full_like(hi, float(spec.maxq))  # a tensor divisor: same rounding on CPU and CUDA
     if spec.symmetric:
         scale = _fp16_scale(2.0 * torch.maximum(-lo, hi) / maxq)
@@ -48,10 +51,11 @@ def _range_qparams(lo: Tensor, hi: Tensor, spec: QuantSpec) -> tuple[Tensor, Ten
     return scale, torch.clamp(torch.round(-lo / scale), 0, spec.maxq)
 
 
-def _weighted_error(g: Tensor, imp: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
-    """E per group [out, G] of groups g [out, G, gs] with importance imp [G, gs]."""
+def _weighted_error(g: Tensor, imp: Tensor, scale: Tensor, zero: Tensor, maxq: int | Tensor) -> Tensor:
+    """E per group [out, G] of groups g [out, G, gs] with importance imp [G, gs]; maxq an int or [out, 1]."""
     s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
-    q = torch.clamp(torch.round(g / s) + z, 0, maxq)  # the arithmetic of affine.quantize
+    q = torch.round(g / s) + z  # the arithmetic of affine.quantize
+    q = torch.clamp(q, 0, maxq) if isinstance(maxq, int) else torch.clamp(q, min=0).minimum(maxq.unsqueeze(-1))
     d = g - (q - z) * s
     return (d * d * imp).sum(dim=-1)
 
@@ -93,12 +97,15 @@ def search_qparams(
     grid: int = 20,
     max_shrink: float = 0.8,
     refine: bool = True,
+    rows_maxq: Tensor | None = None,
 ) -> QParams:
     """Per-group clipped scale and zero of `w` [out, in] minimising E (see the module docstring).
 
     importance: [in] non-negative weights a_j (None: all 1). grid: number of shrink ratios in
     linspace(1, 1 - max_shrink, grid). refine: for asymmetric specs, also shrink each end alone
     (coordinate descent, 2 * grid more trials). Returns float32 QParams [out, G] on w's device.
+    rows_maxq: float [out, 1], each row's largest code in place of spec.maxq (asymmetric specs),
+    so rows bound for several bit-widths are searched in one pass, each as with its own spec.
     """
     if spec.keep:
         raise ValueError(f"spec {spec.label!r} keeps the layer in 16 bits; there is nothing to quantize")
@@ -110,14 +117,18 @@ def search_qparams(
     wmin = g.amin(dim=-1).clamp(max=0.0)
     wmax = g.amax(dim=-1).clamp(min=0.0)
 
+    if rows_maxq is not None and (spec.symmetric or tuple(rows_maxq.shape) != (w.shape[0], 1)):
+        raise ValueError(f"rows_maxq must be [{w.shape[0]}, 1] and the spec asymmetric; got "
+                         f"{tuple(rows_maxq.shape)} with {spec.label}")
+    maxq = spec.maxq if rows_maxq is None else rows_maxq
     lo, hi = wmin, wmax
-    scale, zero = _range_qparams(lo, hi, spec)
-    best = _weighted_error(g, imp, scale, zero, spec.maxq)
+    scale, zero = _range_qparams(lo, hi, spec, rows_maxq)
+    best = _weighted_error(g, imp, scale, zero, maxq)
 
     def trial(new_lo: Tensor, new_hi: Tensor) -> None:
         nonlocal lo, hi, scale, zero, best
-        s, z = _range_qparams(new_lo, new_hi, spec)
-        err = _weighted_error(g, imp, s, z, spec.maxq)
+        s, z = _range_qparams(new_lo, new_hi, spec, rows_maxq)
+        err = _weighted_error(g, imp, s, z, maxq)
         better = err < best  # strict: ties keep the earlier (wider) candidate
         lo, hi = torch.where(better, new_lo, lo), torch.where(better, new_hi, hi)
         scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)

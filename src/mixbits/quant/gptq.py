@@ -50,7 +50,7 @@ scaling H changes neither the updates nor (damp being relative) the dampening.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -62,7 +62,7 @@ from mixbits.quant.clip import search_qparams
 from mixbits.quant.groups import effective_group_size, expand_groups
 from mixbits.quant.spec import QuantSpec
 
-__all__ = ["GPTQConfig", "GPTQFactor", "GPTQResult", "GramAccumulator", "gptq_factor", "gptq_fixed_grid", "gptq_quantize", "gram",
+__all__ = ["GPTQConfig", "GPTQFactor", "GPTQResult", "GramAccumulator", "gptq_factor", "gptq_fixed_grid", "gptq_quantize", "gptq_sweep", "gram",
            "output_error"]
 
 logger = logging.getLogger(__name__)
@@ -224,11 +224,22 @@ def _inverse_cholesky_once(H: Tensor, damp: float) -> Tensor:
     )
 
 
-def _group_params(wg: Tensor, spec: QuantSpec, importance: Tensor, clip: bool) -> tuple[Tensor, Tensor]:
-    """Scale and zero [out] of one group's current weights wg [out, k] (a per-channel spec on wg)."""
-    one = QuantSpec(spec.bits, None, spec.symmetric)
-    qp = search_qparams(wg, one, importance=importance) if clip else minmax_qparams(wg, one)
-    return qp.scale[:, 0], qp.zero[:, 0]
+def _group_params(wg: Tensor, parts: tuple[tuple[QuantSpec, int], ...], importance: Tensor,
+                  clip: bool) -> tuple[Tensor, Tensor]:
+    """Scale and zero [rows] of one group's current weights wg [rows, k] (a per-channel spec on wg),
+    each run of rows (`parts`: (spec, count), in order) with its own spec."""
+    if clip and len(parts) > 1 and not parts[0][0].symmetric:  # one clip search, each row on its own range
+        maxq = torch.cat([wg.new_full((count, 1), float(spec.maxq)) for spec, count in parts])
+        qp = search_qparams(wg, QuantSpec(parts[0][0].bits, None), importance=importance, rows_maxq=maxq)
+        return qp.scale[:, 0], qp.zero[:, 0]
+    scales, zeros, start = [], [], 0
+    for spec, count in parts:
+        one, rows = QuantSpec(spec.bits, None, spec.symmetric), wg[start:start + count]
+        qp = search_qparams(rows, one, importance=importance) if clip else minmax_qparams(rows, one)
+        scales.append(qp.scale[:, 0])
+        zeros.append(qp.zero[:, 0])
+        start += count
+    return (scales[0], zeros[0]) if len(parts) == 1 else (torch.cat(scales), torch.cat(zeros))
 
 
 def _current(W: Tensor, err: Tensor, U: Tensor, b1: int, b2: int, col: int, end: int) -> Tensor:
@@ -241,14 +252,19 @@ def _current(W: Tensor, err: Tensor, U: Tensor, b1: int, b2: int, col: int, end:
     return torch.cat([inside, W[:, b2:end] - pending], dim=1)
 
 
-def _solve(W: Tensor, U: Tensor, spec: QuantSpec, cfg: GPTQConfig, imp: Tensor, S: Tensor, Z: Tensor):
-    """The blocked GPTQ loop over the columns of W [out, n] (processing order; updated in place).
+def _solve(W: Tensor, U: Tensor, parts: tuple[tuple[QuantSpec, int], ...], cfg: GPTQConfig, imp: Tensor, S: Tensor,
+           Z: Tensor):
+    """The blocked GPTQ loop over the columns of W [rows, n] (processing order; updated in place).
 
-    S, Z [out, n]: per-column scale and zero, filled here at each group start unless static.
-    Returns codes (W's dtype) [out, n] and the per-group (scale, zero) in processing order.
+    parts: (spec, count) of consecutive runs of rows, each quantized on its own spec (one group
+    size and one symmetry for all). S, Z [rows, n]: per-column scale and zero, filled here at each group start
+    unless static. Returns codes (W's dtype) [rows, n] and the per-group (scale, zero) in
+    processing order.
     """
     out, n = W.shape
-    gs = effective_group_size(n, spec.group_size)
+    gs = effective_group_size(n, parts[0][0].group_size)
+    maxq = (parts[0][0].maxq if len(parts) == 1 else
+            torch.cat([W.new_full((count,), float(spec.maxq)) for spec, count in parts]))
     codes = torch.empty_like(W)
     groups = []
     for b1 in range(0, n, cfg.block_size):
@@ -259,11 +275,12 @@ def _solve(W: Tensor, U: Tensor, spec: QuantSpec, cfg: GPTQConfig, imp: Tensor, 
             col = b1 + i
             if not cfg.static_groups and col % gs == 0:
                 end = min(col + gs, n)
-                s, z = _group_params(_current(W, err, U, b1, b2, col, end), spec, imp[col:end], cfg.clip)
+                s, z = _group_params(_current(W, err, U, b1, b2, col, end), parts, imp[col:end], cfg.clip)
                 S[:, col:end], Z[:, col:end] = s.unsqueeze(1), z.unsqueeze(1)
                 groups.append((s, z))
             w, s, z = W1[:, i], S[:, col], Z[:, col]
-            c = torch.clamp(torch.round(w / s) + z, 0, spec.maxq)  # affine.quantize's arithmetic
+            c = torch.round(w / s) + z  # affine.quantize's arithmetic; clamp to [0, maxq] exactly as well
+            c = torch.clamp(c, 0, maxq) if len(parts) == 1 else torch.clamp(c, min=0).minimum(maxq)
             codes[:, col] = c
             e = (w - (c - z) * s) / U[col, col]
             W1[:, i:] -= e.unsqueeze(1) * U[col, col:b2].unsqueeze(0)
@@ -332,49 +349,81 @@ def gptq_quantize(w: Tensor, H: Tensor, spec: QuantSpec, cfg: GPTQConfig = GPTQC
     only, so quantizing w[rows] gives exactly the rows `rows` of quantizing w (what
     `sensitivity.quantizer_damage` samples).
     """
-    _check_inputs(w, H, spec)
-    n = w.shape[1]
+    return gptq_sweep(w, H, (spec,), cfg, factor)[0]
+
+
+def gptq_sweep(w: Tensor, H: Tensor, specs: Sequence[QuantSpec], cfg: GPTQConfig = GPTQConfig(),
+               factor: GPTQFactor | None = None) -> list[GPTQResult]:
+    """`gptq_quantize(w, H, spec, cfg)` for every spec, the same results bit for bit, at less cost.
+
+    Rows are independent given H, so the specs of one group size (and symmetry) are run as one stacked weight
+    [len(specs) * out, in] whose runs of rows each round to their own bit-width: the Python loop
+    over columns runs once per group size, not once per spec, and H is factored once. Peak: about
+    four float tensors of the stacked size (weight, codes, scales, zeros); stack few specs of a
+    wide layer (`sensitivity.quantizer_damage` bounds the stacked rows)."""
+    specs = tuple(specs)
+    for spec in specs[1:]:
+        if spec.keep:
+            raise ValueError(f"spec {spec.label!r} keeps the layer in 16 bits; there is nothing to quantize")
+    if specs:
+        _check_inputs(w, H, specs[0])  # the weight and H once (H's finiteness is an in^2 pass)
+    by_group: dict[tuple, list[int]] = {}
+    for j, spec in enumerate(specs):
+        by_group.setdefault((spec.group_size, spec.symmetric), []).append(j)
+    if len(by_group) > 1:
+        results: list = [None] * len(specs)
+        for js in by_group.values():
+            for j, res in zip(js, gptq_sweep(w, H, [specs[j] for j in js], cfg, factor)):
+                results[j] = res
+        return results
+    n, out = w.shape[1], w.shape[0]
     dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
     if factor is None:
         factor = gptq_factor(H, cfg, dtype=dtype, device=w.device)
     elif factor.U.dtype != dtype or factor.U.device != w.device or factor.U.shape[0] != n:
         raise ValueError(f"factor is {tuple(factor.U.shape)} {factor.U.dtype} on {factor.U.device}; this weight "
                          f"needs [{n}, {n}] {dtype} on {w.device} (gptq_factor(H, cfg, dtype=..., device=...))")
-    W = w.detach().to(dtype).clone()
-    W[:, factor.dead] = 0.0
+    W0 = w.detach().to(dtype).clone()
+    W0[:, factor.dead] = 0.0
     perm, diag = factor.perm, factor.diag
+    W = W0 if len(specs) == 1 else W0.repeat(len(specs), 1)
 
     static_qp = None
     S = torch.empty_like(W)
     Z = torch.empty_like(W)
     if cfg.static_groups:
         importance = diag if perm is None else diag[torch.argsort(perm)]
-        static_qp = search_qparams(W, spec, importance=importance) if cfg.clip else minmax_qparams(W, spec)
-        S = expand_groups(static_qp.scale, n, spec.group_size).to(dtype)
-        Z = expand_groups(static_qp.zero, n, spec.group_size).to(dtype)
+        static_qp = [search_qparams(W0, spec, importance=importance) if cfg.clip else minmax_qparams(W0, spec)
+                     for spec in specs]
+        S = torch.cat([expand_groups(qp.scale, n, spec.group_size) for qp, spec in zip(static_qp, specs)]).to(dtype)
+        Z = torch.cat([expand_groups(qp.zero, n, spec.group_size) for qp, spec in zip(static_qp, specs)]).to(dtype)
     if perm is not None:
         W, S, Z = W[:, perm], S[:, perm], Z[:, perm]
 
-    codes, groups = _solve(W, factor.U, spec, cfg, diag, S, Z)
+    codes, groups = _solve(W, factor.U, tuple((spec, out) for spec in specs), cfg, diag, S, Z)
     if perm is not None:
         inv = torch.argsort(perm)
         codes, S, Z = codes[:, inv], S[:, inv], Z[:, inv]
-    if static_qp is not None:
-        qp = static_qp
-    else:
-        qp = QParams(torch.stack([s for s, _ in groups], 1), torch.stack([z for _, z in groups], 1))
-    codes = codes.to(torch.uint8)
-    # Same arithmetic as affine.dequantize, with each column's own group (g_idx) parameters.
-    weight = dequantize(codes, qp, spec) if perm is None else ((codes.to(dtype) - Z) * S).float()
-    return GPTQResult(
-        weight=weight,
-        qparams=qp,
-        codes=codes,
-        perm=perm,
-        g_idx=_group_index(n, spec, perm, cfg.static_groups, w.device),
-        error=output_error(w, weight, factor.H),
-        rtn_error=output_error(w, fake_quantize(w.detach().float(), spec), factor.H),
-    )
+    results = []
+    for j, spec in enumerate(specs):
+        rows = slice(j * out, (j + 1) * out)
+        if static_qp is not None:
+            qp = static_qp[j]
+        else:
+            qp = QParams(torch.stack([s[rows] for s, _ in groups], 1), torch.stack([z[rows] for _, z in groups], 1))
+        c = codes[rows].to(torch.uint8)
+        # Same arithmetic as affine.dequantize, with each column's own group (g_idx) parameters.
+        weight = dequantize(c, qp, spec) if perm is None else ((c.to(dtype) - Z[rows]) * S[rows]).float()
+        results.append(GPTQResult(
+            weight=weight,
+            qparams=qp,
+            codes=c,
+            perm=perm,
+            g_idx=_group_index(n, spec, perm, cfg.static_groups, w.device),
+            error=output_error(w, weight, factor.H),
+            rtn_error=output_error(w, fake_quantize(w.detach().float(), spec), factor.H),
+        ))
+    return results
 
 
 def _solve_fixed(W: Tensor, U: Tensor, S: Tensor, M: Tensor, lo: int, hi: int, block_size: int) -> Tensor:

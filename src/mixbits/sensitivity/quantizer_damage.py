@@ -57,12 +57,14 @@ from tqdm.auto import tqdm
 from mixbits.model.arch import LinearInfo, get_weight
 from mixbits.model.quantize import check_quantizer, quantize_weight
 from mixbits.quant.fake import storable
-from mixbits.quant.gptq import GPTQConfig, gptq_factor
+from mixbits.quant.gptq import GPTQConfig, gptq_factor, gptq_sweep
 from mixbits.quant.spec import GGMLSpec, QuantSpec
 from mixbits.sensitivity.capture import collect_gram
 from mixbits.sensitivity.output_error import DEFAULT_MAX_GRAM_BYTES, _chunks, reference_config
 
 log = logging.getLogger(__name__)
+
+SWEEP_ROWS = 2048  # most rows GPTQ stacks in one sweep over the configs (one per config and sampled row)
 
 __all__ = ["quantizer_damage", "quantizer_damage_table", "quantizer_errors", "quantizer_errors_table",
            "quantizer_gain", "sample_rows"]
@@ -93,24 +95,33 @@ def quantizer_errors(
     rows: measure only these many output rows (`sample_rows`; None or 0: all). Every quantizer here
     treats rows independently given H, so the two traces are exactly those of the full weight's
     quantization restricted to the sampled rows; their ratio (the gain) estimates the layer's.
-    GPTQ's factorisation of H (`quant.gptq.gptq_factor`) is computed once and shared by the configs."""
+    GPTQ's affine configs run through `quant.gptq.gptq_sweep` (what `quantize_weight`'s
+    `gptq_quantize` runs, bit for bit): H factored once per layer, the column loop once per group
+    size over the configs' rows stacked (at most SWEEP_ROWS rows at a time)."""
     check_quantizer(quantizer)
     w = weight.detach().to(gram.device, torch.float32)
     idx = sample_rows(w.shape[0], rows)
     if idx is not None:
         w = w[idx.to(w.device)]
-    factor = None
-    if quantizer == "gptq" and any(not c.keep and not isinstance(c, GGMLSpec) and storable(c, w.shape[1])
-                                   for c in configs):
-        factor = gptq_factor(gram, gptq, device=w.device)
     err, rtn = np.zeros(len(configs)), np.zeros(len(configs))
+    swept = []  # affine configs GPTQ runs together (`quant.gptq.gptq_sweep`), the others one by one
     for j, spec in enumerate(configs):
         if not storable(spec, w.shape[1]):
             err[j] = rtn[j] = np.nan  # a ggml type this row length cannot take: not measured (gain 1)
-        elif not spec.keep:
-            q = quantize_weight(w, spec, quantizer, H=gram, gptq=gptq,
-                                factor=None if isinstance(spec, GGMLSpec) else factor)
+        elif spec.keep:
+            continue
+        elif quantizer == "gptq" and not isinstance(spec, GGMLSpec):
+            swept.append(j)
+        else:
+            q = quantize_weight(w, spec, quantizer, H=gram, gptq=gptq)
             err[j], rtn[j] = q.error, q.rtn_error
+    if swept:
+        factor = gptq_factor(gram, gptq, device=w.device)
+        per_call = max(1, SWEEP_ROWS // w.shape[0])  # bounds the stacked weight: every row of a wide layer
+        for start in range(0, len(swept), per_call):
+            js = swept[start:start + per_call]
+            for j, res in zip(js, gptq_sweep(w, gram, [configs[j] for j in js], gptq, factor)):
+                err[j], rtn[j] = res.error, res.rtn_error
     return err, rtn
 
 
