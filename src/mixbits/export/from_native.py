@@ -6,7 +6,9 @@ zero-points (`QuantLinear` state: `{name}.qweight`, `{name}.scales` fp16 [out, G
 `{name}.qzeros` packed in `bits` bits, empty when symmetric, where z = 2**(bits-1)). Each layer
 is rebuilt with `QuantLinear.from_state`; its codes q, QParams and dequantized weight
 W_hat = (q - z) * s are what the formats write (`tensors.StoredLayer`), so nothing is
-re-quantized (q - z and s are exact in float32). Every other tensor is the folder's fp16 value.
+re-quantized (q - z and s are exact in float32). A layer planned as a ggml type is stored as its
+GGUF blocks and rebuilt as a `GGMLLinear`: its codes and `GGMLParams` decoded from those bytes, which
+a GGUF export packs back into the very same bytes. Every other tensor is the folder's fp16 value.
 
 Two ways to read:
   * `stored_source(path)` -> `StoredSource`: the exporters' streamed input. The model's structure

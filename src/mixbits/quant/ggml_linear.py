@@ -30,7 +30,7 @@ class GGMLLinear(QuantLinear):
 
     def __init__(self, in_features: int, out_features: int, spec: GGMLSpec, qweight: Tensor,
                  bias: Tensor | None = None) -> None:
-        torch.nn.Module.__init__(self)
+        torch.nn.Module.__init__(self)  # not QuantLinear's: it checks the affine buffers this layer has not
         if not isinstance(spec, GGMLSpec) or not spec.fits(in_features):
             raise ValueError(f"GGMLLinear needs a ggml type whose blocks split rows of {in_features}, got {spec!r}")
         expected = {"qweight": ((out_features, in_features // spec.block * spec.type_size), torch.uint8, qweight)}
