@@ -212,7 +212,8 @@ def _e2e(t: TrainConfig, shapes: ModelShapes, scales: int | None) -> MemoryPredi
     """E2E-QP streamed (train/e2e_streamed.py): one block materialized with its codes, zero-points and
     W_hat in float32 and the autograd graph's copy of (q − z); every step size in float32 with its
     gradient, AdamW's two moments and the start and best copies; one batch's boundaries at every block
-    and its gradient; one batch's block activations; the validation windows at one boundary, twice.
+    (about three with cfg.offload, the rest on disk) and its gradient; one batch's block activations;
+    the validation windows at one boundary, twice.
     `scales`: how many step sizes the plan trains (None: one per 32 weights, an upper bound)."""
     weights = sum(o * i for blk in shapes.block_linears for o, i in blk)
     scales = weights // 32 if scales is None else scales
@@ -222,7 +223,7 @@ def _e2e(t: TrainConfig, shapes: ModelShapes, scales: int | None) -> MemoryPredi
     return MemoryPrediction("e2e", "block", MappingProxyType({
         "block, codes, zero-points, W_hat, graph": 5 * max(shapes.block_params) * 4,
         "step sizes, gradient, AdamW moments, start and best": 6 * 4 * scales,
-        "one batch's boundaries and gradient": (shapes.n_blocks + 2) * t.e2e_batch_size * boundary,
+        "one batch's boundaries and gradient": (3 if t.offload else shapes.n_blocks + 2) * t.e2e_batch_size * boundary,
         "block activations": activations, "validation boundaries": 2 * t.val_size * boundary}))
 
 

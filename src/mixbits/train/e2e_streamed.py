@@ -31,12 +31,14 @@ same result); one killed after it loads them and rewrites the blocks not yet rew
 file exists, a resume with other E2E settings is refused (some shards may already hold its scales).
 
 Peak memory: one block materialized (compute dtype) plus its W_hat and its codes and zeros in
-float32 (two more copies of its planned linears), the autograd graph of one block for one batch;
-every boundary X_0 .. X_L of the current batch only (L+1 · batch · S · H floats on `store`), and
-of the validation windows one boundary at a time (twice while a block runs); everything outside the
-blocks during capture and the head, with one batch's logits. All blocks' scales stay in memory,
-float32 with their gradient and AdamW's two moments: 16 bytes per group of `group_size` weights, a
-few thousandths of the weights (16 / 128 bytes a weight at group 128, against 4 for the weights).
+float32 (more copies of its planned linears), the autograd graph of one block for one batch; every
+boundary X_0 .. X_L of the current batch only ((L+1) · batch · S · H floats on `store`; with
+cfg.offload one safetensors file each under cfg.offload_dir, read back and deleted by the backward:
+the streamed Fisher's `_Boundaries`); the validation windows at one boundary (twice while a block
+runs); everything outside the blocks during capture and the head, with one batch's logits. All
+blocks' scales stay in memory in float32 with their gradient, AdamW's two moments and the start and
+best copies: 24 bytes per group of `group_size` weights, a few thousandths of the weights (24 / 128
+= 0.19 bytes a weight at group 128, against 2 for the bf16 weights: `budget.predict_train`).
 
 Trade-off: every step reads each block twice from the checkpoint (forward, then the recompute) and
 every block's packed shard twice, instead of holding the model; the boundaries of one batch are kept
@@ -53,6 +55,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
@@ -73,12 +76,13 @@ from mixbits.quant.groups import expand_groups, num_groups
 from mixbits.quant.packed import layer_from_state
 from mixbits.quant.spec import QuantSpec
 from mixbits.safeload import check_safetensors
+from mixbits.sensitivity.fisher_streamed import _Boundaries
 from mixbits.train.checkpoint import BlockCheckpoint
 from mixbits.train.e2e_qp import E2EStats, e2e_params, optimise_scales, step_weight
 from mixbits.train.optim import GuardedOptimizer
 from mixbits.train.report import TrainReport
 from mixbits.train.run import _check_windows, seed_of
-from mixbits.train.streamed import STORAGE_DTYPE, stored_outside
+from mixbits.train.streamed import STORAGE_DTYPE, _offload_root, stored_outside
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +139,8 @@ class _Walk:
 class _Trainer:
     """One E2E-QP step and one validation, block by block (module docstring)."""
 
-    def __init__(self, walk: _Walk, scales: Mapping[str, nn.Parameter], store: torch.device):
-        self.walk, self.scales, self.store = walk, scales, store
+    def __init__(self, walk: _Walk, scales: Mapping[str, nn.Parameter], store: torch.device, offload: Path | None):
+        self.walk, self.scales, self.store, self.offload = walk, scales, store, offload
         self.source = walk.source
 
     def _capture(self, ids: Tensor, batch_size: int):
@@ -144,12 +148,12 @@ class _Trainer:
             return capture_block_inputs(model, ids, batch_size=batch_size, store=self.store, progress=False)
 
     @torch.no_grad()
-    def _forward(self, hidden: list[Tensor], inputs, scales, saved: list | None = None) -> bool:
+    def _forward(self, hidden: list[Tensor], inputs, scales, saved: _Boundaries | None = None) -> bool:
         """hidden[b] <- X_L of batch b, in place; saves each block's input in `saved` (one batch)."""
         as_tuple, device = False, self.source.device
         for i in range(self.source.n_blocks):
             if saved is not None:
-                saved.append(hidden[0])
+                saved.put(i, hidden)
             with self.walk.block(i) as run:
                 for b, (args, kwargs) in enumerate(zip(inputs.args, inputs.kwargs)):
                     out, as_tuple = run(hidden[b].to(device), args, kwargs, scales)
@@ -157,7 +161,7 @@ class _Trainer:
         return as_tuple
 
     def step(self, opt: GuardedOptimizer, ids: Tensor) -> None:
-        inputs, saved = self._capture(ids, len(ids)), []
+        inputs, saved = self._capture(ids, len(ids)), _Boundaries(self.offload, self.store)
         hidden = list(inputs.hidden)
         as_tuple = self._forward(hidden, inputs, self.scales, saved)
         with stored_outside(self.source) as model, torch.enable_grad():
@@ -171,11 +175,11 @@ class _Trainer:
 
         opt.step(loss.detach(), backward=backward)
 
-    def _backward(self, saved: list[Tensor], args: tuple, kwargs: dict, grad: Tensor) -> None:
+    def _backward(self, saved: _Boundaries, args: tuple, kwargs: dict, grad: Tensor) -> None:
         """Each scale's .grad from G_L, block by block from the last (module docstring)."""
         device = self.source.device
         for i in reversed(range(self.source.n_blocks)):
-            x_in = saved.pop()
+            (x_in,) = saved.take(i)
             mine = [self.scales[n] for n in self.walk.names[i]]
             if not mine and i == 0:
                 break
@@ -323,12 +327,13 @@ def _train(walk: _Walk, specs: Mapping[str, QuantSpec], calib: Tensor, val: Tens
     generator = torch.Generator().manual_seed(seed_of(cfg.seed, -1))
     flags = {n: p.requires_grad for n, p in source.model.named_parameters()}
     source.model.requires_grad_(False)  # only the scales learn (the skeleton's flags carry over to materialized tensors)
-    trainer = _Trainer(walk, scales, store)
     try:
-        kept, stats = optimise_scales(
-            scales, len(calib), hp, generator, progress=progress, what="E2E-QP (streamed)",
-            step=lambda opt, idx: trainer.step(opt, calib[idx]),
-            validate=lambda sc: trainer.validate(sc, val, hp.batch_size))
+        with _offload_root(cfg) as root:  # with cfg.offload the batch's boundaries wait there, one file each
+            trainer = _Trainer(walk, scales, store, root)
+            kept, stats = optimise_scales(
+                scales, len(calib), hp, generator, progress=progress, what="E2E-QP (streamed)",
+                step=lambda opt, idx: trainer.step(opt, calib[idx]),
+                validate=lambda sc: trainer.validate(sc, val, hp.batch_size))
     finally:
         for n, p in source.model.named_parameters():
             p.requires_grad_(flags[n])
