@@ -21,7 +21,7 @@ from mixbits.train.e2e_streamed import E2E_FILE, train_e2e_streamed
 from mixbits.train.checkpoint import BlockCheckpoint
 from mixbits.train.run import train_model
 from mixbits.train.streamed import finish_streamed, train_fingerprint
-from tests.conftest import tiny_llama
+from tests.conftest import tiny_gpt2, tiny_llama
 from tests.train.test_run import CFG, mixed_plan, one_thread, windows  # noqa: F401  (one thread: exact sums)
 from tests.train.test_streamed import Killed, sha256, streamed
 
@@ -175,7 +175,8 @@ def test_mixbits_train_e2e_streams_a_local_folder(tiny_model_dir, tiny_text_file
     assert {k: v for k, v in whole["training"]["e2e"].items() if k != "seconds"} == {
         k: v for k, v in report["training"]["e2e"].items() if k != "seconds"}
     a, b = sha256(tmp_path / "cli" / "model"), sha256(tmp_path / "whole" / "model")
-    assert all(a[f] == b[f] for f in a if f.endswith(".safetensors")) and report["bytes_on_disk"] == whole["bytes_on_disk"]
+    assert all(a[f] == b[f] for f in a if f.endswith(".safetensors"))
+    assert report["bytes_on_disk"] == whole["bytes_on_disk"]
     load_native(tmp_path / "cli" / "model")
 
 
@@ -248,3 +249,14 @@ def test_boundaries_offloaded_to_disk_give_the_same_scales(saved, tmp_path, monk
     assert {k: v for k, v in got.e2e.items() if k != "seconds"} == {k: v for k, v in want.e2e.items()
                                                                    if k != "seconds"}
     assert not any((tmp_path / "spill").iterdir())
+
+
+def test_gpt2_conv1d_layout_same_scales_as_the_whole_model(tmp_path):
+    """GPT-2: Conv1D weights stored transposed ([in, out]), W_hat handed over in that layout."""
+    model = tiny_gpt2()
+    model.save_pretrained(tmp_path / "ckpt", max_shard_size="100KB")
+    plan, calib = mixed_plan(model), windows(6, 1)
+    _, want = train_model(model, plan, calib, calib[:3], E2E, device=CPU, progress=False)
+    _, _, got = e2e_streamed(tmp_path / "ckpt", plan, calib, calib[:3], E2E, tmp_path / "s" / "model")
+    assert want.e2e["best_epoch"] > 0
+    assert all(torch.equal(got.qparams[n].scale, qp.scale) for n, qp in want.qparams.items())

@@ -127,8 +127,8 @@ class _Walk:
                     weights = {}
                     for n, (codes, zero) in frozen.items():
                         w = step_weight(codes, zero, scales[n], self.specs[n])
-                        weight = block.get_parameter(n[len(base):] + ".weight")
-                        weights[n[len(base):] + ".weight"] = (w.t() if self.linears[n].transposed else w).to(weight.dtype)
+                        key = n[len(base):] + ".weight"
+                        weights[key] = (w.t() if self.linears[n].transposed else w).to(block.get_parameter(key).dtype)
                     out = functional_call(block, weights, (x, *to_device(args, x.device)), to_device(kwargs, x.device),
                                           strict=False)
                     return (out, False) if isinstance(out, Tensor) else (out[0], True)
@@ -242,8 +242,8 @@ def _load_kept(checkpoint: BlockCheckpoint | None, cfg: TrainConfig) -> tuple[di
     if saved != wanted:
         diff = sorted(k for k in wanted["e2e"] if (saved or {}).get("e2e", {}).get(k) != wanted["e2e"][k])
         raise UserError(f"cannot resume from {str(checkpoint.directory)!r}: its E2E-QP scales were trained with other "
-                        f"settings ({', '.join(diff) or 'another run'}) and may already be in the model's shards; rerun "
-                        "with the same settings, or choose an empty output folder")
+                        f"settings ({', '.join(diff) or 'another run'}) and may already be in the model's shards; "
+                        "rerun with the same settings, or choose an empty output folder")
     log.info("resuming: E2E-QP's trained scales are saved in %s; rewriting the blocks that lack them", path)
     return kept, json.loads(meta["stats"])
 
@@ -309,7 +309,8 @@ def train_e2e_streamed(
         _save_kept(checkpoint, cfg, kept, stats)
     else:
         kept, stats = saved
-    log.info("E2E-QP (streamed): %d block shard(s) rewritten with the trained scales", _rewrite(walk, kept, after_block))
+    rewritten = _rewrite(walk, kept, after_block)
+    log.info("E2E-QP (streamed): %d block shard(s) rewritten with the trained scales", rewritten)
     qparams = {**report.qparams, **{n: QParams(kept[n].float(), report.qparams[n].zero) for n in specs}}
     e2e = E2EStats(**{**stats, "val_history": tuple(stats["val_history"])}).to_dict()
     return replace(report, qparams=qparams, e2e=e2e, seconds=report.seconds + time.perf_counter() - start)
@@ -326,7 +327,7 @@ def _train(walk: _Walk, specs: Mapping[str, QuantSpec], calib: Tensor, val: Tens
     scales = {n: nn.Parameter(start[n].to(source.device, torch.float32).clone()) for n in specs}
     generator = torch.Generator().manual_seed(seed_of(cfg.seed, -1))
     flags = {n: p.requires_grad for n, p in source.model.named_parameters()}
-    source.model.requires_grad_(False)  # only the scales learn (the skeleton's flags carry over to materialized tensors)
+    source.model.requires_grad_(False)  # only the scales learn (materialized tensors take the skeleton's flags)
     try:
         with _offload_root(cfg) as root:  # with cfg.offload the batch's boundaries wait there, one file each
             trainer = _Trainer(walk, scales, store, root)
