@@ -260,3 +260,18 @@ def test_gpt2_conv1d_layout_same_scales_as_the_whole_model(tmp_path):
     _, _, got = e2e_streamed(tmp_path / "ckpt", plan, calib, calib[:3], E2E, tmp_path / "s" / "model")
     assert want.e2e["best_epoch"] > 0
     assert all(torch.equal(got.qparams[n].scale, qp.scale) for n, qp in want.qparams.items())
+
+
+def test_nonfinite_steps_fall_back_to_block_ap(saved, tmp_path, monkeypatch):
+    """NaN only where gradients are recorded (the recompute of the backward): every step is skipped by the
+    guard, and after max_nonfinite of them the shards keep Block-AP's scales."""
+    model, folder, plan, calib, val = saved
+    cfg = TrainConfig(**{**E2E.to_dict(), "max_nonfinite": 2})
+    real = module.step_weight
+    monkeypatch.setattr(module, "step_weight",
+                        lambda *a: real(*a) * float("nan") if torch.is_grad_enabled() else real(*a))
+    block_ap = []
+    _, writer, got = e2e_streamed(folder, plan, calib, val, cfg, tmp_path / "model", block_ap=block_ap)
+    assert got.e2e["fallback"] and got.e2e["nonfinite_steps"] == 2 and got.e2e["steps"] == 2
+    assert got.e2e["loss_end"] == got.e2e["loss_start"] and got.e2e["kept_start"]
+    assert all(torch.equal(got.qparams[n].scale, qp.scale) for n, qp in block_ap[0].qparams.items())
