@@ -168,12 +168,13 @@ class _Trainer:
             x = hidden[0].to(self.source.device).requires_grad_(True)
             loss = head_forward(model, x, ids, labels=True, as_tuple=as_tuple).loss.float()
             grad = torch.autograd.grad(loss, x)[0].to(self.store) if bool(torch.isfinite(loss)) else None
+            loss = loss.detach()  # the head's graph (its logits, the head's weights) goes before any block comes
         del x, hidden
 
         def backward() -> None:
             self._backward(saved, inputs.args[0], inputs.kwargs[0], grad)
 
-        opt.step(loss.detach(), backward=backward)
+        opt.step(loss, backward=backward)
 
     def _backward(self, saved: _Boundaries, args: tuple, kwargs: dict, grad: Tensor) -> None:
         """Each scale's .grad from G_L, block by block from the last (module docstring)."""
