@@ -275,3 +275,16 @@ def test_nonfinite_steps_fall_back_to_block_ap(saved, tmp_path, monkeypatch):
     assert got.e2e["fallback"] and got.e2e["nonfinite_steps"] == 2 and got.e2e["steps"] == 2
     assert got.e2e["loss_end"] == got.e2e["loss_start"] and got.e2e["kept_start"]
     assert all(torch.equal(got.qparams[n].scale, qp.scale) for n, qp in block_ap[0].qparams.items())
+
+
+def test_a_resume_without_e2e_after_its_scales_were_saved_is_refused(tiny_model_dir, tiny_text_file, tmp_path):
+    model, _ = load_model(str(tiny_model_dir))
+    Plan.uniform(find_linears(model), QuantSpec(4, 32)).save(tmp_path / "plan.json")
+    cfg = TrainConfig(dataset=str(tiny_text_file), train_size=2, val_size=1, seqlen=32, epochs=0.5, e2e=True)
+    run = dict(model=str(tiny_model_dir), plan=tmp_path / "plan.json", output_dir=tmp_path / "out", device="cpu",
+               eval_windows=1, progress=False)
+    train_command(cfg=cfg, **run)
+    with pytest.raises(UserError, match="--e2e"):  # the shards hold E2E-QP's scales: not a Block-AP-only model
+        train_command(cfg=TrainConfig(**{**cfg.to_dict(), "e2e": False}), resume=True, **run)
+    again = train_command(cfg=cfg, resume=True, **run)
+    assert again["streamed"] and again["training"]["resumed_blocks"] == [0, 1]

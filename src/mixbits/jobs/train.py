@@ -56,7 +56,7 @@ from mixbits.model.quantize_streamed import quantize_streamed
 from mixbits.plan import Plan
 from mixbits.sensitivity.seedfile import read_seed_file
 from mixbits.train.checkpoint import BlockCheckpoint
-from mixbits.train.e2e_streamed import step_size_count, train_e2e_streamed
+from mixbits.train.e2e_streamed import E2E_FILE, step_size_count, train_e2e_streamed
 from mixbits.train.report import TrainReport
 from mixbits.train.run import train_model
 from mixbits.train.streamed import finish_streamed, train_fingerprint, train_streamed
@@ -129,6 +129,10 @@ def _train_whole(model: str, source: str, plan: Plan, output_dir: Path, cfg: Tra
 def _train_streamed(model: str, folder: Path, plan: Plan, output_dir: Path, cfg: TrainConfig, sensitivity_file,
                     device: torch.device, resume: bool, eval_count: int, progress: bool):
     """The streamed path (module docstring): (windows, evaluation, bytes on disk, report)."""
+    if resume and not cfg.e2e and (output_dir / "checkpoint" / E2E_FILE).is_file():
+        raise UserError(f"--resume: {output_dir} holds E2E-QP's trained scales (checkpoint/{E2E_FILE}), which its "
+                        "model's shards may already hold; resume with --e2e and the same settings, or choose an empty "
+                        "output folder")
     source, tokenizer = open_streamed(model, str(folder), device, "float32")
     plan.validate(layer_shapes(source.model))  # shapes from the skeleton: before any weight is read
     memory = predict_train(cfg, model_shapes(source.model), device=device, checkpoint_dtype=source.checkpoint_dtype,
