@@ -24,6 +24,7 @@ from mixbits.train.streamed import finish_streamed, train_fingerprint
 from tests.conftest import tiny_gpt2, tiny_llama
 from tests.train.test_run import CFG, mixed_plan, one_thread, windows  # noqa: F401  (one thread: exact sums)
 from tests.train.test_streamed import Killed, sha256, streamed
+from tests.train.test_streamed import saved as sharded  # noqa: F401  (a fixture)
 
 CPU = torch.device("cpu")
 # Block-AP short, E2E-QP with an lr at which the step sizes move and validation improves
@@ -32,16 +33,12 @@ E2E = TrainConfig(**{**CFG.to_dict(), "epochs": 0.5, "e2e": True, "e2e_epochs": 
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """A tiny Llama (two blocks) saved as safetensors in several shards, its plan and its windows."""
-    model = tiny_llama()
-    folder = tmp_path_factory.mktemp("ckpt")
-    model.save_pretrained(folder, max_shard_size="100KB")
-    assert len(list(folder.glob("*.safetensors"))) > 1
-    calib = windows(6, 1)
-    # validation on training windows: random tokens teach nothing that carries to other random windows,
-    # and the comparison must be of trained scales (best epoch > 0), not of the start kept
-    return model, folder, mixed_plan(model), calib, calib[:3]
+def saved(sharded):
+    """test_streamed's tiny Llama in several shards, its plan and its training windows; validation on
+    training windows: random tokens teach nothing that carries to other random windows, and the
+    comparisons must be of trained scales (best epoch > 0), not of the start kept."""
+    model, folder, plan, calib, _ = sharded
+    return model, folder, plan, calib, calib[:3]
 
 
 def e2e_streamed(folder, plan, calib, val, cfg, out, *, resume=False, after_block=None, block_ap=None):
