@@ -232,14 +232,14 @@ def test_on_cuda_close_to_the_cpu(saved, tmp_path):
 
 def test_boundaries_offloaded_to_disk_give_the_same_scales(saved, tmp_path, monkeypatch):
     """cfg.offload: the batch's boundaries wait on disk (one safetensors file each, the Fisher's
-    `_Boundaries`), deleted as the backward takes them and with their folder at the end."""
+    `Boundaries`), deleted as the backward takes them and with their folder at the end."""
     model, folder, plan, calib, val = saved
     cfg = TrainConfig(**{**E2E.to_dict(), "e2e_epochs": 1.0})
     offloaded = TrainConfig(**{**cfg.to_dict(), "offload": True, "offload_dir": str(tmp_path / "spill")})
     (tmp_path / "spill").mkdir()
     _, _, want = e2e_streamed(folder, plan, calib, val, cfg, tmp_path / "memory" / "model")
-    written, put = [], module._Boundaries.put
-    monkeypatch.setattr(module._Boundaries, "put", lambda self, i, h: written.append(self._path(i)) or put(self, i, h))
+    written, put = [], module.Boundaries.put
+    monkeypatch.setattr(module.Boundaries, "put", lambda self, i, h: written.append(self._path(i)) or put(self, i, h))
     _, _, got = e2e_streamed(folder, plan, calib, val, offloaded, tmp_path / "disk" / "model")
     assert written and all(p.parent.parent == tmp_path / "spill" for p in written)  # on disk, in the folder given
     assert all(torch.equal(got.qparams[n].scale, qp.scale) for n, qp in want.qparams.items())

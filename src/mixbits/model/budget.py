@@ -110,19 +110,19 @@ class RunMemory:
         """Where the peak phase is: at the largest block, or outside the blocks (capture, head)."""
         if any(word in self.peak.phase for word in ("head", "capture")):
             return "outside the blocks (embeddings, final norm, head)"
-        return f"at {self.block_name or f'block {self.block}'} (the largest block, {_size(self.block_bytes)})"
+        return f"at {self.block_name or f'block {self.block}'} (the largest block, {size_text(self.block_bytes)})"
 
     def describe(self) -> str:
-        held = ", ".join(f"{k} {_size(v)}" for k, v in self.held.items() if v)
-        stages = "; ".join(f"{s.stage} {_size(s.total)}" for s in self.stages)
+        held = ", ".join(f"{k} {size_text(v)}" for k, v in self.held.items() if v)
+        stages = "; ".join(f"{s.stage} {size_text(s.total)}" for s in self.stages)
         peak = self.peak
-        parts = ", ".join(f"{k} {_size(v)}" for k, v in peak.parts.items() if v)
-        return (f"predicted peak {_size(self.total)} in {str(self.dtype).removeprefix('torch.')}: {peak.stage} "
-                f"{_size(peak.total)} during {peak.phase} {self.where()} ({parts}); "
+        parts = ", ".join(f"{k} {size_text(v)}" for k, v in peak.parts.items() if v)
+        return (f"predicted peak {size_text(self.total)} in {str(self.dtype).removeprefix('torch.')}: {peak.stage} "
+                f"{size_text(peak.total)} during {peak.phase} {self.where()} ({parts}); "
                 f"plus {held}; stages: {stages}")
 
 
-def _size(nbytes: int) -> str:
+def size_text(nbytes: int) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
@@ -243,7 +243,7 @@ def _zeroshot(cfg: RunConfig, shapes: ModelShapes, dtype: torch.dtype, device: t
         "model weights (accelerate's share)": max(weights, packed), "lm-eval batch logits": 8 * 512 * shapes.vocab * 4}))
 
 
-def _eval_windows(cfg: RunConfig, given: int | None) -> int:
+def eval_windows_of(cfg: RunConfig, given: int | None) -> int:
     if given is not None:
         return given
     if cfg.data.eval_windows:
@@ -265,7 +265,7 @@ def predict_run(
     dtype = compute_torch_dtype(cfg.compute_dtype) or (
         checkpoint_dtype if device.type == "cuda" and streamed else torch.float32)
     variants = variants if variants is not None else (3 if cfg.baselines else 1)
-    eval_n = _eval_windows(cfg, eval_windows)
+    eval_n = eval_windows_of(cfg, eval_windows)
     d, offload = cfg.data, cfg.offload_dir is not None
     stages = []
     # a lazy checkpoint holds embedding and head in the stored dtype where it is narrower (model/upcast.py)

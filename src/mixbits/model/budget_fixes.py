@@ -12,7 +12,7 @@ import torch
 from mixbits.config import RunConfig
 from mixbits.devices import compute_torch_dtype
 from mixbits.errors import UserError
-from mixbits.model.budget import RunMemory, _eval_windows, _size, predict_run
+from mixbits.model.budget import RunMemory, eval_windows_of, size_text, predict_run
 from mixbits.model.memory import ModelShapes
 
 __all__ = ["enforce"]
@@ -27,26 +27,26 @@ def enforce(cfg: RunConfig, shapes: ModelShapes, memory: RunMemory, budget: dict
         floor = memory.on(device) - memory.peak.total + memory.block_bytes if device == memory.budget_device else 0
         if limit < floor:
             raise UserError(
-                f"{flag}: {device}={_size(limit)} is too small for one block: {memory.block_name} alone takes "
-                f"{_size(memory.block_bytes)} in {str(memory.dtype).removeprefix('torch.')}"
-                + (f" (plus {_size(floor - memory.block_bytes)} for the runtime)" if floor > memory.block_bytes else "")
-                + f", the least any stage holds; give {device} at least {_size(memory.on(device))} (the predicted "
+                f"{flag}: {device}={size_text(limit)} is too small for one block: {memory.block_name} alone takes "
+                f"{size_text(memory.block_bytes)} in {str(memory.dtype).removeprefix('torch.')}"
+                + (f" (plus {size_text(floor - memory.block_bytes)} for the runtime)" if floor > memory.block_bytes else "")
+                + f", the least any stage holds; give {device} at least {size_text(memory.on(device))} (the predicted "
                 f"peak){_dtype_hint(cfg, shapes, memory)}, or run on another device with more memory")
     for device, limit in budget.items():
         need = memory.on(device)
         if need > limit:
             peak = memory.peak
             raise UserError(
-                f"{flag}: the run is predicted to need {_size(need)} on {device}, above its {_size(limit)}; the peak "
+                f"{flag}: the run is predicted to need {size_text(need)} on {device}, above its {size_text(limit)}; the peak "
                 f"is {peak.stage} during {peak.phase} {memory.where()}: "
-                + ", ".join(f"{k} {_size(v)}" for k, v in peak.parts.items() if v)
+                + ", ".join(f"{k} {size_text(v)}" for k, v in peak.parts.items() if v)
                 + f". Fixes: {_fixes(cfg, shapes, device, limit, kwargs)}")
 
 
 def _dtype_hint(cfg: RunConfig, shapes: ModelShapes, memory: RunMemory) -> str:
     if memory.dtype.itemsize <= 2:
         return ""
-    return f", or --compute-dtype bfloat16 (the block takes {_size(max(shapes.block_params) * 2)})"
+    return f", or --compute-dtype bfloat16 (the block takes {size_text(max(shapes.block_params) * 2)})"
 
 
 def _halvings(start: int, least: int) -> list[int]:
@@ -73,7 +73,7 @@ def _fixes(cfg: RunConfig, shapes: ModelShapes, device: str, limit: int, kwargs:
     tries.append([(f"--calib-windows {n}", data(calib_windows=n)) for n in _halvings(d.calib_windows, 1)])
     tries.append([(f"--seqlen {n}", data(seqlen=n)) for n in _halvings(d.seqlen, MIN_SEQLEN)])
     tries.append([(f"--eval-windows {n}", data(eval_windows=n))
-                  for n in _halvings(_eval_windows(cfg, kwargs["eval_windows"]), 1)])
+                  for n in _halvings(eval_windows_of(cfg, kwargs["eval_windows"]), 1)])
     if compute_torch_dtype(cfg.compute_dtype) in (None, torch.float32):
         tries.append([("--compute-dtype bfloat16", dataclasses.replace(cfg, compute_dtype="bfloat16"))])
     found = []
@@ -82,7 +82,7 @@ def _fixes(cfg: RunConfig, shapes: ModelShapes, device: str, limit: int, kwargs:
             given = None if other.data.eval_windows != d.eval_windows else kwargs["eval_windows"]
             prediction = predict_run(other, shapes, **{**kwargs, "eval_windows": given})
             if prediction.on(device) <= limit:
-                found.append(f"{label}: {_size(prediction.on(device))}")
+                found.append(f"{label}: {size_text(prediction.on(device))}")
                 break
     if not found:
         found.append("none of fewer/shorter windows, --offload-dir or bfloat16 fits alone; combine them")

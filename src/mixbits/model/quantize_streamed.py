@@ -122,7 +122,7 @@ def _split(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 @contextlib.contextmanager
-def _swapped(model: nn.Module, scope: nn.Module, new: Mapping[str, Tensor]) -> Iterator[None]:
+def swapped(model: nn.Module, scope: nn.Module, new: Mapping[str, Tensor]) -> Iterator[None]:
     """The tensors named in `new` (full names in `model`) replaced under `scope` for the duration,
     every alias of a tied tensor with them; the original tensor objects are put back (not copied)."""
     by_id: dict[int, Tensor] = {}
@@ -145,7 +145,7 @@ def _swapped(model: nn.Module, scope: nn.Module, new: Mapping[str, Tensor]) -> I
             table[leaf] = old
 
 
-def _rounded(model: nn.Module, names, dtype: torch.dtype | None) -> dict[str, Tensor]:
+def rounded(model: nn.Module, names, dtype: torch.dtype | None) -> dict[str, Tensor]:
     """Each named float tensor rounded through `dtype` (as `apply.round_to_storage` does in place);
     tensors already held in `dtype` (a lazy source's `resident(hold=dtype)`) are rounded as they are."""
     if dtype is None:
@@ -159,7 +159,7 @@ def _rounded(model: nn.Module, names, dtype: torch.dtype | None) -> dict[str, Te
     return out
 
 
-def _plain(model: nn.Module, names, skip: set[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
+def stored_form(model: nn.Module, names, skip: set[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
     """The stored form (16-bit floats, CPU) of the named tensors not in `skip`, tied ones once, and
     the tied names left out -> the name they equal."""
     out, first, tied = {}, {}, {}
@@ -234,7 +234,7 @@ def quantize_streamed(
     start, store = time.perf_counter(), torch.device(store)
     p = _Pass(source, plan.quantized(), linears, list(source.model.state_dict()), quantizer, gptq, storage_dtype,
               true_sequential)
-    with source.resident(storage_dtype) as model, _swapped(model, model, _rounded(model, p.outside_state(), storage_dtype)):
+    with source.resident(storage_dtype) as model, swapped(model, model, rounded(model, p.outside_state(), storage_dtype)):
         if windows is not None:
             p.calib = capture_block_inputs(model, windows, batch_size=batch_size, store=store, progress=False)
             p.tokens = p.calib.n_tokens
@@ -253,9 +253,9 @@ def quantize_streamed(
         if after_block is not None:
             after_block(i)
     evaluation = None
-    with source.resident(storage_dtype) as model, _swapped(model, model, _rounded(model, p.outside_state(), storage_dtype)):
+    with source.resident(storage_dtype) as model, swapped(model, model, rounded(model, p.outside_state(), storage_dtype)):
         if sink is not None:
-            sink.write_rest(*_plain(model, p.outside_state(), set()))
+            sink.write_rest(*stored_form(model, p.outside_state(), set()))
         if scorer is not None:
             evaluation = scorer.score(model, p.evals.hidden, p.as_tuple, name)
     if g_idx:
@@ -272,7 +272,7 @@ def _block(p: _Pass, i: int, block: nn.Module, sink: BlockSink | None, *, resume
     names = [n for n in p.specs if p.linears[n].block == i]
     quantized = {f"{n}.weight" for n in names}
     state = p.block_state(i)
-    with _swapped(model, block, _rounded(model, [n for n in state if n not in quantized], p.storage_dtype)):
+    with swapped(model, block, rounded(model, [n for n in state if n not in quantized], p.storage_dtype)):
         with contextlib.ExitStack() as stack:
             if resumed:
                 made = _read_back(p, i, names, sink, stack)
@@ -289,7 +289,7 @@ def _put(p: _Pass, name: str, weight: Tensor, stack: contextlib.ExitStack) -> No
     """Swap layer `name`'s weight for `weight` [out, in] (in the module's layout and dtype) until `stack` closes."""
     module = p.source.model.get_submodule(name)
     stored = weight.t() if p.linears[name].transposed else weight
-    stack.enter_context(_swapped(p.source.model, module, {f"{name}.weight": stored.to(module.weight.device,
+    stack.enter_context(swapped(p.source.model, module, {f"{name}.weight": stored.to(module.weight.device,
                                                                                         module.weight.dtype)}))
 
 
@@ -334,7 +334,7 @@ def _packed(p: _Pass, names: list[str], made: dict, state: list[str]) -> dict[st
         module = model.get_submodule(name)
         tensors.update(packed_tensors(name, lq.weight, p.specs[name], lq.qparams, get_bias(module)))
         skip.update({f"{name}.weight", f"{name}.bias"})
-    return tensors | _plain(model, state, skip)[0]
+    return tensors | stored_form(model, state, skip)[0]
 
 
 @torch.no_grad()

@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 __all__ = ["fisher_by_block", "streamed_fisher", "streamed_fisher_table"]
 
 
-class _Boundaries:
+class Boundaries:
     """The hidden states entering each block, in memory or one safetensors file per block."""
 
     def __init__(self, folder: str | Path | None, store: torch.device):
@@ -94,7 +94,7 @@ def _differentiable(params: Sequence[nn.Parameter]) -> Iterator[None]:
 
 
 @torch.no_grad()
-def _forward(source: BlockSource, hidden, args, kwargs, boundaries: _Boundaries, store, progress: bool):
+def _forward(source: BlockSource, hidden, args, kwargs, boundaries: Boundaries, store, progress: bool):
     """X_L for every window, saving each block's input; also whether blocks return tuples."""
     as_tuple = False
     for i in tqdm(range(source.n_blocks), desc="fisher forward", disable=not progress, leave=False):
@@ -144,7 +144,7 @@ def fisher_by_block(
         inputs = capture_block_inputs(loaded, windows, batch_size=1, store=store, progress=False)
     args, kwargs, hidden = inputs.args, inputs.kwargs, inputs.hidden
     del inputs  # X_0 is now held by the boundaries only (on disk with offload_dir)
-    boundaries = _Boundaries(offload_dir, store)
+    boundaries = Boundaries(offload_dir, store)
     hidden, as_tuple = _forward(source, hidden, args, kwargs, boundaries, store, progress)
     grads = _head_gradients(source, hidden, windows, as_tuple, store)
     log.debug("fisher: %d windows through %d blocks; boundaries kept %s", len(windows), source.n_blocks,

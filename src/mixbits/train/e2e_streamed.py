@@ -34,7 +34,7 @@ Peak memory: one block materialized (compute dtype) plus its W_hat and its codes
 float32 (more copies of its planned linears), the autograd graph of one block for one batch; every
 boundary X_0 .. X_L of the current batch only ((L+1) · batch · S · H floats on `store`; with
 cfg.offload one safetensors file each under cfg.offload_dir, read back and deleted by the backward:
-the streamed Fisher's `_Boundaries`); the validation windows at one boundary (twice while a block
+the streamed Fisher's `Boundaries`); the validation windows at one boundary (twice while a block
 runs); everything outside the blocks during capture and the head, with one batch's logits. All
 blocks' scales stay in memory in float32 with their gradient, AdamW's two moments and the start and
 best copies: 24 bytes per group of `group_size` weights, a few thousandths of the weights (24 / 128
@@ -68,7 +68,7 @@ from mixbits.errors import UserError
 from mixbits.io import atomic_write_bytes
 from mixbits.model.arch import LinearInfo, find_linears
 from mixbits.model.blockwise import capture_block_inputs, to_device
-from mixbits.model.quantize_streamed import _plain, _rounded, _swapped
+from mixbits.model.quantize_streamed import stored_form, rounded, swapped
 from mixbits.model.stream import BlockSource, head_forward
 from mixbits.plan import Plan
 from mixbits.quant.affine import QParams
@@ -76,13 +76,13 @@ from mixbits.quant.groups import expand_groups, num_groups
 from mixbits.quant.packed import layer_from_state
 from mixbits.quant.spec import QuantSpec
 from mixbits.safeload import check_safetensors
-from mixbits.sensitivity.fisher_streamed import _Boundaries
+from mixbits.sensitivity.fisher_streamed import Boundaries
 from mixbits.train.checkpoint import BlockCheckpoint
 from mixbits.train.e2e_qp import E2EStats, e2e_params, optimise_scales, step_weight
 from mixbits.train.optim import GuardedOptimizer
 from mixbits.train.report import TrainReport
 from mixbits.train.run import _check_windows, seed_of
-from mixbits.train.streamed import STORAGE_DTYPE, _offload_root, stored_outside
+from mixbits.train.streamed import STORAGE_DTYPE, offload_root, stored_outside
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class _Walk:
         with self.source.block(index) as block:
             planned = {f"{n}.weight" for n in frozen}
             state = [base + k for k in block.state_dict() if base + k not in planned]
-            with _swapped(model, block, _rounded(model, state, STORAGE_DTYPE)):
+            with swapped(model, block, rounded(model, state, STORAGE_DTYPE)):
 
                 def run(x: Tensor, args: tuple, kwargs: dict, scales: Mapping[str, Tensor]) -> tuple[Tensor, bool]:
                     weights = {}
@@ -148,7 +148,7 @@ class _Trainer:
             return capture_block_inputs(model, ids, batch_size=batch_size, store=self.store, progress=False)
 
     @torch.no_grad()
-    def _forward(self, hidden: list[Tensor], inputs, scales, saved: _Boundaries | None = None) -> bool:
+    def _forward(self, hidden: list[Tensor], inputs, scales, saved: Boundaries | None = None) -> bool:
         """hidden[b] <- X_L of batch b, in place; saves each block's input in `saved` (one batch)."""
         as_tuple, device = False, self.source.device
         for i in range(self.source.n_blocks):
@@ -161,7 +161,7 @@ class _Trainer:
         return as_tuple
 
     def step(self, opt: GuardedOptimizer, ids: Tensor) -> None:
-        inputs, saved = self._capture(ids, len(ids)), _Boundaries(self.offload, self.store)
+        inputs, saved = self._capture(ids, len(ids)), Boundaries(self.offload, self.store)
         hidden = list(inputs.hidden)
         as_tuple = self._forward(hidden, inputs, self.scales, saved)
         with stored_outside(self.source) as model, torch.enable_grad():
@@ -176,7 +176,7 @@ class _Trainer:
 
         opt.step(loss, backward=backward)
 
-    def _backward(self, saved: _Boundaries, args: tuple, kwargs: dict, grad: Tensor) -> None:
+    def _backward(self, saved: Boundaries, args: tuple, kwargs: dict, grad: Tensor) -> None:
         """Each scale's .grad from G_L, block by block from the last (module docstring)."""
         device = self.source.device
         for i in reversed(range(self.source.n_blocks)):
@@ -221,7 +221,7 @@ def seal(source: BlockSource, sink) -> None:
     prefix = f"{source.block_path}."
     outside = [n for n in source.model.state_dict() if not n.startswith(prefix)]
     with stored_outside(source) as model:
-        sink.write_rest(*_plain(model, outside, set()))
+        sink.write_rest(*stored_form(model, outside, set()))
     sink.finish()
 
 
@@ -330,7 +330,7 @@ def _train(walk: _Walk, specs: Mapping[str, QuantSpec], calib: Tensor, val: Tens
     flags = {n: p.requires_grad for n, p in source.model.named_parameters()}
     source.model.requires_grad_(False)  # only the scales learn (materialized tensors take the skeleton's flags)
     try:
-        with _offload_root(cfg) as root:  # with cfg.offload the batch's boundaries wait there, one file each
+        with offload_root(cfg) as root:  # with cfg.offload the batch's boundaries wait there, one file each
             trainer = _Trainer(walk, scales, store, root)
             kept, stats = optimise_scales(
                 scales, len(calib), hp, generator, progress=progress, what="E2E-QP (streamed)",

@@ -63,8 +63,8 @@ from mixbits.model.quantize import block_grams, params_on_cpu, quantize_layer
 from mixbits.model.quantize_streamed import (
     BlockSink,
     Scorer,
-    _rounded,
-    _swapped,
+    rounded,
+    swapped,
     dequantized_block,
     quantize_streamed,
 )
@@ -127,7 +127,7 @@ def train_streamed(
     finished = _finished(checkpoint, sink, source.n_blocks)
     qparams: dict[str, QParams] = {}
     stats: list[BlockStats] = []
-    with _offload_root(cfg) as root:
+    with offload_root(cfg) as root:
         pass_ = _Pass(run, source, sink, checkpoint, gptq, root)
         pass_.capture({"train": calib_windows, "val": val_windows}, calib_windows)
         for index in tqdm(range(source.n_blocks), desc="Block-AP (streamed)", disable=not progress):
@@ -156,7 +156,7 @@ def _finished(checkpoint: BlockCheckpoint | None, sink: BlockSink, n_blocks: int
 
 
 @contextlib.contextmanager
-def _offload_root(cfg: TrainConfig) -> Iterator[Path | None]:
+def offload_root(cfg: TrainConfig) -> Iterator[Path | None]:
     if not cfg.offload:
         yield None
         return
@@ -170,7 +170,7 @@ def stored_outside(source: BlockSource) -> Iterator[nn.Module]:
     (and `quantize_model`'s copy) holds it; the source's own tensors are left as they are."""
     prefix = f"{source.block_path}."
     outside = [n for n in source.model.state_dict() if not n.startswith(prefix)]
-    with source.resident(STORAGE_DTYPE) as model, _swapped(model, model, _rounded(model, outside, STORAGE_DTYPE)):
+    with source.resident(STORAGE_DTYPE) as model, swapped(model, model, rounded(model, outside, STORAGE_DTYPE)):
         yield model
 
 
