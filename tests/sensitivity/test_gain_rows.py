@@ -117,3 +117,19 @@ def test_the_flag_sets_the_field_and_a_bad_value_names_the_flag(tmp_path):
     r = CliRunner().invoke(app, ["run", "--no-verbose", "--gain-rows", "-1", "--output-dir", str(tmp_path / "o")])
     assert r.exit_code != 0 and "--gain-rows -1" in r.output and "0: every row" in r.output
     assert not (tmp_path / "o").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("rows", [None, 20])
+@pytest.mark.parametrize("quantizer,cfg", [("gptq", GPTQConfig(clip=True)), ("gptq", GPTQConfig(act_order=True)),
+                                           ("clip", GPTQConfig())])
+def test_layers_sharing_an_input_give_each_its_own_errors(rows, quantizer, cfg):
+    """q/k/v (one H) swept together: each layer's errors are exactly what it gets alone."""
+    from mixbits.sensitivity.quantizer_damage import shared_input_errors
+
+    w, H = layer(out=96)
+    others = [w, layer(out=32, seed=2)[0], layer(out=64, seed=3)[0]]
+    together = shared_input_errors(others, H, CONFIGS, quantizer=quantizer, gptq=cfg, rows=rows)
+    for weight, (err, rtn) in zip(others, together):
+        alone = quantizer_errors(weight, H, CONFIGS, quantizer=quantizer, gptq=cfg, rows=rows)
+        np.testing.assert_array_equal(err, alone[0])
+        np.testing.assert_array_equal(rtn, alone[1])

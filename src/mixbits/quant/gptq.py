@@ -353,14 +353,15 @@ def gptq_quantize(w: Tensor, H: Tensor, spec: QuantSpec, cfg: GPTQConfig = GPTQC
 
 
 def gptq_sweep(w: Tensor, H: Tensor, specs: Sequence[QuantSpec], cfg: GPTQConfig = GPTQConfig(),
-               factor: GPTQFactor | None = None) -> list[GPTQResult]:
+               factor: GPTQFactor | None = None, errors: bool = True) -> list[GPTQResult]:
     """`gptq_quantize(w, H, spec, cfg)` for every spec, the same results bit for bit, at less cost.
 
     Rows are independent given H, so the specs of one group size (and symmetry) are run as one stacked weight
     [len(specs) * out, in] whose runs of rows each round to their own bit-width: the Python loop
     over columns runs once per group size, not once per spec, and H is factored once. Peak: about
     four float tensors of the stacked size (weight, codes, scales, zeros); stack few specs of a
-    wide layer (`sensitivity.quantizer_damage` bounds the stacked rows)."""
+    wide layer (`sensitivity.quantizer_damage` bounds the stacked rows). errors=False leaves
+    error and rtn_error NaN (a caller that splits w's rows computes them per part)."""
     specs = tuple(specs)
     for spec in specs[1:]:
         if spec.keep:
@@ -373,7 +374,7 @@ def gptq_sweep(w: Tensor, H: Tensor, specs: Sequence[QuantSpec], cfg: GPTQConfig
     if len(by_group) > 1:
         results: list = [None] * len(specs)
         for js in by_group.values():
-            for j, res in zip(js, gptq_sweep(w, H, [specs[j] for j in js], cfg, factor)):
+            for j, res in zip(js, gptq_sweep(w, H, [specs[j] for j in js], cfg, factor, errors)):
                 results[j] = res
         return results
     n, out = w.shape[1], w.shape[0]
@@ -420,8 +421,8 @@ def gptq_sweep(w: Tensor, H: Tensor, specs: Sequence[QuantSpec], cfg: GPTQConfig
             codes=c,
             perm=perm,
             g_idx=_group_index(n, spec, perm, cfg.static_groups, w.device),
-            error=output_error(w, weight, factor.H),
-            rtn_error=output_error(w, fake_quantize(w.detach().float(), spec), factor.H),
+            error=output_error(w, weight, factor.H) if errors else float("nan"),
+            rtn_error=output_error(w, fake_quantize(w.detach().float(), spec), factor.H) if errors else float("nan"),
         ))
     return results
 

@@ -53,7 +53,7 @@ from mixbits.model.quantize import block_grams, check_quantizer
 from mixbits.model.stream import BlockSource, as_source
 from mixbits.quant.gptq import GPTQConfig
 from mixbits.quant.spec import QuantSpec
-from mixbits.sensitivity.quantizer_damage import quantizer_errors, quantizer_gain, sample_rows
+from mixbits.sensitivity.quantizer_damage import quantizer_gain, sample_rows, shared_input_errors
 from mixbits.sensitivity.table import DamageTable
 
 __all__ = ["DAMAGE_MODES", "follow_quantizer", "gain_cache_options", "gain_table", "streamed_quantizer_errors"]
@@ -85,14 +85,24 @@ def streamed_quantizer_errors(
             names = by_block.get(i, [])
             if names:
                 grams = block_grams(source.model, block, names, inputs, source.device)
-                for name in names:
-                    weight = get_weight(source.model.get_submodule(name))
-                    errors[row[name]], rtn[row[name]] = quantizer_errors(weight, grams.H(name), configs,
-                                                                         quantizer=quantizer, gptq=gptq, rows=rows)
+                for group in _by_input(grams, names):  # q/k/v, gate/up: one H, one GPTQ sweep
+                    weights = [get_weight(source.model.get_submodule(name)) for name in group]
+                    found = shared_input_errors(weights, grams.H(group[0]), configs, quantizer=quantizer, gptq=gptq,
+                                                rows=rows)
+                    for name, (err, rt) in zip(group, found):
+                        errors[row[name]], rtn[row[name]] = err, rt
                 del grams
             if i < source.n_blocks - 1:
                 inputs = inputs.with_hidden(block_forward(block, inputs, device=source.device))
     return errors, rtn, int(windows.numel())
+
+
+def _by_input(grams, names: list[str]) -> list[list[str]]:
+    """`names` grouped by the Gram matrix they share (one tensor per distinct input), in order."""
+    groups: dict[int, list[str]] = {}
+    for name in names:
+        groups.setdefault(id(grams.H(name)), []).append(name)
+    return list(groups.values())
 
 
 def gain_table(model: nn.Module | BlockSource, windows: torch.Tensor, linears: dict[str, LinearInfo],

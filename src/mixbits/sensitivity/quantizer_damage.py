@@ -25,7 +25,10 @@ SmolLM2-135M sizes. So SmolLM2-135M (210 linears) × 12 configs took 6.7 min on 
 2-core CPU (shared with another job; `bench/quantizers.sh`), and a 7B model (224 linears) × 12
 configs ≈ 1 h on a GPU. clip ≈ 60 fake-quantizations per layer and config (3.7 min for
 SmolLM2-135M on the same CPU); rtn one. Memory: H of every linear of a chunk at once, as in
-`output_error_table`.
+`output_error_table`. Two savings cut this for GPTQ (`quantizer_errors`), neither changing a
+result: the configs share one factorisation of H and one column loop per group size
+(`quant.gptq.gptq_sweep`), and `rows` measures a strided sample of output rows (below), so the
+out·in² part shrinks by out/rows; the cost per layer then hardly grows with out.
 
 The gain. Output errors are per-layer quantities: they say how much a layer's output moves,
 not how much the loss cares (the block validation of `mixbits analyze` ranks blocks by output
@@ -57,17 +60,18 @@ from tqdm.auto import tqdm
 from mixbits.model.arch import LinearInfo, get_weight
 from mixbits.model.quantize import check_quantizer, quantize_weight
 from mixbits.quant.fake import storable
-from mixbits.quant.gptq import GPTQConfig, gptq_factor, gptq_sweep
+from mixbits.quant.affine import fake_quantize
+from mixbits.quant.gptq import GPTQConfig, gptq_factor, gptq_sweep, output_error
 from mixbits.quant.spec import GGMLSpec, QuantSpec
 from mixbits.sensitivity.capture import collect_gram
 from mixbits.sensitivity.output_error import DEFAULT_MAX_GRAM_BYTES, _chunks, reference_config
 
 log = logging.getLogger(__name__)
 
-SWEEP_ROWS = 2048  # most rows GPTQ stacks in one sweep over the configs (one per config and sampled row)
+SWEEP_ROWS = 4096  # most rows GPTQ stacks in one sweep (configs x layers sharing H x sampled rows)
 
 __all__ = ["quantizer_damage", "quantizer_damage_table", "quantizer_errors", "quantizer_errors_table",
-           "quantizer_gain", "sample_rows"]
+           "quantizer_gain", "sample_rows", "shared_input_errors"]
 
 
 def sample_rows(out_features: int, rows: int | None) -> torch.Tensor | None:
@@ -98,31 +102,64 @@ def quantizer_errors(
     GPTQ's affine configs run through `quant.gptq.gptq_sweep` (what `quantize_weight`'s
     `gptq_quantize` runs, bit for bit): H factored once per layer, the column loop once per group
     size over the configs' rows stacked (at most SWEEP_ROWS rows at a time)."""
+    return shared_input_errors([weight], gram, configs, quantizer=quantizer, gptq=gptq, rows=rows)[0]
+
+
+def shared_input_errors(
+    weights: Sequence[torch.Tensor],
+    gram: torch.Tensor,
+    configs: Sequence[QuantSpec],
+    *,
+    quantizer: str,
+    gptq: GPTQConfig = GPTQConfig(),
+    rows: int | None = None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`quantizer_errors` of every weight [out_i, in] fed the same input (q/k/v, gate/up: one H),
+    the same numbers; GPTQ stacks their (sampled) rows into one sweep, so the layers sharing H pay
+    one column loop per group size between them."""
     check_quantizer(quantizer)
-    w = weight.detach().to(gram.device, torch.float32)
-    idx = sample_rows(w.shape[0], rows)
-    if idx is not None:
-        w = w[idx.to(w.device)]
-    err, rtn = np.zeros(len(configs)), np.zeros(len(configs))
+    ws = []
+    for weight in weights:
+        w = weight.detach().to(gram.device, torch.float32)
+        idx = sample_rows(w.shape[0], rows)
+        ws.append(w if idx is None else w[idx.to(w.device)])
+    n_in = ws[0].shape[1]
+    out = [(np.zeros(len(configs)), np.zeros(len(configs))) for _ in ws]
     swept = []  # affine configs GPTQ runs together (`quant.gptq.gptq_sweep`), the others one by one
     for j, spec in enumerate(configs):
-        if not storable(spec, w.shape[1]):
-            err[j] = rtn[j] = np.nan  # a ggml type this row length cannot take: not measured (gain 1)
+        if not storable(spec, n_in):
+            for err, rtn in out:
+                err[j] = rtn[j] = np.nan  # a ggml type this row length cannot take: not measured (gain 1)
         elif spec.keep:
             continue
         elif quantizer == "gptq" and not isinstance(spec, GGMLSpec):
             swept.append(j)
         else:
-            q = quantize_weight(w, spec, quantizer, H=gram, gptq=gptq)
-            err[j], rtn[j] = q.error, q.rtn_error
+            for w, (err, rtn) in zip(ws, out):
+                q = quantize_weight(w, spec, quantizer, H=gram, gptq=gptq)
+                err[j], rtn[j] = q.error, q.rtn_error
     if swept:
-        factor = gptq_factor(gram, gptq, device=w.device)
-        per_call = max(1, SWEEP_ROWS // w.shape[0])  # bounds the stacked weight: every row of a wide layer
-        for start in range(0, len(swept), per_call):
-            js = swept[start:start + per_call]
-            for j, res in zip(js, gptq_sweep(w, gram, [configs[j] for j in js], gptq, factor)):
-                err[j], rtn[j] = res.error, res.rtn_error
-    return err, rtn
+        _sweep(ws, gram, configs, swept, gptq, out)
+    return out
+
+
+def _sweep(ws: list[torch.Tensor], gram: torch.Tensor, configs: Sequence[QuantSpec], swept: list[int],
+           gptq: GPTQConfig, out: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    """GPTQ's errors of configs[swept] for every weight of `ws` (one H), written into `out`."""
+    factor = gptq_factor(gram, gptq, device=ws[0].device)
+    stacked = ws[0] if len(ws) == 1 else torch.cat(ws)
+    bounds = np.cumsum([0] + [w.shape[0] for w in ws])
+    per_call = max(1, SWEEP_ROWS // stacked.shape[0])  # bounds the stacked weight: every row of a wide layer
+    for start in range(0, len(swept), per_call):
+        js = swept[start:start + per_call]
+        results = gptq_sweep(stacked, gram, [configs[j] for j in js], gptq, factor, errors=len(ws) == 1)
+        for j, res in zip(js, results):
+            if len(ws) == 1:
+                out[0][0][j], out[0][1][j] = res.error, res.rtn_error
+                continue
+            for i, w in enumerate(ws):  # each layer's traces, as gptq_sweep computes them for one weight
+                out[i][0][j] = output_error(w, res.weight[bounds[i]:bounds[i + 1]], factor.H)
+                out[i][1][j] = output_error(w, fake_quantize(w, configs[j]), factor.H)
 
 
 def quantizer_damage(
