@@ -21,7 +21,8 @@ depth and growing width:
 Stages, each its own process (`mixbits ...`, imports, loading, computing and saving all count):
 run-rtn and run-gptq (`mixbits run` with the uniform baselines), run-rtn-ram (run-rtn with
 `--preload`: the checkpoint held in RAM in its own dtype), analyze (`--methods fisher`),
-train (Block-AP of run-rtn's plan), export-gptq and export-gguf (of run-rtn's folder). Small
+train (Block-AP of run-rtn's plan), train-e2e (Block-AP then E2E-QP, `--e2e`), export-gptq and
+export-gguf (of run-rtn's folder). Small
 calibration settings (--calib-windows, --seqlen, --eval-windows) keep the data's share small: the
 figures are the model's. Per stage: wall time around the process, and its peak resident memory
 from the kernel (`os.wait4`'s ru_maxrss: the VmHWM of the process and of anything it waited for);
@@ -47,8 +48,8 @@ from pathlib import Path
 
 import torch
 
-STAGES = ("run-rtn", "run-rtn-ram", "run-gptq", "analyze", "train", "export-gptq", "export-gguf")
-NEEDS_RUN = ("train", "export-gptq", "export-gguf")  # read run-rtn's folder
+STAGES = ("run-rtn", "run-rtn-ram", "run-gptq", "analyze", "train", "train-e2e", "export-gptq", "export-gguf")
+NEEDS_RUN = ("train", "train-e2e", "export-gptq", "export-gguf")  # read run-rtn's folder
 VOCAB = 49152
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 GIB = 2**30
@@ -196,10 +197,11 @@ def stage_argv(stage: str, model: Path, out: Path, args: argparse.Namespace) -> 
         return _mixbits() + ["analyze", "--model", str(model), "--methods", "fisher", "--calib-windows",
                              str(args.calib_windows), "--no-validate", "--no-cache", "--output-dir", str(out / stage),
                              *cands, *data]
-    if stage == "train":
+    if stage.startswith("train"):
         return _mixbits() + ["train", str(out / "run-rtn" / "plan.json"), "--model", str(model), "--output-dir",
                              str(out / stage), "--train-size", str(args.calib_windows), "--val-size", "1",
-                             "--epochs", "1", "--batch-size", "1", "--eval-windows", str(args.eval_windows), *data]
+                             "--epochs", "1", "--batch-size", "1", "--eval-windows", str(args.eval_windows),
+                             *(["--e2e", "--e2e-epochs", "1"] if stage == "train-e2e" else []), *data]
     fmt = stage.removeprefix("export-")
     target = out / stage / ("model.gguf" if fmt == "gguf" else "model")
     return _mixbits() + ["export", "--format", fmt, "--run-dir", str(out / "run-rtn"), "--out", str(target),
@@ -209,7 +211,10 @@ def stage_argv(stage: str, model: Path, out: Path, args: argparse.Namespace) -> 
 def predicted_bytes(stage: str, model: Path, args: argparse.Namespace) -> int | None:
     """The peak `mixbits.model.budget` predicts for the stage (None where it predicts none: export)."""
     from mixbits.config import DataConfig, RunConfig, TrainConfig
+    from mixbits.model.apply import layer_shapes
     from mixbits.model.budget import predict_run, predict_train, skeleton_of
+    from mixbits.plan import Plan
+    from mixbits.train.e2e_streamed import step_size_count
     from mixbits.model.memory import model_shapes
 
     skeleton, stored = skeleton_of(model)
@@ -224,9 +229,14 @@ def predicted_bytes(stage: str, model: Path, args: argparse.Namespace) -> int | 
         memory = predict_run(RunConfig(model=str(model), data=data, quantizer="rtn"), shapes, device=cpu,
                              checkpoint_dtype=stored)
         return memory.stages[0].total + sum(memory.held.values())  # the Fisher stage alone
-    if stage == "train":  # streamed Block-AP (E2E-QP off), as stage_argv runs it
-        train = TrainConfig(train_size=args.calib_windows, val_size=1, seqlen=args.seqlen, batch_size=1, epochs=1)
-        return predict_train(train, shapes, device=cpu, checkpoint_dtype=stored, eval_windows=args.eval_windows).total
+    if stage.startswith("train"):  # streamed Block-AP (then E2E-QP), as stage_argv runs it
+        e2e = stage == "train-e2e"
+        train = TrainConfig(train_size=args.calib_windows, val_size=1, seqlen=args.seqlen, batch_size=1, epochs=1,
+                            e2e=e2e, e2e_epochs=1.0)
+        scales = step_size_count(Plan.load(args.out / model.name / "run-rtn" / "plan.json"), layer_shapes(skeleton)) \
+            if e2e else None
+        return predict_train(train, shapes, device=cpu, checkpoint_dtype=stored, eval_windows=args.eval_windows,
+                             e2e_scales=scales).total
     return None
 
 

@@ -38,16 +38,17 @@ def test_checkpoint_is_built_shard_by_shard(bench, tmp_path):
 
 
 def test_tiny_run_measures_each_stage_and_deletes_the_checkpoint(bench, tmp_path):
-    data = bench.main(["--sizes", "tiny", "--stages", "export-gguf,train,run-rtn-ram", "--out", str(tmp_path),
+    data = bench.main(["--sizes", "tiny", "--stages", "export-gguf,train,train-e2e,run-rtn-ram", "--out", str(tmp_path),
                        "--threads", "1", "--seqlen", "64", "--bits", "4,8", "--group-sizes", "32", "--bpw", "5",
                        "--timeout", "300"])
     rows = {r["stage"]: r for r in data["rows"]}
-    assert list(rows) == ["run-rtn", "run-rtn-ram", "train", "export-gguf"]  # train, export read run-rtn's folder
+    assert list(rows) == ["run-rtn", "run-rtn-ram", "train", "train-e2e", "export-gguf"]  # train, export: run-rtn's folder
     for row in rows.values():
         assert row["status"] == "ok", row
         assert row["rc"] == 0 and row["peak_mib"] > 100 and row["wall_s"] > 0
     assert rows["run-rtn"]["predicted_mib"] > 0 and rows["export-gguf"]["predicted_mib"] is None
-    assert rows["train"]["predicted_mib"] > 0
+    assert rows["train-e2e"]["predicted_mib"] >= rows["train"]["predicted_mib"] > 0  # + an E2E stage
+    assert json.loads((tmp_path / "tiny" / "train-e2e" / "train_report.json").read_text())["streamed"] is True
     assert rows["run-rtn-ram"]["predicted_mib"] > rows["run-rtn"]["predicted_mib"]  # + the checkpoint's bytes
     assert "--preload" in (tmp_path / "tiny" / "logs" / "run-rtn-ram.log").read_text().splitlines()[0]
     assert (tmp_path / "tiny" / "export-gguf" / "model.gguf").is_file()
