@@ -148,7 +148,7 @@ def test_sub_block_fit_is_near_brute_force():
     grid = [(sv, bv) for bv in torch.linspace(-3, 0, 121) for sv in torch.linspace(0.01, 2.5, 250)]
     brute = torch.stack([err(sv, bv, 0, 3) for sv, bv in grid])
     assert float((err(s, b, 0, 3) / brute.amin(0)).mean()) < 1.02
-    s, _ = kquant._fit_scale(x, a, -4, 3, fp16=False)  # 3 bits signed, as Q3_K
+    s = kquant._fit_scale(x, a, -4, 3, fp16=False)  # 3 bits signed, as Q3_K
     brute = torch.stack([err(sv, 0.0, -4, 3) for sv in torch.linspace(-2, 2, 4001) if sv != 0])
     assert float((err(s, 0.0, -4, 3) / brute.amin(0)).mean()) < 1.02
 

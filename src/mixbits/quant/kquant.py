@@ -50,7 +50,7 @@ __all__ = ["GGMLParams", "GGMLResult", "choose_params", "dequantize", "fake_quan
 _STEPS = (-0.5, 0.0, 0.5)  # moves of the range end, in codes
 _CLIPS = (0.0, 0.1, 0.2, 0.3, 0.4)  # fractions of the range clipped
 _ROUNDS = 2  # alternations of least squares and nearest codes per candidate
-_CHUNK = 1 << 21  # weights per row chunk in `choose_params`
+_CHUNK = 1 << 20  # elements (candidates x weights) per row chunk of step 1 in `choose_params`
 _FP16_MAX = torch.finfo(torch.float16).max
 
 
@@ -121,37 +121,71 @@ def _wsum(a: Tensor, t: Tensor) -> Tensor:
     return (a * t).sum(-1, keepdim=True)
 
 
+def _wsum_(a: Tensor, t: Tensor) -> Tensor:
+    """`_wsum` that overwrites t: the same products and the same sum (rows of k contiguous, as in
+    `_wsum`, so torch adds them in the same order), without a new buffer."""
+    return t.mul_(a).sum(-1, keepdim=True)
+
+
+def _nearest_(x: Tensor, scale: Tensor, mins: Tensor | None, lo: int, hi: int, any_zero: bool = True) -> Tensor:
+    """`_nearest` in place on a fresh buffer, with scale / mins [C, ..., 1] of candidates and x [..., k]
+    (mins None: x is already x + mins); `any_zero` False skips the zero-scale mask when no scale is 0."""
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale) if any_zero else scale
+    q = (x / safe if mins is None else (x + mins).div_(safe)).round_().clamp_(lo, hi)
+    return q.masked_fill_(scale == 0, 0.0) if any_zero else q
+
+
 def _ls_scale(v: Tensor, a: Tensor, q: Tensor) -> Tensor:
     """Weighted least-squares s of v ~ s q over the last dim (0 where every code is 0)."""
     den = _wsum(a, q * q)
     return torch.where(den > 0, _wsum(a, v * q) / torch.where(den > 0, den, 1.0), torch.zeros_like(den))
 
 
-def _fit_scale(v: Tensor, a: Tensor, lo: int, hi: int, fp16: bool) -> tuple[Tensor, Tensor]:
-    """Scale s [..., 1] and codes in [lo, hi] minimising sum a (v - s q)^2 over the last dim.
+def _select(e0: Tensor, e: Tensor, *pairs: tuple[Tensor, Tensor]) -> list[Tensor]:
+    """For each pair (v0, v) the value of the first candidate with the lowest E: v0 [...] with E e0,
+    else v[c] of candidates c on dim 0 — what a loop `if e[c] < best: take c` keeps, NaN never
+    taken (a NaN e0 keeps v0)."""
+    inf = e.new_tensor(float("inf"))
+    e = torch.where(torch.isnan(e) | torch.isnan(e0), inf, e)
+    idx = torch.cat([torch.where(torch.isnan(e0), inf, e0)[None], e]).argmin(0, keepdim=True)
+    return [torch.cat([v0[None], v]).take_along_dim(idx, 0)[0] for v0, v in pairs]
+
+
+def _candidates(values: list[float], like: Tensor) -> Tensor:
+    """float32 [C, 1, ..., 1] of python floats, as torch rounds a python scalar in `tensor * scalar`."""
+    return torch.tensor(values, dtype=torch.float32, device=like.device).view(-1, *([1] * like.dim()))
+
+
+def _fit_scale(v: Tensor, a: Tensor, lo: int, hi: int, fp16: bool) -> Tensor:
+    """Scale s [..., 1] minimising sum a (v - s q)^2 over the last dim, q the nearest codes in [lo, hi].
 
     Candidates map the largest |v| to an end of the range, moved by half a code and shrunk by
     up to 40 % (clipping the largest values; both ends when lo < 0, so a negative scale can use
-    the longer side); each is refined by alternating least-squares s and nearest codes."""
+    the longer side); each is refined by alternating least-squares s and nearest codes. All
+    candidates at once on a leading axis [C, ...] (the caller bounds C * v.numel())."""
     vm = v.gather(-1, v.abs().argmax(-1, keepdim=True)) if lo < 0 else v.amax(-1, keepdim=True)
     inv = torch.where(vm == 0, torch.zeros_like(vm), 1.0 / torch.where(vm == 0, 1.0, vm))
     zero = torch.zeros_like(vm)
-    best_s, best_e = zero, _wsum(a, v * v)
-    for end in [(e + t) / (1 - f) for e in ((hi, lo) if lo < 0 else (hi,)) for t in _STEPS for f in _CLIPS]:
-        q = torch.clamp(torch.round(v * (end * inv)), lo, hi)
-        for _ in range(_ROUNDS):
-            s = _ls_scale(v, a, q)
-            s = _fp16(s) if fp16 else s
-            q = _nearest(v, s, zero, lo, hi)
-        e = _wsum(a, (v - s * q) ** 2)
-        better = e < best_e
-        best_s, best_e = torch.where(better, s, best_s), torch.where(better, e, best_e)
-    return best_s, _nearest(v, best_s, zero, lo, hi)
+    ends = _candidates([(e + t) / (1 - f) for e in ((hi, lo) if lo < 0 else (hi,)) for t in _STEPS for f in _CLIPS], v)
+    q = torch.mul(v, ends * inv).round_().clamp_(lo, hi)
+    v0 = v + zero  # _nearest's x + mins, the same for every candidate (it turns -0.0 into 0.0)
+    for _ in range(_ROUNDS):
+        den = _wsum_(a, q * q)
+        ok = den > 0
+        s = torch.where(ok, _wsum_(a, v * q) / torch.where(ok, den, 1.0), torch.zeros_like(den))
+        s = _fp16(s) if fp16 else s
+        q = _nearest_(v0, s, None, lo, hi, any_zero=bool((s == 0).any()))
+    e = _wsum_(a, (v - s * q).pow_(2))
+    (best_s,) = _select(_wsum_(a, v * v), e, (zero, s))
+    return best_s
 
 
-def _ls_affine(x: Tensor, a: Tensor, q: Tensor, min_le_zero: bool) -> tuple[Tensor, Tensor]:
-    """Weighted least squares x ~ s q + b for fixed codes q; b <= 0 when `min_le_zero` (then s refit)."""
-    sw, sx, sq, sq2, sxq = _wsum(a, torch.ones_like(x)), _wsum(a, x), _wsum(a, q), _wsum(a, q * q), _wsum(a, x * q)
+def _ls_affine(x: Tensor, a: Tensor, q: Tensor, min_le_zero: bool, sw_sx: tuple[Tensor, Tensor] | None = None
+               ) -> tuple[Tensor, Tensor]:
+    """Weighted least squares x ~ s q + b for fixed codes q; b <= 0 when `min_le_zero` (then s refit).
+    sw_sx: the code-free sums sum a, sum a x when already known (they are the same for every candidate)."""
+    sw, sx = sw_sx or (_wsum(a, torch.ones_like(x)), _wsum(a, x))
+    sq, sq2, sxq = _wsum(a, q), _wsum_(a, q * q), _wsum_(a, x * q)
     det = sw * sq2 - sq * sq
     ok = det > 0
     det = torch.where(ok, det, torch.ones_like(det))
@@ -164,37 +198,41 @@ def _ls_affine(x: Tensor, a: Tensor, q: Tensor, min_le_zero: bool) -> tuple[Tens
     return s.clamp(min=0), b
 
 
+def _n_candidates(spec: GGMLSpec) -> int:
+    """Step 1's candidates per sub-block: the length of the leading axis of `_fit_scale` / `_fit_affine`."""
+    return 2 * len(_STEPS) * len(_CLIPS) if spec.symmetric else len(_CLIPS[:4]) ** 2 * len(_STEPS)
+
+
 def _fit_affine(x: Tensor, a: Tensor, nmax: int, min_le_zero: bool) -> tuple[Tensor, Tensor]:
     """Scale s >= 0 and offset b [..., 1] minimising sum a (x - s q - b)^2, q in [0, nmax].
 
     Candidates clip the range [min, max] at either end by up to 30 % (an outlier of little
     importance should not stretch the grid) and move its top by half a code; each is refined
-    by alternating least-squares (s, b) and nearest codes."""
+    by alternating least-squares (s, b) and nearest codes. All candidates at once on a leading
+    axis [C, ...] (the caller bounds C * x.numel())."""
     lo = x.amin(-1, keepdim=True)
     lo = lo.clamp(max=0) if min_le_zero else lo
     span = x.amax(-1, keepdim=True) - lo
     inv = torch.where(span > 0, 1.0 / torch.where(span > 0, span, 1.0), torch.zeros_like(span))
     best_s, best_b = span / nmax, lo
-    best_e = _wsum(a, (x - best_s * _nearest(x, best_s, -best_b, 0, nmax) - best_b) ** 2)
-    for f_lo in _CLIPS[:4]:
-        for f_hi in _CLIPS[:4]:
-            for t in _STEPS:
-                iscale = (nmax + t) * inv / (1 - f_lo - f_hi)
-                q = torch.clamp(torch.round((x - lo - f_lo * span) * iscale), 0, nmax)
-                for _ in range(_ROUNDS):
-                    s, b = _ls_affine(x, a, q, min_le_zero)
-                    q = _nearest(x, s, -b, 0, nmax)
-                e = _wsum(a, (x - s * q - b) ** 2)
-                better = e < best_e
-                best_s, best_b, best_e = (torch.where(better, s, best_s), torch.where(better, b, best_b),
-                                          torch.where(better, e, best_e))
+    best_e = _wsum_(a, (x - best_s * _nearest(x, best_s, -best_b, 0, nmax) - best_b) ** 2)
+    grid = [(f_lo, f_hi, t) for f_lo in _CLIPS[:4] for f_hi in _CLIPS[:4] for t in _STEPS]
+    iscale = _candidates([nmax + t for _, _, t in grid], x) * inv / _candidates([1 - f - g for f, g, _ in grid], x)
+    shift = _candidates([f for f, _, _ in grid], x) * span
+    q = (x - lo).sub(shift).mul_(iscale).round_().clamp_(0, nmax)
+    sw_sx = _wsum(a, torch.ones_like(x)), _wsum(a, x)
+    for _ in range(_ROUNDS):
+        s, b = _ls_affine(x, a, q, min_le_zero, sw_sx)
+        q = _nearest_(x, s, -b, 0, nmax, any_zero=bool((s == 0).any()))
+    e = _wsum_(a, (x - s * q).sub_(b).pow_(2))
+    best_s, best_b = _select(best_e, e, (best_s, s), (best_b, b))
     return best_s, best_b
 
 
 def _super(v: Tensor, weight: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor]:
     """Sub-block values v [R, nb, subs] as fp16 d [R, nb] times integer codes [R, nb, subs]."""
-    d, codes = _fit_scale(v, weight, lo, hi, fp16=True)
-    return d[..., 0], codes.to(torch.int32)
+    d = _fit_scale(v, weight, lo, hi, fp16=True)
+    return d[..., 0], _nearest(v, d, torch.zeros_like(d), lo, hi).to(torch.int32)
 
 
 def _first_grid(x: Tensor, a: Tensor, spec: GGMLSpec) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -202,11 +240,11 @@ def _first_grid(x: Tensor, a: Tensor, spec: GGMLSpec) -> tuple[Tensor, Tensor, T
     R, nb, subs, _ = x.shape
     ones = torch.ones(R, nb, subs, dtype=torch.int32, device=x.device)
     if spec.symmetric:
-        s, q = _fit_scale(x, a, spec.qmin, spec.qmax, fp16=spec.scale_bits == 0)
+        s = _fit_scale(x, a, spec.qmin, spec.qmax, fp16=spec.scale_bits == 0)
         b = torch.zeros_like(s)
     else:
         s, b = _fit_affine(x, a, spec.qmax, min_le_zero=spec.min_bits < 16)
-        q = _nearest(x, s, -b, 0, spec.qmax)
+    q = _nearest(x, s, torch.zeros_like(s) if spec.symmetric else -b, spec.qmin, spec.qmax)
     s, b = s[..., 0], b[..., 0]
     if spec.scale_bits == 0:  # legacy: the block's own fp16 scale (and offset)
         dmin = -_fp16(b[..., 0]) if spec.min_bits == 16 else torch.zeros_like(s[..., 0])
@@ -288,7 +326,7 @@ def choose_params(w: Tensor, spec: GGMLSpec, importance: Tensor | None = None) -
     a = torch.ones(n, device=x.device) if importance is None else importance.detach().to(x.device, torch.float32)
     a = a + 1e-6 * a.mean() + 1e-30
     a = a.reshape(1, n // spec.block, spec.subs, spec.sub_block)
-    rows = max(1, _CHUNK // n)
+    rows = max(1, _CHUNK // (n * _n_candidates(spec)))
     parts = [_choose_rows(x[r : r + rows], a, spec) for r in range(0, out, rows)]
     d, dmin, sc, mn = (torch.cat(p, dim=0) for p in zip(*parts))
     return GGMLParams(spec, d, dmin, sc, mn)
