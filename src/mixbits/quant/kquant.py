@@ -113,9 +113,9 @@ def _fp16(t: Tensor) -> Tensor:
 
 def _nearest(x: Tensor, scale: Tensor, mins: Tensor, lo: int, hi: int) -> Tensor:
     """Codes q in [lo, hi] nearest to x on the grid scale * q - mins (0 where scale is 0)."""
-    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = torch.clamp(torch.round((x + mins) / safe), lo, hi)
-    return torch.where(scale == 0, torch.zeros_like(q), q)
+    zero = scale == 0
+    safe = torch.where(zero, torch.ones_like(scale), scale)
+    return ((x + mins) / safe).round_().clamp_(lo, hi).masked_fill_(zero, 0.0)
 
 
 def _wsum(a: Tensor, t: Tensor) -> Tensor:
@@ -180,9 +180,11 @@ def _fit_scale(v: Tensor, a: Tensor, lo: int, hi: int, fp16: bool) -> Tensor:
     ends = [(e + t) / (1 - f) for e in ((hi, lo) if lo < 0 else (hi,)) for t in _STEPS for f in _CLIPS]
     v0 = v + zero  # _nearest's x + mins, the same for every candidate (it turns -0.0 into 0.0)
     es, ss = [], []
-    for part in _groups(ends, v):
-        q = torch.mul(v, _candidates(part, v) * inv).round_().clamp_(lo, hi)
-        t = torch.empty_like(q)  # one work buffer: the products a * q * q, a * v * q, a * (v - s q)^2
+    groups = _groups(ends, v)
+    q_buf, t_buf = torch.empty(2, len(groups[0]), *v.shape, device=v.device)
+    for part in groups:
+        q, t = q_buf[: len(part)], t_buf[: len(part)]  # t: the products a * q * q, a * v * q, a * (v - s q)^2
+        torch.mul(v, _candidates(part, v) * inv, out=q).round_().clamp_(lo, hi)
         for _ in range(_ROUNDS):
             den = _wsum_(a, torch.mul(q, q, out=t))
             ok = den > 0
@@ -237,10 +239,12 @@ def _fit_affine(x: Tensor, a: Tensor, nmax: int, min_le_zero: bool) -> tuple[Ten
     grid = [(f_lo, f_hi, t) for f_lo in _CLIPS[:4] for f_hi in _CLIPS[:4] for t in _STEPS]
     sw_sx, x_lo = (_wsum(a, torch.ones_like(x)), _wsum(a, x)), x - lo
     es, ss, bs = [], [], []
-    for part in _groups(grid, x):
-        iscale = _candidates([nmax + t for _, _, t in part], x) * inv / _candidates([1 - f - g for f, g, _ in part], x)
-        q = x_lo.sub(_candidates([f for f, _, _ in part], x) * span).mul_(iscale).round_().clamp_(0, nmax)
-        t = torch.empty_like(q)
+    groups = _groups(grid, x)
+    q_buf, t_buf = torch.empty(2, len(groups[0]), *x.shape, device=x.device)
+    for part in groups:
+        q, t = q_buf[: len(part)], t_buf[: len(part)]
+        iscale = _candidates([nmax + step for _, _, step in part], x) * inv / _candidates([1 - f - g for f, g, _ in part], x)
+        torch.sub(x_lo, _candidates([f for f, _, _ in part], x) * span, out=q).mul_(iscale).round_().clamp_(0, nmax)
         for _ in range(_ROUNDS):
             s, b = _ls_affine(x, a, q, min_le_zero, sw_sx, out=t)
             q = _nearest_(q, x, s, -b, 0, nmax)
