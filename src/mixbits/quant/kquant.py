@@ -29,10 +29,15 @@ outline with heuristic weights (|w|, or imatrix * sqrt(sigma^2 + w^2)); here the
 objective itself. `gptq_ggml` then runs GPTQ's error feedback on the grid of steps 1-3 (scales
 fixed), which needs the full H rather than its diagonal.
 
-Trade-off: 48 candidates x 2 rounds per sub-block in step 1 (asymmetric types; 15-30 for
-symmetric): about 1-3.5 s per million weights on one CPU thread (docs/gguf.md), so a 7B model
-takes hours per type on CPU and should run on a GPU. Rows are processed in chunks of 2M weights,
-so the peak is a few float32 copies of a chunk, not of the weight.
+Trade-off: 48 candidates x 2 rounds per sub-block in step 1 (asymmetric types; 30 for symmetric),
+about 35 passes over the weight per candidate: that arithmetic is the cost, and every pass is
+kept exactly (the grid equals, bit for bit, that of the per-candidate loop this replaced, kept in
+tests/quant/kquant_reference.py). What is saved is how torch runs it: the candidates go on a leading
+axis, a few at a time (`_GROUP` candidate x weight elements, so a pass stays in a core's cache),
+into two reused buffers, and sums that do not depend on the candidate are taken once. That is 2-4x
+the loop on one CPU thread (bench/kquant_speed.py, docs/gguf.md), still 0.3-1 s per million weights,
+so a 7B model wants a GPU. Rows are processed in chunks of `_CHUNK` weights: the peak is a few
+float32 copies of a group and of a chunk (a few MiB), not of the weight.
 """
 
 from __future__ import annotations
