@@ -223,11 +223,6 @@ def _ls_affine(x: Tensor, a: Tensor, q: Tensor, min_le_zero: bool, sw_sx: tuple[
     return s.clamp(min=0), b
 
 
-def _n_candidates(spec: GGMLSpec) -> int:
-    """Step 1's candidates per sub-block: the length of the leading axis of `_fit_scale` / `_fit_affine`."""
-    return 2 * len(_STEPS) * len(_CLIPS) if spec.symmetric else len(_CLIPS[:4]) ** 2 * len(_STEPS)
-
-
 def _fit_affine(x: Tensor, a: Tensor, nmax: int, min_le_zero: bool) -> tuple[Tensor, Tensor]:
     """Scale s >= 0 and offset b [..., 1] minimising sum a (x - s q - b)^2, q in [0, nmax].
 
@@ -248,7 +243,8 @@ def _fit_affine(x: Tensor, a: Tensor, nmax: int, min_le_zero: bool) -> tuple[Ten
     q_buf, t_buf = torch.empty(2, len(groups[0]), *x.shape, device=x.device)
     for part in groups:
         q, t = q_buf[: len(part)], t_buf[: len(part)]
-        iscale = _candidates([nmax + step for _, _, step in part], x) * inv / _candidates([1 - f - g for f, g, _ in part], x)
+        top, clipped = _candidates([nmax + step for _, _, step in part], x), _candidates([1 - f - g for f, g, _ in part], x)
+        iscale = top * inv / clipped
         torch.sub(x_lo, _candidates([f for f, _, _ in part], x) * span, out=q).mul_(iscale).round_().clamp_(0, nmax)
         for _ in range(_ROUNDS):
             s, b = _ls_affine(x, a, q, min_le_zero, sw_sx, out=t)
