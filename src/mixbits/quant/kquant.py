@@ -243,8 +243,8 @@ def _fit_affine(x: Tensor, a: Tensor, nmax: int, min_le_zero: bool) -> tuple[Ten
     q_buf, t_buf = torch.empty(2, len(groups[0]), *x.shape, device=x.device)
     for part in groups:
         q, t = q_buf[: len(part)], t_buf[: len(part)]
-        top, clipped = _candidates([nmax + step for _, _, step in part], x), _candidates([1 - f - g for f, g, _ in part], x)
-        iscale = top * inv / clipped
+        top = _candidates([nmax + step for _, _, step in part], x)
+        iscale = top * inv / _candidates([1 - f - g for f, g, _ in part], x)
         torch.sub(x_lo, _candidates([f for f, _, _ in part], x) * span, out=q).mul_(iscale).round_().clamp_(0, nmax)
         for _ in range(_ROUNDS):
             s, b = _ls_affine(x, a, q, min_le_zero, sw_sx, out=t)
