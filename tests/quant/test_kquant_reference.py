@@ -56,11 +56,14 @@ def test_grid_is_the_reference_grid_bit_for_bit(spec, with_importance):
 
 
 @pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q5_1"])
-def test_row_chunks_do_not_change_the_grid(name, monkeypatch):
-    """Step 1's candidate axis is bounded by cutting the rows into chunks; the cut must not matter."""
+@pytest.mark.parametrize("knob", ["_CHUNK", "_GROUP"])
+def test_chunks_and_candidate_groups_do_not_change_the_grid(name, knob, monkeypatch):
+    """Memory is bounded by cutting the rows into chunks and step 1's candidates into groups; neither
+    cut may matter (1: one row per chunk, one candidate per group)."""
     spec = GGML_TYPES[name]
     w = _weights(7, 256, seed=11)
     whole = kquant.choose_params(w, spec)
-    monkeypatch.setattr(kquant, "_CHUNK", 1)  # one row per chunk
+    assert len(kquant._groups(list(range(48)), w.reshape(7, -1, 32))) == 1  # the default: one group here
+    monkeypatch.setattr(kquant, knob, 1)
     _assert_same(kquant.choose_params(w, spec), whole)
     _assert_same(reference.choose_params(w, spec), whole)
