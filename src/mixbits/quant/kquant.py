@@ -34,7 +34,7 @@ about 35 passes over the weight per candidate: that arithmetic is the cost, and 
 kept exactly (the grid equals, bit for bit, that of the per-candidate loop this replaced, kept in
 tests/quant/kquant_reference.py). What is saved is how torch runs it: the candidates go on a leading
 axis, a few at a time (`_GROUP` candidate x weight elements, so a pass stays in a core's cache),
-into two reused buffers, and sums that do not depend on the candidate are taken once. That is 2-4x
+into two reused buffers, and sums that do not depend on the candidate are taken once. That is 2-5x
 the loop on one CPU thread (bench/kquant_speed.py, docs/gguf.md), still 0.3-1 s per million weights,
 so a 7B model wants a GPU. Rows are processed in chunks of `_CHUNK` weights: the peak is a few
 float32 copies of a group and of a chunk (a few MiB), not of the weight.
