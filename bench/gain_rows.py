@@ -140,15 +140,17 @@ def main(argv: list[str] | None = None) -> dict:
                             **{d: {"ppl": s[str(i)].ppl, "kl": s[str(i)].kl} for d, s in scores.items()}})
         del models
         print(f"{bpw:g} bpw: {len(unique)} distinct plan(s) of {len(plans)}", flush=True)
+        write(args, argv, info, seconds, agree, results, domains)  # a killed run keeps the finished budgets
+    return write(args, argv, info, seconds, agree, results, domains)
 
+
+def write(args, argv, info, seconds, agree, results, domains) -> dict:
     data = {"meta": {"command": shlex.join(["python", "bench/gain_rows.py", *(sys.argv[1:] if argv is None else argv)]),
                      "model": args.model, "calibration": info["calibration"], "eval_windows": args.eval_windows,
                      "threads": torch.get_num_threads(), "machine": machine_info(torch.device(args.device))},
             "seconds": seconds, "agreement": agree, "results": results}
     atomic_write_json(args.out / "gain_rows.json", data)
-    text = report(data, tuple(domains))
-    atomic_write_text(args.out / "gain_rows.md", text + "\n")
-    print(text)
+    atomic_write_text(args.out / "gain_rows.md", report(data, tuple(domains)) + "\n")
     return data
 
 

@@ -243,7 +243,7 @@ class RunConfig:
     quantizer: str = "gptq"  # rtn | clip | gptq; gptq (+ clip): chosen by bench/quantizers.sh (README "Quantizers")
     gptq: GPTQConfig = field(default_factory=lambda: GPTQConfig(clip=True))  # with clip-searched group scales
     damage: str = "follow"  # follow: Fisher x the quantizer's gain over RTN (sensitivity.follow); rtn: Fisher as is
-    gain_rows: int | None = None  # follow: output rows per layer whose gain is measured (evenly strided); 0/None: all
+    gain_rows: int | None = 64  # follow: output rows per layer whose gain is measured (evenly strided); 0/None: all
     use_cache: bool = True  # reuse damage tables cached under $MIXBITS_CACHE_DIR/sensitivity (default MIXBITS_HOME/cache)
     train: TrainConfig | None = None  # Block-AP (+ E2E-QP) of the mixed plan after quantization; None: PTQ only
     baselines: bool = True  # also quantize and score the uniform configs around the budget (False: the mixed model only)
