@@ -23,7 +23,7 @@ from mixbits.plan import Plan
 from mixbits.quant import kquant
 from mixbits.quant.affine import fake_quantize
 from mixbits.quant.cost import layer_storage_bytes
-from mixbits.quant.gptq import gram
+from mixbits.quant.gram import gram
 from mixbits.quant.spec import GGMLSpec, QuantSpec
 from tests.conftest import make_text, make_tokenizer, tiny_llama
 

@@ -12,7 +12,7 @@ from mixbits.export.gguf import gguf_data_bytes, write_gguf
 from mixbits.model.quantize import quantize_layer, quantize_model
 from mixbits.plan import Plan
 from mixbits.quant import kquant
-from mixbits.quant.gptq import gram
+from mixbits.quant.gram import gram
 from mixbits.quant.kquant import GGMLParams
 from mixbits.quant.spec import GGML_TYPES
 from tests.conftest import make_text, make_tokenizer

@@ -9,7 +9,8 @@ import torch
 
 from mixbits.quant.affine import QParams, dequantize, fake_quantize, minmax_qparams, quantize
 from mixbits.quant.clip import clip_fake_quantize
-from mixbits.quant.gptq import GPTQConfig, GramAccumulator, gptq_quantize, gram, output_error
+from mixbits.quant.gptq import GPTQConfig, gptq_quantize
+from mixbits.quant.gram import GramAccumulator, gram, output_error
 from mixbits.quant.packing import pack_bits, unpack_bits
 from mixbits.quant.qlinear import QuantLinear
 from mixbits.quant.spec import KEEP, QUANT_BITS, QuantSpec

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mixbits.model.arch import find_linears, get_weight
-from mixbits.quant.gptq import output_error
+from mixbits.quant.gram import output_error
 from mixbits.quant.affine import fake_quantize
 from mixbits.quant.spec import KEEP, QuantSpec
 from mixbits.sensitivity.capture import collect_gram

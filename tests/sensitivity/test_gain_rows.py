@@ -9,7 +9,8 @@ from mixbits.errors import UserError
 from mixbits.model.arch import find_linears
 from mixbits.model.quantize import quantize_weight
 from mixbits.quant.affine import fake_quantize
-from mixbits.quant.gptq import GPTQConfig, gptq_quantize, output_error
+from mixbits.quant.gptq import GPTQConfig, gptq_quantize
+from mixbits.quant.gram import output_error
 from mixbits.quant.spec import KEEP, QuantSpec
 from mixbits.sensitivity.cache import cache_key_parts
 from mixbits.sensitivity.follow import gain_cache_options, gain_table

@@ -3,7 +3,7 @@
 `input_hooks` calls ``fn(name, x)`` with the input x [..., in] of each named module before it
 runs (GPT-2's ``Conv1D`` takes its input as [..., in] like ``nn.Linear``, so one hook serves
 both). `SharedInputGrams` is such an ``fn``: it adds H = Σ_tokens xᵀx per linear with
-`quant.gptq.GramAccumulator` (the math), under the shared-input rule:
+`quant.gram.GramAccumulator` (the math), under the shared-input rule:
 
     a linear fed the very same tensor object as the linear hooked just before it (q/k/v on the
     normed hidden state, gate/up in a Llama MLP) shares that linear's accumulator instead of
@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from mixbits.quant.gptq import GramAccumulator
+from mixbits.quant.gram import GramAccumulator
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> Tensor:

@@ -65,7 +65,8 @@ from mixbits.plan import Plan
 from mixbits.quant.affine import QParams, dequantize, fake_quantize, minmax_qparams, quantize
 from mixbits.quant.clip import search_qparams
 from mixbits.quant import kquant
-from mixbits.quant.gptq import GPTQConfig, gptq_quantize, output_error
+from mixbits.quant.gptq import GPTQConfig, gptq_quantize
+from mixbits.quant.gram import output_error
 from mixbits.quant.kquant import GGMLParams
 from mixbits.quant.spec import GGMLSpec, QuantSpec
 

@@ -12,7 +12,8 @@ from mixbits.quant.affine import (
 )
 from mixbits.quant.clip import clip_fake_quantize, search_qparams
 from mixbits.quant.cost import layer_bits_per_weight, layer_storage_bytes
-from mixbits.quant.gptq import GPTQConfig, GPTQResult, GramAccumulator, gptq_quantize, gram, output_error
+from mixbits.quant.gptq import GPTQConfig, GPTQResult, gptq_quantize
+from mixbits.quant.gram import GramAccumulator, gram, output_error
 from mixbits.quant.groups import expand_groups, group_view, num_groups
 from mixbits.quant.packing import pack_bits, packed_nbytes, unpack_bits
 from mixbits.quant.qlinear import QuantLinear

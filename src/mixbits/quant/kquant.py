@@ -47,7 +47,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mixbits.quant.gptq import GPTQConfig, gptq_fixed_grid, output_error
+from mixbits.quant.gptq import GPTQConfig, gptq_fixed_grid
+from mixbits.quant.gram import output_error
 from mixbits.quant.spec import GGMLSpec
 
 __all__ = ["GGMLParams", "GGMLResult", "choose_params", "dequantize", "fake_quantize", "gptq_ggml", "quantize"]

@@ -61,7 +61,8 @@ from mixbits.model.arch import LinearInfo, get_weight
 from mixbits.model.quantize import check_quantizer, quantize_weight
 from mixbits.quant.fake import storable
 from mixbits.quant.affine import fake_quantize
-from mixbits.quant.gptq import GPTQConfig, gptq_factor, gptq_sweep, output_error
+from mixbits.quant.gptq import GPTQConfig, gptq_factor, gptq_sweep
+from mixbits.quant.gram import output_error
 from mixbits.quant.spec import GGMLSpec, QuantSpec
 from mixbits.sensitivity.capture import collect_gram
 from mixbits.sensitivity.output_error import DEFAULT_MAX_GRAM_BYTES, _chunks, reference_config
