@@ -21,7 +21,7 @@ from mixbits.train.e2e_streamed import E2E_FILE, train_e2e_streamed
 from mixbits.train.checkpoint import BlockCheckpoint
 from mixbits.train.run import train_model
 from mixbits.train.streamed import finish_streamed, train_fingerprint
-from tests.conftest import tiny_gpt2, tiny_llama
+from tests.conftest import tiny_gpt2
 from tests.train.test_run import CFG, mixed_plan, one_thread, windows  # noqa: F401  (one thread: exact sums)
 from tests.train.test_streamed import Killed, sha256, streamed
 from tests.train.test_streamed import saved as sharded  # noqa: F401  (a fixture)
@@ -41,10 +41,10 @@ def saved(sharded):
     return model, folder, plan, calib, calib[:3]
 
 
-def e2e_streamed(folder, plan, calib, val, cfg, out, *, resume=False, after_block=None, block_ap=None):
-    """Streamed Block-AP then streamed E2E-QP into a NativeWriter at `out`; (source, writer, report).
-    block_ap: a list that receives Block-AP's report."""
-    source, writer, report = streamed(folder, plan, calib, val, cfg, out, resume=resume)
+def e2e_streamed(folder, plan, calib, val, cfg, out, *, resume=False, after_block=None, block_ap=None, device="cpu"):
+    """Streamed Block-AP then streamed E2E-QP on `device` into a NativeWriter at `out`; (source, writer,
+    report). block_ap: a list that receives Block-AP's report."""
+    source, writer, report = streamed(folder, plan, calib, val, cfg, out, resume=resume, device=device)
     if block_ap is not None:
         block_ap.append(report)
     ckpt = BlockCheckpoint(out.parent / "checkpoint", train_fingerprint(source, plan, calib, val, cfg, model="tiny"),
@@ -213,18 +213,9 @@ def test_the_predicted_e2e_peak_is_not_below_the_measured_one(batch_size, tmp_pa
 def test_on_cuda_close_to_the_cpu(saved, tmp_path):
     """Blocks materialized and E2E-QP run on the GPU (float32, boundaries kept on the CPU): the same start
     loss as on the CPU up to float32 rounding, never worse than the start, every block rewritten."""
-    from mixbits.export.native_shards import NativeWriter
-    from mixbits.model.lazy import open_checkpoint
-    from mixbits.train.streamed import train_streamed
-
     model, folder, plan, calib, val = saved
     _, _, on_cpu = e2e_streamed(folder, plan, calib, val, E2E, tmp_path / "cpu" / "model")
-    gpu = open_checkpoint(folder, device="cuda", compute_dtype=torch.float32)
-    fingerprint = train_fingerprint(gpu, plan, calib, val, E2E, model="tiny")
-    writer = NativeWriter(tmp_path / "gpu" / "model", plan, gpu.model.config, n_blocks=gpu.n_blocks,
-                          block_path=gpu.block_path, resume=False, provenance=fingerprint)
-    report = train_streamed(gpu, plan, calib, val, E2E, sink=writer, progress=False)
-    on_gpu = train_e2e_streamed(gpu, plan, calib, val, E2E, sink=writer, report=report, progress=False)
+    gpu, writer, on_gpu = e2e_streamed(folder, plan, calib, val, E2E, tmp_path / "gpu" / "model", device="cuda")
     assert on_gpu.e2e["loss_start"] == pytest.approx(on_cpu.e2e["loss_start"], rel=1e-3)
     assert on_gpu.e2e["loss_end"] <= on_gpu.e2e["loss_start"] and writer.done_blocks() == set(range(gpu.n_blocks))
     assert all(on_gpu.qparams[n].scale.device.type == "cpu" for n in plan.quantized())

@@ -30,9 +30,10 @@ def saved(tmp_path_factory):
     return model, folder, mixed_plan(model), windows(8, 1), windows(4, 2)
 
 
-def streamed(folder, plan, calib, val, cfg, out, *, sensitivity=None, resume=False, on_block_done=None):
-    """train_streamed into a NativeWriter at `out` with its checkpoint at out.parent/checkpoint; the writer."""
-    source = open_checkpoint(folder)
+def streamed(folder, plan, calib, val, cfg, out, *, sensitivity=None, resume=False, on_block_done=None, device="cpu"):
+    """train_streamed on `device` into a NativeWriter at `out` with its checkpoint at out.parent/checkpoint;
+    (source, writer, report)."""
+    source = open_checkpoint(folder, device=device, compute_dtype=torch.float32)
     fingerprint = train_fingerprint(source, plan, calib, val, cfg, model="tiny", sensitivity=sensitivity)
     writer = NativeWriter(out, plan, source.model.config, n_blocks=source.n_blocks, block_path=source.block_path,
                           resume=resume, provenance=fingerprint)
@@ -134,11 +135,7 @@ def test_on_cuda_close_to_the_cpu(saved, tmp_path):
     model, folder, plan, calib, val = saved
     cfg = TrainConfig(**{**CFG.to_dict(), "init": "gptq"})
     _, _, on_cpu = streamed(folder, plan, calib, val, cfg, tmp_path / "cpu" / "model")
-    gpu = open_checkpoint(folder, device="cuda", compute_dtype=torch.float32)
-    fingerprint = train_fingerprint(gpu, plan, calib, val, cfg, model="tiny")
-    writer = NativeWriter(tmp_path / "gpu" / "model", plan, gpu.model.config, n_blocks=gpu.n_blocks,
-                          block_path=gpu.block_path, resume=False, provenance=fingerprint)
-    on_gpu = train_streamed(gpu, plan, calib, val, cfg, sink=writer, progress=False)
+    gpu, writer, on_gpu = streamed(folder, plan, calib, val, cfg, tmp_path / "gpu" / "model", device="cuda")
     assert writer.done_blocks() == set(range(gpu.n_blocks)) and set(on_gpu.qparams) == set(plan.quantized())
     for a, b in zip(on_gpu.blocks, on_cpu.blocks):
         assert a.loss_start == pytest.approx(b.loss_start, rel=1e-3) and a.loss_end <= a.loss_start
