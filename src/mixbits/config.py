@@ -19,7 +19,7 @@ from mixbits.data.windows import MIN_SEQLEN
 from mixbits.devices import compute_torch_dtype, parse_max_memory
 from mixbits.errors import UserError
 from mixbits.quant.gptq import GPTQConfig
-from mixbits.quant.spec import GGML_TYPES, KEEP, QUANT_BITS, GGMLSpec, QuantSpec
+from mixbits.quant.spec import GGML_TYPES, KEEP, QUANT_BITS, GGMLSpec, QuantSpec, parse_spec
 
 QUANTIZERS = ("rtn", "clip", "gptq")  # how a plan's weights are rounded (model.quantize); also QAT's starting point
 DAMAGE_MODES = ("follow", "rtn")
@@ -325,14 +325,16 @@ def check_regex(pattern: str, flag: str) -> re.Pattern:
                         "escape special characters, e.g. 'layers\\.0\\.' or 'down_proj'") from None
 
 
-def parse_pin(text: str) -> tuple[str, QuantSpec]:
-    """Read ``REGEX=SPEC`` (``down_proj=w4g64``) or ``REGEX=BITS`` (``down_proj=4``, group 128)."""
+def parse_pin(text: str) -> tuple[str, QuantSpec | GGMLSpec]:
+    """Read ``REGEX=SPEC`` (``down_proj=w4g64``, a ggml type ``down_proj=q4_k``) or ``REGEX=BITS``
+    (``down_proj=4``, group 128)."""
     if "=" not in text:
-        raise UserError(f"`allocation.pins` {text!r} must look like 'down_proj=4' or 'down_proj=w4g64'")
+        raise UserError(f"`allocation.pins` {text!r} must look like 'down_proj=4', 'down_proj=w4g64' or "
+                        "'down_proj=q4_k'")
     pattern, value = text.rsplit("=", 1)
     check_regex(pattern, "`allocation.pins`")
     try:
-        return pattern, QuantSpec(int(value)) if value.isdigit() else QuantSpec.parse(value)
+        return pattern, QuantSpec(int(value)) if value.isdigit() else parse_spec(value)
     except ValueError as err:
         raise UserError(f"`allocation.pins` {text!r}: {err}") from None
 

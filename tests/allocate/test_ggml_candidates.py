@@ -94,11 +94,28 @@ def test_the_cheapest_576_plan_is_a_legacy_type_and_the_budget_check_knows_it():
         check_budget(SHAPES, table.configs, [(u,) for u in SHAPES], Constraints(), Budget(bpw=(cheapest - 8) / numel), 0)
 
 
-def test_a_pin_to_a_k_quant_a_row_cannot_take_is_refused():
+def test_a_pin_to_a_k_quant_a_row_cannot_take_is_refused_naming_the_layers_and_what_they_can_take():
     table = ggml_table()
-    with pytest.raises(UserError, match="no config allowed"):
+    with pytest.raises(UserError, match=r"--pin odd=q4_k: 2 matched layer\(s\) cannot store q4_k") as err:
         allocate_optimal(table, [(u,) for u in table.units], 8.0 * table.numels().sum(),
                          Constraints(pins=(("odd", GGML_TYPES["Q4_K"]),)))
+    assert "b0.odd" in str(err.value) and "q4_0" in str(err.value) and "q2_k" not in str(err.value)
+
+
+def test_a_pin_to_a_ggml_type_is_read_from_its_label_and_obeyed():
+    table = ggml_table()
+    pin = Constraints.parse_pin("wide=q6_k")
+    assert pin == ("wide", GGML_TYPES["Q6_K"])
+    specs, _ = allocate_optimal(table, [(u,) for u in table.units], 8.0 * table.numels().sum(),
+                                Constraints(pins=(pin,)))
+    assert specs["b0.wide"] == specs["b1.wide"] == GGML_TYPES["Q6_K"]
+
+
+def test_a_ggml_pin_on_affine_candidates_says_to_plan_over_ggml_types():
+    from mixbits.allocate.optimal import allowed_options
+
+    with pytest.raises(UserError, match="--candidates gguf"):
+        allowed_options(ggml_table("affine"), Constraints(pins=(("wide", GGML_TYPES["Q4_K"]),)))
 
 
 def test_ggml_table_round_trips_through_its_file(tmp_path):

@@ -72,6 +72,7 @@ def test_optimal_matches_brute_force_with_ties_pins_and_ranges(tie, kwargs, bpw)
 def test_parse_pin():
     assert Constraints.parse_pin("down_proj=4") == ("down_proj", QuantSpec(4, 128))
     assert Constraints.parse_pin("down=w3g64")[1].group_size == 64
+    assert Constraints.parse_pin("down=Q4_K")[1].name == "Q4_K"
     with pytest.raises(ValueError, match="must look like"):
         Constraints.parse_pin("down")
 

@@ -125,3 +125,18 @@ def test_bad_gguf_budget_input_is_refused(setup, args, words):
         r = allocate(table, *args, "--target-size-mb", 2 * smallest / 1e6)
     assert r.exit_code == 2 and all(w in r.output for w in words), r.output
     assert "Traceback" not in r.output
+
+
+def test_pins_take_ggml_types_and_a_pin_rows_cannot_store_is_refused_naming_the_layers(setup, tmp_path):
+    _, table, _, shapes, smallest, largest = setup
+    target = (smallest + 0.3 * (largest - smallest)) / 1e6
+    out = tmp_path / "plan.json"
+    r = allocate(table, "--candidates", "gguf", "--target-size-mb", target, "--pin", "o_proj=q6_k", "--output", out)
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    plan = Plan.load(out)
+    pinned = [n for n in shapes if n.endswith("o_proj")]
+    assert pinned and all(plan.specs[n].name == "Q6_K" for n in pinned)  # rows of 256: a K-quant fits
+    r = allocate(table, "--candidates", "gguf", "--target-size-mb", target, "--pin", "down_proj=q6_k")  # rows of 576
+    assert r.exit_code == 2, r.output
+    assert "down_proj=q6_k" in r.output and "cannot store q6_k" in r.output, r.output
+    assert "model.layers.0.mlp.down_proj" in r.output and "q4_0" in r.output and "Traceback" not in r.output

@@ -18,7 +18,7 @@ import numpy as np
 from mixbits.allocate.solver import Solution, solve_mckp
 from mixbits.config import check_regex, parse_pin
 from mixbits.errors import UserError
-from mixbits.quant.spec import QuantSpec
+from mixbits.quant.spec import GGMLSpec, QuantSpec
 from mixbits.sensitivity.table import DamageTable
 
 
@@ -33,7 +33,7 @@ class Constraints:
     min_bits: int = 2
     max_bits: int = 16
     keep: str | None = None  # regex of unit names kept in 16 bit
-    pins: tuple[tuple[str, QuantSpec], ...] = ()  # (regex, spec): matching units take spec
+    pins: tuple[tuple[str, QuantSpec | GGMLSpec], ...] = ()  # (regex, spec): matching units take spec
     tie: bool = True  # fused units share one config
 
     def __post_init__(self) -> None:
@@ -43,8 +43,8 @@ class Constraints:
             check_regex(pattern, "--pin")
 
     @staticmethod
-    def parse_pin(text: str) -> tuple[str, QuantSpec]:
-        """Read ``REGEX=SPEC`` (``down_proj=w4g64``) or ``REGEX=BITS`` (``down_proj=4``, group 128)."""
+    def parse_pin(text: str) -> tuple[str, QuantSpec | GGMLSpec]:
+        """Read ``REGEX=SPEC`` (``down_proj=w4g64``, ``down_proj=q4_k``) or ``REGEX=BITS`` (``down_proj=4``, group 128)."""
         return parse_pin(text)
 
 
@@ -62,14 +62,30 @@ def allowed_options(table: DamageTable, constraints: Constraints) -> np.ndarray:
                 if spec not in table.configs:
                     raise UserError(
                         f"pin {pattern}={spec.label} is not among the candidate configs "
-                        f"{[c.label for c in table.configs]}; add its bits/group size to the candidates"
+                        f"{[c.label for c in table.configs]}; "
+                        + ("plan over ggml types (--candidates gguf or both) to pin one" if isinstance(spec, GGMLSpec)
+                           else "add its bits/group size to the candidates")
                     )
                 mask[u] = np.array([c == spec for c in table.configs]) & fits[u]
+                if not mask[u].any():
+                    raise UserError(_unstorable_pin(table, pattern, spec, fits))
     for pattern, spec in constraints.pins:
         if not any(re.search(pattern, name) for name in table.units):
             raise UserError(f"--pin {pattern}={spec.label} matches no layer of the model; layer names look like "
                             f"{list(table.units[:3])}")
     return mask
+
+
+def _unstorable_pin(table: DamageTable, pattern: str, spec, fits: np.ndarray) -> str:
+    """The refusal of a pin to a ggml type that some matched layers' rows cannot take, naming them and
+    the types they can take."""
+    column = table.configs.index(spec)
+    bad = [n for u, n in enumerate(table.units) if re.search(pattern, n) and not fits[u, column]]
+    u = table.index()[bad[0]]
+    can = sorted({c.label for c, ok in zip(table.configs, fits[u]) if ok and not c.keep and c.label != spec.label})
+    return (f"--pin {pattern}={spec.label}: {len(bad)} matched layer(s) cannot store {spec.label} (their rows do "
+            f"not split into its blocks of {getattr(spec, 'block', '?')} weights), e.g. {bad[:3]}; pin them to one "
+            f"of {can} or narrow the regex to the layers that can take it")
 
 
 def storable(table: DamageTable) -> np.ndarray:

@@ -84,8 +84,8 @@ FLAGS: dict[str, Flag] = {f.name: f for f in [
     Flag("min_bits", ("allocation.min_bits",), "no layer below this many bits", int),
     Flag("max_bits", ("allocation.max_bits",), "no layer above this many bits (16 = may keep layers)", int),
     Flag("keep", ("allocation.keep",), "regex of layers kept in 16 bit", Optional[str]),
-    Flag("pin", ("allocation.pins",), "REGEX=BITS or REGEX=SPEC, e.g. down_proj=4 (repeatable)", list[str], tuple,
-         list),
+    Flag("pin", ("allocation.pins",), "REGEX=BITS or REGEX=SPEC, e.g. down_proj=4, down_proj=w4g64, or a ggml "
+         "type over ggml candidates: down_proj=q4_k (repeatable)", list[str], tuple, list),
     Flag("tie", ("allocation.tie",), "fused layers (q/k/v, gate/up) share one config", bool),
     Flag("candidates", ("allocation.candidates",), "affine (bits x group sizes), gguf (the ggml types llama.cpp "
          "loads, each offered only to layers whose row length allows it) or both; ggml layers are stored as their "
