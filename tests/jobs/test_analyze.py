@@ -118,11 +118,33 @@ def test_streamed_fisher_boundaries_on_disk_give_the_same_table(sharded_model_di
     assert list((tmp_path / "offload").iterdir()) == []  # this analysis's boundary files are removed
 
 
+def test_the_hessian_streams_with_the_whole_models_numbers(sharded_model_dir, tiny_text_file, tmp_path, monkeypatch,
+                                                          materialized):
+    monkeypatch.setenv("MIXBITS_HOME", str(tmp_path / "home"))
+    settings = {**FISHER_ONLY, "methods": ("hessian",)}
+    analyze(config(sharded_model_dir, tiny_text_file, tmp_path, output_dir=tmp_path / "whole", stream=False,
+                   **settings))
+    monkeypatch.setattr("mixbits.jobs.analyze.load_model", lambda *a, **k: pytest.fail("the whole model was loaded"))
+    live, counts = materialized
+    streamed = analyze(config(sharded_model_dir, tiny_text_file, tmp_path, output_dir=tmp_path / "streamed",
+                              offload_dir=tmp_path / "offload", **settings))
+    assert counts and max(counts) == 1 and not live and streamed["model"]["streamed"] is True
+    assert list((tmp_path / "offload").iterdir()) == []  # this analysis's boundary files are removed
+    want, got = (DamageTable.load(tmp_path / out / "sensitivity.json") for out in ("whole", "streamed"))
+    assert got.method == want.method == "hessian" and got.meta["streamed"] is True
+    floor = 1e-5 * float(np.abs(want.damage).max())
+    assert np.allclose(got.damage, want.damage, rtol=1e-4, atol=floor) and want.damage.max() > 0
+    trace, trace_floor = want.scores["hessian_trace"], 1e-5 * float(np.abs(want.scores["hessian_trace"]).max())
+    assert np.allclose(got.scores["hessian_trace"], trace, rtol=1e-4, atol=trace_floor)
+
+
 def test_options_that_need_the_whole_model_load_it_and_say_why(tiny_model_dir, tiny_text_file, tmp_path,
                                                                monkeypatch, caplog):
     assert whole_model_reasons(AnalyzeConfig(methods=("fisher",), validate=False)) == []
     assert whole_model_reasons(AnalyzeConfig()) == ["--validate (measured damage)"]
-    assert whole_model_reasons(AnalyzeConfig(methods=("fisher", "hessian"), validate=False)) == ["--methods hessian"]
+    assert whole_model_reasons(AnalyzeConfig(methods=("fisher", "hessian"), validate=False)) == []
+    assert whole_model_reasons(AnalyzeConfig(methods=("fisher", "divergence"), validate=False)) == [
+        "--methods divergence"]
     assert whole_model_reasons(AnalyzeConfig(methods=("fisher",), validate=False, granularity="block")) == [
         "--granularity block"]
     monkeypatch.setenv("MIXBITS_HOME", str(tmp_path / "home"))
@@ -132,7 +154,7 @@ def test_options_that_need_the_whole_model_load_it_and_say_why(tiny_model_dir, t
 
     monkeypatch.setattr(LazyCheckpoint, "materialize", no_lazy_read)
     with caplog.at_level(logging.INFO, logger="mixbits.jobs.analyze"):
-        summary = analyze(config(tiny_model_dir, tiny_text_file, tmp_path, methods=("fisher", "hessian"),
+        summary = analyze(config(tiny_model_dir, tiny_text_file, tmp_path, methods=("fisher",), granularity="block",
                                  validate=False, use_cache=False))
     assert summary["model"]["streamed"] is False
-    assert "--methods hessian: not streamed yet; this analysis loads the whole model" in caplog.text
+    assert "--granularity block: not streamed yet; this analysis loads the whole model" in caplog.text

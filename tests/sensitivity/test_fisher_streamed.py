@@ -116,4 +116,4 @@ def test_one_builder_one_key_one_meta_for_a_lazy_checkpoint_and_the_loaded_model
             == {k: v for k, v in fresh.meta.items() if k not in drop})  # one metadata rule, no "streamed" flag
     assert np.allclose(streamed["fisher"].damage, fresh.damage, rtol=1e-5, atol=0)
     with pytest.raises(ValueError, match="whole model"):
-        cached_tables(["hessian"], ckpt, windows(), linears, CONFIGS, **common)
+        cached_tables(["divergence"], ckpt, windows(), linears, CONFIGS, **common)

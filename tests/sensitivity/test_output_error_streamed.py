@@ -50,5 +50,5 @@ def test_a_block_source_serves_fisher_gradient_and_output_error_and_names_the_ot
     assert tables["gradient"].meta["shared_pass_with"] == "fisher"
     alone = compute_tables(["gradient"], ckpt, windows(), linears, CONFIGS, device=CPU, progress=False)["gradient"]
     assert np.allclose(alone.damage, want["gradient"].damage, rtol=1e-4, atol=0)
-    with pytest.raises(UserError, match=r"methods \['hessian'\] need the whole model"):
-        compute_tables(["fisher", "hessian"], ckpt, windows(), linears, CONFIGS, device=CPU, progress=False)
+    with pytest.raises(UserError, match=r"methods \['divergence'\] need the whole model"):
+        compute_tables(["fisher", "divergence"], ckpt, windows(), linears, CONFIGS, device=CPU, progress=False)

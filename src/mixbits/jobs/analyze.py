@@ -11,15 +11,17 @@ The best method is `validate.validate_methods`'s pick when validating, else the 
 asked for. Stages are chained here; every formula lives in its own module.
 
 Two paths, chosen as `mixbits run` chooses (`AnalyzeConfig.stream`, default on):
-* streamed: when every method asked for is computed from a block source (the Fisher, the gradient
-  and the output error, per layer: `sensitivity.methods.cached_tables` runs `fisher_streamed`, one
-  backward pass for the first two, and `output_error_streamed`) and nothing else needs the weights, the model is opened lazily (`jobs.run_streamed.open_streamed`:
-  the meta skeleton, each block read from the shards while it is worked on). Peak memory: one block
-  in the compute dtype plus the block boundaries of the calibration windows (on disk under
-  `offload_dir` when it is set), as for the Fisher stage of `mixbits run`; never the whole model.
+* streamed: when every method asked for is computed from a block source (the Fisher, the gradient,
+  the output error and the Hessian trace, per layer: `sensitivity.methods.cached_tables` runs
+  `fisher_streamed`, one backward pass for the first two, `output_error_streamed` and
+  `hessian_streamed`) and nothing else needs the weights, the model is opened lazily
+  (`jobs.run_streamed.open_streamed`: the meta skeleton, each block read from the shards while it is
+  worked on). Peak memory: one block in the compute dtype plus the block boundaries of the calibration
+  windows (on disk under `offload_dir` when it is set), as for the Fisher stage of `mixbits run`, the
+  Hessian's twice that (the hidden states and their tangents); never the whole model.
   Everything in analysis.json comes from the skeleton (linears, blocks, parameter count) and the
   table. Same numbers as the whole-model path (tested in float32), and the same cache key.
-* whole model: otherwise (hessian or a measured method, --granularity block, --validate, --sensitivity-file, or
+* whole model: otherwise (a measured method, --granularity block, --validate, --sensitivity-file, or
   --no-stream), the model loaded in float32; the log names the options that need it
   (`whole_model_reasons`).
 """

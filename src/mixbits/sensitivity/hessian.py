@@ -48,9 +48,14 @@ from mixbits.sensitivity.capture import second_order_ready
 log = logging.getLogger(__name__)
 
 
+def rademacher(shape: torch.Size, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """±1 entries of `shape` and `dtype` on the generator's device: one Hutchinson probe of one weight."""
+    v = torch.randint(0, 2, shape, generator=generator, device=generator.device, dtype=dtype)
+    return v * 2 - 1
+
+
 def _rademacher(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    v = torch.randint(0, 2, like.shape, generator=generator, device=generator.device, dtype=like.dtype)
-    return (v * 2 - 1).to(like.device)
+    return rademacher(like.shape, like.dtype, generator).to(like.device)
 
 
 def _gaussian(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -180,6 +185,16 @@ def hessian_damage(weight: torch.Tensor, mean_trace: float, configs: Sequence[Qu
     return out
 
 
+def mean_traces(trace: Mapping[str, float], linears: Mapping[str, LinearInfo]) -> np.ndarray:
+    """Tr(H_u)/n_u per linear, in `linears` order; warns when some are negative (their damage is 0)."""
+    mean_trace = np.array([trace[n] / linears[n].numel for n in linears])
+    negative = int((mean_trace < 0).sum())
+    if negative:
+        log.warning("%d of %d units have a negative Hessian trace estimate; their damage is set to 0 "
+                    "(more windows or probes reduce the noise)", negative, len(mean_trace))
+    return mean_trace
+
+
 def hessian_table(
     model: nn.Module,
     windows: torch.Tensor,
@@ -204,11 +219,7 @@ def hessian_table(
     gen = _generator(generator, device)
     trace = hutchinson_trace(model, windows, linears, device=device, generator=gen, probes=probes, progress=progress)
     names = list(linears)
-    mean_trace = np.array([trace[n] / linears[n].numel for n in names])
-    negative = int((mean_trace < 0).sum())
-    if negative:
-        log.warning("%d of %d units have a negative Hessian trace estimate; their damage is set to 0 "
-                    "(more windows or probes reduce the noise)", negative, len(names))
+    mean_trace = mean_traces(trace, linears)
     damage = np.zeros((len(names), len(configs)))
     for u, name in enumerate(tqdm(names, desc="damage table", disable=not progress, leave=False)):
         damage[u] = hessian_damage(get_weight(model.get_submodule(name)), float(mean_trace[u]), configs)

@@ -18,8 +18,9 @@ windows, tokens, options and quantizer "rtn".
 `cached_tables` is the one builder of cached tables, used by `mixbits run` (its Fisher table)
 and `mixbits analyze` alike. Given a `BlockSource` (the streamed run's lazy checkpoint) instead of
 a loaded model, it computes the Fisher and the gradient table (`fisher_streamed`, one pass for
-both) and the output error (`output_error_streamed`) block by block: the same numbers, so the
-same key and the same cached file. One key rule (`sensitivity.cache.cache_key_parts`, with the
+both), the output error (`output_error_streamed`) and the Hessian trace (`hessian_streamed`, the
+same probes from the same generator) block by block: the same numbers, so the same key and the
+same cached file. One key rule (`sensitivity.cache.cache_key_parts`, with the
 method's options, the measured configs and the random seed where they matter) and one
 metadata rule (the meta `compute_tables` records, nothing else; callers add their own
 provenance to the table they get back with `DamageTable.with_meta`, never to the cached one).
@@ -52,6 +53,7 @@ from mixbits.sensitivity.fisher import fisher_table
 from mixbits.sensitivity.fisher_streamed import streamed_fisher_table, streamed_gradient_fisher_tables
 from mixbits.sensitivity.gradient import gradient_fisher_tables, gradient_table
 from mixbits.sensitivity.hessian import hessian_table
+from mixbits.sensitivity.hessian_streamed import check_streamed_options, streamed_hessian_table
 from mixbits.sensitivity.output_error import output_error_table
 from mixbits.sensitivity.output_error_streamed import streamed_output_error_table
 from mixbits.sensitivity.table import DamageTable
@@ -106,6 +108,9 @@ def _run(name, model, windows, linears, configs, granularity, *, device, progres
         if name == "output_error":
             return streamed_output_error_table(model, windows, linears, configs, device=device, progress=progress,
                                                **options.get(name, {}))
+        if name == "hessian":
+            return streamed_hessian_table(model, windows, linears, configs, device=device, progress=progress,
+                                          offload_dir=offload_dir, **_kwargs(name, options, generator))
         if name == "gradient":
             return streamed_gradient_fisher_tables(model, windows, linears, configs, device=device, progress=progress,
                                                    offload_dir=offload_dir, **options.get(name, {}))["gradient"]
@@ -148,16 +153,21 @@ def _raw_tables(methods, model, windows, linears, configs, granularity, **kw) ->
     return {m: out[m] for m in methods}
 
 
-STREAMED = ("fisher", "gradient", "output_error")  # what a block source computes, block by block
+STREAMED = ("fisher", "gradient", "output_error", "hessian")  # what a block source computes, block by block
 
 
-def _check_source(methods: Sequence[str], model: nn.Module | BlockSource, granularity: str) -> None:
-    """A block source serves the Fisher, gradient and output-error tables (per layer, or summed per
-    block); every other method needs the whole model."""
+def _check_source(methods: Sequence[str], model: nn.Module | BlockSource, granularity: str,
+                  options: Mapping[str, Mapping[str, object]]) -> None:
+    """A block source serves the Fisher, gradient, output-error and Hessian-trace tables (per layer, or
+    summed per block); every other method, and the Hessian's top eigenvalue, needs the whole model."""
+    if isinstance(model, nn.Module):
+        return
     others = [m for m in methods if m not in STREAMED]
-    if not isinstance(model, nn.Module) and others:
+    if others:
         raise UserError(f"methods {others} need the whole model in memory; a model streamed block by block gives "
                         f"the {', '.join(STREAMED)} tables")
+    if "hessian" in methods:
+        check_streamed_options(options.get("hessian", {}))
 
 
 def _check_options(options: Mapping[str, Mapping[str, object]] | None, methods: list[str]) -> dict:
@@ -194,19 +204,19 @@ def compute_tables(
     configs that measured methods run (NaN elsewhere; predicted methods compute all);
     `generator` feeds the Hessian's random probes; `options[method]` are extra keyword
     arguments of that method's function (e.g. {"hessian": {"probes": 4}}). `model`: a loaded
-    model, or a `BlockSource` for the layer-wise Fisher (then `offload_dir` may hold its block
+    model, or a `BlockSource` for the methods in `STREAMED` (then `offload_dir` may hold their block
     boundaries on disk; see `fisher_streamed`).
     """
     methods = check_methods(methods)
     granularity = check_granularity(granularity)
-    _check_source(methods, model, granularity)
+    options = _check_options(options, methods)
+    _check_source(methods, model, granularity, options)
     configs = tuple(configs)
     if not configs:
         raise UserError("configs is empty; pass the candidate QuantSpecs (e.g. config.candidate_configs(...))")
     cols = measured_columns(configs, measure_configs)  # fail before any compute
     if any(METHODS[m].kind == "measured" for m in methods):
         reference_column(configs, cols)
-    options = _check_options(options, methods)
     raw = _raw_tables(methods, model, windows, linears, configs, granularity, device=device, progress=progress,
                       measure_configs=measure_configs, options=options, generator=generator,
                       offload_dir=offload_dir)
@@ -262,8 +272,8 @@ def cached_tables(
     stored; with `use_cache=False` nothing is read or written.
     """
     methods, configs = check_methods(methods), tuple(configs)
-    _check_source(methods, model, granularity)
     options = _check_options(options, methods)
+    _check_source(methods, model, granularity, options)
     calibration = text_fingerprint(windows)
     parts = {m: cache_key_parts(model_name=model_name, model=model, linears=linears, calibration_sha256=calibration,
                                 configs=configs, method=m, granularity=granularity,
