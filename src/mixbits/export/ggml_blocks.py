@@ -33,7 +33,6 @@ which keeps the plan's codes exactly at the storage cost of 32-wide groups.
 
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 import torch

@@ -8,7 +8,7 @@ each padded to the alignment. llama.cpp maps exactly these bytes. So
     file bytes = pad(header + metadata + table) + Σ_tensors pad(tensor bytes)
 
 `gguf_file_bytes` gets the first term by building the writer's own metadata and tensor table
-(`gguf.gguf_layout`, what `write_gguf_from` writes) and serialising them into memory
+(`gguf_layout.gguf_layout`, what `write_gguf_from` writes) and serialising them into memory
 (`GGUFLayout.file_bytes`), and the second from the same tensor table: no type choice is
 repeated here.
 
@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from mixbits.export.from_native import model_source
-from mixbits.export.gguf import RULES, gguf_layout, weight_info
+from mixbits.export.gguf_layout import RULES, gguf_layout, weight_info
 from mixbits.export.native import skeleton
 from mixbits.export.rules import spec_problem
 from mixbits.model.apply import layer_shapes
