@@ -43,8 +43,8 @@ ANALYZE_HIDDEN = ("progress",)  # --verbose
 @config_options(AnalyzeConfig, ANALYZE_HELPS, flags={"use_cache": "cache"})
 def analyze(overwrite: bool = OVERWRITE, verbose: bool = VERBOSE, *, options: ConfigOptions) -> None:
     """Sensitivity by several methods, validated against measured damage; writes tables and plots.
-    fisher, gradient and output_error with --no-validate stream the model block by block (other methods,
-    validation and block granularity load it whole)."""
+    fisher, gradient, output_error and hessian with --no-validate stream the model block by block (other
+    methods, validation and block granularity load it whole)."""
     setup_logging(verbose)
     with user_errors():
         cfg = options.config(progress=verbose)

@@ -47,7 +47,7 @@ class AnalyzeConfig:
     progress: bool = True
     use_cache: bool = True
     compute_dtype: str | None = None  # streamed; None: float32 on CPU, the stored dtype on CUDA
-    offload_dir: Path | None = None  # streamed: where the Fisher's block boundaries wait on disk instead of in memory
+    offload_dir: Path | None = None  # streamed: where block boundaries wait on disk instead of in memory
     stream: bool = True  # block by block from the checkpoint when the methods allow; False: the whole model
 
     def __post_init__(self) -> None:
