@@ -168,6 +168,12 @@ def _keys(names: Sequence[str], prefix: str) -> dict[str, str]:
     return {name: name[len(prefix) + 1:] + ".weight" for name in names}
 
 
+def _primals_tangents(block: nn.Module, prefix: str, v: dict[str, torch.Tensor]):
+    """({param key: weight}, {param key: v}) of the linears in `v`, keyed as `functional_call` wants."""
+    keys = _keys(list(v), prefix)
+    return {keys[n]: block.get_parameter(keys[n]) for n in v}, {keys[n]: t for n, t in v.items()}
+
+
 def _forward(source: BlockSource, hidden, args, kwargs, probes: _Probes, per_window: int, first: int,
              boundaries: Boundaries, store: torch.device, progress: bool, seen: dict):
     """X_L of every window and Ẋ_L of every sample, saving (X_i, Ẋ_i) from block `first` on."""
@@ -186,10 +192,7 @@ def _forward(source: BlockSource, hidden, args, kwargs, probes: _Probes, per_win
                     continue
                 for k in range(per_window):
                     s = n * per_window + k
-                    v = probes.block(s, i, source.device)
-                    keys = _keys(list(v), prefix)
-                    w = {keys[name]: block.get_parameter(keys[name]) for name in v}
-                    tv = {keys[name]: t for name, t in v.items()}
+                    w, tv = _primals_tangents(block, prefix, probes.block(s, i, source.device))
                     if tangents is None:
                         out, dot = jvp(lambda weights: f(x, weights), (w,), (tv,))
                     else:
@@ -232,9 +235,8 @@ def _block_backward(source: BlockSource, i: int, first: int, saved, args, kwargs
         for k in range(per_window):
             s = n * per_window + k
             v = probes.block(s, i, device)
+            w, tv = _primals_tangents(block, prefix, v)
             keys = _keys(list(v), prefix)
-            w = {keys[name]: block.get_parameter(keys[name]) for name in v}
-            tv = {keys[name]: t for name, t in v.items()}
             cotangents = (dots[s].to(device, x.dtype), grads[n].to(device, x.dtype))
             if i == first:  # Ẋ = 0 and nothing below needs G or Ġ
                 _, pull = vjp(lambda weights: jvp(lambda u: f(x, u), (weights,), (tv,)), w)
