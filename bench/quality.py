@@ -16,6 +16,8 @@ every row). Rows, one arm each (see quality_mixbits.py, quality_llamacpp.py, qua
   blockap[-gptq]       optimal plans from RTN [GPTQ] trained with Block-AP, then E2E-QP (--train-budgets)
   llamacpp[-imatrix]   llama-quantize of the same original weights, K-quant types, without / with
                        an importance matrix from the same calibration windows; run in llama.cpp
+  mixbits-gguf         mixbits' plan over the GGUF types at the whole file bytes of each llamacpp-imatrix
+                       preset, written by mixbits and run in llama.cpp (opt-in; quality_gguf.py)
   gptqmodel            GPTQModel 2/3/4-bit g128 on the same calibration windows
   torchao              torchao int-N weight-only configs
   optimal-matched      mixbits' optimal plan at exactly each other row's size (after the others)
@@ -43,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+import quality_gguf  # noqa: E402
 import quality_llamacpp  # noqa: E402
 from _measure import _cpu_model, _version  # noqa: E402
 import quality_mixbits as mixbits_arms  # noqa: E402
@@ -60,8 +63,9 @@ log = logging.getLogger("quality")
 
 ARMS = ("uniform-rtn", "optimal-rtn", "optimal-clip", "optimal-gptq", "optimal-gptq-rtn-damage", "heuristics", "blockap",
         "llamacpp",
-        "llamacpp-imatrix", "gptqmodel", "torchao", "optimal-matched", "optimal-matched-g32")
-DEFAULT_ARMS = tuple(a for a in ARMS if a not in ("optimal-clip", "optimal-matched-g32"))  # opt-in: see bench/README.md
+        "llamacpp-imatrix", "mixbits-gguf", "gptqmodel", "torchao", "optimal-matched", "optimal-matched-g32")
+OPT_IN = ("optimal-clip", "optimal-matched-g32", "mixbits-gguf")  # see bench/README.md
+DEFAULT_ARMS = tuple(a for a in ARMS if a not in OPT_IN)
 MATCHED = ("uniform-rtn", "heuristics", "llamacpp", "llamacpp-imatrix", "gptqmodel", "torchao")
 
 
@@ -84,6 +88,7 @@ class Bench:
     windows: dict[str, torch.Tensor]
     out: Path
     notes: dict = field(default_factory=dict)
+    memo: dict = field(default_factory=dict)  # what several rows share within this run (the GGUF damage table)
 
     @property
     def n_weights(self) -> int:
@@ -107,6 +112,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.add_argument("--seqlen", type=int, default=512)
     a.add_argument("--calib-windows", type=int, default=16)
     a.add_argument("--llamacpp-types", default=",".join(quality_llamacpp.TYPES))
+    a.add_argument("--gguf-quantizer", default="gptq", choices=tuple(quality_gguf.QUANTIZERS),
+                   help="mixbits-gguf: quantizer of the plans on the ggml grids")
     a.add_argument("--no-build-llamacpp", dest="build_llamacpp", action="store_false",
                    help="do not build llama.cpp's tools when missing (those rows then say why they did not run)")
     a.add_argument("--match-quantizers", default="rtn,gptq",
@@ -195,11 +202,13 @@ def rows_for(bench: Bench) -> list:
         rows += mixbits_arms.optimal_rows(bench, "gptq", args.gptq_budgets, rtn_damage=True)
     if "heuristics" in arms:
         rows += mixbits_arms.heuristic_rows(bench, seen)
-    if "llamacpp" in arms or "llamacpp-imatrix" in arms:
+    if {"llamacpp", "llamacpp-imatrix", "mixbits-gguf"} & set(arms):
         rows.append(quality_llamacpp.reference_row(bench))
     for imatrix in (False, True):
         if ("llamacpp-imatrix" if imatrix else "llamacpp") in arms:
             rows += quality_llamacpp.rows(bench, imatrix)
+    if "mixbits-gguf" in arms:
+        rows += quality_gguf.rows(bench)
     if "torchao" in arms:
         rows += quality_peers.torchao_rows(bench)
     if "gptqmodel" in arms:

@@ -132,7 +132,7 @@ def linear_bytes(path: Path, bin_dir: Path | None = None) -> tuple[int, int, dic
     return total, weights, kinds
 
 
-def _quantized_file(bench, bin_dir: Path, qtype: str, use_imatrix: bool) -> tuple[Path, dict]:
+def preset_file(bench, bin_dir: Path, qtype: str, use_imatrix: bool) -> tuple[Path, dict]:
     f16 = f16_gguf(bench)
     folder = bench.out / "llamacpp"
     path = folder / f"{qtype}{'-imatrix' if use_imatrix else ''}.gguf"
@@ -165,7 +165,7 @@ def _builder(bench, row: Row, qtype: str, use_imatrix: bool):
         from mixbits.eval.llamacpp import LlamaCppLM
 
         bin_dir = tools(build=bench.args.build_llamacpp)
-        path, info = _quantized_file(bench, bin_dir, qtype, use_imatrix)
+        path, info = preset_file(bench, bin_dir, qtype, use_imatrix)
         n_bytes, weights, kinds = linear_bytes(path, bin_dir)
         if weights != bench.n_weights:
             raise RuntimeError(f"{path} holds {weights} block-linear weights, the model {bench.n_weights}")

@@ -1,6 +1,6 @@
 """`--quick`: a tiny random Llama and two tiny texts, so the whole benchmark runs in seconds.
 
-The model (hidden 64, 2 blocks, rows that split into 32-blocks so GGUF can hold them) comes with
+The model (hidden 256, 2 blocks: every row a multiple of 256, so GGUF's K-quants can hold it) comes with
 a byte-level tokenizer (the 256 byte tokens, two merges, plus <s> and </s>) that needs no
 training and that the GGUF writer and llama.cpp both read. The two texts are pseudo-English
 documents separated by blank lines, read as `.txt` datasets (split by document like `wiki`).
@@ -46,7 +46,7 @@ def quick_data(folder: Path) -> tuple[str, str, str]:
     model_dir = folder / "tiny-llama"
     if not (model_dir / "config.json").is_file():
         torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        cfg = LlamaConfig(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                           tie_word_embeddings=True)
         LlamaForCausalLM(cfg).eval().save_pretrained(model_dir)

@@ -15,19 +15,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import quality_gguf_report
 from quality_rows import MIXBITS_BEST
 
 SUMMARY_ARMS = ("uniform-rtn", "llamacpp", "llamacpp-imatrix", "gptqmodel", "torchao")
 HEADLINE_ARMS = SUMMARY_ARMS + ("heuristics",)
 ARM_ORDER = ("optimal-rtn", "optimal-clip", "optimal-gptq", "optimal-gptq-rtn-damage", "blockap", "blockap-clip",
              "blockap-gptq", "optimal-matched",
-             "optimal-matched-g32", "uniform-rtn", "heuristics", "llamacpp", "llamacpp-imatrix", "gptqmodel", "torchao",
+             "optimal-matched-g32", "mixbits-gguf", "uniform-rtn", "heuristics", "llamacpp", "llamacpp-imatrix", "gptqmodel", "torchao",
              "reference")
 STYLE = {  # arm -> (marker, line): mixbits' optimal arms as lines, peers as markers
     "optimal-rtn": ("o", "-"), "optimal-clip": ("o", "-"), "optimal-gptq": ("o", "-"),
     "optimal-gptq-rtn-damage": ("o", ":"), "blockap": ("*", "-"),
     "blockap-clip": ("*", "-"), "blockap-gptq": ("*", "-"),
-    "optimal-matched": (".", ""), "optimal-matched-g32": ("1", ""), "uniform-rtn": ("s", ":"), "heuristics": ("x", ""),
+    "optimal-matched": (".", ""), "optimal-matched-g32": ("1", ""), "mixbits-gguf": ("h", "-"), "uniform-rtn": ("s", ":"), "heuristics": ("x", ""),
     "llamacpp": ("v", "--"),
     "llamacpp-imatrix": ("^", "--"), "gptqmodel": ("D", "--"), "torchao": ("P", ""), "reference": ("|", ""),
 }
@@ -71,7 +72,8 @@ def verdict(row: dict, rows: list[dict], domain: str) -> str:
 
 def budget_table(data: dict) -> str:
     """mixbits' optimal arms at their budgets: perplexity per domain."""
-    rows = [r for r in _ok(data["rows"]) if r["arm"] in MIXBITS_BEST and not r["arm"].startswith("optimal-matched")]
+    rows = [r for r in _ok(data["rows"]) if r["arm"] in MIXBITS_BEST and "budget_bpw" in r["settings"]
+            and not r["arm"].startswith("optimal-matched")]
     arms = [a for a in ARM_ORDER if any(r["arm"] == a for r in rows)]
     budgets = sorted({r["settings"]["budget_bpw"] for r in rows})
     domains = list(data["meta"]["original"])
@@ -178,6 +180,9 @@ def markdown(data: dict) -> str:
              "## Each tool beside mixbits at the same size (perplexity; the lower of tool and best mixbits in bold)",
              "", "`mixbits`: the best mixbits optimal row at 90-100 % of the tool's bytes (quantizer in brackets); "
              "`mixbits RTN`: the best of those whose weights are rounded to nearest.", "", peer_table(data), ""]
+    gguf = quality_gguf_report.section(data)
+    if gguf:
+        parts += ["## GGUF files at equal size", "", gguf, ""]
     for domain, ref in data["meta"].get("original", {}).items():
         counts = ", ".join(f"{k}: {v}" for k, v in tally(data, domain).items())
         parts += [f"## Every row on `{domain}` (original perplexity {ref['ppl']:.2f})", "", f"Rows compared: {counts}.",

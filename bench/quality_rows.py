@@ -27,7 +27,7 @@ from mixbits.io import atomic_write_json
 log = logging.getLogger("quality")
 
 MIXBITS_BEST = ("optimal-rtn", "optimal-clip", "optimal-gptq", "optimal-gptq-rtn-damage", "blockap", "blockap-clip", "blockap-gptq",
-                "optimal-matched", "optimal-matched-g32")
+                "optimal-matched", "optimal-matched-g32", "mixbits-gguf")
 """Arms that are mixbits' answer; every other row is compared against the best of these."""
 
 

@@ -2,8 +2,10 @@
 
 Nothing about quality or time is asserted: the test checks that every requested row is there and
 ran, that its perplexities are finite, that a mixbits row's bytes and bpw are those of the plan it
-saved, and that a rerun measures nothing again. The llama.cpp rows join only where
-llama-cpp-python imports and llama.cpp's tools are already built (CI has neither).
+saved, and that a rerun measures nothing again. The llama.cpp rows and the `mixbits-gguf` rows
+(mixbits' GGUF file at each llama.cpp preset's bytes, run in llama.cpp) join only where
+llama-cpp-python imports and llama.cpp's tools are already built (CI has neither); the part of
+`mixbits-gguf` that needs no llama.cpp (plan at a file size, quantize, write, bytes) runs everywhere.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def _llamacpp_ready() -> bool:
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     quality = load_bench_script("quality")
-    arms = MIXBITS_ARMS + (("llamacpp", "llamacpp-imatrix") if _llamacpp_ready() else ())
+    arms = MIXBITS_ARMS + (("llamacpp", "llamacpp-imatrix", "mixbits-gguf") if _llamacpp_ready() else ())
     out = tmp_path_factory.mktemp("quality")
     argv = ["--quick", "--out", str(out), "--arms", ",".join(arms), "--no-build-llamacpp"]
     return quality, quality.main(argv), out, argv, arms
@@ -77,9 +79,75 @@ def test_bytes_and_bpw_are_those_of_the_saved_plan(quick):
             assert sum(r["plan"].values()) == len(shapes)
         if r["arm"] == "optimal-rtn":
             assert r["bpw"] <= r["settings"]["budget_bpw"] + 1e-9
+        if r["arm"] == "mixbits-gguf":  # the whole file at or below the preset's, exactly as predicted
+            preset = data["rows"][r["settings"]["matches"]]
+            assert r["file_bytes"] == r["predicted_file_bytes"] <= r["target_file_bytes"] == preset["file_bytes"]
 
 
 def test_a_rerun_measures_nothing_again(quick):
     quality, data, _, argv, _ = quick
     again = quality.main(argv)
     assert again["rows"] == json.loads(json.dumps(data["rows"]))
+
+
+def test_gguf_report_pairs_each_mixbits_file_with_its_preset(quick):
+    _, data, out, _, arms = quick
+    text = (out / "quality.md").read_text()
+    assert ("## GGUF files at equal size" in text) == ("mixbits-gguf" in arms)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """The --quick bench (tiny Llama with rows of 256 and 512, its calibration windows), no rows run."""
+    quality = load_bench_script("quality")
+    args = quality.parse_args(["--quick", "--out", str(tmp_path_factory.mktemp("gguf"))])
+    quality.apply_quick(args)
+    return quality.setup(args)
+
+
+def _uniform_file(bench, spec) -> int:
+    from mixbits.export.gguf_size import gguf_size, gguf_weight_bytes, meta_model
+
+    import quality_gguf
+
+    size = gguf_size(meta_model(bench.p.model.config), bench.p.tokenizer, tokenizer_pre=quality_gguf.pre(bench))
+    return size.fixed + sum(gguf_weight_bytes(s, spec) for s in bench.p.shapes.values())
+
+
+def test_gguf_file_at_a_size_is_written_at_or_below_it_with_every_planned_type(bench):
+    """Without llama.cpp: the arm's plan at a file size between all-Q3_K and all-Q5_K, quantized with
+    importance on the ggml grids, written; its bytes are the prediction and at most the target, and
+    every block linear of the file holds the type the plan gave it."""
+    import gguf
+    import quality_gguf
+    from mixbits.quant.spec import GGML_TYPES
+
+    target = (_uniform_file(bench, GGML_TYPES["Q3_K"]) + _uniform_file(bench, GGML_TYPES["Q5_K"])) // 2
+    made = quality_gguf.solve(bench, target, "clip")
+    assert made.path.stat().st_size == made.predicted_bytes <= target
+    assert made.plan.meta["gguf"]["target_bytes"] == target
+    assert len({s.label for s in made.plan.specs.values()}) > 1, "a mixed plan between two uniform files"
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(made.path).tensors}
+    assert {gguf_name(n): s.label.upper() for n, s in made.plan.specs.items()} == \
+        {n: t for n, t in types.items() if n.startswith("blk.") and n.split(".")[2] in SHORT.values()}
+    again = quality_gguf.solve(bench, target, "clip")
+    assert again.path == made.path and again.seconds == 0.0
+
+
+SHORT = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output", "gate_proj": "ffn_gate",
+         "up_proj": "ffn_up", "down_proj": "ffn_down"}
+
+
+def gguf_name(layer: str) -> str:
+    """model.layers.3.mlp.down_proj -> blk.3.ffn_down.weight"""
+    return f"blk.{layer.split('.')[2]}.{SHORT[layer.rsplit('.', 1)[1]]}.weight"
+
+
+def test_gguf_target_below_the_smallest_file_is_not_run_naming_it(bench):
+    import quality_gguf
+    from quality_rows import NotRun
+    from mixbits.quant.spec import GGML_TYPES
+
+    smallest = _uniform_file(bench, GGML_TYPES["Q2_K"])
+    with pytest.raises(NotRun, match="smallest GGUF file is"):
+        quality_gguf.budget(bench, smallest - 1)
