@@ -50,6 +50,7 @@ from torch import Tensor
 from mixbits.quant.gptq import GPTQConfig, gptq_fixed_grid
 from mixbits.quant.gram import output_error
 from mixbits.quant.spec import GGMLSpec
+from mixbits.quant.workers import map_pieces
 
 __all__ = ["GGMLParams", "GGMLResult", "choose_params", "dequantize", "fake_quantize", "gptq_ggml", "quantize"]
 
@@ -353,8 +354,8 @@ def choose_params(w: Tensor, spec: GGMLSpec, importance: Tensor | None = None) -
     a = torch.ones(n, device=x.device) if importance is None else importance.detach().to(x.device, torch.float32)
     a = a + 1e-6 * a.mean() + 1e-30
     a = a.reshape(1, n // spec.block, spec.subs, spec.sub_block)
-    rows = max(1, _CHUNK // n)
-    parts = [_choose_rows(x[r : r + rows], a, spec) for r in range(0, out, rows)]
+    rows = max(1, _CHUNK // n)  # chunks on one intra-op thread each, spread over the CPU's threads (quant.workers)
+    parts = map_pieces(lambda r: _choose_rows(x[r : r + rows], a, spec), range(0, out, rows), x.device)
     d, dmin, sc, mn = (torch.cat(p, dim=0) for p in zip(*parts))
     return GGMLParams(spec, d, dmin, sc, mn)
 
