@@ -2,6 +2,7 @@
 
     python bench/memory.py --sizes 0.2b,0.6b --out runs/memory
     python bench/memory.py --sizes tiny --stages run-rtn,analyze --out /tmp/mem   # a smoke run
+    python bench/memory.py --sizes 0.2b --stages analyze,analyze-hessian --out /tmp/mem   # + --no-stream: whole
 
 Checkpoints: Llama models with random weights (normal, std 0.02; norms at one) in bfloat16, with the
 embedded SmolLM2 tokenizer (vocabulary 49152) copied from its folder under MIXBITS_HOME. They are
@@ -22,7 +23,8 @@ Stages, each its own process (`mixbits ...`, imports, loading, computing and sav
 run-rtn and run-gptq (`mixbits run` with the uniform baselines), run-rtn-ram (run-rtn with
 `--preload`: the checkpoint held in RAM in its own dtype), analyze (`--methods fisher`),
 train (Block-AP of run-rtn's plan), train-e2e (Block-AP then E2E-QP, `--e2e`), export-gptq and
-export-gguf (of run-rtn's folder). Small
+export-gguf (of run-rtn's folder); on request only, analyze-hessian (`--methods hessian`, streamed or, with
+--no-stream, the whole model; no prediction). Small
 calibration settings (--calib-windows, --seqlen, --eval-windows) keep the data's share small: the
 figures are the model's. Per stage: wall time around the process, and its peak resident memory
 from the kernel (`os.wait4`'s ru_maxrss: the VmHWM of the process and of anything it waited for);
@@ -49,6 +51,7 @@ from pathlib import Path
 import torch
 
 STAGES = ("run-rtn", "run-rtn-ram", "run-gptq", "analyze", "train", "train-e2e", "export-gptq", "export-gguf")
+ON_REQUEST = ("analyze-hessian",)  # not in the default list
 NEEDS_RUN = ("train", "train-e2e", "export-gptq", "export-gguf")  # read run-rtn's folder
 VOCAB = 49152
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -84,7 +87,7 @@ SIZES = {
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     a.add_argument("--sizes", default="0.2b,0.6b", help=f"comma list of {', '.join(SIZES)}")
-    a.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES)}")
+    a.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES + ON_REQUEST)}")
     a.add_argument("--out", type=Path, default=Path("runs/memory"))
     a.add_argument("--keep-checkpoints", action="store_true", help="keep the built checkpoints (default: delete)")
     a.add_argument("--calib-windows", type=int, default=2)
@@ -100,7 +103,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="mixbits run with the uniform baselines (--no-baselines: the mixed model only; one variant "
                         "at a time either way, so memory is the same and time a third)")
     a.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
-                   help="pass --stream/--no-stream to mixbits run (and predict that path)")
+                   help="pass --stream/--no-stream to mixbits run and analyze-hessian (and predict that path)")
     a.add_argument("--nearest", action="store_true", help="export --nearest: round up bits the format lacks "
                    "(then the export re-quantizes from the original model instead of streaming the run's codes)")
     a.add_argument("--threads", type=int, default=2)
@@ -109,14 +112,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = a.parse_args(argv)
     args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    bad = [s for s in args.sizes if s not in SIZES] + [s for s in args.stages if s not in STAGES]
+    bad = [s for s in args.sizes if s not in SIZES] + [s for s in args.stages if s not in STAGES + ON_REQUEST]
     if bad:
-        a.error(f"unknown sizes or stages {bad}; sizes: {', '.join(SIZES)}; stages: {', '.join(STAGES)}")
+        a.error(f"unknown sizes or stages {bad}; sizes: {', '.join(SIZES)}; stages: {', '.join(STAGES + ON_REQUEST)}")
     if "run-rtn-ram" in args.stages and not args.stream:
         a.error("run-rtn-ram preloads the checkpoint for the streamed path; drop it or --no-stream")
     if any(s in NEEDS_RUN for s in args.stages) and "run-rtn" not in args.stages:
         args.stages.insert(0, "run-rtn")  # train and export read its folder
-    args.stages = [s for s in STAGES if s in args.stages]
+    args.stages = [s for s in STAGES + ON_REQUEST if s in args.stages]
     return args
 
 
@@ -193,8 +196,10 @@ def stage_argv(stage: str, model: Path, out: Path, args: argparse.Namespace) -> 
                              "--no-report", "--stream" if args.stream else "--no-stream", "--damage", args.damage,
                              "--baselines" if args.baselines else "--no-baselines",
                              *cands, *data]
-    if stage == "analyze":
-        return _mixbits() + ["analyze", "--model", str(model), "--methods", "fisher", "--calib-windows",
+    if stage.startswith("analyze"):
+        hessian = ["--methods", "hessian", "--stream" if args.stream else "--no-stream"]
+        return _mixbits() + ["analyze", "--model", str(model), *(hessian if stage == "analyze-hessian" else
+                                                                  ["--methods", "fisher"]), "--calib-windows",
                              str(args.calib_windows), "--no-validate", "--no-cache", "--output-dir", str(out / stage),
                              *cands, *data]
     if stage.startswith("train"):

@@ -66,3 +66,13 @@ def test_unknown_stage_is_refused(bench, tmp_path, capsys):
 def test_keep_checkpoints_keeps_them(bench, tmp_path):
     data = bench.main(["--sizes", "tiny", "--stages", "", "--out", str(tmp_path), "--keep-checkpoints"])
     assert data["rows"] == [] and (tmp_path / "checkpoints" / "tiny" / "model.safetensors.index.json").is_file()
+
+
+def test_the_hessian_stage_runs_on_request_only(bench, tmp_path):
+    assert "analyze-hessian" not in bench.parse_args(["--out", str(tmp_path)]).stages  # not by default
+    args = bench.parse_args(["--stages", "analyze-hessian,analyze", "--out", str(tmp_path), "--no-stream"])
+    assert args.stages == ["analyze", "analyze-hessian"]
+    argv = bench.stage_argv("analyze-hessian", tmp_path / "m", tmp_path, args)
+    assert argv[argv.index("--methods") + 1] == "hessian" and "--no-stream" in argv
+    fisher = bench.stage_argv("analyze", tmp_path / "m", tmp_path, args)
+    assert fisher[fisher.index("--methods") + 1] == "fisher" and "--no-stream" not in fisher
