@@ -37,8 +37,9 @@ blocks, 5 KB each for a CPU generator, 16 B on CUDA). Cost: each block runs one 
 with graph and a double backward per sample; the probes are drawn three times (record, forward,
 backward), N·probes times the linears' weight count each. Measured on random-weight bf16 Llamas, 2
 windows x 256 tokens, one CPU thread (`python bench/memory.py --sizes 0.2b,0.6b,1.1b --stages
-analyze-hessian --threads 1`, and at 0.2b with `--no-stream`): at 0.2B the method took 42 s streamed against 32 s whole, at a process peak
-of 1.19 GiB against 3.67 GiB; 1.84 GiB at 1.1B (16 blocks) against 1.78 GiB at 0.6B (8 blocks).
+analyze-hessian --threads 1`, and at 0.2b with `--no-stream`): at 0.2B the method took 42 s streamed
+against 32 s whole, at a process peak of 1.19 GiB against 3.67 GiB; 1.84 GiB at 1.1B (16 blocks)
+against 1.78 GiB at 0.6B (8 blocks).
 
 Top eigenvalue (`top_eigen`, the "hessian_top_eig" score, never used by the damage table): power
 iteration needs one Hessian-vector product of ONE unit's block per unit per iteration, which streamed
