@@ -139,7 +139,8 @@ class _ElementaryLayerNorm(TorchFunctionMode):
     """Layer norm as its elementary ops. Reverse mode over forward mode through the fused kernel is wrong
     in torch 2.13, silently: its tangent formula reads the kernel's mean and 1/std outputs, which autograd
     treats as constants (relative error 0.4-0.7 against central differences in float64, where RMS norm,
-    group norm, softmax, SDPA's math kernel and the activations agree to 1e-10)."""
+    group norm, softmax, SDPA's math kernel and the activations agree to 1e-10). Nested forward mode
+    through it is wrong as well: pytorch/pytorch#196700, open."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is F.layer_norm:
