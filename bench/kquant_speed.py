@@ -53,7 +53,8 @@ def main() -> None:
     args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     args.add_argument("--rows", type=int, default=576)
     args.add_argument("--cols", type=int, default=1536)
-    args.add_argument("--types", default=",".join(GGML_TYPES), help="comma-separated ggml type names")
+    args.add_argument("--types", default=",".join(n for n, s in GGML_TYPES.items() if not s.levels),
+                      help="comma-separated ggml type names (uniform grids: the reference loop has no IQ4_NL)")
     args.add_argument("--importance", action="store_true")
     args.add_argument("--repeats", type=int, default=2)
     args.add_argument("--peak", action="store_true", help="peak memory of each search instead of time")

@@ -225,3 +225,16 @@ def test_k_quants_have_lower_weight_error_than_llama_cpp_quantizer(tmp_path, nam
             ours += float(((w - kquant.fake_quantize(w, GGMLSpec.parse(name))) ** 2).sum())
             total += float((w**2).sum())
     assert total > 0 and ours < 0.97 * theirs, (ours / total, theirs / total)
+
+
+def test_iq4_nl_layers_are_written_as_iq4_nl_and_read_back_exactly(tmp_path, tokenizer):
+    """IQ4_NL (Q4_0's bytes, non-uniform levels): gguf's own decoder reads mixbits' weights, q/k rows included."""
+    model = wide_llama(len(tokenizer))
+    plan = Plan({L + "0.self_attn.q_proj": GGMLSpec.parse("iq4_nl"), L + "0.mlp.down_proj": GGMLSpec.parse("IQ4_NL"),
+                 L + "1.mlp.up_proj": GGMLSpec.parse("q4_k")})
+    path = write_gguf(model, plan, tmp_path / "m.gguf", tokenizer=tokenizer)
+    tensors, expected = read_tensors(path), expected_model(model, plan)
+    for name, spec in plan.specs.items():
+        kind, nbytes, got = tensors[gguf_name(name)]
+        assert kind == Q[spec.name] and torch.equal(got, expected.get_submodule(name).weight.detach()), name
+        assert nbytes == layer_storage_bytes(*got.shape, spec), name

@@ -230,7 +230,7 @@ def threads():
 @pytest.mark.parametrize("cfg", (GPTQConfig(clip=True), GPTQConfig(act_order=True)), ids=("clip", "act_order"))
 def test_same_codes_at_any_thread_count(threads, cfg):
     """MKL's Cholesky rounds differently with 1 and 2 threads (27 of 28 SmolLM2 layers got other scales)
-    before `_inverse_cholesky` ran single-threaded; now the codes are a function of w and H alone."""
+    before `inverse_cholesky` ran single-threaded; now the codes are a function of w and H alone."""
     w, _, H = layer(out_features=192, in_features=576, tokens=4096, seed=11)
     spec = QuantSpec(3, 64)
     results = []

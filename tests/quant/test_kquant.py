@@ -13,7 +13,8 @@ from gguf import quants as gguf_quants
 from mixbits.errors import UserError
 from mixbits.quant import kquant
 from mixbits.quant.cost import layer_bits_per_weight, layer_storage_bytes
-from mixbits.quant.gptq import GPTQConfig, gptq_fixed_grid, gptq_quantize
+from mixbits.quant.gptq import GPTQConfig, gptq_quantize
+from mixbits.quant.gptq_fixed import gptq_fixed_grid
 from mixbits.quant.groups import expand_groups
 from mixbits.quant.spec import GGML_TYPES, GGMLSpec, QuantSpec, ggml_types_for_row
 
@@ -28,15 +29,15 @@ def test_block_bytes_equal_ggml(spec):
 
 def test_bits_per_weight():
     expected = {"Q2_K": 2.625, "Q3_K": 3.4375, "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625, "Q8_0": 8.5,
-                "Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0}
+                "Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0, "IQ4_NL": 4.5}
     assert {s.name: s.bits_per_weight for s in TYPES} == expected
     assert {s.name: layer_bits_per_weight(512, 768, s) for s in TYPES} == expected
 
 
 def test_row_lengths_choose_the_types():
-    assert [s.name for s in ggml_types_for_row(768)] == ["Q2_K", "Q3_K", "Q4_K", "Q4_0", "Q4_1", "Q5_K", "Q5_0",
-                                                          "Q5_1", "Q6_K", "Q8_0"]
-    assert [s.name for s in ggml_types_for_row(576)] == ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+    assert [s.name for s in ggml_types_for_row(768)] == ["Q2_K", "Q3_K", "Q4_K", "Q4_0", "IQ4_NL", "Q4_1", "Q5_K",
+                                                          "Q5_0", "Q5_1", "Q6_K", "Q8_0"]
+    assert [s.name for s in ggml_types_for_row(576)] == ["Q4_0", "IQ4_NL", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
     assert ggml_types_for_row(100) == ()
     with pytest.raises(ValueError, match="576 weights do not split into Q4_K blocks of 256"):
         layer_storage_bytes(8, 576, GGML_TYPES["Q4_K"])
@@ -101,12 +102,13 @@ def test_dequantize_is_ggml_formula_and_codes_are_nearest(spec):
     q = kquant.quantize(w, p)
     got = kquant.dequantize(q, p)
     d, dmin, sc, mn = (t.numpy() for t in (p.d, p.dmin, p.sc.float(), p.mn.float()))
-    levels = np.arange(spec.qmin, spec.qmax + 1, dtype=np.float32)
+    levels = np.array(spec.levels or range(spec.qmin, spec.qmax + 1), dtype=np.float32)  # IQ4_NL: its 16 values
     for r in range(w.shape[0]):
         for i in range(w.shape[1]):  # naive: one weight at a time, float32 as ggml's dequantize_row_*
             b, s = i // spec.block, i // spec.sub_block
             scale, mins = np.float32(d[r, b] * sc[r, s]), np.float32(dmin[r, b] * mn[r, s])
-            assert got[r, i].item() == np.float32(scale * np.float32(q[r, i].item()) - mins), (r, i)
+            value = levels[q[r, i].item()] if spec.levels else np.float32(q[r, i].item())
+            assert got[r, i].item() == np.float32(scale * value - mins), (r, i)
             best = np.abs(w[r, i].item() - (scale * levels - mins)).min()
             assert abs(w[r, i].item() - got[r, i].item()) <= best + 1e-7, (r, i)
 

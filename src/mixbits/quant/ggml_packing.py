@@ -36,6 +36,7 @@ LAYOUT = {
     "Q5_K": ("d", "dmin", "scales_k4", "bit4", "low4"),
     "Q6_K": ("low4_64", "high2", "scales_i8", "d"),
     "Q4_0": ("d", "low4_16"),
+    "IQ4_NL": ("d", "low4_16"),  # Q4_0's bytes; the nibble is an index into the levels, not q + 8
     "Q4_1": ("d", "m", "low4_16"),
     "Q5_0": ("d", "word4", "low4_16"),
     "Q5_1": ("d", "m", "word4", "low4_16"),

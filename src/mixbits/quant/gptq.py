@@ -35,7 +35,7 @@ inputs), and GPTQ turns such noise into other rounding decisions: with 1 and 2 t
 the first 28 SmolLM2-135M layers got different scales, and a demo plan's perplexity moved by
 1 % (27.415 at 1 thread, 27.693 at 2). The column loop, the lazy-batch products and the clip
 search were measured bit-identical across thread counts; XᵀX is too, once accumulated in
-slices of `GRAM_ROWS` tokens (the block forwards that feed it need `mixbits.reproducible`). So `_inverse_cholesky` runs single-threaded on CPU
+slices of `GRAM_ROWS` tokens (the block forwards that feed it need `mixbits.reproducible`). So `inverse_cholesky` runs single-threaded on CPU
 (`_one_thread`); then all 14 layers of two SmolLM2 blocks (GPTQ + clip) came out bit-identical
 at 1 and 2 threads. Cost, one thread on this project's 2-core CPU: 7 ms at 576 inputs (~6 % of
 that layer's GPTQ), 0.13-0.25 s at 1536, 1.7 s at 4096, ~30 s at 11008 by n^3 scaling; a
@@ -63,7 +63,7 @@ from mixbits.quant.gram import output_error
 from mixbits.quant.groups import effective_group_size, expand_groups
 from mixbits.quant.spec import QuantSpec
 
-__all__ = ["GPTQConfig", "GPTQFactor", "GPTQResult", "gptq_factor", "gptq_fixed_grid", "gptq_quantize", "gptq_sweep"]
+__all__ = ["GPTQConfig", "GPTQFactor", "GPTQResult", "gptq_factor", "gptq_quantize", "gptq_sweep", "inverse_cholesky"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def _one_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _inverse_cholesky(H: Tensor, damp: float) -> Tensor:
+def inverse_cholesky(H: Tensor, damp: float) -> Tensor:
     """Upper U with U^T U = (H + lambda I)^-1, lambda = damp * mean(diag H), raised 10x on failure.
 
     Single-threaded on CPU (`_one_thread`), so U, and every code GPTQ derives from it, is the
@@ -269,7 +269,7 @@ def gptq_factor(H: Tensor, cfg: GPTQConfig = GPTQConfig(), *, dtype: torch.dtype
     perm = torch.argsort(diag, descending=True, stable=True) if cfg.act_order else None
     if perm is not None:
         Hd, diag = Hd[perm][:, perm], diag[perm]
-    return GPTQFactor(dead=dead, perm=perm, diag=diag, U=_inverse_cholesky(Hd, cfg.damp), H=H0)
+    return GPTQFactor(dead=dead, perm=perm, diag=diag, U=inverse_cholesky(Hd, cfg.damp), H=H0)
 
 
 def gptq_quantize(w: Tensor, H: Tensor, spec: QuantSpec, cfg: GPTQConfig = GPTQConfig(),
@@ -363,52 +363,3 @@ def gptq_sweep(w: Tensor, H: Tensor, specs: Sequence[QuantSpec], cfg: GPTQConfig
         ))
     return results
 
-
-def _solve_fixed(W: Tensor, U: Tensor, S: Tensor, M: Tensor, lo: int, hi: int, block_size: int) -> Tensor:
-    """`_solve` on a grid fixed beforehand: w_hat = S * q - M per weight, q in [lo, hi]."""
-    out, n = W.shape
-    codes = torch.empty_like(W)
-    safe = torch.where(S == 0, torch.ones_like(S), S)
-    for b1 in range(0, n, block_size):
-        b2 = min(b1 + block_size, n)
-        W1 = W[:, b1:b2]
-        err = W.new_zeros(out, b2 - b1)
-        for i in range(b2 - b1):
-            col = b1 + i
-            w, s, m = W1[:, i], S[:, col], M[:, col]
-            c = torch.where(s == 0, 0.0, torch.clamp(torch.round((w + m) / safe[:, col]), lo, hi))
-            codes[:, col] = c
-            e = (w - (s * c - m)) / U[col, col]
-            W1[:, i:] -= e.unsqueeze(1) * U[col, col:b2].unsqueeze(0)
-            err[:, i] = e
-        W[:, b2:] -= err @ U[b1:b2, b2:]
-    return codes
-
-
-def gptq_fixed_grid(
-    w: Tensor, H: Tensor, scale: Tensor, mins: Tensor, lo: int, hi: int, cfg: GPTQConfig = GPTQConfig()
-) -> Tensor:
-    """GPTQ's error feedback on a per-weight grid chosen beforehand (ggml's K-quant blocks).
-
-    Weight w_ij may take the values scale_ij * q - mins_ij, q an integer in [lo, hi]; the grid
-    (scale, mins: [out, in]) stays fixed while the columns are rounded in order (act-order
-    when cfg.act_order) and each column's error is pushed onto the later ones, as in
-    `gptq_quantize`. Returns the codes as float [out, in] in w's compute dtype."""
-    if w.dim() != 2 or tuple(scale.shape) != tuple(w.shape) or tuple(mins.shape) != tuple(w.shape):
-        raise ValueError(f"w {tuple(w.shape)}, scale {tuple(scale.shape)} and mins {tuple(mins.shape)} "
-                         "must all be [out, in]")
-    n = w.shape[1]
-    if tuple(H.shape) != (n, n) or not bool(torch.isfinite(H).all()):
-        raise ValueError(f"H must be a finite [{n}, {n}] = X^T X, got {tuple(H.shape)}")
-    dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
-    W = w.detach().to(dtype).clone()
-    Hd = H.detach().to(device=w.device, dtype=dtype).clone()
-    dead = torch.diagonal(Hd) == 0
-    Hd[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    S, M = scale.to(W), mins.to(W)
-    perm = torch.argsort(torch.diagonal(Hd), descending=True, stable=True) if cfg.act_order else None
-    if perm is not None:
-        W, Hd, S, M = W[:, perm], Hd[perm][:, perm], S[:, perm], M[:, perm]
-    codes = _solve_fixed(W, _inverse_cholesky(Hd, cfg.damp), S, M, lo, hi, cfg.block_size)
-    return codes if perm is None else codes[:, torch.argsort(perm)]

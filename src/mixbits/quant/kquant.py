@@ -1,4 +1,7 @@
-"""Quantization on ggml's block grids (K-quants Q2_K..Q6_K and the legacy Q4_0..Q8_0), weighted by importance.
+"""Quantization on ggml's block grids (K-quants Q2_K..Q6_K, the legacy Q4_0..Q8_0, IQ4_NL), weighted by importance.
+
+IQ4_NL's non-uniform grid (w = d * levels[q]) takes its scale from `quant.iq4nl`; everything below
+describes the uniform grids.
 
 A `GGMLSpec` cuts each row into blocks (256 or 32 weights) and sub-blocks (16 or 32); a weight is
 
@@ -47,7 +50,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mixbits.quant.gptq import GPTQConfig, gptq_fixed_grid
+from mixbits.quant import iq4nl
+from mixbits.quant.gptq import GPTQConfig
+from mixbits.quant.gptq_fixed import gptq_fixed_grid
 from mixbits.quant.gram import output_error
 from mixbits.quant.spec import GGMLSpec
 from mixbits.quant.workers import map_pieces
@@ -354,6 +359,10 @@ def choose_params(w: Tensor, spec: GGMLSpec, importance: Tensor | None = None) -
     a = torch.ones(n, device=x.device) if importance is None else importance.detach().to(x.device, torch.float32)
     a = a + 1e-6 * a.mean() + 1e-30
     a = a.reshape(1, n // spec.block, spec.subs, spec.sub_block)
+    if spec.levels:  # a non-uniform grid (IQ4_NL): one fp16 scale per block, chosen in quant.iq4nl
+        d = iq4nl.choose_scales(x, importance, spec.levels, spec.block)
+        ones = torch.ones(out, n // spec.block, dtype=torch.int32, device=x.device)
+        return GGMLParams(spec, d, torch.zeros_like(d), ones, ones * 0)
     rows = max(1, _CHUNK // n)  # chunks on one intra-op thread each, spread over the CPU's threads (quant.workers)
     parts = map_pieces(lambda r: _choose_rows(x[r : r + rows], a, spec), range(0, out, rows), x.device)
     d, dmin, sc, mn = (torch.cat(p, dim=0) for p in zip(*parts))
@@ -364,15 +373,21 @@ def quantize(w: Tensor, params: GGMLParams) -> Tensor:
     """Codes int32 [out, in] in [qmin, qmax]: the nearest grid point to each weight."""
     _check(w, params.spec, None)
     scale, mins = params.columns()
+    if params.spec.levels:
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        index = iq4nl.nearest_level((w.detach().float() + mins) / safe, iq4nl.levels_tensor(params.spec.levels, scale))
+        return torch.where(scale == 0, 0, index).to(torch.int32)
     return _nearest(w.detach().float(), scale, mins, params.spec.qmin, params.spec.qmax).to(torch.int32)
 
 
 def dequantize(codes: Tensor, params: GGMLParams) -> Tensor:
-    """float32 [out, in] = (d * sc) * q - (dmin * mn), ggml's arithmetic and order."""
+    """float32 [out, in] = (d * sc) * q - (dmin * mn), ggml's arithmetic and order (a non-uniform
+    type: d * levels[q])."""
     scale, mins = params.columns()
     if tuple(codes.shape) != tuple(scale.shape):
         raise ValueError(f"codes {tuple(codes.shape)} do not match the grid {tuple(scale.shape)}")
-    return scale * codes.float() - mins
+    values = iq4nl.levels_tensor(params.spec.levels, scale)[codes.long()] if params.spec.levels else codes.float()
+    return scale * values - mins
 
 
 def fake_quantize(w: Tensor, spec: GGMLSpec, importance: Tensor | None = None) -> Tensor:
@@ -385,7 +400,7 @@ def gptq_ggml(w: Tensor, H: Tensor, spec: GGMLSpec, cfg: GPTQConfig = GPTQConfig
     """GPTQ on a ggml grid: the grid chosen with importance diag(H), then error feedback with it fixed."""
     params = choose_params(w, spec, importance=torch.diagonal(H).clamp(min=0))
     scale, mins = params.columns()
-    codes = gptq_fixed_grid(w, H, scale, mins, spec.qmin, spec.qmax, cfg).to(torch.int32)
+    codes = gptq_fixed_grid(w, H, scale, mins, spec.qmin, spec.qmax, cfg, spec.levels).to(torch.int32)
     weight = dequantize(codes, params)
     rtn = dequantize(quantize(w, params), params)
     return GGMLResult(params, codes, weight, output_error(w, weight, H), output_error(w, rtn, H))

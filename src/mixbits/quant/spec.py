@@ -102,8 +102,9 @@ class GGMLSpec:
 
         w = (d * sc) * q - (dmin * mn)          q in [qmin, qmax], sc in [scmin, scmax]
 
-    with signed q and sc for symmetric types. Bytes per block follow from the fields and equal
-    ggml's (GGML_QUANT_SIZES), so bits_per_weight is exact: Q4_K = 144 * 8 / 256 = 4.5.
+    with signed q and sc for symmetric types. A non-uniform type (`levels`, IQ4_NL) instead stores
+    an index q in [0, len(levels)) per weight: w = d * levels[q]. Bytes per block follow from the
+    fields and equal ggml's (GGML_QUANT_SIZES), so bits_per_weight is exact: Q4_K = 144 * 8 / 256 = 4.5.
     """
 
     name: str
@@ -112,6 +113,7 @@ class GGMLSpec:
     code_bits: int
     scale_bits: int
     min_bits: int
+    levels: tuple[int, ...] = ()  # a non-uniform grid (IQ4_NL): the values an index selects, times d
 
     keep = False  # never the fp16 "keep" spec; lets a plan hold GGML types beside QuantSpecs
 
@@ -134,10 +136,12 @@ class GGMLSpec:
 
     @property
     def qmin(self) -> int:
-        return -(1 << (self.code_bits - 1)) if self.symmetric else 0
+        return -(1 << (self.code_bits - 1)) if self.symmetric and not self.levels else 0
 
     @property
     def qmax(self) -> int:
+        if self.levels:
+            return len(self.levels) - 1
         return (1 << (self.code_bits - 1)) - 1 if self.symmetric else (1 << self.code_bits) - 1
 
     @property
@@ -173,6 +177,8 @@ class GGMLSpec:
         return GGML_TYPES[key]
 
 
+IQ4_NL_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # ggml's kvalues_iq4nl
+
 GGML_TYPES = {s.name: s for s in (
     GGMLSpec("Q2_K", 256, 16, 2, 4, 4),
     GGMLSpec("Q3_K", 256, 16, 3, 6, 0),
@@ -180,6 +186,7 @@ GGML_TYPES = {s.name: s for s in (
     GGMLSpec("Q5_K", 256, 32, 5, 6, 6),
     GGMLSpec("Q6_K", 256, 16, 6, 8, 0),
     GGMLSpec("Q4_0", 32, 32, 4, 0, 0),
+    GGMLSpec("IQ4_NL", 32, 32, 4, 0, 0, IQ4_NL_LEVELS),
     GGMLSpec("Q4_1", 32, 32, 4, 0, 16),
     GGMLSpec("Q5_0", 32, 32, 5, 0, 0),
     GGMLSpec("Q5_1", 32, 32, 5, 0, 16),

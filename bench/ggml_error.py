@@ -1,0 +1,69 @@
+"""Squared weight error of every ggml type on the embedded model's linears, relative to Q4_0.
+
+    OMP_NUM_THREADS=1 python bench/ggml_error.py --model smollm2-135m --blocks 0,10,20,29 [--importance]
+
+For each block linear of the blocks asked for and each ggml type its row length allows, the grid of
+`quant.kquant` (`fake_quantize`; IQ4_NL's through `quant.iq4nl`) and the error sum_i a_i (w_i - w_hat_i)^2
+summed over the layers (a = 1, or with --importance a log-normal exp(2 z) per input, seed 0, standing in
+for an imatrix). Printed per type: bits per weight, the error as a multiple of Q4_0's on the same layers
+(types that need rows of 256 are summed over the layers that have them, against Q4_0 on those same
+layers), and the seconds the grid search took. Caveat: the embedded model's weights were stored as Q4_1
+(model/load.py), so Q4_1 reproduces them almost exactly; the other types are not favoured by that grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from mixbits.model.load import load_model  # noqa: E402
+from mixbits.model.arch import find_linears  # noqa: E402
+from mixbits.quant import kquant  # noqa: E402
+from mixbits.quant.spec import GGML_TYPES  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    a.add_argument("--model", default="smollm2-135m")
+    a.add_argument("--blocks", default="0,10,20,29", help="comma-separated block indices")
+    a.add_argument("--importance", action="store_true")
+    args = a.parse_args(argv)
+    model, _ = load_model(args.model, device="cpu")
+    blocks = {int(b) for b in args.blocks.split(",")}
+    layers = {n: model.get_submodule(n) for n, info in find_linears(model).items() if info.block in blocks}
+    gen = torch.Generator().manual_seed(0)
+    errors: dict[str, float] = {}
+    base: dict[str, float] = {}  # Q4_0's error on the layers each type covers
+    seconds: dict[str, float] = {}
+    for name, module in layers.items():
+        w = module.weight.detach().float()
+        imp = torch.exp(2 * torch.randn(w.shape[1], generator=gen)) if args.importance else None
+        a_ = torch.ones(w.shape[1]) if imp is None else imp
+        q40 = float((a_ * (w - kquant.fake_quantize(w, GGML_TYPES["Q4_0"], imp)) ** 2).sum())
+        for tname, spec in GGML_TYPES.items():
+            if not spec.fits(w.shape[1]):
+                continue
+            t = time.perf_counter()
+            w_hat = kquant.fake_quantize(w, spec, imp)
+            seconds[tname] = seconds.get(tname, 0.0) + time.perf_counter() - t
+            errors[tname] = errors.get(tname, 0.0) + float((a_ * (w - w_hat) ** 2).sum())
+            base[tname] = base.get(tname, 0.0) + q40
+        print(f"{name} {tuple(w.shape)}", file=sys.stderr, flush=True)
+    print(f"`python bench/ggml_error.py --model {args.model} --blocks {args.blocks}"
+          f"{' --importance' if args.importance else ''}` ({len(layers)} layers)\n")
+    print("| type | bits per weight | error x Q4_0 | layers | seconds |")
+    print("|---|---:|---:|---:|---:|")
+    for tname in sorted(errors, key=lambda t: (GGML_TYPES[t].bits_per_weight, errors[t] / base[t])):
+        count = sum(GGML_TYPES[tname].fits(m.weight.shape[1]) for m in layers.values())
+        print(f"| {tname} | {GGML_TYPES[tname].bits_per_weight:g} | {errors[tname] / base[tname]:.3f} | {count} | "
+              f"{seconds[tname]:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
