@@ -30,6 +30,21 @@ DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
 DEFAULT_GROUPS = (64, 128)
 
 
+def check_candidates(name: str, field: str) -> str:
+    """`name` if it is a candidate set (CANDIDATE_SETS), else a UserError naming `field` and the sets."""
+    if name not in CANDIDATE_SETS:
+        raise UserError(f"{field} {name!r} is not known; use one of {', '.join(CANDIDATE_SETS)} (gguf: the ggml "
+                        "types llama.cpp loads, per row length)")
+    return name
+
+
+def candidate_set(candidates: str, bits: tuple[int, ...], groups: tuple[int | None, ...]) -> tuple[QuantSpec | GGMLSpec, ...]:
+    """The candidates of a set: affine bits x groups, the ggml types, or both; keeping in 16 bit last."""
+    affine = candidate_configs(bits, groups)[:-1] if candidates != "gguf" else ()
+    ggml = tuple(GGML_TYPES.values()) if candidates != "affine" else ()
+    return affine + ggml + (KEEP,)
+
+
 def candidate_configs(bits: tuple[int, ...], groups: tuple[int | None, ...], symmetric: bool = False) -> tuple[QuantSpec, ...]:
     """Every bits x group size pair, plus keeping the layer in 16 bit (always last)."""
     for b in bits:
@@ -71,9 +86,7 @@ class AllocationConfig:
     candidates: str = "affine"  # affine grids (bits x group sizes), ggml types for GGUF, or both
 
     def __post_init__(self) -> None:
-        if self.candidates not in CANDIDATE_SETS:
-            raise UserError(f"`allocation.candidates` {self.candidates!r} is not known; use one of "
-                            f"{', '.join(CANDIDATE_SETS)} (gguf: the ggml types llama.cpp loads, per row length)")
+        check_candidates(self.candidates, "`allocation.candidates`")
         if (self.target_bpw is None) == (self.target_size_mb is None):
             raise UserError("give exactly one of `allocation.target_bpw` and `allocation.target_size_mb`")
         for name in ("target_bpw", "target_size_mb"):
@@ -91,9 +104,7 @@ class AllocationConfig:
     def configs(self) -> tuple[QuantSpec | GGMLSpec, ...]:
         """The candidate specs; ggml types are offered to a layer only where its row length allows
         them (allocate.optimal.allowed_options masks the others). Keeping in 16 bit is always last."""
-        affine = candidate_configs(self.bits, self.group_sizes)[:-1] if self.candidates != "gguf" else ()
-        ggml = tuple(GGML_TYPES.values()) if self.candidates != "affine" else ()
-        return affine + ggml + (KEEP,)
+        return candidate_set(self.candidates, self.bits, self.group_sizes)
 
 
 def check_schedule(name: str) -> str:

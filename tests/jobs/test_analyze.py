@@ -158,3 +158,51 @@ def test_options_that_need_the_whole_model_load_it_and_say_why(tiny_model_dir, t
                                  validate=False, use_cache=False))
     assert summary["model"]["streamed"] is False
     assert "--granularity block: not streamed yet; this analysis loads the whole model" in caplog.text
+
+
+# ---- over ggml types (issue 16) --------------------------------------------------------------------------------
+
+def test_analyze_over_ggml_types_measures_what_each_row_can_store_and_allocate_plans_from_it(
+        tiny_model_dir, tiny_text_file, tmp_path, monkeypatch):
+    """Rows of 64 and 128 weights: the legacy types and IQ4_NL are measured, the K-quants (blocks of 256) are
+    not (NaN, as a run's Fisher table writes them); validation runs on ggml configs; the table plans a GGUF."""
+    from mixbits.jobs.allocate import allocate_from_table
+    from mixbits.quant.spec import GGML_TYPES, GGMLSpec
+
+    monkeypatch.setenv("MIXBITS_HOME", str(tmp_path / "home"))
+    cfg = config(tiny_model_dir, tiny_text_file, tmp_path, methods=("fisher", "output_error"), candidates="gguf",
+                 validate_configs=("q4_0", "iq4_nl"))
+    summary = analyze(cfg)
+    table = DamageTable.load(tmp_path / "out" / "sensitivity.json")
+    assert [c for c in table.configs if not c.keep] == list(GGML_TYPES.values())
+    for j, spec in enumerate(table.configs):
+        column = table.damage[:, j]
+        if spec.keep:
+            continue
+        if spec.block == 256:
+            assert np.isnan(column).all(), spec.name
+        else:
+            assert np.isfinite(column).all() and (column > 0).all(), spec.name
+    q40, iq4, q80 = (table.configs.index(GGML_TYPES[n]) for n in ("Q4_0", "IQ4_NL", "Q8_0"))
+    assert (table.damage[:, q80] < table.damage[:, q40]).all()
+    assert summary["validation"]["methods"] and set(summary["validation"]["methods"]) == {"fisher", "output_error"}
+    streamed = analyze(config(tiny_model_dir, tiny_text_file, tmp_path, methods=("fisher",), candidates="gguf",
+                              validate=False, use_cache=False, output_dir=tmp_path / "streamed"))
+    assert streamed["model"]["streamed"] is True
+    fisher = DamageTable.load(tmp_path / "streamed" / "sensitivity.json")
+    whole = analyze(config(tiny_model_dir, tiny_text_file, tmp_path, methods=("fisher",), candidates="gguf",
+                           validate=False, use_cache=False, stream=False, output_dir=tmp_path / "whole"))
+    assert whole["model"]["streamed"] is False
+    want = DamageTable.load(tmp_path / "whole" / "sensitivity.json").damage
+    assert np.array_equal(np.isnan(fisher.damage), np.isnan(want))
+    assert np.allclose(fisher.damage[~np.isnan(want)], want[~np.isnan(want)], rtol=1e-4, atol=0)
+    done = allocate_from_table(tmp_path / "out" / "sensitivity.json", strategy="optimal", target_bpw=5.0,
+                               candidates="gguf")
+    specs = done.results["optimal"].specs
+    assert all(isinstance(s, GGMLSpec) and s.block == 32 for s in specs.values())
+    assert done.results["optimal"].bpw <= 5.0
+
+
+def test_analyze_refuses_an_unknown_candidate_set():
+    with pytest.raises(ValueError, match="--candidates 'ggml' is not known"):
+        AnalyzeConfig(candidates="ggml")

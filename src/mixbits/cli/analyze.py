@@ -24,6 +24,8 @@ from mixbits.report.console import print_analysis
 ANALYZE_HELPS = {
     **{name: FLAGS[name].help for name in ("model", "dataset", "calib_windows", "seqlen", "bits", "group_sizes",
                                            "device", "compute_dtype", "offload_dir", "stream")},
+    "candidates": "configs the tables cover: affine (bits x group sizes), gguf (the ggml types llama.cpp loads, "
+                  "each only on layers whose rows allow it) or both; `mixbits allocate` plans over the same",
     "methods": "comma list of fisher, gradient, hessian, output_error, divergence, ablation",
     "granularity": "layer (each linear) or block (all linears of a block together)",
     "seed": "seed of the calibration window sampler and of random probes",

@@ -6,10 +6,10 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from mixbits.config import DEFAULT_BITS, DEFAULT_GROUPS, candidate_configs
+from mixbits.config import DEFAULT_BITS, DEFAULT_GROUPS, candidate_set, check_candidates
 from mixbits.devices import compute_torch_dtype
 from mixbits.errors import UserError
-from mixbits.quant.spec import QuantSpec
+from mixbits.quant.spec import GGMLSpec, QuantSpec, parse_spec
 from mixbits.sensitivity.methods import METHODS, check_methods
 from mixbits.sensitivity.units import check_granularity
 
@@ -18,9 +18,9 @@ __all__ = ["MEASURED", "AnalyzeConfig"]
 MEASURED = tuple(m for m, spec in METHODS.items() if spec.kind == "measured")
 
 
-def _parse(labels: tuple[str, ...], flag: str) -> tuple[QuantSpec, ...]:
+def _parse(labels: tuple[str, ...], flag: str) -> tuple[QuantSpec | GGMLSpec, ...]:
     try:
-        return tuple(QuantSpec.parse(label) for label in labels)
+        return tuple(parse_spec(label) for label in labels)
     except ValueError as err:
         raise UserError(f"{flag} {','.join(labels)}: {err}") from None
 
@@ -36,6 +36,7 @@ class AnalyzeConfig:
     seed: int = 0
     bits: tuple[int, ...] = DEFAULT_BITS
     group_sizes: tuple[int | None, ...] = DEFAULT_GROUPS
+    candidates: str = "affine"  # affine grids (bits x group sizes), ggml types for GGUF, or both
     measure_configs: tuple[str, ...] | None = None  # configs measured methods run (None: all)
     validate: bool = True
     validate_configs: tuple[str, ...] = ("w2g128", "w3g128")
@@ -53,6 +54,7 @@ class AnalyzeConfig:
     def __post_init__(self) -> None:
         check_methods(self.methods)
         check_granularity(self.granularity)
+        check_candidates(self.candidates, "--candidates")
         compute_torch_dtype(self.compute_dtype)
         if self.offload_dir is not None and Path(self.offload_dir).exists() and not Path(self.offload_dir).is_dir():
             raise UserError(f"--offload-dir {str(self.offload_dir)!r} is a file; give a folder (it is created if "
@@ -67,15 +69,16 @@ class AnalyzeConfig:
             raise UserError("--validate-configs holds no quantizing config; give e.g. w2g128,w3g128")
         self.configs()
 
-    def validation_specs(self) -> tuple[QuantSpec, ...]:
+    def validation_specs(self) -> tuple[QuantSpec | GGMLSpec, ...]:
         return tuple(s for s in _parse(self.validate_configs, "--validate-configs") if not s.keep)
 
-    def measure_specs(self) -> tuple[QuantSpec, ...] | None:
+    def measure_specs(self) -> tuple[QuantSpec | GGMLSpec, ...] | None:
         return None if self.measure_configs is None else _parse(self.measure_configs, "--measure-configs")
 
-    def configs(self) -> tuple[QuantSpec, ...]:
-        """The candidates (bits x groups, keep last), plus validation/measured configs not among them."""
-        base = list(candidate_configs(self.bits, self.group_sizes))
+    def configs(self) -> tuple[QuantSpec | GGMLSpec, ...]:
+        """The candidates (bits x groups and/or the ggml types, keep last), plus validation/measured configs
+        not among them. A ggml type is measured only on the layers whose rows it can store."""
+        base = list(candidate_set(self.candidates, self.bits, self.group_sizes))
         extra = [*self.validation_specs(), *(self.measure_specs() or ())]
         extra = [s for s in dict.fromkeys(extra) if s not in base]
         return tuple(base[:-1] + extra + base[-1:])

@@ -25,7 +25,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from mixbits.io import atomic_write_bytes
-from mixbits.quant.spec import QuantSpec
+from mixbits.quant.spec import parse_spec
 from mixbits.sensitivity.table import DamageTable
 
 
@@ -39,6 +39,8 @@ def _save(fig: Figure, path: str | Path) -> Path:
 
 
 def _rescale(values: np.ndarray) -> np.ndarray:
+    if np.isnan(values).all():  # a config no layer can take (a K-quant on short rows)
+        return np.zeros_like(values)
     lo, hi = np.nanmin(values), np.nanmax(values)
     return np.zeros_like(values) if not hi > lo else (values - lo) / (hi - lo)
 
@@ -102,7 +104,7 @@ def plot_predicted_vs_measured(
 ) -> Path:
     """Scatter per method of predicted vs measured damage on the validation configs (log axes)."""
     labels = list(validation["configs"])
-    configs = [QuantSpec.parse(label) for label in labels]
+    configs = [parse_spec(label) for label in labels]
     names = [m for m in tables if m in validation["methods"]]
     if not names:
         raise ValueError(f"no method of {list(tables)} is in the validation results {list(validation['methods'])}")

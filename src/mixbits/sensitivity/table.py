@@ -24,7 +24,7 @@ from mixbits.errors import UserError
 from mixbits.io import atomic_write_json
 from mixbits.safeload import load_file
 from mixbits.quant.cost import layer_storage_bytes
-from mixbits.quant.spec import GGML_TYPES, GGMLSpec, QuantSpec
+from mixbits.quant.spec import GGMLSpec, QuantSpec, parse_spec
 
 TABLE_FORMAT = "mixbits.sensitivity/1"
 
@@ -103,7 +103,7 @@ class DamageTable:
             raise UserError(f"{source} is not a mixbits sensitivity table (format {head.format!r}, "
                             f"expected {TABLE_FORMAT!r})")
         try:
-            configs = tuple(GGMLSpec.parse(c) if c.upper() in GGML_TYPES else QuantSpec.parse(c) for c in head.configs)
+            configs = tuple(parse_spec(c) for c in head.configs)
         except ValueError as err:
             raise UserError(f"{source}: configs: {err}") from None
         labels = [c.label for c in configs]
