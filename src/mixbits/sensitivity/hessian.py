@@ -74,14 +74,16 @@ def _hvp(grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor], vs: Sequ
     return [torch.zeros_like(p) if h is None else h for p, h in zip(params, hv)]
 
 
-def _check(windows: torch.Tensor, probes: int) -> None:
+def check_probes(windows: torch.Tensor, probes: int) -> None:
+    """ValueError unless `windows` is a non-empty [n, seqlen] batch and `probes` >= 1."""
     if windows.dim() != 2 or len(windows) == 0:
         raise ValueError(f"windows has shape {tuple(windows.shape)}; pass a LongTensor [n >= 1, seqlen]")
     if probes < 1:
         raise ValueError(f"probes={probes}; use at least 1 Rademacher vector per window")
 
 
-def _generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator:
+def probe_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator:
+    """The generator the Rademacher probes are drawn from: the caller's, else a fresh one seeded 0 on `device`."""
     return generator if generator is not None else torch.Generator(device=device).manual_seed(0)
 
 
@@ -101,8 +103,8 @@ def hutchinson_trace(
     `generator` (default: seeded 0 on `device`) draws every v on its own device, so pass one
     on `device` to avoid host-to-device copies; the global RNG is never used.
     """
-    _check(windows, probes)
-    gen = _generator(generator, device)
+    check_probes(windows, probes)
+    gen = probe_generator(generator, device)
     names = list(linears)
     total = torch.zeros(len(names), dtype=torch.float64)
     with second_order_ready(model, names) as params:
@@ -154,10 +156,10 @@ def top_eigenvalues(
     double-backward graph stays in memory for all units and iterations). Stops a unit when the
     Rayleigh quotient moves by at most `tol` relative, or after `iters` HVPs.
     """
-    _check(windows, 1)
+    check_probes(windows, 1)
     if iters < 1:
         raise ValueError(f"iters={iters}; power iteration needs at least 1 step")
-    gen = _generator(generator, device)
+    gen = probe_generator(generator, device)
     names = list(linears)
     eig: dict[str, float] = {}
     with second_order_ready(model, names) as params:
@@ -216,7 +218,7 @@ def hessian_table(
     The top eigenvalue is computed for the `max_units` units of largest mean trace (None: all),
     on the first `eig_windows` windows as one batch; the other units score NaN.
     """
-    gen = _generator(generator, device)
+    gen = probe_generator(generator, device)
     trace = hutchinson_trace(model, windows, linears, device=device, generator=gen, probes=probes, progress=progress)
     names = list(linears)
     mean_trace = mean_traces(trace, linears)

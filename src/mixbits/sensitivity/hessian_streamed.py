@@ -72,7 +72,7 @@ from mixbits.model.stream import BlockSource, as_source, head_forward
 from mixbits.quant.spec import QuantSpec
 from mixbits.sensitivity.capture import second_order_ready
 from mixbits.sensitivity.fisher_streamed import Boundaries
-from mixbits.sensitivity.hessian import _check, _generator, hessian_damage, mean_traces, rademacher
+from mixbits.sensitivity.hessian import check_probes, hessian_damage, mean_traces, probe_generator, rademacher
 
 log = logging.getLogger(__name__)
 
@@ -274,10 +274,10 @@ def hutchinson_by_block(
     holding a linear to the first; each trace as `hessian.hutchinson_trace` returns it (same generator ->
     same probes -> same numbers). `model`: a loaded model (`device` says where blocks run) or a
     `LazyCheckpoint`; `store`: where boundaries and gradients wait; `offload_dir`: boundaries on disk."""
-    _check(windows, probes)
+    check_probes(windows, probes)
     source = as_source(model, device)
     store = torch.device(store)
-    gen = _generator(generator, source.device)
+    gen = probe_generator(generator, source.device)
     by_block: dict[int, list[str]] = {}
     for name, info in linears.items():
         by_block.setdefault(info.block, []).append(name)
