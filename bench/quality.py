@@ -190,6 +190,11 @@ def meta(bench: Bench, argv: list[str] | None) -> dict:
     }
 
 
+def interleave(a: list, b: list) -> list:
+    out = [x for pair in zip(a, b) for x in pair]
+    return out + a[len(b):] + b[len(a):]
+
+
 def rows_for(bench: Bench) -> list:
     arms, args, seen = bench.args.arms, bench.args, {}
     rows = []
@@ -204,11 +209,11 @@ def rows_for(bench: Bench) -> list:
         rows += mixbits_arms.heuristic_rows(bench, seen)
     if {"llamacpp", "llamacpp-imatrix", "mixbits-gguf"} & set(arms):
         rows.append(quality_llamacpp.reference_row(bench))
-    for imatrix in (False, True):
-        if ("llamacpp-imatrix" if imatrix else "llamacpp") in arms:
-            rows += quality_llamacpp.rows(bench, imatrix)
-    if "mixbits-gguf" in arms:
-        rows += quality_gguf.rows(bench)
+    if "llamacpp" in arms:
+        rows += quality_llamacpp.rows(bench, False)
+    presets = quality_llamacpp.rows(bench, True) if "llamacpp-imatrix" in arms else []
+    files = quality_gguf.rows(bench) if "mixbits-gguf" in arms else []
+    rows += interleave(presets, files)  # each preset beside mixbits' file of its size: a stopped run leaves pairs
     if "torchao" in arms:
         rows += quality_peers.torchao_rows(bench)
     if "gptqmodel" in arms:
