@@ -83,6 +83,17 @@ def computed_cache(tmp_path_factory):
         yield folder
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one intra-op thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    figures compared bit for bit, or against a threshold tuned on one thread, do not depend on the
+    machine's core count; the previous count is restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_text() -> str:
     return make_text()

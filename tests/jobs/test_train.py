@@ -3,7 +3,6 @@ import json
 import logging
 
 import pytest
-import torch
 
 from mixbits.export.native import load_native
 from mixbits.model.arch import find_linears
@@ -15,12 +14,7 @@ from mixbits.jobs.train import train_command
 from mixbits.config import TrainConfig
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_train_command_writes_model_and_reports(tiny_model_dir, tiny_text_file, tmp_path):

@@ -20,12 +20,7 @@ CPU = torch.device("cpu")
 W3 = QuantSpec(3, 64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def windows(n=8, seqlen=32):

@@ -20,13 +20,7 @@ from tests.conftest import tiny_llama
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Thousands of microsecond-sized ops: thread sync would dominate (and thrash a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py; many small ops
 
 
 class MlpLM(nn.Module):

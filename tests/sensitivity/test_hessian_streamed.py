@@ -19,13 +19,7 @@ CPU = torch.device("cpu")
 CONFIGS = (QuantSpec(2, 32), QuantSpec(4, 64), KEEP)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many small ops: thread sync would dominate (and thrash a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py; many small ops
 
 
 def windows(n=3, seqlen=16):

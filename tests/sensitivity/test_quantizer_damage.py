@@ -15,12 +15,7 @@ CPU = torch.device("cpu")
 CONFIGS = (QuantSpec(2, 64), QuantSpec(3, 64), QuantSpec(4, 64), QuantSpec(8, 64), KEEP)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def windows(n=8, seqlen=32):

@@ -17,12 +17,7 @@ CPU = torch.device("cpu")
 SPEC = QuantSpec(2, 32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def stream(inputs, hidden=None):

@@ -17,12 +17,7 @@ CPU = torch.device("cpu")
 CFG = TrainConfig(epochs=2, batch_size=2, quant_lr=3e-3, weight_lr=3e-4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def windows(n, seed, seqlen=16):
