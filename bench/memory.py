@@ -27,7 +27,8 @@ export-gguf (of run-rtn's folder); on request only, analyze-hessian (`--methods 
 --no-stream, the whole model; no prediction). Small
 calibration settings (--calib-windows, --seqlen, --eval-windows) keep the data's share small: the
 figures are the model's. Per stage: wall time around the process, and its peak resident memory
-from the kernel (`os.wait4`'s ru_maxrss: the VmHWM of the process and of anything it waited for);
+from the kernel (`os.wait4`'s ru_maxrss, taken by a small launcher between this script and the
+stage, so that this script's own peak is not handed to the stage at exec: `LAUNCHER`);
 the predicted peak (`mixbits.model.budget`, for the stages it covers); peak / the checkpoint's
 bytes. Random weights measure memory and time only, never quality.
 
@@ -245,27 +246,61 @@ def predicted_bytes(stage: str, model: Path, args: argparse.Namespace) -> int | 
     return None
 
 
+# A small launcher between this script and the stage. Linux keeps, in a child's ru_maxrss, the
+# resident peak of the address space it replaced at exec: with vfork (what subprocess and posix_spawn
+# use) that is this script's own VmHWM, 0.8-1.3 GiB after building a checkpoint, so every stage below
+# it read as that floor. The launcher is a bare Python (about 10 MiB) that spawns the stage, waits for
+# it and writes the stage's own rusage to a file.
+LAUNCHER = """import json, os, sys
+pid = os.posix_spawn(sys.argv[2], sys.argv[2:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+rc = os.waitstatus_to_exitcode(status)
+with open(sys.argv[1], "w") as f:
+    json.dump({"maxrss_kib": usage.ru_maxrss, "rc": rc}, f)
+sys.exit(rc if 0 <= rc < 256 else 1)
+"""
+
+
 def run_stage(argv: list[str], log: Path, threads: int, timeout: float) -> dict:
-    """Run one stage as its own process: wall seconds, peak RSS (MiB) from os.wait4, exit code."""
+    """Run one stage as its own process: wall seconds, its peak RSS (MiB, from os.wait4 in `LAUNCHER`),
+    exit code. A stage killed at the timeout reports the launcher's figure (a floor, not the stage's)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     log.parent.mkdir(parents=True, exist_ok=True)
+    usage_file = log.with_suffix(".rusage.json")
+    usage_file.unlink(missing_ok=True)
     with log.open("w") as sink:
         sink.write(" ".join(argv) + "\n")
         sink.flush()
         began = time.perf_counter()
-        child = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        timed_out = False
+        child = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(usage_file), *argv], stdout=sink,
+                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        timed_out, sampled = False, 0
         while True:
-            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            pid, status, _ = os.wait4(child.pid, os.WNOHANG)
             if pid:
                 break
-            if time.perf_counter() - began > timeout:
+            if time.perf_counter() - began > timeout and not timed_out:
                 os.killpg(child.pid, signal.SIGKILL)  # the stage's own process group only
                 timed_out = True
+            else:
+                sampled = max(sampled, _stage_hwm_kib(child.pid))
             time.sleep(0.2)
         wall = time.perf_counter() - began
     rc = os.waitstatus_to_exitcode(status)
-    return {"wall_s": wall, "peak_mib": usage.ru_maxrss / 1024, "rc": rc, "timed_out": timed_out, "log": str(log)}
+    # a stage killed at the timeout wrote no rusage: its VmHWM as last sampled (a lower bound)
+    own = json.loads(usage_file.read_text()) if usage_file.is_file() else {"maxrss_kib": sampled, "rc": rc}
+    return {"wall_s": wall, "peak_mib": own["maxrss_kib"] / 1024, "rc": own["rc"], "timed_out": timed_out,
+            "log": str(log)}
+
+
+def _stage_hwm_kib(launcher: int) -> int:
+    """VmHWM (KiB) of the launcher's children, read from /proc (0 where it cannot be read)."""
+    try:
+        children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
+        return max((int(line.split()[1]) for c in children for line in Path(f"/proc/{c}/status").read_text().splitlines()
+                    if line.startswith("VmHWM:")), default=0)
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 # --- the table -------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ and (where the budget module covers it) a prediction, and that the checkpoints a
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from safetensors import safe_open
@@ -76,3 +77,20 @@ def test_the_hessian_stage_runs_on_request_only(bench, tmp_path):
     assert argv[argv.index("--methods") + 1] == "hessian" and "--no-stream" in argv
     fisher = bench.stage_argv("analyze", tmp_path / "m", tmp_path, args)
     assert fisher[fisher.index("--methods") + 1] == "fisher" and "--no-stream" not in fisher
+
+
+def test_a_stage_peak_is_its_own_not_this_processs(bench, tmp_path):
+    """Linux hands a vfork'd child the parent's resident peak at exec; the launcher keeps it out."""
+    held = bytearray(512 * 2**20)
+    held[::4096] = b"\1" * len(held[::4096])  # touched: this process's peak is now over 512 MiB
+    del held
+    script = "x = bytearray(64 * 2**20); x[::4096] = b'\\1' * len(x[::4096])"
+    record = bench.run_stage([sys.executable, "-c", script], tmp_path / "logs" / "s.log", threads=1, timeout=60)
+    assert record["rc"] == 0 and not record["timed_out"]
+    assert 64 < record["peak_mib"] < 256, record  # the stage's 64 MiB and Python, not the 512 MiB above
+
+
+def test_a_stage_killed_at_the_timeout_is_reported(bench, tmp_path):
+    record = bench.run_stage([sys.executable, "-c", "import time; time.sleep(30)"], tmp_path / "s.log", threads=1,
+                             timeout=1)
+    assert record["timed_out"] and record["rc"] != 0 and 0 < record["peak_mib"] < 256
