@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from mixbits.quant.spec import IQ4_NL_LEVELS as LEVELS
+from mixbits.quant.workers import map_pieces
 
 __all__ = ["LEVELS", "choose_scales", "levels_tensor", "nearest_level"]
 
@@ -91,5 +92,6 @@ def choose_scales(w: Tensor, importance: Tensor | None, levels: tuple[int, ...],
     a = (a + 1e-6 * a.mean() + 1e-30).reshape(1, n // block, block)
     lv = levels_tensor(levels, x)
     rows = max(1, _CHUNK // n)
-    parts = [_scales_of(x[r : r + rows].reshape(-1, n // block, block), a, lv) for r in range(0, out, rows)]
+    parts = map_pieces(lambda r: _scales_of(x[r : r + rows].reshape(-1, n // block, block), a, lv),  # quant.workers
+                       range(0, out, rows), x.device)
     return torch.cat(parts, dim=0)[..., 0]
