@@ -112,8 +112,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.add_argument("--seqlen", type=int, default=512)
     a.add_argument("--calib-windows", type=int, default=16)
     a.add_argument("--llamacpp-types", default=",".join(quality_llamacpp.TYPES))
-    a.add_argument("--gguf-quantizer", default="gptq", choices=tuple(quality_gguf.QUANTIZERS),
-                   help="mixbits-gguf: quantizer of the plans on the ggml grids")
+    a.add_argument("--gguf-quantizer", default="clip", choices=tuple(quality_gguf.QUANTIZERS),
+                   help="mixbits-gguf: quantizer of the plans on the ggml grids (clip: importance-weighted grid)")
+    a.add_argument("--gguf-damage-rows", type=int, default=64,
+                   help="mixbits-gguf: strided rows per layer the Fisher damage of each ggml type is estimated on")
     a.add_argument("--no-build-llamacpp", dest="build_llamacpp", action="store_false",
                    help="do not build llama.cpp's tools when missing (those rows then say why they did not run)")
     a.add_argument("--match-quantizers", default="rtn,gptq",

@@ -9,12 +9,17 @@ For every preset of `--llamacpp-types` (issue 16 asks for Q2_K, Q3_K_S/M/L, Q4_K
    K-quants on rows of 256-multiples, the legacy 32-block types elsewhere), every option priced at
    its bytes in the GGUF file mixbits writes (`jobs.gguf_budget`: the fixed part, i.e. token
    embedding and untied head in F16, norms in F32, header, metadata with the tokenizer, is exact;
-   each linear at its padded bytes), at or below the target. Damage: the Fisher table computed
-   on those ggml grids (`--damage rtn`), once for every preset (it is cached on disk).
+   each linear at its padded bytes), at or below the target. Damage: the Fisher damage of every
+   ggml type (`--damage rtn`), ½ Σ F (w − q(w))², estimated on `--gguf-damage-rows` strided rows
+   of each layer and scaled to its rows (the ggml grid search on every row of every type takes
+   hours on 2 shared cores; the rows of a layer are quantized independently, so the sample is
+   exact for its rows), once for every preset (saved as `mixbits-gguf/damage.json`).
 3. The plan is quantized by `--gguf-quantizer` on the same calibration windows llama-imatrix read
-   (`bench.calib`): gptq (default) chooses each grid with importance diag(XᵀX) and adds GPTQ's
-   error feedback on it; clip chooses the grid with that importance and rounds to nearest (the
-   rule of llama.cpp's imatrix); rtn with uniform importance.
+   (`bench.calib`): clip (default) chooses each layer's grid (sub-block scales and mins) with
+   importance a = diag(XᵀX) of the original model's inputs to the layer on those windows, which
+   is what llama.cpp's imatrix holds, and rounds to nearest; gptq adds GPTQ's error feedback on
+   that grid, blockwise in sequence (`quantize_model`, about 4x the time); rtn chooses the grid
+   with uniform importance.
 4. mixbits' writer writes it (`model.gguf`, the tokenizer.ggml.pre of the F16 file), its bytes are
    checked against the prediction, and llama.cpp itself runs it on mixbits' token ids, as every
    llama.cpp row is run.
@@ -37,27 +42,32 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from quality_rows import Built, NotRun, Row
 import quality_llamacpp
 from mixbits.allocate.feasibility import BudgetInfeasible
 from mixbits.allocate.optimal import allocate_optimal
 from mixbits.config import AllocationConfig
-from mixbits.jobs.gguf_budget import GGUFBudget, gguf_budget
-from mixbits.model.quantize import quantize_model
-from mixbits.pipeline import sensitivity
-from mixbits.plan import Plan
 from mixbits.export.gguf import write_gguf
+from mixbits.jobs.gguf_budget import GGUFBudget, gguf_budget
+from mixbits.model.arch import get_weight
+from mixbits.model.hooks import input_hooks
+from mixbits.model.quantize import quantize_model
+from mixbits.plan import Plan
+from mixbits.quant import kquant
+from mixbits.sensitivity.fisher import empirical_fisher, fisher_damage
 from mixbits.sensitivity.table import DamageTable
-from mixbits.timing import StageTimer
 
 log = logging.getLogger("quality")
 
 ARM = "mixbits-gguf"
 PEER = "llamacpp-imatrix"
-QUANTIZERS = {"gptq": "GPTQ on each ggml grid (grid chosen with importance diag(XᵀX), then error feedback)",
-              "clip": "round to nearest on each ggml grid chosen with importance diag(XᵀX) (the imatrix rule)",
+QUANTIZERS = {"clip": "round to nearest on each ggml grid chosen with importance diag(XᵀX) of the original's inputs "
+                      "(what llama.cpp's imatrix holds)",
+              "gptq": "GPTQ on each ggml grid (grid chosen with importance diag(XᵀX), then error feedback)",
               "rtn": "round to nearest on each ggml grid chosen with uniform importance"}
-DAMAGE = "Fisher on the ggml grids (`--damage rtn`), one table for every preset"
 
 
 def _cfg(bench, target_bytes: int | None = None):
@@ -71,11 +81,67 @@ def pre(bench) -> str:
     return quality_llamacpp.TOKENIZER_PRE.get(bench.args.model, "default")
 
 
+def damage_method(rows: int) -> str:
+    return f"fisher (--damage rtn) on {rows} strided rows per layer, scaled to its rows"
+
+
 def table(bench) -> DamageTable:
-    """The Fisher damage of every ggml type each linear allows (computed once, then from the disk cache)."""
-    if "gguf_table" not in bench.memo:
-        bench.memo["gguf_table"] = sensitivity(_cfg(bench), bench.p, bench.calib, StageTimer(), bench.data_info)
-    return bench.memo["gguf_table"]
+    """The Fisher damage of every ggml type each linear allows, on `--gguf-damage-rows` strided rows
+    of each layer scaled to all of them (module docstring); computed once, kept in OUT/mixbits-gguf."""
+    rows = bench.args.gguf_damage_rows
+    path = bench.out / ARM / "damage.json"
+    if "gguf_table" in bench.memo:
+        return bench.memo["gguf_table"]
+    if path.is_file():
+        found = DamageTable.load(path)
+        if found.method == damage_method(rows) and found.units == tuple(bench.p.linears):
+            bench.memo["gguf_table"] = found
+            return found
+    configs = _cfg(bench).allocation.configs()
+    fisher = empirical_fisher(bench.p.model, bench.calib, bench.p.linears, device=bench.p.device, progress=False)
+    damage = np.zeros((len(bench.p.linears), len(configs)))
+    for u, name in enumerate(bench.p.linears):
+        weight = get_weight(bench.p.model.get_submodule(name)).detach()
+        picked = torch.arange(0, weight.shape[0], max(1, weight.shape[0] // rows))
+        damage[u] = fisher_damage(weight[picked], fisher.pop(name)[picked], configs) * weight.shape[0] / len(picked)
+    found = DamageTable(tuple(bench.p.linears), tuple(bench.p.shapes[n] for n in bench.p.linears), tuple(configs),
+                        damage, damage_method(rows))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    found.save(path)
+    bench.memo["gguf_table"] = found
+    return found
+
+
+def importance(bench) -> dict[str, torch.Tensor]:
+    """diag(XᵀX) per linear: the sum over the calibration windows of the squared inputs of each
+    input channel, in the original model (llama.cpp's imatrix is this, per token averaged)."""
+    if "gguf_importance" not in bench.memo:
+        sums = {name: torch.zeros(shape[1], dtype=torch.float64) for name, shape in bench.p.shapes.items()}
+
+        def add(name: str, x: torch.Tensor) -> None:
+            sums[name] += x.detach().reshape(-1, x.shape[-1]).double().square().sum(0).cpu()
+
+        with torch.no_grad(), input_hooks(bench.p.model, list(sums), add):
+            for window in bench.calib:
+                bench.p.model(window[None].to(bench.p.device))
+        bench.memo["gguf_importance"] = {n: s.float() for n, s in sums.items()}
+    return bench.memo["gguf_importance"]
+
+
+def quantized(bench, plan: Plan, quantizer: str) -> tuple[object, dict]:
+    """(model to write, qparams by layer): clip and rtn choose each ggml layer's grid from the
+    original weight (with `importance` for clip) and the writer takes the codes nearest to it on
+    that grid, which is the weight `quantize_ggml` makes; gptq goes through `quantize_model`."""
+    if quantizer == "gptq":
+        model, report = quantize_model(bench.p.model, plan, quantizer="gptq", device=bench.p.device, progress=False,
+                                       windows=bench.calib, gptq=bench.cfg.gptq)
+        return model, dict(report.qparams)
+    a = importance(bench) if quantizer == "clip" else {}
+    params = {}
+    for name, spec in plan.quantized().items():
+        w = get_weight(bench.p.model.get_submodule(name)).detach().float()
+        params[name] = kquant.choose_params(w, spec, a.get(name))
+    return bench.p.model, params
 
 
 def budget(bench, target_bytes: int) -> GGUFBudget:
@@ -108,18 +174,18 @@ def solve(bench, target_bytes: int, quantizer: str) -> GGUFFile:
         return GGUFFile(path, plan, plan.meta["gguf"]["file_bytes"], 0.0)
     began = time.perf_counter()
     b = budget(bench, target_bytes)
-    specs, _ = allocate_optimal(b.priced(table(bench)), bench.p.groups, b.budget_bits(), bench.p.constraints)
+    damage = table(bench)
+    specs, _ = allocate_optimal(b.priced(damage), bench.p.groups, b.budget_bits(), bench.p.constraints)
     plan = b.record(Plan(specs, {"strategy": "optimal", "budget": f"{target_bytes} bytes of GGUF file",
-                                 "sensitivity": DAMAGE, "quantizer": quantizer}))
+                                 "sensitivity": damage.method, "quantizer": quantizer}))
     predicted = plan.meta["gguf"]["file_bytes"]
     if predicted > target_bytes:
         raise RuntimeError(f"the plan's file would be {predicted} bytes, above the target {target_bytes}")
-    model, report = quantize_model(bench.p.model, plan, quantizer=quantizer, device=bench.p.device, progress=False,
-                                   windows=None if quantizer == "rtn" else bench.calib, gptq=bench.cfg.gptq)
+    model, qparams = quantized(bench, plan, quantizer)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / "tmp" / "model.gguf"  # the stem is general.name, which the size counts: "model"
     tmp.parent.mkdir(exist_ok=True)
-    write_gguf(model, plan, tmp, bench.p.tokenizer, qparams=report.qparams, tokenizer_pre=pre(bench))
+    write_gguf(model, plan, tmp, bench.p.tokenizer, qparams=qparams, tokenizer_pre=pre(bench))
     del model
     written = tmp.stat().st_size
     if written != predicted:
@@ -136,7 +202,7 @@ def rows(bench) -> list[Row]:
     for qtype in bench.args.llamacpp_types:
         settings = {"matches": f"{PEER}/{qtype}", "target": f"the whole file bytes of {PEER}/{qtype}",
                     "candidates": "the ggml types each row allows (K-quants on rows of 256-multiples)",
-                    "quantizer": QUANTIZERS[quantizer], "damage": DAMAGE,
+                    "quantizer": QUANTIZERS[quantizer], "damage": damage_method(bench.args.gguf_damage_rows),
                     "calibration": "the windows llama-imatrix read for the preset",
                     "embeddings_and_head": "F16 in both files"}
         row = Row(ARM, qtype, settings, lambda: None)
