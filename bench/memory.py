@@ -24,12 +24,12 @@ run-rtn and run-gptq (`mixbits run` with the uniform baselines), run-rtn-ram (ru
 `--preload`: the checkpoint held in RAM in its own dtype), analyze (`--methods fisher`),
 train (Block-AP of run-rtn's plan), train-e2e (Block-AP then E2E-QP, `--e2e`), export-gptq and
 export-gguf (of run-rtn's folder); on request only, analyze-hessian (`--methods hessian`, streamed or, with
---no-stream, the whole model; no prediction). Small
+--no-stream, the whole model, which has no prediction). Small
 calibration settings (--calib-windows, --seqlen, --eval-windows) keep the data's share small: the
 figures are the model's. Per stage: wall time around the process, and its peak resident memory
 from the kernel (`os.wait4`'s ru_maxrss, taken by a small launcher between this script and the
 stage, so that this script's own peak is not handed to the stage at exec: `LAUNCHER`);
-the predicted peak (`mixbits.model.budget`, for the stages it covers); peak / the checkpoint's
+the predicted peak (`mixbits.model.budget` and `budget_stages`, for the stages they cover); peak / the checkpoint's
 bytes. Random weights measure memory and time only, never quality.
 
 The checkpoints this script built are deleted when it ends (the disk is shared) unless
@@ -215,14 +215,24 @@ def stage_argv(stage: str, model: Path, out: Path, args: argparse.Namespace) -> 
 
 
 def predicted_bytes(stage: str, model: Path, args: argparse.Namespace) -> int | None:
-    """The peak `mixbits.model.budget` predicts for the stage (None where it predicts none: export)."""
+    """The peak `mixbits.model.budget` / `budget_stages` predicts for the stage (None where it predicts
+    none: analyze-hessian with --no-stream, the whole model). Export stages read run-rtn's folder's headers."""
     from mixbits.config import DataConfig, RunConfig, TrainConfig
     from mixbits.model.apply import layer_shapes
     from mixbits.model.budget import predict_run, predict_train, skeleton_of
+    from mixbits.model.budget_stages import predict_analyze, predict_export
     from mixbits.plan import Plan
     from mixbits.train.e2e_streamed import step_size_count
     from mixbits.model.memory import model_shapes
 
+    if stage.startswith("export-"):  # streamed from the run's native folder (--nearest may load the whole model)
+        from mixbits.export.footprint import stored_parts
+        from mixbits.export.from_native import stored_source
+
+        if args.nearest:
+            return None
+        source = stored_source(args.out / model.name / "run-rtn" / "model")
+        return predict_export(stored_parts(source), stage.removeprefix("export-")).total
     skeleton, stored = skeleton_of(model)
     shapes = model_shapes(skeleton)
     data = DataConfig(seqlen=args.seqlen, calib_windows=args.calib_windows, eval_windows=args.eval_windows)
@@ -231,10 +241,12 @@ def predicted_bytes(stage: str, model: Path, args: argparse.Namespace) -> int | 
         cfg = RunConfig(model=str(model), data=data, quantizer=stage.split("-")[1], stream=args.stream,
                         damage=args.damage, preload=stage.endswith("-ram"), baselines=args.baselines)
         return predict_run(cfg, shapes, device=cpu, checkpoint_dtype=stored).total
-    if stage == "analyze":
-        memory = predict_run(RunConfig(model=str(model), data=data, quantizer="rtn"), shapes, device=cpu,
-                             checkpoint_dtype=stored)
-        return memory.stages[0].total + sum(memory.held.values())  # the Fisher stage alone
+    if stage.startswith("analyze"):  # streamed, as stage_argv runs it (--no-validate)
+        if stage == "analyze-hessian" and not args.stream:
+            return None
+        methods = ("hessian",) if stage == "analyze-hessian" else ("fisher",)
+        return predict_analyze(methods, shapes, windows=args.calib_windows, seqlen=args.seqlen, device=cpu,
+                               checkpoint_dtype=stored).total
     if stage.startswith("train"):  # streamed Block-AP (then E2E-QP), as stage_argv runs it
         e2e = stage == "train-e2e"
         train = TrainConfig(train_size=args.calib_windows, val_size=1, seqlen=args.seqlen, batch_size=1, epochs=1,
@@ -297,8 +309,8 @@ def _stage_hwm_kib(launcher: int) -> int:
     """VmHWM (KiB) of the launcher's children, read from /proc (0 where it cannot be read)."""
     try:
         children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
-        return max((int(line.split()[1]) for c in children for line in Path(f"/proc/{c}/status").read_text().splitlines()
-                    if line.startswith("VmHWM:")), default=0)
+        lines = [line for c in children for line in Path(f"/proc/{c}/status").read_text().splitlines()]
+        return max((int(line.split()[1]) for line in lines if line.startswith("VmHWM:")), default=0)
     except (OSError, ValueError, IndexError):
         return 0
 

@@ -47,7 +47,7 @@ def test_tiny_run_measures_each_stage_and_deletes_the_checkpoint(bench, tmp_path
     for row in rows.values():
         assert row["status"] == "ok", row
         assert row["rc"] == 0 and row["peak_mib"] > 100 and row["wall_s"] > 0
-    assert rows["run-rtn"]["predicted_mib"] > 0 and rows["export-gguf"]["predicted_mib"] is None
+    assert rows["run-rtn"]["predicted_mib"] > 0 and rows["export-gguf"]["predicted_mib"] > 0  # from run-rtn's folder
     assert rows["train-e2e"]["predicted_mib"] >= rows["train"]["predicted_mib"] > 0  # + an E2E stage
     assert json.loads((tmp_path / "tiny" / "train-e2e" / "train_report.json").read_text())["streamed"] is True
     assert rows["run-rtn-ram"]["predicted_mib"] > rows["run-rtn"]["predicted_mib"]  # + the checkpoint's bytes
@@ -94,3 +94,15 @@ def test_a_stage_killed_at_the_timeout_is_reported(bench, tmp_path):
     record = bench.run_stage([sys.executable, "-c", "import time; time.sleep(30)"], tmp_path / "s.log", threads=1,
                              timeout=1)
     assert record["timed_out"] and record["rc"] != 0 and 0 < record["peak_mib"] < 256
+
+
+def test_every_streamed_stage_has_a_prediction(bench, tmp_path):
+    """analyze, analyze-hessian and the exports are predicted (model/budget_stages.py); the whole-model
+    Hessian (--no-stream) is not."""
+    folder = tmp_path / "checkpoints" / "tiny"
+    bench.build_checkpoint(folder, bench.SIZES["tiny"])
+    args = bench.parse_args(["--out", str(tmp_path), "--seqlen", "64"])
+    analyze, hessian = (bench.predicted_bytes(s, folder, args) for s in ("analyze", "analyze-hessian"))
+    assert hessian > analyze > 0
+    whole = bench.parse_args(["--out", str(tmp_path), "--stages", "analyze-hessian", "--no-stream"])
+    assert bench.predicted_bytes("analyze-hessian", folder, whole) is None

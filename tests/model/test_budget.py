@@ -1,5 +1,6 @@
 """The run's memory check: settings validated, the peak predicted from shapes, refusals before any
-weight is read, and the prediction never more than 10 % below the measured peak on tiny models."""
+weight is read, and the prediction never more than 10 % below the measured peak on tiny models; the
+same for `mixbits analyze` and `mixbits export` (model/budget_stages.py)."""
 
 import dataclasses
 import re
@@ -12,10 +13,15 @@ from mixbits.cli import app
 from mixbits.config import DataConfig, RunConfig, TrainConfig
 from mixbits.devices import compute_torch_dtype, parse_max_memory
 from mixbits.errors import UserError
+from mixbits.export.footprint import stored_parts
+from mixbits.export.from_native import stored_source
+from mixbits.export.native import save_native
+from mixbits.export.streamed import export_stored
 from mixbits.eval.streamed import Scorer
 from mixbits.model.arch import find_linears
 from mixbits.model.blockwise import capture_block_inputs
 from mixbits.model.budget import RUNTIME_BYTES, check_run_memory, predict_run, skeleton_of
+from mixbits.model.budget_stages import EXPORT_RUNTIME_BYTES, predict_analyze, predict_export
 from mixbits.model.lazy import LazyCheckpoint, open_checkpoint
 from mixbits.model.memory import model_shapes
 from mixbits.model.quantize_streamed import quantize_streamed
@@ -23,6 +29,8 @@ from mixbits.model.stream import call_block
 from mixbits.plan import Plan
 from mixbits.quant.spec import QuantSpec
 from mixbits.sensitivity.fisher_streamed import streamed_fisher_table
+from mixbits.sensitivity.hessian_streamed import streamed_hessian_table
+from mixbits.sensitivity.output_error_streamed import streamed_output_error_table
 from tests.conftest import tiny_llama
 from tests.model.test_memory import measured_peak
 
@@ -261,3 +269,66 @@ def test_cuda_prediction_covers_the_device_peak(folder):
     assert stage.total >= 0.9 * measured, (measured, stage)
     memory = check_run_memory(cfg, folder, device=cuda)  # fits: no refusal
     assert memory.on("cpu") == sum(memory.held.values()) and memory.on("cuda:0") > memory.peak.total
+
+
+# --- analyze and export (model/budget_stages.py) ----------------------------------------------------------
+
+def test_analyze_prediction_follows_the_methods(folder):
+    shapes = model_shapes(skeleton_of(folder)[0])
+    predict = lambda methods, **kw: predict_analyze(methods, shapes, windows=8, seqlen=128, device=CPU,
+                                                    checkpoint_dtype=torch.bfloat16, **kw)
+    assert [s.stage for s in predict(("fisher", "gradient", "output_error")).stages] == ["fisher", "output error"]
+    both = predict(("gradient", "hessian"))
+    assert [s.stage for s in both.stages] == ["fisher", "hessian"] and both.held["runtime"] == RUNTIME_BYTES
+    hessian = {s.stage: s for s in both.stages}["hessian"]
+    assert predict(("hessian",), offload=True).stages[0].total < hessian.total  # boundaries on disk
+    assert predict(("hessian",), probes=4).stages[0].total > hessian.total  # a tangent per probe
+    fisher = predict(("fisher",))  # the same count as run's Fisher stage
+    run = predict_run(config(calib=8, seqlen=128, quantizer="rtn"), shapes, device=CPU, checkpoint_dtype=torch.bfloat16)
+    assert fisher.total == run.stages[0].total + sum(run.held.values())
+    with pytest.raises(ValueError, match="none is streamed"):
+        predict(("divergence",))
+
+
+@pytest.mark.parametrize("method, n, seqlen", [("hessian", 2, 64), ("hessian", 4, 128), ("output_error", 4, 128)])
+def test_analyze_prediction_is_not_below_the_measured_peak(folder, tmp_path, method, n, seqlen):
+    ckpt = open_checkpoint(folder)
+    windows = torch.randint(0, 256, (n, seqlen), generator=torch.Generator().manual_seed(0))
+    linears, specs = find_linears(ckpt.model), [QuantSpec(4, 32), QuantSpec(8, 32)]
+    table = streamed_hessian_table if method == "hessian" else streamed_output_error_table
+    measured = measured_peak(lambda: table(ckpt, windows, linears, specs, progress=False), folder, tmp_path)
+    predicted = predict_analyze((method,), model_shapes(ckpt.model), windows=n, seqlen=seqlen, device=CPU,
+                                checkpoint_dtype=torch.bfloat16).peak
+    assert predicted.total >= 0.9 * measured, (method, measured, predicted)
+    assert predicted.total <= 3 * measured, (method, measured, predicted)  # not a blanket over-estimate
+
+
+def _wide_run_folder(path):
+    """A native folder of a Llama wider than the tiny one (blocks outweigh the embeddings), mixed plan."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    labels = {"q_proj": "w4g32", "k_proj": "w4g32", "v_proj": "w4g32", "o_proj": "fp16", "gate_proj": "w4g64s",
+              "up_proj": "w4g64s", "down_proj": "w8g32s"}
+    plan = Plan({n: QuantSpec.parse(labels[n.rsplit(".", 1)[1]]) for n in find_linears(model)})
+    save_native(model, plan, path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "gguf"])
+def test_export_prediction_is_not_below_the_measured_peak(tmp_path, fmt):
+    run = _wide_run_folder(tmp_path / "run")
+    source = stored_source(run)
+    parts = stored_parts(source)
+    assert sum(p.stored_bytes for p in parts) == sum(f.stat().st_size for f in run.glob("*.safetensors")) - sum(
+        8 + int.from_bytes(f.read_bytes()[:8], "little") for f in run.glob("*.safetensors"))  # headers aside
+    assert [p.index for p in parts] == [None, 0, 1, None] and parts[1].planned_weights == \
+        sum(o * i for o, i in model_shapes(source.structure).block_linears[0]) - 256 * 256  # o_proj kept in fp16
+    measured = measured_peak(lambda: export_stored(source, tmp_path / "out", fmt), run, tmp_path)
+    predicted = predict_export(parts, fmt)
+    assert predicted.peak.phase.startswith("block") and predicted.held["runtime"] == EXPORT_RUNTIME_BYTES
+    assert predicted.peak.total >= 0.9 * measured, (measured, predicted.describe())
+    assert predicted.peak.total <= 3 * measured, (measured, predicted.describe())

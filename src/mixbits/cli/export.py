@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,11 +41,13 @@ def export_cmd(
     if fmt not in EXPORT_FORMATS:
         raise typer.BadParameter(f"--format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     from mixbits.export.formats import expressible, export as export_model, fused_groups
+    from mixbits.export.footprint import stored_parts
     from mixbits.export.from_native import load_for_export, stored_source
     from mixbits.export.streamed import export_stored
     from mixbits.export.roundtrip import source_for
     from mixbits.model.apply import layer_shapes
     from mixbits.model.load import load_model
+    from mixbits.model.budget_stages import predict_export
 
     options = {"gptq": {"checkpoint_format": gptq_format},
                "gguf": {"regroup": gguf_regroup, "tokenizer_pre": gguf_pre}}.get(fmt, {})
@@ -54,6 +57,8 @@ def export_cmd(
         shapes, fused = layer_shapes(stored.structure), fused_groups(stored.structure)
         plan = stored.plan
         if not (nearest and expressible(fmt, stored.plan, shapes, fused)):
+            memory = predict_export(stored_parts(stored), fmt)  # from the headers: nothing read yet
+            logging.getLogger(__name__).info("memory: %s", memory.describe())
             path = export_stored(stored, target, fmt, **options)
         else:
             source = load_for_export(run_dir / "model")

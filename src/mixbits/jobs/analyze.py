@@ -18,7 +18,8 @@ Two paths, chosen as `mixbits run` chooses (`AnalyzeConfig.stream`, default on):
   (`jobs.run_streamed.open_streamed`: the meta skeleton, each block read from the shards while it is
   worked on). Peak memory: one block in the compute dtype plus the block boundaries of the calibration
   windows (on disk under `offload_dir` when it is set), as for the Fisher stage of `mixbits run`, the
-  Hessian's twice that (the hidden states and their tangents); never the whole model.
+  Hessian's twice that (the hidden states and their tangents); never the whole model. The predicted
+  peak (`model.budget_stages.predict_analyze`) is logged before any weight is read.
   Everything in analysis.json comes from the skeleton (linears, blocks, parameter count) and the
   table. Same numbers as the whole-model path (tested in float32), and the same cache key.
 * whole model: otherwise (a measured method, --granularity block, --validate, --sensitivity-file, or
@@ -45,7 +46,9 @@ from mixbits.io import atomic_write_json
 from mixbits.jobs.analyze_config import AnalyzeConfig
 from mixbits.jobs.run_streamed import boundaries_folder, open_streamed
 from mixbits.model.arch import LinearInfo, find_linears
+from mixbits.model.budget_stages import predict_analyze
 from mixbits.model.load import load_model, resolve_model_source, validate_model_name
+from mixbits.model.memory import model_shapes
 from mixbits.report.sensitivity_plots import plot_predicted_vs_measured, plot_scores
 from mixbits.sensitivity.capture import grad_only_on
 from mixbits.sensitivity.methods import STREAMED, cached_tables, primary_score
@@ -180,6 +183,11 @@ def analyze(cfg: AnalyzeConfig) -> dict:
     if stream:
         blocks, tokenizer = open_streamed(cfg.model, source, device, cfg.compute_dtype)
         model = blocks.model  # the meta skeleton: shapes, linears and parameter count, no weights
+        log.info("memory: %s", predict_analyze(cfg.methods, model_shapes(model), windows=cfg.calib_windows,
+                                               seqlen=cfg.seqlen, device=device,
+                                               checkpoint_dtype=blocks.checkpoint_dtype,
+                                               compute_dtype=cfg.compute_dtype,
+                                               offload=cfg.offload_dir is not None).describe())
     else:
         model, tokenizer = load_model(source, device=device)
     linears = find_linears(model)
