@@ -115,6 +115,9 @@ def table(bench) -> DamageTable:
 def importance(bench) -> dict[str, torch.Tensor]:
     """diag(XᵀX) per linear: the sum over the calibration windows of the squared inputs of each
     input channel, in the original model (llama.cpp's imatrix is this, per token averaged)."""
+    path = bench.out / ARM / "importance.pt"
+    if "gguf_importance" not in bench.memo and path.is_file():
+        bench.memo["gguf_importance"] = torch.load(path)
     if "gguf_importance" not in bench.memo:
         sums = {name: torch.zeros(shape[1], dtype=torch.float64) for name, shape in bench.p.shapes.items()}
 
@@ -125,6 +128,8 @@ def importance(bench) -> dict[str, torch.Tensor]:
             for window in bench.calib:
                 bench.p.model(window[None].to(bench.p.device))
         bench.memo["gguf_importance"] = {n: s.float() for n, s in sums.items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(bench.memo["gguf_importance"], path)
     return bench.memo["gguf_importance"]
 
 
@@ -181,6 +186,9 @@ def solve(bench, target_bytes: int, quantizer: str) -> GGUFFile:
     predicted = plan.meta["gguf"]["file_bytes"]
     if predicted > target_bytes:
         raise RuntimeError(f"the plan's file would be {predicted} bytes, above the target {target_bytes}")
+    same = _written(bench.out / ARM, quantizer, plan)
+    if same is not None:  # a larger target that leaves the same plan: the same file
+        return GGUFFile(same, plan, predicted, time.perf_counter() - began)
     model, qparams = quantized(bench, plan, quantizer)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / "tmp" / "model.gguf"  # the stem is general.name, which the size counts: "model"
@@ -194,6 +202,14 @@ def solve(bench, target_bytes: int, quantizer: str) -> GGUFFile:
     tmp.rename(path)
     tmp.parent.rmdir()
     return GGUFFile(path, plan, predicted, time.perf_counter() - began)
+
+
+def _written(root: Path, quantizer: str, plan: Plan) -> Path | None:
+    """A file this quantizer already wrote for the same plan (another target that solved to it)."""
+    for found in sorted(root.glob(f"{quantizer}-*/plan.json")):
+        if dict(Plan.load(found).specs) == dict(plan.specs) and (found.parent / "model.gguf").is_file():
+            return found.parent / "model.gguf"
+    return None
 
 
 def rows(bench) -> list[Row]:
