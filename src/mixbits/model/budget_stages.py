@@ -155,12 +155,17 @@ def _export_part(part: StoredPart) -> dict[str, int]:
 
 def predict_export(parts: Sequence[StoredPart], fmt: str) -> RunMemory:
     """`mixbits export --format fmt` streamed from a run's native folder (module docstring)."""
-    phases = {f"block {p.index}" if p.index is not None else f"outside part {n}": _export_part(p)
-              for n, p in enumerate(parts)}
+    phases = {_phase(p, n): _export_part(p) for n, p in enumerate(parts)}
     if not phases:
         raise ValueError("the native folder holds no tensors to export")
     stage = _peak(f"export {fmt}", phases)
-    blocks = [p for p in parts if p.index is not None]
-    largest = max(blocks, key=lambda p: p.stored_bytes, default=StoredPart(0, 0))
+    blocks = [p for p in parts if p.index is not None]  # the block whose phase is the largest
+    largest = max(blocks, key=lambda p: sum(_export_part(p).values()), default=StoredPart(0, 0))
     return RunMemory("cpu", torch.float32, (stage,), MappingProxyType({"runtime": EXPORT_RUNTIME_BYTES}),
                      largest.index, largest.stored_bytes)
+
+
+def _phase(part: StoredPart, n: int) -> str:
+    if part.index is not None:
+        return f"block {part.index}"
+    return "capture (embeddings)" if n == 0 else f"head (final norm, head; part {n})"
