@@ -40,7 +40,9 @@ axis, a few at a time (`_GROUP` candidate x weight elements, so a pass stays in 
 into two reused buffers, and sums that do not depend on the candidate are taken once. That is 2-5x
 the loop on one CPU thread (bench/kquant_speed.py, docs/gguf.md), still 0.3-1 s per million weights,
 so a 7B model wants a GPU. Rows are processed in chunks of `_CHUNK` weights: the peak is a few
-float32 copies of a group and of a chunk (a few MiB), not of the weight.
+float32 copies of a group and of a chunk (a few MiB) per thread, not of the weight. On the CPU each
+chunk runs on one intra-op thread and the chunks are spread over torch's threads (`quant.workers`):
+torch's OpenMP barriers in these small ops cost 6-34x on a CPU shared with other jobs.
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ Why: a search made of many small ops (ggml's grid search in `kquant`: about a th
 ~0.5 MB per 64K weights) hands every op to torch's OpenMP pool, and each op ends at a barrier
 where all the pool's threads meet. On a machine whose cores are shared with other processes, the
 OS deschedules one of them and every op waits for it: on this project's 2-core machine, under a
-load average of ~4, `kquant.choose_params` of a 576 x 1536 weight took 4.6-16 s (Q4_K) and 3.7-11 s
-(Q4_0) with torch's default of 2 threads, against 0.7 and 0.2 s on one thread (docs/gguf.md,
-"Speed of the grid search"). So the ops run on ONE intra-op thread, and the cores are used one level
+load average of 4-5, `kquant.choose_params` of a 576 x 1536 weight at torch's default of 2 threads
+took 6-34x as long that way as the way below (`bench/kquant_speed.py --omp`, docs/gguf.md "Speed of
+the grid search"). So the ops run on ONE intra-op thread, and the cores are used one level
 up instead: the pieces (row chunks) go to `torch.get_num_threads()` Python threads, which torch's
 ops let run at once (they release the GIL) and which never wait for each other. A piece is computed
 exactly as it would be alone, so the result does not depend on the number of threads.
