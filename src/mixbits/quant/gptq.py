@@ -36,7 +36,7 @@ the first 28 SmolLM2-135M layers got different scales, and a demo plan's perplex
 1 % (27.415 at 1 thread, 27.693 at 2). The column loop, the lazy-batch products and the clip
 search were measured bit-identical across thread counts; XᵀX is too, once accumulated in
 slices of `GRAM_ROWS` tokens (the block forwards that feed it need `mixbits.reproducible`). So `inverse_cholesky` runs single-threaded on CPU
-(`_one_thread`); then all 14 layers of two SmolLM2 blocks (GPTQ + clip) came out bit-identical
+(`inverse_cholesky`); then all 14 layers of two SmolLM2 blocks (GPTQ + clip) came out bit-identical
 at 1 and 2 threads. Cost, one thread on this project's 2-core CPU: 7 ms at 576 inputs (~6 % of
 that layer's GPTQ), 0.13-0.25 s at 1536, 1.7 s at 4096, ~30 s at 11008 by n^3 scaling; a
 many-core CPU loses the parallel speed-up of that step only; GPU runs are unchanged.
@@ -50,8 +50,8 @@ scaling H changes neither the updates nor (damp being relative) the dampening.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +62,7 @@ from mixbits.quant.clip import search_qparams
 from mixbits.quant.gram import output_error
 from mixbits.quant.groups import effective_group_size, expand_groups
 from mixbits.quant.spec import QuantSpec
+from mixbits.quant.workers import one_intraop_thread
 
 __all__ = ["GPTQConfig", "GPTQFactor", "GPTQResult", "gptq_factor", "gptq_quantize", "gptq_sweep", "inverse_cholesky"]
 
@@ -116,29 +117,13 @@ def _check_inputs(w: Tensor, H: Tensor, spec: QuantSpec) -> None:
         raise ValueError("H holds inf or nan; check the calibration inputs")
 
 
-@contextmanager
-def _one_thread(device: torch.device) -> Iterator[None]:
-    """Torch's intra-op threads set to 1 for the block on CPU (restored after); a no-op elsewhere.
-
-    Why: MKL's LAPACK (potrf, potri) splits its work by thread count, and the rounding follows
-    the split; one thread makes the factorisation a function of H alone."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def inverse_cholesky(H: Tensor, damp: float) -> Tensor:
     """Upper U with U^T U = (H + lambda I)^-1, lambda = damp * mean(diag H), raised 10x on failure.
 
-    Single-threaded on CPU (`_one_thread`), so U, and every code GPTQ derives from it, is the
-    same at any thread count."""
-    with _one_thread(H.device):
+    Single-threaded on CPU (`quant.workers.one_intraop_thread`): MKL's LAPACK (potrf, potri) splits
+    its work by thread count and the rounding follows the split, so one thread makes U, and every code
+    GPTQ derives from it, a function of H alone, the same at any thread count."""
+    with one_intraop_thread() if H.device.type == "cpu" else nullcontext():
         return _inverse_cholesky_once(H, damp)
 
 
