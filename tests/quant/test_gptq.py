@@ -242,7 +242,7 @@ def test_same_codes_at_any_thread_count(threads, cfg):
         assert torch.equal(other.qparams.scale, results[0].qparams.scale)
         assert torch.equal(other.qparams.zero, results[0].qparams.zero)
         assert torch.equal(other.weight, results[0].weight)
-    assert torch.get_num_threads() == 2  # `_one_thread` restored the caller's count
+    assert torch.get_num_threads() == 2  # inverse_cholesky restored the caller's count
 
 
 def test_gram_is_the_same_at_any_thread_count(threads):

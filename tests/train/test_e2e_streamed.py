@@ -22,7 +22,9 @@ from mixbits.train.checkpoint import BlockCheckpoint
 from mixbits.train.run import train_model
 from mixbits.train.streamed import finish_streamed, train_fingerprint
 from tests.conftest import tiny_gpt2
-from tests.train.test_run import CFG, mixed_plan, one_thread, windows  # noqa: F401  (one thread: exact sums)
+from tests.train.test_run import CFG, mixed_plan, windows
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: exact sums
 from tests.train.test_streamed import Killed, sha256, streamed
 from tests.train.test_streamed import saved as sharded  # noqa: F401  (a fixture)
 

@@ -15,7 +15,9 @@ from mixbits.train.checkpoint import BlockCheckpoint
 from mixbits.train.run import train_model
 from mixbits.train.streamed import finish_streamed, train_fingerprint, train_streamed
 from tests.conftest import tiny_llama
-from tests.train.test_run import CFG, mixed_plan, one_thread, windows  # noqa: F401  (one thread: exact sums)
+from tests.train.test_run import CFG, mixed_plan, windows
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: exact sums
 
 CPU = torch.device("cpu")
 
