@@ -1,13 +1,16 @@
 """Squared weight error of every ggml type on the embedded model's linears, relative to Q4_0.
 
     OMP_NUM_THREADS=1 python bench/ggml_error.py --model smollm2-135m --blocks 0,10,20,29 [--importance]
+    OMP_NUM_THREADS=1 python bench/ggml_error.py --blocks 0,15,29 --importance --iq4nl-steps 1,2,3
 
 For each block linear of the blocks asked for and each ggml type its row length allows, the grid of
 `quant.kquant` (`fake_quantize`; IQ4_NL's through `quant.iq4nl`) and the error sum_i a_i (w_i - w_hat_i)^2
 summed over the layers (a = 1, or with --importance a log-normal exp(2 z) per input, seed 0, standing in
 for an imatrix). Printed per type: bits per weight, the error as a multiple of Q4_0's on the same layers
 (types that need rows of 256 are summed over the layers that have them, against Q4_0 on those same
-layers), and the seconds the grid search took. Caveat: the embedded model's weights were stored as Q4_1
+layers), and the seconds the grid search took. --iq4nl-steps instead times IQ4_NL's scale search with its
+candidate ends moved every 1, 2, 3... level units (`quant.iq4nl.STEPS` is every 2): the error and the
+seconds of each as a multiple of every unit's. Caveat: the embedded model's weights were stored as Q4_1
 (model/load.py), so Q4_1 reproduces them almost exactly; the other types are not favoured by that grid.
 """
 
@@ -24,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from mixbits.model.load import load_model  # noqa: E402
 from mixbits.model.arch import find_linears  # noqa: E402
-from mixbits.quant import kquant  # noqa: E402
+from mixbits.quant import iq4nl, kquant  # noqa: E402
 from mixbits.quant.spec import GGML_TYPES  # noqa: E402
 
 
@@ -33,11 +36,14 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--model", default="smollm2-135m")
     a.add_argument("--blocks", default="0,10,20,29", help="comma-separated block indices")
     a.add_argument("--importance", action="store_true")
+    a.add_argument("--iq4nl-steps", help="comma-separated spacings of IQ4_NL's candidate ends, e.g. 1,2,3")
     args = a.parse_args(argv)
     model, _ = load_model(args.model, device="cpu")
     blocks = {int(b) for b in args.blocks.split(",")}
     layers = {n: model.get_submodule(n) for n, info in find_linears(model).items() if info.block in blocks}
     gen = torch.Generator().manual_seed(0)
+    if args.iq4nl_steps:
+        return _steps(args, layers, gen)
     errors: dict[str, float] = {}
     base: dict[str, float] = {}  # Q4_0's error on the layers each type covers
     seconds: dict[str, float] = {}
@@ -63,6 +69,30 @@ def main(argv: list[str] | None = None) -> None:
         count = sum(GGML_TYPES[tname].fits(m.weight.shape[1]) for m in layers.values())
         print(f"| {tname} | {GGML_TYPES[tname].bits_per_weight:g} | {errors[tname] / base[tname]:.3f} | {count} | "
               f"{seconds[tname]:.1f} |")
+
+
+def _steps(args, layers, gen) -> None:
+    """IQ4_NL's error and time per spacing of its candidate ends (against spacing 1)."""
+    weights = [m.weight.detach().float() for m in layers.values()]
+    imps = [torch.exp(2 * torch.randn(w.shape[1], generator=gen)) if args.importance else None for w in weights]
+    spec, rows = GGML_TYPES["IQ4_NL"], []
+    for spacing in (int(x) for x in args.iq4nl_steps.split(",")):
+        steps, error, seconds = tuple(range(-7, 8, spacing)), 0.0, 0.0
+        for w, imp in zip(weights, imps):
+            t = time.perf_counter()
+            d = iq4nl.choose_scales(w, imp, spec.levels, spec.block, steps)
+            seconds += time.perf_counter() - t
+            ones = torch.ones_like(d, dtype=torch.int32)
+            params = kquant.GGMLParams(spec, d, torch.zeros_like(d), ones, ones * 0)
+            a_ = torch.ones(w.shape[1]) if imp is None else imp
+            error += float((a_ * (w - kquant.dequantize(kquant.quantize(w, params), params)) ** 2).sum())
+        rows.append((spacing, 2 * len(steps), error, seconds))
+    print(f"`python bench/ggml_error.py --model {args.model} --blocks {args.blocks}"
+          f"{' --importance' if args.importance else ''} --iq4nl-steps {args.iq4nl_steps}` ({len(layers)} layers)\n")
+    print("| spacing | candidates | error x spacing 1 | seconds x spacing 1 |")
+    print("|---:|---:|---:|---:|")
+    for spacing, count, error, seconds in rows:
+        print(f"| {spacing} | {count} | {error / rows[0][2]:.6f} | {seconds / rows[0][3]:.2f} |")
 
 
 if __name__ == "__main__":
