@@ -5,10 +5,8 @@ Unit u (a layer, or a group of tied layers) has C options with stored cost ``cos
 With binary x[u, c]:
 
     minimise  sum_uc damage[u, c] x[u, c]
-    s.t.      sum_c x[u, c] = 1  for every u,    sum_uc cost[u, c] x[u, c] <= budget.
-
-A total counts as within the budget when it is at most ``budget + 1e-9 |budget|``, so that
-sums taken in another order do not flip feasibility.
+    s.t.      sum_c x[u, c] = 1  for every u,    sum_uc cost[u, c] x[u, c] <= budget (+ REL_TOL |budget|,
+              so sums taken in another order do not flip feasibility).
 
 How (every reduction is exact; only the last step searches):
 
@@ -30,11 +28,10 @@ How (every reduction is exact; only the last step searches):
    of the core's damage. Either answer is re-priced on the original arrays and checked
    against the budget and the greedy answer.
 
-Trade-off: the list search is exact for any float costs and fast on sensitivity tables
-(560 x 13 in ~20 ms) but can blow up on degenerate data (damage linear in cost: subset-sum),
-hence the HiGHS fallback and `time_limit`. HiGHS alone is slower here (~0.1-0.5 s) and its
-1.12 build (scipy 1.17) may print a stray debug line. method="dp" is an independent exact
-dynamic programme over integer costs (time and memory ~ U x budget / gcd), for cross-checks.
+Trade-off: the list search is exact for any float costs and fast on sensitivity tables (560 x 13
+in ~20 ms) but can blow up on degenerate data (subset-sum), hence the HiGHS fallback (slower here,
+~0.1-0.5 s) and `time_limit`. method="dp": an exact dynamic programme over integer costs (time and
+memory ~ U x budget / gcd), for cross-checks.
 """
 
 from __future__ import annotations

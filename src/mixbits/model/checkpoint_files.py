@@ -1,4 +1,6 @@
-"""Checkpoint files: the shard index, and pickle-only checkpoints converted once into safetensors.
+"""Checkpoint files: the shard index, the tensors the safetensors headers list (`checkpoint_tensors`,
+`read_tensor`: one tensor's bytes by a plain file read at its header offset), and pickle-only
+checkpoints converted once into safetensors.
 
 A Hugging Face folder holds its weights as `model.safetensors`, as shards listed in
 `model.safetensors.index.json`, or (older uploads) as pickles: `pytorch_model.bin` or shards listed in
@@ -19,21 +21,28 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from mixbits.errors import UserError
-from mixbits.safeload import load_file
+from mixbits.safeload import load_file, safetensors_header
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PICKLE_INDEX", "PICKLE_SINGLE", "SAFE_INDEX", "SAFE_SINGLE", "convert_pickle_checkpoint", "index_files"]
+__all__ = ["PICKLE_INDEX", "PICKLE_SINGLE", "SAFE_INDEX", "SAFE_SINGLE", "TensorEntry", "checkpoint_tensors",
+           "convert_pickle_checkpoint", "index_files", "read_tensor"]
 
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 PICKLE_SINGLE, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 _CONVERTER_VERSION = "1"  # part of the conversion cache key: bump when the conversion changes
+_SAFE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                "BOOL": torch.bool}
 
 
 def index_files(index: Path) -> dict[str, Path]:
@@ -124,3 +133,74 @@ def convert_pickle_checkpoint(folder: str | Path, *, cache_dir: str | Path | Non
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one checkpoint tensor lives: its shard, shape and stored dtype (read from the header only)."""
+
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    offset: int = -1  # where its bytes start in the file (-1: unknown; read through safetensors then)
+
+    @property
+    def nbytes(self) -> int:
+        return _numel(self.shape) * self.dtype.itemsize
+
+
+def _numel(shape: Iterable[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _headers(files: Iterable[Path]) -> dict[str, TensorEntry]:
+    """Every tensor's entry from the safetensors headers (no tensor data is read; a truncated or corrupt
+    shard is refused here, naming it)."""
+    entries: dict[str, TensorEntry] = {}
+    for file in files:
+        header, start = safetensors_header(file, "checkpoint shard")
+        for key, info in header.items():
+            dtype = _SAFE_DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise UserError(f"{file}: tensor {key!r} has dtype {info.get('dtype')}, which mixbits cannot "
+                                f"load; accepted: {sorted(_SAFE_DTYPES)}")
+            shape, (begin, end) = tuple(int(d) for d in info["shape"]), info["data_offsets"]
+            if end - begin != _numel(shape) * dtype.itemsize:
+                raise UserError(f"checkpoint shard {str(file)!r} is corrupt: tensor {key!r} of shape {list(shape)} "
+                                f"{info['dtype']} spans {end - begin} bytes; copy or write it again")
+            entries[key] = TensorEntry(file, shape, dtype, start + begin)
+    return entries
+
+
+def read_tensor(handle, entry: TensorEntry) -> torch.Tensor:
+    """One tensor read with a plain file read into fresh memory (no mapping: its pages never stay resident)."""
+    if sys.byteorder != "little":
+        raise UserError(f"{entry.file}: safetensors data is little-endian and this machine is big-endian; "
+                        "mixbits streams checkpoints on little-endian machines only")
+    raw = torch.empty(entry.nbytes, dtype=torch.uint8)
+    handle.seek(entry.offset)
+    if entry.nbytes and handle.readinto(raw.numpy()) != entry.nbytes:
+        raise UserError(f"checkpoint shard {str(entry.file)!r} ended inside a tensor; copy or write it again")
+    return raw.view(entry.dtype).reshape(entry.shape)
+
+
+def checkpoint_tensors(folder: str | Path, *, cache_dir: str | Path | None = None) -> dict[str, TensorEntry]:
+    """Every tensor of the checkpoint in `folder` (headers only); a pickle-only one is converted first."""
+    folder = Path(folder)
+    if (folder / SAFE_INDEX).is_file():
+        shards = index_files(folder / SAFE_INDEX)
+        entries = _headers(sorted(set(shards.values())))
+        absent = sorted(k for k, f in shards.items() if k not in entries or entries[k].file != f)
+        if absent:
+            raise UserError(f"{folder / SAFE_INDEX} places {len(absent)} tensor(s) in shards that do not hold them, "
+                            f"e.g. {absent[0]!r} in {shards[absent[0]].name}; re-download the checkpoint")
+        return entries
+    if (folder / SAFE_SINGLE).is_file():
+        return _headers([folder / SAFE_SINGLE])
+    if (folder / PICKLE_INDEX).is_file() or (folder / PICKLE_SINGLE).is_file():
+        return checkpoint_tensors(convert_pickle_checkpoint(folder, cache_dir=cache_dir))
+    raise UserError(f"{folder} holds no weights: expected {SAFE_SINGLE}, {SAFE_INDEX}, {PICKLE_SINGLE} or "
+                    f"{PICKLE_INDEX}; pass a folder written by save_pretrained")

@@ -42,104 +42,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from mixbits.errors import UserError
-from mixbits.safeload import safetensors_header
 from mixbits.model.upcast import held_names, upcasting
-from mixbits.model.checkpoint_files import (
-    PICKLE_INDEX,
-    PICKLE_SINGLE,
-    SAFE_INDEX,
-    SAFE_SINGLE,
-    convert_pickle_checkpoint,
-    index_files,
-)
+from mixbits.model.checkpoint_files import TensorEntry, checkpoint_tensors, read_tensor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LazyCheckpoint", "TensorEntry", "checkpoint_tensors", "open_checkpoint"]
-
-_SAFE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                "BOOL": torch.bool}
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """Where one checkpoint tensor lives: its shard, shape and stored dtype (read from the header only)."""
-
-    file: Path
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    offset: int = -1  # where its bytes start in the file (-1: unknown; read through safetensors then)
-
-    @property
-    def nbytes(self) -> int:
-        return _numel(self.shape) * self.dtype.itemsize
-
-
-def _numel(shape: Iterable[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _headers(files: Iterable[Path]) -> dict[str, TensorEntry]:
-    """Every tensor's entry from the safetensors headers (no tensor data is read; a truncated or corrupt
-    shard is refused here, naming it)."""
-    entries: dict[str, TensorEntry] = {}
-    for file in files:
-        header, start = safetensors_header(file, "checkpoint shard")
-        for key, info in header.items():
-            dtype = _SAFE_DTYPES.get(info.get("dtype"))
-            if dtype is None:
-                raise UserError(f"{file}: tensor {key!r} has dtype {info.get('dtype')}, which mixbits cannot "
-                                f"load; accepted: {sorted(_SAFE_DTYPES)}")
-            shape, (begin, end) = tuple(int(d) for d in info["shape"]), info["data_offsets"]
-            if end - begin != _numel(shape) * dtype.itemsize:
-                raise UserError(f"checkpoint shard {str(file)!r} is corrupt: tensor {key!r} of shape {list(shape)} "
-                                f"{info['dtype']} spans {end - begin} bytes; copy or write it again")
-            entries[key] = TensorEntry(file, shape, dtype, start + begin)
-    return entries
-
-
-def _read(handle, entry: TensorEntry) -> torch.Tensor:
-    """One tensor read with a plain file read into fresh memory (module docstring: no mapping)."""
-    if sys.byteorder != "little":
-        raise UserError(f"{entry.file}: safetensors data is little-endian and this machine is big-endian; "
-                        "mixbits streams checkpoints on little-endian machines only")
-    raw = torch.empty(entry.nbytes, dtype=torch.uint8)
-    handle.seek(entry.offset)
-    if entry.nbytes and handle.readinto(raw.numpy()) != entry.nbytes:
-        raise UserError(f"checkpoint shard {str(entry.file)!r} ended inside a tensor; copy or write it again")
-    return raw.view(entry.dtype).reshape(entry.shape)
-
-
-def checkpoint_tensors(folder: str | Path, *, cache_dir: str | Path | None = None) -> dict[str, TensorEntry]:
-    """Every tensor of the checkpoint in `folder` (headers only); a pickle-only one is converted first."""
-    folder = Path(folder)
-    if (folder / SAFE_INDEX).is_file():
-        shards = index_files(folder / SAFE_INDEX)
-        entries = _headers(sorted(set(shards.values())))
-        absent = sorted(k for k, f in shards.items() if k not in entries or entries[k].file != f)
-        if absent:
-            raise UserError(f"{folder / SAFE_INDEX} places {len(absent)} tensor(s) in shards that do not hold them, "
-                            f"e.g. {absent[0]!r} in {shards[absent[0]].name}; re-download the checkpoint")
-        return entries
-    if (folder / SAFE_SINGLE).is_file():
-        return _headers([folder / SAFE_SINGLE])
-    if (folder / PICKLE_INDEX).is_file() or (folder / PICKLE_SINGLE).is_file():
-        return checkpoint_tensors(convert_pickle_checkpoint(folder, cache_dir=cache_dir))
-    raise UserError(f"{folder} holds no weights: expected {SAFE_SINGLE}, {SAFE_INDEX}, {PICKLE_SINGLE} or "
-                    f"{PICKLE_INDEX}; pass a folder written by save_pretrained")
+__all__ = ["LazyCheckpoint", "open_checkpoint"]
 
 
 def _load_config(folder: Path):
@@ -212,7 +127,7 @@ class LazyCheckpoint:
         for file, keys in by_file.items():
             with open(file, "rb", buffering=0) as handle:
                 for key in sorted(keys, key=lambda k: self.entries[k].offset):
-                    self._ram[key] = _read(handle, self.entries[key])
+                    self._ram[key] = read_tensor(handle, self.entries[key])
         total = sum(t.numel() * t.element_size() for t in self._ram.values())
         log.info("preloaded %s: %.1f MiB held in RAM in the checkpoint's dtype", self.folder, total / 2**20)
         return total
@@ -273,7 +188,7 @@ class LazyCheckpoint:
                 handle = None if self._ram else stack.enter_context(open(file, "rb", buffering=0))
                 for name in names:
                     key = self._keys[name]
-                    value = self._ram[key] if self._ram else _read(handle, self.entries[key])
+                    value = self._ram[key] if self._ram else read_tensor(handle, self.entries[key])
                     held = self.held_dtype(name, hold) if prefix is None else None
                     dtype = (held or self.compute_dtype) if value.is_floating_point() else None
                     if self._ram and self.device.type == "cpu" and dtype in (None, value.dtype) and held is None:

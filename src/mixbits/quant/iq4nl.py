@@ -28,7 +28,7 @@ from torch import Tensor
 from mixbits.quant.spec import IQ4_NL_LEVELS as LEVELS
 from mixbits.quant.workers import map_pieces
 
-__all__ = ["LEVELS", "STEPS", "choose_scales", "levels_tensor", "nearest_level"]
+__all__ = ["LEVELS", "STEPS", "choose_scales", "codes", "levels_tensor", "nearest_level"]
 
 STEPS = tuple(range(-7, 8, 2))  # moves of the end the largest weight maps to, in level units
 _CHUNK = 1 << 12  # weights per chunk of rows (x 30 candidates: work buffers that stay in a core's cache)
@@ -51,6 +51,14 @@ def nearest_level(t: Tensor, levels: Tensor) -> Tensor:
     t = t.clamp(lo, hi)
     base = torch.take(table, (t.floor() - lo).long())
     return base + (t > torch.take(mid, base)).long()
+
+
+def codes(w: Tensor, scale: Tensor, mins: Tensor, levels: tuple[int, ...]) -> Tensor:
+    """int32 index of the level nearest to (w + mins) / scale per weight (0 where scale is 0); scale and
+    mins [out, in] per weight, as `kquant.GGMLParams.columns` gives them."""
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    index = nearest_level((w + mins) / safe, levels_tensor(levels, scale))
+    return torch.where(scale == 0, 0, index).to(torch.int32)
 
 
 def _values(x: Tensor, d: Tensor, levels: Tensor) -> Tensor:

@@ -1,7 +1,5 @@
 """Quantization on ggml's block grids (K-quants Q2_K..Q6_K, the legacy Q4_0..Q8_0, IQ4_NL), weighted by importance.
-
-IQ4_NL's non-uniform grid (w = d * levels[q]) takes its scale from `quant.iq4nl`; everything below
-describes the uniform grids.
+IQ4_NL's non-uniform grid (w = d * levels[q]) is `quant.iq4nl`'s; everything below is the uniform grids.
 
 A `GGMLSpec` cuts each row into blocks (256 or 32 weights) and sub-blocks (16 or 32); a weight is
 
@@ -32,17 +30,11 @@ outline with heuristic weights (|w|, or imatrix * sqrt(sigma^2 + w^2)); here the
 objective itself. `gptq_ggml` then runs GPTQ's error feedback on the grid of steps 1-3 (scales
 fixed), which needs the full H rather than its diagonal.
 
-Trade-off: 48 candidates x 2 rounds per sub-block in step 1 (asymmetric types; 30 for symmetric),
-about 35 passes over the weight per candidate: that arithmetic is the cost, and every pass is
-kept exactly (the grid equals, bit for bit, that of the per-candidate loop this replaced, kept in
-tests/quant/kquant_reference.py). What is saved is how torch runs it: the candidates go on a leading
-axis, a few at a time (`_GROUP` candidate x weight elements, so a pass stays in a core's cache),
-into two reused buffers, and sums that do not depend on the candidate are taken once. That is 2-5x
-the loop on one CPU thread (bench/kquant_speed.py, docs/gguf.md), still 0.3-1 s per million weights,
-so a 7B model wants a GPU. Rows are processed in chunks of `_CHUNK` weights: the peak is a few
-float32 copies of a group and of a chunk (a few MiB) per thread, not of the weight. On the CPU each
-chunk runs on one intra-op thread and the chunks are spread over torch's threads (`quant.workers`):
-torch's OpenMP barriers in these small ops cost 6-34x on a CPU shared with other jobs.
+Trade-off: 48 candidates x 2 rounds per sub-block in step 1 (30 for symmetric types) are the cost,
+every pass kept exactly (bit for bit the per-candidate loop in tests/quant/kquant_reference.py);
+candidates go on a leading axis a few at a time (`_GROUP` elements, cache-sized), rows in chunks of
+`_CHUNK` weights (peak: a few MiB per thread), each chunk on one intra-op thread (`quant.workers`).
+Measured speed and why: docs/gguf.md "Speed of the grid search" (bench/kquant_speed.py).
 """
 
 from __future__ import annotations
@@ -376,9 +368,7 @@ def quantize(w: Tensor, params: GGMLParams) -> Tensor:
     _check(w, params.spec, None)
     scale, mins = params.columns()
     if params.spec.levels:
-        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-        index = iq4nl.nearest_level((w.detach().float() + mins) / safe, iq4nl.levels_tensor(params.spec.levels, scale))
-        return torch.where(scale == 0, 0, index).to(torch.int32)
+        return iq4nl.codes(w.detach().float(), scale, mins, params.spec.levels)
     return _nearest(w.detach().float(), scale, mins, params.spec.qmin, params.spec.qmax).to(torch.int32)
 
 
