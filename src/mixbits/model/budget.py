@@ -70,7 +70,8 @@ from mixbits.model.memory import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RUNTIME_BYTES", "RunMemory", "check_run_memory", "predict_run", "predict_train", "skeleton_of", "streams"]
+__all__ = ["RUNTIME_BYTES", "RunMemory", "check_run_memory", "predict_run", "predict_train", "renamed", "skeleton_of",
+           "streams"]
 
 RUNTIME_BYTES = 820 * 2**20  # a mixbits process on the CPU: 0.75-0.80 GiB measured on a 6 M-parameter model
 CUDA_CONTEXT_BYTES = 512 * 2**20  # the CUDA context and kernels on the device
@@ -126,7 +127,8 @@ def size_text(nbytes: int) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
-def _rename(prediction: MemoryPrediction, stage: str) -> MemoryPrediction:
+def renamed(prediction: MemoryPrediction, stage: str) -> MemoryPrediction:
+    """The same prediction under another stage name."""
     return dataclasses.replace(prediction, stage=stage)
 
 
@@ -274,7 +276,7 @@ def predict_run(
         stages.append(predict_fisher(shapes, windows=d.calib_windows, seqlen=d.seqlen, dtype=dtype,
                                      streamed=streamed, offload=offload, held=stored))
         if cfg.quantizer != "rtn" and cfg.damage == "follow":
-            stages.append(_rename(predict_gptq(shapes, windows=d.calib_windows, seqlen=d.seqlen, dtype=dtype,
+            stages.append(renamed(predict_gptq(shapes, windows=d.calib_windows, seqlen=d.seqlen, dtype=dtype,
                                                streamed=streamed, held=stored), "gain table"))
     stages.append(_quantize_evaluate(cfg, shapes, dtype, eval_n, max(stored, min(dtype.itemsize, 2))) if streamed
                   else _whole_model(cfg, shapes, dtype, eval_n, 1 + variants))

@@ -45,14 +45,14 @@ from types import MappingProxyType
 import torch
 
 from mixbits.devices import compute_torch_dtype
-from mixbits.model.budget import RUNTIME_BYTES, RunMemory, _rename
+from mixbits.model.budget import RUNTIME_BYTES, RunMemory, renamed
 from mixbits.model.memory import (
     MemoryPrediction,
     ModelShapes,
-    _activations,
-    _linear_params,
-    _peak,
-    _weights,
+    activation_bytes,
+    block_linear_params,
+    peak_of,
+    weight_bytes,
     predict_fisher,
     predict_gptq,
 )
@@ -85,17 +85,17 @@ def predict_hessian(shapes: ModelShapes, *, windows: int, seqlen: int, probes: i
     """`sensitivity/hessian_streamed.py`'s peak (module docstring): per block boundary the N windows'
     hidden states and the N·probes samples' tangents, kept for every block unless `offload`."""
     b = dtype.itemsize
-    block, outside = _weights(shapes, b, True, held)
+    block, outside = weight_bytes(shapes, b, True, held)
     boundary = windows * seqlen * shapes.hidden * b
     pair = (1 + probes) * boundary  # X and Ẋ at one boundary
     saved = 0 if offload else shapes.n_blocks * pair
-    probes_v = _linear_params(shapes) * b  # one sample's v for the block's linears
+    probes_v = block_linear_params(shapes) * b  # one sample's v for the block's linears
     states = windows * probes * shapes.n_blocks * _GENERATOR_STATE
-    return _peak("hessian", {
+    return peak_of("hessian", {
         "capture": {"outside weights": outside, "boundaries": boundary, "probe generator states": states},
         "block forward": {"block weights": block, "boundaries": saved + (3 if offload else 2) * pair,
                           "probes v": probes_v, "probe generator states": states,
-                          "jvp temporaries": 2 * _activations(shapes, seqlen, b, grad=False)},
+                          "jvp temporaries": 2 * activation_bytes(shapes, seqlen, b, grad=False)},
         "head": {"outside weights": outside, "boundaries": saved + pair, "gradients G, Ġ": pair,
                  "logits and double backward": _HEAD_TEMPORARIES * seqlen * shapes.vocab * 4,
                  "probe generator states": states},
@@ -119,7 +119,7 @@ def predict_analyze(
     if {"fisher", "gradient"} & set(methods):
         stages.append(predict_fisher(shapes, offload=offload, **common))
     if "output_error" in methods:
-        stages.append(_rename(predict_gptq(shapes, **common), "output error"))
+        stages.append(renamed(predict_gptq(shapes, **common), "output error"))
     if "hessian" in methods:
         stages.append(predict_hessian(shapes, probes=probes, offload=offload, **common))
     if not stages:
@@ -158,7 +158,7 @@ def predict_export(parts: Sequence[StoredPart], fmt: str) -> RunMemory:
     phases = {_phase(p, n): _export_part(p) for n, p in enumerate(parts)}
     if not phases:
         raise ValueError("the native folder holds no tensors to export")
-    stage = _peak(f"export {fmt}", phases)
+    stage = peak_of(f"export {fmt}", phases)
     blocks = [p for p in parts if p.index is not None]  # the block whose phase is the largest
     largest = max(blocks, key=lambda p: sum(_export_part(p).values()), default=StoredPart(0, 0))
     return RunMemory("cpu", torch.float32, (stage,), MappingProxyType({"runtime": EXPORT_RUNTIME_BYTES}),

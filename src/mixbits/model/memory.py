@@ -53,8 +53,8 @@ from torch import nn
 from mixbits.model.arch import find_blocks, find_linears
 from mixbits.model.upcast import CHUNK_BYTES, held_names
 
-__all__ = ["MemoryPrediction", "ModelShapes", "fix_mmap_threshold", "model_shapes", "predict_evaluation",
-           "predict_fisher", "predict_gptq"]
+__all__ = ["MemoryPrediction", "ModelShapes", "activation_bytes", "block_linear_params", "fix_mmap_threshold",
+           "model_shapes", "peak_of", "predict_evaluation", "predict_fisher", "predict_gptq", "weight_bytes"]
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 MMAP_THRESHOLD = 1 << 20  # what the CLI pins: tensors over 1 MiB are their own mappings
@@ -128,20 +128,22 @@ def _gib(size: int) -> str:
     return f"{size / 2**30:.2f} GiB" if size >= 2**28 else f"{size / 2**20:.1f} MiB"
 
 
-def _peak(stage: str, phases: dict[str, dict[str, int]]) -> MemoryPrediction:
+def peak_of(stage: str, phases: dict[str, dict[str, int]]) -> MemoryPrediction:
+    """A stage's prediction from its phases' parts: the phase with the largest total is the peak."""
     phase = max(phases, key=lambda p: sum(phases[p].values()))
     return MemoryPrediction(stage, phase, MappingProxyType(dict(phases[phase])),
                             MappingProxyType({p: MappingProxyType(dict(v)) for p, v in phases.items()}))
 
 
-def _activations(shapes: ModelShapes, seqlen: int, size: int, *, grad: bool) -> int:
+def activation_bytes(shapes: ModelShapes, seqlen: int, size: int, *, grad: bool) -> int:
     """One window through the largest block: with grad, every linear's input and output and one
     attention matrix kept for the backward; without, the linear outputs and one attention matrix."""
     io = max((sum((i if grad else 0) + o for o, i in block) for block in shapes.block_linears), default=0)
     return seqlen * io * size + shapes.heads * seqlen * seqlen * size
 
 
-def _linear_params(shapes: ModelShapes) -> int:
+def block_linear_params(shapes: ModelShapes) -> int:
+    """Weights of the linears of the largest block."""
     return max((sum(o * i for o, i in block) for block in shapes.block_linears), default=0)
 
 
@@ -150,7 +152,7 @@ def _quantizer_temporaries(shapes: ModelShapes) -> int:
     return 5 * 4 * max((o * i for block in shapes.block_linears for o, i in block), default=0)
 
 
-def _weights(shapes: ModelShapes, size: int, streamed: bool, held: int | None = None) -> tuple[int, int]:
+def weight_bytes(shapes: ModelShapes, size: int, streamed: bool, held: int | None = None) -> tuple[int, int]:
     """(bytes held while a block works, bytes held during capture / head); `held`: bytes per value of the
     embedding and head weights when streamed (model/upcast.py; default `size`), plus one chunk of the
     head cast to the compute dtype when they are held narrower."""
@@ -169,21 +171,21 @@ def predict_fisher(
     """`sensitivity/fisher_streamed.py`: the inputs of every block kept (on disk with `offload`),
     X_L, the output gradients G and, per block, one window's graph and the block's Fisher."""
     b = dtype.itemsize
-    block, outside = _weights(shapes, b, streamed, held)
+    block, outside = weight_bytes(shapes, b, streamed, held)
     model = block if not streamed else 0
     boundary = windows * seqlen * shapes.hidden * b
     saved = 0 if offload else shapes.n_blocks * boundary
-    return _peak("fisher", {
+    return peak_of("fisher", {
         "capture": {"outside weights": outside, "whole model": model, "boundaries": boundary},
         "block forward": {"block weights": block, "boundaries": saved + (3 if offload else 1) * boundary,
-                          "block temporaries": _activations(shapes, seqlen, b, grad=False)},
+                          "block temporaries": activation_bytes(shapes, seqlen, b, grad=False)},
         "head": {"outside weights": outside, "whole model": model, "boundaries": saved + boundary,
                  "gradients": boundary, "logits": seqlen * shapes.vocab * 4 * 3},
         "block backward": {"block weights": block, "boundaries": saved or boundary, "gradients": 2 * boundary,
-                           "block activations": _activations(shapes, seqlen, b, grad=True),
-                           "weight gradients + Fisher": _linear_params(shapes) * (b + 4)},
+                           "block activations": activation_bytes(shapes, seqlen, b, grad=True),
+                           "weight gradients + Fisher": block_linear_params(shapes) * (b + 4)},
         "damage table": {"block weights": block, "boundaries": saved or boundary, "gradients": boundary,
-                         "Fisher": _linear_params(shapes) * 4, "quantizer temporaries": _quantizer_temporaries(shapes)},
+                         "Fisher": block_linear_params(shapes) * 4, "quantizer temporaries": _quantizer_temporaries(shapes)},
     })
 
 
@@ -195,7 +197,7 @@ def predict_evaluation(
     (topk "hidden") or its top-k: the captured block-0 inputs stay (every variant starts from them),
     plus one variant's current boundaries."""
     b = dtype.itemsize
-    block, outside = _weights(shapes, b, streamed, held)
+    block, outside = weight_bytes(shapes, b, streamed, held)
     boundary = windows * seqlen * shapes.hidden * b
     positions = windows * (seqlen - 1)
     if topk is None:
@@ -204,11 +206,11 @@ def predict_evaluation(
         summary = boundary
     else:
         summary = positions * (12 * topk + 12)
-    return _peak("evaluation", {
-        "blocks": {"block weights": block, "overridden linears": _linear_params(shapes) * b,
+    return peak_of("evaluation", {
+        "blocks": {"block weights": block, "overridden linears": block_linear_params(shapes) * b,
                    "quantizer temporaries": _quantizer_temporaries(shapes),
                    "boundaries": 3 * boundary, "reference summary": summary,
-                   "block temporaries": batch_size * _activations(shapes, seqlen, b, grad=False)},
+                   "block temporaries": batch_size * activation_bytes(shapes, seqlen, b, grad=False)},
         "head": {"outside weights": outside, "whole model": 0 if streamed else block, "boundaries": 2 * boundary,
                  "logits": batch_size * seqlen * shapes.vocab * 4 * 4, "reference summary": summary},
     })
@@ -223,15 +225,15 @@ def predict_gptq(
     `quant/` (q/k/v, gate/up), so this bounds them from above. Checked against the measured peak of
     `model.quantize_streamed` (with its evaluation) in tests/model/test_budget.py."""
     b = dtype.itemsize
-    block, outside = _weights(shapes, b, streamed, held)
+    block, outside = weight_bytes(shapes, b, streamed, held)
     boundary = windows * seqlen * shapes.hidden * b
     hessians = max((sum(4 * i * i for _, i in blk) for blk in shapes.block_linears), default=0)
     largest = max(((o, i) for blk in shapes.block_linears for o, i in blk), key=lambda s: s[0] * s[1], default=(0, 0))
-    return _peak("gptq", {
+    return peak_of("gptq", {
         "capture": {"outside weights": outside, "whole model": 0 if streamed else block, "boundaries": boundary},
         "block": {"block weights": block, "Hessians": hessians, "boundaries": 2 * boundary,
                   "GPTQ working set": 4 * (2 * largest[1] ** 2 + 3 * largest[0] * largest[1]),
-                  "block temporaries": _activations(shapes, seqlen, b, grad=False)},
+                  "block temporaries": activation_bytes(shapes, seqlen, b, grad=False)},
     })
 
 
