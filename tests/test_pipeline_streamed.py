@@ -219,10 +219,11 @@ def test_fixed_bytes_of_a_meta_skeleton_equal_the_loaded_models(tied, tmp_path):
 
 
 def test_a_preloaded_checkpoint_gives_the_same_run(tiny_model_dir, tiny_text_file, tmp_path, monkeypatch):
-    from mixbits.model.lazy import _read, checkpoint_tensors
+    from mixbits.model.checkpoint_files import checkpoint_tensors, read_tensor
 
-    reads = []
-    monkeypatch.setattr("mixbits.model.lazy._read", lambda handle, entry: reads.append(entry) or _read(handle, entry))
+    reads = []  # lazy.py reads every tensor through the read_tensor it imported
+    monkeypatch.setattr("mixbits.model.lazy.read_tensor",
+                        lambda handle, entry: reads.append(entry) or read_tensor(handle, entry))
     read = run(config(tiny_model_dir, tiny_text_file, tmp_path / "read", "rtn"))
     passes, reads[:] = len(reads), []
     held = run(config(tiny_model_dir, tiny_text_file, tmp_path / "held", "rtn", preload=True))
