@@ -46,7 +46,7 @@ def mixed_plan() -> Plan:
               "0.self_attn.o_proj": "Q2_K", "0.mlp.gate_proj": "Q5_K", "0.mlp.up_proj": "Q4_0",
               "0.mlp.down_proj": "Q8_0",
               "1.self_attn.q_proj": "w4g32s", "1.self_attn.k_proj": "Q4_1", "1.self_attn.v_proj": "Q5_1",
-              "1.self_attn.o_proj": "Q5_0", "1.mlp.gate_proj": "Q2_K", "1.mlp.up_proj": "Q3_K"}  # 1.mlp.down_proj: fp16
+              "1.self_attn.o_proj": "Q5_0", "1.mlp.gate_proj": "Q2_K", "1.mlp.up_proj": "IQ4_XS"}  # 1.mlp.down_proj: fp16
     return Plan({L + n: QuantSpec.parse(v) if v.startswith("w") else GGMLSpec.parse(v) for n, v in labels.items()})
 
 
@@ -196,7 +196,7 @@ def test_llama_cpp_runs_the_mixed_file(written, tokenizer):
 
 
 @pytest.mark.parametrize("name, preset", [("Q2_K", "Q2_K"), ("Q3_K", "Q3_K_S"), ("Q4_K", "Q4_K_S"), ("Q5_K", "Q5_K_S"),
-                                          ("Q6_K", "Q6_K"), ("Q4_0", "Q4_0"), ("Q8_0", "Q8_0")])
+                                          ("Q6_K", "Q6_K"), ("Q4_0", "Q4_0"), ("Q8_0", "Q8_0"), ("IQ4_XS", "IQ4_XS")])
 def test_k_quants_have_lower_weight_error_than_llama_cpp_quantizer(tmp_path, name, preset):
     """llama.cpp's own quantizer (llama_model_quantize, no imatrix) on an F16 export of the same
     heavy-tailed weights: mixbits' grid search gives a lower squared error, tensor type by tensor type."""

@@ -29,14 +29,14 @@ def test_block_bytes_equal_ggml(spec):
 
 def test_bits_per_weight():
     expected = {"Q2_K": 2.625, "Q3_K": 3.4375, "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625, "Q8_0": 8.5,
-                "Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0, "IQ4_NL": 4.5}
+                "Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0, "IQ4_NL": 4.5, "IQ4_XS": 4.25}
     assert {s.name: s.bits_per_weight for s in TYPES} == expected
     assert {s.name: layer_bits_per_weight(512, 768, s) for s in TYPES} == expected
 
 
 def test_row_lengths_choose_the_types():
-    assert [s.name for s in ggml_types_for_row(768)] == ["Q2_K", "Q3_K", "Q4_K", "Q4_0", "IQ4_NL", "Q4_1", "Q5_K",
-                                                          "Q5_0", "Q5_1", "Q6_K", "Q8_0"]
+    assert [s.name for s in ggml_types_for_row(768)] == ["Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q4_0", "IQ4_NL", "Q4_1",
+                                                          "Q5_K", "Q5_0", "Q5_1", "Q6_K", "Q8_0"]
     assert [s.name for s in ggml_types_for_row(576)] == ["Q4_0", "IQ4_NL", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
     assert ggml_types_for_row(100) == ()
     with pytest.raises(ValueError, match="576 weights do not split into Q4_K blocks of 256"):
@@ -102,7 +102,7 @@ def test_dequantize_is_ggml_formula_and_codes_are_nearest(spec):
     q = kquant.quantize(w, p)
     got = kquant.dequantize(q, p)
     d, dmin, sc, mn = (t.numpy() for t in (p.d, p.dmin, p.sc.float(), p.mn.float()))
-    levels = np.array(spec.levels or range(spec.qmin, spec.qmax + 1), dtype=np.float32)  # IQ4_NL: its 16 values
+    levels = np.array(spec.levels or range(spec.qmin, spec.qmax + 1), dtype=np.float32)  # IQ4_NL/XS: its 16 values
     for r in range(w.shape[0]):
         for i in range(w.shape[1]):  # naive: one weight at a time, float32 as ggml's dequantize_row_*
             b, s = i // spec.block, i // spec.sub_block

@@ -43,10 +43,10 @@ def test_the_thread_count_is_restored_after_an_error(two_threads):
     assert torch.get_num_threads() == 2
 
 
-@pytest.mark.parametrize("name", ["Q4_K", "Q3_K", "Q5_1", "IQ4_NL"])
+@pytest.mark.parametrize("name", ["Q4_K", "Q3_K", "Q5_1", "IQ4_NL", "IQ4_XS"])
 def test_the_grid_does_not_depend_on_the_thread_count(name, monkeypatch):
-    """Row chunks spread over 2 threads give bit for bit the grid of 1 thread, chunk by chunk (IQ4_NL: 5 chunks
-    of its own)."""
+    """Row chunks spread over 2 threads give bit for bit the grid of 1 thread, chunk by chunk (IQ4_NL/XS: 5 chunks
+    of their own)."""
     spec = GGML_TYPES[name]
     w = torch.randn(40, 512, generator=torch.Generator().manual_seed(3))
     monkeypatch.setattr(kquant, "_CHUNK", 512 * 3)  # 14 chunks of 3 rows

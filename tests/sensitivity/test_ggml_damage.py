@@ -36,7 +36,7 @@ def test_fisher_damage_uses_kquant_and_nan_where_the_row_cannot_take_the_type():
     assert dmg[Q8] < dmg[Q4K] and dmg[-1] == 0.0
     odd_dmg = fisher_damage(odd, torch.ones_like(odd), CONFIGS)
     ks = [j for j, c in enumerate(CONFIGS) if getattr(c, "block", 0) == 256]
-    assert len(ks) == 5 and np.isnan(odd_dmg[ks]).all()
+    assert len(ks) == 6 and np.isnan(odd_dmg[ks]).all()  # the five K-quants and IQ4_XS
     assert np.isfinite(np.delete(odd_dmg, ks)).all()
 
 

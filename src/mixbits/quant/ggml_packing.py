@@ -1,4 +1,4 @@
-"""ggml's block bytes of any `GGMLSpec` (K-quants Q2_K..Q6_K and the legacy Q4_0..Q8_0), both ways.
+"""ggml's block bytes of any `GGMLSpec` (K-quants Q2_K..Q6_K, the legacy Q4_0..Q8_0, IQ4_NL, IQ4_XS), both ways.
 
 `encode(codes, params)` packs `quant.kquant`'s codes and grid into the bytes GGUF stores (one row
 of the weight is one row of blocks); `decode(blocks, spec)` reads them back into the very same
@@ -13,7 +13,7 @@ Each type's block is a sequence of fields (LAYOUT). Codes are stored unsigned, u
 (Q8_0: the int8 q itself); a "planes" field puts several codes in a byte: with `per` codes of
 b bits per byte, code j of a run of per * span codes goes to byte j % span at bit b * (j // span).
 That single rule gives every K-quant layout (Q2_K's 2-bit qs, Q3_K's hmask, Q4_K's nibbles,
-Q6_K's ql and qh, Q3_K's packed scales); the legacy 5-bit high bits are one little-endian word.
+Q6_K's ql and qh, Q3_K's and IQ4_XS's packed scales); the legacy 5-bit high bits are one little-endian word.
 Pure tensor code (no gguf import), CPU; peak: a few int32 copies of the codes.
 """
 
@@ -37,6 +37,7 @@ LAYOUT = {
     "Q6_K": ("low4_64", "high2", "scales_i8", "d"),
     "Q4_0": ("d", "low4_16"),
     "IQ4_NL": ("d", "low4_16"),  # Q4_0's bytes; the nibble is an index into the levels, not q + 8
+    "IQ4_XS": ("d", "scales_iq4xs", "low4_16"),  # scales_h (uint16), scales_l[4], then IQ4_NL's nibbles per 32
     "Q4_1": ("d", "m", "low4_16"),
     "Q5_0": ("d", "word4", "low4_16"),
     "Q5_1": ("d", "m", "word4", "low4_16"),
@@ -99,7 +100,7 @@ def _width(name: str, spec: GGMLSpec) -> int:
     """Bytes of field `name` in one block of `spec`."""
     if name in ("d", "dmin", "m"):
         return 2
-    fixed = {"scales_q2k": spec.subs, "scales_q3k": 12, "scales_k4": 12, "scales_i8": spec.subs,
+    fixed = {"scales_q2k": spec.subs, "scales_q3k": 12, "scales_k4": 12, "scales_i8": spec.subs, "scales_iq4xs": 6,
              "int8": spec.block, "word4": 4}
     return fixed[name] if name in fixed else spec.block * _PLANES[name][0] // 8
 
@@ -115,6 +116,9 @@ def _field(name: str, u: Tensor, q: Tensor, d: Tensor, dmin: Tensor, sc: Tensor,
         return torch.cat([_planes(s & 15, 4, 8), _planes(s >> 4, 2, 4)], -1)
     if name == "scales_k4":
         return _scales_k4(sc, mn).to(torch.uint8)
+    if name == "scales_iq4xs":  # ls = sc + 32: bits 4-5 of sub-block j at bit 2j of a word, bits 0-3 nibble-wise
+        s = sc + 32
+        return torch.cat([_planes(s >> 4, 2, 1), _planes(s & 15, 4, 1)], -1)
     if name == "scales_i8":
         return sc.to(torch.int8).view(torch.uint8)
     if name == "int8":
@@ -171,6 +175,9 @@ def decode(blocks: Tensor, spec: GGMLSpec) -> tuple[Tensor, GGMLParams]:
         sc = (_unplanes(s[..., :8], 4, 8) | (_unplanes(s[..., 8:], 2, 4) << 4)) - 32
     elif "scales_k4" in fields:
         sc, mn = _unscales_k4(fields["scales_k4"])
+    elif "scales_iq4xs" in fields:
+        s = fields["scales_iq4xs"]
+        sc = (_unplanes(s[..., 2:], 4, 1) | (_unplanes(s[..., :2], 2, 1) << 4)) - 32
     elif "scales_i8" in fields:
         sc = fields["scales_i8"].contiguous().view(torch.int8).to(torch.int32)
     if "int8" in fields:

@@ -16,19 +16,33 @@ fp16, and its codes taken again; the lowest E wins (a zero scale when nothing be
 block). llama.cpp's own search (ggml-quants.c, quantize_row_iq4_nl_impl) tries 15 scales at one
 end with heuristic weights; this one tries both ends and weighs by the objective itself.
 
+IQ4_XS (llama.cpp's 4.25-bpw type: 136 bytes per 256 weights) puts the same levels under a signed
+6-bit scale code per 32 weights and one fp16 d per 256: w = (d * sc) * LEVELS[q], sc in [-32, 31].
+`choose_grid` finds it in three steps, as `quant.kquant` does for the K-quants:
+1. each sub-block's own best scale s_j, by the search above;
+2. s_j as d * sc_j: kquant's step 2 (passed in as `super_codes`, since kquant imports this module)
+   weighted by w_j = sum_i a_i L_i^2 over the sub-block's levels, which is what an error in s_j
+   costs (E grows by w_j * (ds_j)^2 for fixed levels);
+3. two refit rounds per sub-block: the code of the least-squares scale for its levels, and one
+   code up and down, kept where E drops (levels taken again each time).
+llama.cpp (same function, super-block branch) maps the largest |s_j| to -32 and rounds the rest.
+
 Pure tensor code, float32, on the weight's device. Peak: a few float32 copies of a chunk of
 `_CHUNK` weights times the candidates.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from mixbits.quant.spec import IQ4_NL_LEVELS as LEVELS
+from mixbits.quant.spec import GGMLSpec
 from mixbits.quant.workers import map_pieces
 
-__all__ = ["LEVELS", "STEPS", "choose_scales", "codes", "levels_tensor", "nearest_level"]
+__all__ = ["LEVELS", "STEPS", "choose_grid", "choose_scales", "codes", "levels_tensor", "nearest_level"]
 
 STEPS = tuple(range(-7, 8, 2))  # moves of the end the largest weight maps to, in level units
 _CHUNK = 1 << 12  # weights per chunk of rows (x 30 candidates: work buffers that stay in a core's cache)
@@ -93,16 +107,80 @@ def _scales_of(x: Tensor, a: Tensor, levels: Tensor, steps: tuple[int, ...]) -> 
     return torch.where(e_best < zero, d_best, torch.zeros_like(d_best))
 
 
+def _floored(importance: Tensor | None, x: Tensor, block: int) -> Tensor:
+    """Importance [1, in / block, block], floored so that blocks of dead inputs stay defined."""
+    n = x.shape[1]
+    a = torch.ones(n, device=x.device) if importance is None else importance.detach().to(x.device, torch.float32)
+    return (a + 1e-6 * a.mean() + 1e-30).reshape(1, n // block, block)
+
+
 def choose_scales(w: Tensor, importance: Tensor | None, levels: tuple[int, ...], block: int,
                   steps: tuple[int, ...] = STEPS) -> Tensor:
     """fp16 scales (as float32) [out, in / block] of w [out, in] on `levels`, minimising the
     importance-weighted error (module docstring). importance: [in] non-negative or None."""
     out, n = w.shape
     x = w.detach().float()
-    a = torch.ones(n, device=x.device) if importance is None else importance.detach().to(x.device, torch.float32)
-    a = (a + 1e-6 * a.mean() + 1e-30).reshape(1, n // block, block)
+    a = _floored(importance, x, block)
     lv = levels_tensor(levels, x)
     rows = max(1, _CHUNK // n)
     parts = map_pieces(lambda r: _scales_of(x[r : r + rows].reshape(-1, n // block, block), a, lv, steps),  # quant.workers
                        range(0, out, rows), x.device)
     return torch.cat(parts, dim=0)[..., 0]
+
+
+SuperCodes = Callable[[Tensor, Tensor, int, int], tuple[Tensor, Tensor]]
+"""kquant's step 2: values v [R, nb, subs] and weights of their errors -> fp16 d [R, nb], int32 codes [R, nb, subs]
+in [lo, hi] minimising sum weight * (v - d * code)^2."""
+
+
+def _refit(x: Tensor, a: Tensor, levels: Tensor, d: Tensor, sc: Tensor, lo: int, hi: int) -> Tensor:
+    """Step 3 once on x [R, nb, subs, k]: per sub-block the code of sc [R, nb, subs] (under d [R, nb]) with the
+    lowest E among itself, its least-squares code for its current levels and one step up and down."""
+    dd = d[..., None, None]
+
+    def error(c: Tensor) -> Tensor:
+        return _error(x, a, dd * c[..., None].float(), levels)[..., 0]
+
+    q = _values(x, dd * sc[..., None].float(), levels)
+    den = (a * q * q).sum(-1)
+    s_ls = (a * x * q).sum(-1) / torch.where(den > 0, den, 1.0)
+    c_ls = torch.round(s_ls / torch.where(d == 0, 1.0, d)[..., None]).clamp(lo, hi).to(torch.int32)
+    best = error(sc)
+    for c in (c_ls, (sc - 1).clamp(lo, hi), (sc + 1).clamp(lo, hi)):
+        e = error(c)
+        better = e < best
+        best, sc = torch.where(better, e, best), torch.where(better, c, sc)
+    return sc
+
+
+def _grid_rows(x: Tensor, a: Tensor, levels: Tensor, spec: GGMLSpec, super_codes: SuperCodes,
+               steps: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """Steps 1-3 (module docstring) on rows x [R, in], a [1, in / sub_block, sub_block]: d [R, nb], sc [R, nb * subs]."""
+    R, n = x.shape
+    nb, subs, k = n // spec.block, spec.subs, spec.sub_block
+    xs = x.reshape(R, nb * subs, k)
+    s = _scales_of(xs, a, levels, steps)  # [R, nb * subs, 1]
+    cost = (a * _values(xs, s, levels) ** 2).sum(-1)
+    d, sc = super_codes(s.reshape(R, nb, subs), cost.reshape(R, nb, subs), *spec.sc_range)
+    xb, ab = xs.reshape(R, nb, subs, k), a.reshape(1, nb, subs, k)
+    for _ in range(2):
+        sc = _refit(xb, ab, levels, d, sc, *spec.sc_range)
+    return d, sc.reshape(R, -1)
+
+
+def choose_grid(w: Tensor, importance: Tensor | None, spec: GGMLSpec, super_codes: SuperCodes,
+                steps: tuple[int, ...] = STEPS) -> tuple[Tensor, Tensor]:
+    """A non-uniform type's grid of w [out, in]: fp16 d (as float32) [out, in / block] and int32 scale codes sc
+    [out, in / sub_block] (ones when the type has none, IQ4_NL). IQ4_XS: steps 1-3 of the module docstring,
+    `super_codes` kquant's step 2. importance: [in] non-negative or None."""
+    if not spec.scale_bits:
+        d = choose_scales(w, importance, spec.levels, spec.block, steps)
+        return d, torch.ones(d.shape, dtype=torch.int32, device=d.device)
+    out, n = w.shape
+    x = w.detach().float()
+    a, lv = _floored(importance, x, spec.sub_block), levels_tensor(spec.levels, x)
+    rows = max(1, _CHUNK // n)
+    parts = map_pieces(lambda r: _grid_rows(x[r : r + rows], a, lv, spec, super_codes, steps),  # quant.workers
+                       range(0, out, rows), x.device)
+    d, sc = (torch.cat(p, dim=0) for p in zip(*parts))
+    return d, sc

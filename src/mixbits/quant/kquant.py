@@ -1,5 +1,5 @@
-"""Quantization on ggml's block grids (K-quants Q2_K..Q6_K, the legacy Q4_0..Q8_0, IQ4_NL), weighted by importance.
-IQ4_NL's non-uniform grid (w = d * levels[q]) is `quant.iq4nl`'s; everything below is the uniform grids.
+"""Quantization on ggml's block grids (K-quants Q2_K..Q6_K, the legacy Q4_0..Q8_0, IQ4_NL/XS), weighted by importance.
+The non-uniform grids (w = (d * sc) * levels[q]) are `quant.iq4nl`'s; everything below is the uniform grids.
 
 A `GGMLSpec` cuts each row into blocks (256 or 32 weights) and sub-blocks (16 or 32); a weight is
 
@@ -353,10 +353,9 @@ def choose_params(w: Tensor, spec: GGMLSpec, importance: Tensor | None = None) -
     a = torch.ones(n, device=x.device) if importance is None else importance.detach().to(x.device, torch.float32)
     a = a + 1e-6 * a.mean() + 1e-30
     a = a.reshape(1, n // spec.block, spec.subs, spec.sub_block)
-    if spec.levels:  # a non-uniform grid (IQ4_NL): one fp16 scale per block, chosen in quant.iq4nl
-        d = iq4nl.choose_scales(x, importance, spec.levels, spec.block)
-        ones = torch.ones(out, n // spec.block, dtype=torch.int32, device=x.device)
-        return GGMLParams(spec, d, torch.zeros_like(d), ones, ones * 0)
+    if spec.levels:  # a non-uniform grid (IQ4_NL, IQ4_XS): chosen in quant.iq4nl, IQ4_XS's sc by step 2 here
+        d, sc = iq4nl.choose_grid(x, importance, spec, _super)
+        return GGMLParams(spec, d, torch.zeros_like(d), sc, sc * 0)
     rows = max(1, _CHUNK // n)  # chunks on one intra-op thread each, spread over the CPU's threads (quant.workers)
     parts = map_pieces(lambda r: _choose_rows(x[r : r + rows], a, spec), range(0, out, rows), x.device)
     d, dmin, sc, mn = (torch.cat(p, dim=0) for p in zip(*parts))

@@ -102,8 +102,8 @@ class GGMLSpec:
 
         w = (d * sc) * q - (dmin * mn)          q in [qmin, qmax], sc in [scmin, scmax]
 
-    with signed q and sc for symmetric types. A non-uniform type (`levels`, IQ4_NL) instead stores
-    an index q in [0, len(levels)) per weight: w = d * levels[q]. Bytes per block follow from the
+    with signed q and sc for symmetric types. A non-uniform type (`levels`, IQ4_NL, IQ4_XS) instead stores
+    an index q in [0, len(levels)) per weight: w = (d * sc) * levels[q]. Bytes per block follow from the
     fields and equal ggml's (GGML_QUANT_SIZES), so bits_per_weight is exact: Q4_K = 144 * 8 / 256 = 4.5.
     """
 
@@ -113,7 +113,7 @@ class GGMLSpec:
     code_bits: int
     scale_bits: int
     min_bits: int
-    levels: tuple[int, ...] = ()  # a non-uniform grid (IQ4_NL): the values an index selects, times d
+    levels: tuple[int, ...] = ()  # a non-uniform grid (IQ4_NL, IQ4_XS): the values an index selects, times the scale
 
     keep = False  # never the fp16 "keep" spec; lets a plan hold GGML types beside QuantSpecs
 
@@ -187,6 +187,7 @@ GGML_TYPES = {s.name: s for s in (
     GGMLSpec("Q6_K", 256, 16, 6, 8, 0),
     GGMLSpec("Q4_0", 32, 32, 4, 0, 0),
     GGMLSpec("IQ4_NL", 32, 32, 4, 0, 0, IQ4_NL_LEVELS),
+    GGMLSpec("IQ4_XS", 256, 32, 4, 6, 0, IQ4_NL_LEVELS),  # IQ4_NL's levels, signed 6-bit sub-block scales under d
     GGMLSpec("Q4_1", 32, 32, 4, 0, 16),
     GGMLSpec("Q5_0", 32, 32, 5, 0, 0),
     GGMLSpec("Q5_1", 32, 32, 5, 0, 16),
