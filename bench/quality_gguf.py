@@ -92,12 +92,12 @@ def table(bench) -> DamageTable:
     path = bench.out / ARM / "damage.json"
     if "gguf_table" in bench.memo:
         return bench.memo["gguf_table"]
+    configs = _cfg(bench).allocation.configs()
     if path.is_file():
-        found = DamageTable.load(path)
-        if found.method == damage_method(rows) and found.units == tuple(bench.p.linears):
+        found = DamageTable.load(path)  # reused only for the same rows, layers and types (a type added since: not)
+        if found.method == damage_method(rows) and found.units == tuple(bench.p.linears) and found.configs == configs:
             bench.memo["gguf_table"] = found
             return found
-    configs = _cfg(bench).allocation.configs()
     fisher = empirical_fisher(bench.p.model, bench.calib, bench.p.linears, device=bench.p.device, progress=False)
     damage = np.zeros((len(bench.p.linears), len(configs)))
     for u, name in enumerate(bench.p.linears):
