@@ -276,9 +276,10 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.quantizer not in QUANTIZERS:
             raise UserError(f"`quantizer` {self.quantizer!r} is not one of {', '.join(QUANTIZERS)}")
-        if self.allocation.candidates != "affine" and self.train is not None:  # refused here, before any work
-            raise UserError(f"`allocation.candidates` {self.allocation.candidates!r} with `train`: Block-AP trains "
-                            "affine grids only, not ggml types; drop --qat or use `allocation.candidates` affine")
+        if self.allocation.candidates != "affine" and self.train is not None and self.train.e2e:  # before any work
+            raise UserError(f"`allocation.candidates` {self.allocation.candidates!r} with E2E-QP (`train.e2e`): E2E-QP "
+                            "trains affine step sizes only (Block-AP trains ggml grids too); drop --qat-e2e or use "
+                            "`allocation.candidates` affine")
         if self.train is not None and self.train.init != self.quantizer:
             raise UserError(f"training starts from the run's quantizer ({self.quantizer}), not {self.train.init}; "
                              "set TrainConfig(init=...) to the same value")

@@ -148,17 +148,19 @@ def test_every_strategy_gives_only_types_a_row_can_take(name):
     assert all(isinstance(s, GGMLSpec) or s.keep for s in result.specs.values())
 
 
-def test_a_run_over_ggml_candidates_is_accepted_and_qat_over_them_refused_up_front():
-    """`mixbits run` stores ggml layers in its native folder (tests/cli/test_run_gguf.py); Block-AP trains
-    affine grids only, so --qat with ggml candidates is refused before any work, naming the field."""
+def test_a_run_over_ggml_candidates_with_block_ap_is_accepted_and_e2e_refused_up_front():
+    """`mixbits run` stores ggml layers in its native folder (tests/cli/test_run_gguf.py) and Block-AP trains
+    their grids (tests/train/test_ggml.py); E2E-QP trains affine step sizes only, so --e2e with ggml candidates
+    is refused before any work, naming the field."""
     from mixbits.config import AllocationConfig, RunConfig, TrainConfig
     from mixbits.errors import UserError
 
     for candidates in ("gguf", "both"):
         allocation = AllocationConfig(target_bpw=4.0, candidates=candidates)
         assert RunConfig(model="x", allocation=allocation).allocation.candidates == candidates
-        with pytest.raises(UserError, match="allocation.candidates.*train.*affine grids only"):
-            RunConfig(model="x", allocation=allocation, train=TrainConfig(init="gptq"))
+        assert RunConfig(model="x", quantizer="gptq", allocation=allocation, train=TrainConfig(init="gptq")).train
+        with pytest.raises(UserError, match="allocation.candidates.*E2E-QP.*affine step sizes"):
+            RunConfig(model="x", quantizer="gptq", allocation=allocation, train=TrainConfig(init="gptq", e2e=True))
     assert RunConfig(model="x", allocation=AllocationConfig(target_bpw=4.0)).allocation.candidates == "affine"
 
 

@@ -112,6 +112,21 @@ def test_run_over_both_candidate_sets_exports_the_planned_file(setup, tmp_path):
     check_file(tmp_path / "run", target)
 
 
+def test_block_ap_over_ggml_candidates_exports_the_trained_file(setup, tmp_path):
+    """--qat trains the ggml grids (Block-AP on each type's grid): the file holds the trained weights exactly,
+    at the planned bytes; E2E-QP, which trains affine step sizes only, is refused before any work."""
+    *_, smallest, largest = setup
+    target = int(smallest + 0.3 * (largest - smallest))
+    r = run(setup, tmp_path / "run", "--candidates", "gguf", "--target-size-mb", target / 1e6, "--quantizer", "rtn",
+            "--qat", "--qat-train-size", "4", "--qat-val-size", "2", "--qat-seqlen", "32", "--qat-epochs", "1")
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    check_file(tmp_path / "run", target)  # the file decodes to exactly the native model's (trained) weights
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["training"]["mixed"]["blocks"] and results["models"]["mixed"]["kl"] > 0
+    r = run(setup, tmp_path / "e2e", "--candidates", "gguf", "--target-size-mb", target / 1e6, "--qat", "--e2e")
+    assert r.exit_code == 2 and "E2E-QP" in r.output and "affine" in r.output and not (tmp_path / "e2e").exists()
+
+
 def test_a_target_below_the_smallest_file_is_refused_naming_it(setup, tmp_path):
     *_, smallest, _ = setup
     r = run(setup, tmp_path / "run", "--candidates", "gguf", "--target-size-mb", (smallest - 1000) / 1e6)

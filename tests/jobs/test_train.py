@@ -80,3 +80,30 @@ def test_e2e_streams_and_says_so(tiny_model_dir, tiny_text_file, tmp_path, caplo
                                 cfg=cfg, device="cpu", eval_windows=2, progress=False)
     assert results["streamed"] is True and results["training"]["e2e"] is not None
     assert any("streams" in r.getMessage() and "E2E-QP" in r.getMessage() for r in caplog.records)
+
+
+def test_a_plan_of_ggml_types_trains_streamed_and_whole_alike_and_e2e_is_refused(tiny_model_dir, tiny_text_file,
+                                                                                 tmp_path):
+    """`mixbits train` on a plan of ggml types (rows of 64: the 32-blocks) trains their grids (Block-AP), on both
+    paths to the same shards; --e2e, which trains affine step sizes only, is refused before any work."""
+    from mixbits.errors import UserError
+    from mixbits.quant.ggml_linear import GGMLLinear
+    from mixbits.quant.spec import GGMLSpec
+
+    model, _ = load_model(str(tiny_model_dir))
+    types = [GGMLSpec.parse(t) for t in ("Q4_0", "IQ4_NL", "Q4_1", "Q5_1")]
+    Plan({n: types[i % len(types)] for i, n in enumerate(find_linears(model))}).save(tmp_path / "plan.json")
+    cfg = TrainConfig(dataset=str(tiny_text_file), train_size=4, val_size=2, seqlen=32, epochs=1, init="clip")
+    runs = {stream: train_command(model=str(tiny_model_dir), plan=tmp_path / "plan.json", output_dir=tmp_path / str(stream),
+                                  cfg=cfg, device="cpu", eval_windows=2, progress=False, stream=stream)
+            for stream in (True, False)}
+    a, b = sha256(tmp_path / "True" / "model"), sha256(tmp_path / "False" / "model")
+    assert all(a[f] == b[f] for f in a if f.endswith(".safetensors"))
+    native = load_native(tmp_path / "True" / "model")
+    assert all(isinstance(native.get_submodule(n), GGMLLinear) for n in find_linears(model))
+    assert runs[True]["evaluation"]["models"]["trained"]["kl"] > 0
+    e2e = TrainConfig(**{**cfg.to_dict(), "e2e": True})
+    with pytest.raises(UserError, match="E2E-QP trains affine step sizes.*Q4_0.*drop --e2e"):
+        train_command(model=str(tiny_model_dir), plan=tmp_path / "plan.json", output_dir=tmp_path / "e2e", cfg=e2e,
+                      device="cpu", eval_windows=2, progress=False)
+    assert not (tmp_path / "e2e").exists()

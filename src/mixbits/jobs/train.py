@@ -54,6 +54,7 @@ from mixbits.model.memory import model_shapes
 from mixbits.model.quantize import quantize_model
 from mixbits.model.quantize_streamed import quantize_streamed
 from mixbits.plan import Plan
+from mixbits.quant.spec import GGMLSpec
 from mixbits.sensitivity.seedfile import read_seed_file
 from mixbits.train.checkpoint import BlockCheckpoint
 from mixbits.train.e2e_streamed import E2E_FILE, step_size_count, train_e2e_streamed
@@ -170,6 +171,10 @@ def train_command(*, model: str, plan: Path, output_dir: Path, cfg: TrainConfig,
         raise UserError(f"schedule {cfg.schedule!r} needs a sensitivity score per block; pass --sensitivity-file "
                          "(a {\"sensitivity_scores\": [one per block]} file) or use --schedule fixed")
     the_plan = Plan.load(plan)
+    ggml = [n for n, s in the_plan.quantized().items() if isinstance(s, GGMLSpec)]
+    if cfg.e2e and ggml:
+        raise UserError(f"--e2e: E2E-QP trains affine step sizes, and {plan} plans {len(ggml)} layer(s) as ggml types "
+                        f"(e.g. {ggml[0]}: {the_plan.specs[ggml[0]].name}); Block-AP trains those grids: drop --e2e")
     torch_device = resolve_device(device)
     source = resolve_model_source(model)
     folder, why = _streamable(model, source, cfg, stream)

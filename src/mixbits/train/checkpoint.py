@@ -4,7 +4,8 @@ Layout of a checkpoint folder:
     run.json                 format tag and the fingerprint of the run (config fields that
                              decide the numbers, plan, window hashes, sensitivity, model)
     block_0000.safetensors   for each trained linear `{name}.weight` (the written weight, in
-                             the model's dtype), `{name}.scale`, `{name}.zero` (float32 [out, G])
+                             the model's dtype), `{name}.scale`, `{name}.zero` (float32 [out, G]);
+                             a ggml type's grid instead: `{name}.d`, `.dmin`, `.sc`, `.mn`
     block_0000.json          the block's statistics; written last, so its presence marks the
                              block as finished
 

@@ -211,7 +211,8 @@ class _Trainer:
 
 def step_size_count(plan: Plan, shapes: Mapping[str, tuple[int, int]]) -> int:
     """How many step sizes E2E-QP trains for `plan` on linears of `shapes` (name -> (out, in))."""
-    return sum(shapes[n][0] * num_groups(shapes[n][1], s.group_size) for n, s in plan.quantized().items())
+    return sum(shapes[n][0] * num_groups(shapes[n][1], s.group_size) for n, s in plan.quantized().items()
+               if isinstance(s, QuantSpec))  # E2E-QP trains no ggml grid (refused up front)
 
 
 def seal(source: BlockSource, sink) -> None:

@@ -12,6 +12,11 @@ that pushes it out of range does not cut its gradient. No module is swapped or p
 block is called through `torch.func.functional_call` with W_hat in place of each weight, so
 every architecture in `model.arch` works unchanged (GPT-2's Conv1D gets W_hat transposed).
 
+A linear planned as a ggml type (`GGMLSpec`: GGUF K-quants, legacy types, IQ4_NL) trains its latent
+weight and one scale and one min per sub-block on its type's grid instead (`quant.ggml_ste`: the
+sub-block scale codes move under the start grid's fixed fp16 super-block scales); `self.scale` and
+`self.zero` then hold those scales and mins, and its finalized qparams are `GGMLParams`.
+
 `finalize` turns the trainable state into what will be stored: scales rounded to fp16, zeros
 to integers in [0, maxq], codes q = quantize(W, (s, z)) and the written weight dequantize(q).
 The packed export re-derives exactly those codes from the written weight, so validation, the
@@ -35,32 +40,45 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from mixbits.quant import kquant
 from mixbits.quant.affine import FP16_MAX, FP16_TINY, QParams, dequantize, fake_quantize_ste, quantize
-from mixbits.quant.spec import QuantSpec
+from mixbits.quant.ggml_ste import fake_quantize_ggml_ste, finalize_grid, start_grid
+from mixbits.quant.kquant import GGMLParams
+from mixbits.quant.spec import GGMLSpec, QuantSpec
 
 __all__ = ["FinalLinear", "LinearStart", "QuantizedBlock", "clamp_ste", "finalize_linear", "start_of"]
 
 
 @dataclass(frozen=True, eq=False)
 class LinearStart:
-    """Where training of one linear starts: latent weight [out, in] float32 and storable QParams."""
+    """Where training of one linear starts: latent weight [out, in] float32 and storable QParams
+    (GGMLParams for a ggml type)."""
 
-    spec: QuantSpec
+    spec: QuantSpec | GGMLSpec
     weight: Tensor
-    qparams: QParams
+    qparams: QParams | GGMLParams
 
 
 @dataclass(frozen=True, eq=False)
 class FinalLinear:
-    """A finished linear: storable QParams (CPU float32) and the weight they write [out, in] float32."""
+    """A finished linear: storable QParams or GGMLParams (CPU) and the weight they write [out, in] float32."""
 
-    qparams: QParams
+    qparams: QParams | GGMLParams
     weight: Tensor
 
 
-def start_of(original: Tensor, written: Tensor, qparams: QParams, spec: QuantSpec) -> LinearStart:
+def _on(params: GGMLParams, device: torch.device) -> GGMLParams:
+    return GGMLParams(params.spec, *(t.to(device) for t in (params.d, params.dmin, params.sc, params.mn)))
+
+
+def start_of(original: Tensor, written: Tensor, qparams: QParams | GGMLParams,
+             spec: QuantSpec | GGMLSpec) -> LinearStart:
     """The start state reproducing `written` (the init's Q) exactly; see the module docstring."""
     original, written = original.detach().float(), written.detach().float()
+    if isinstance(spec, GGMLSpec):
+        qp = _on(qparams, original.device)
+        rtn = kquant.dequantize(kquant.quantize(original, qp), qp)
+        return LinearStart(spec, (original if torch.equal(rtn, written) else written).clone(), qp)
     qp = QParams(qparams.scale.float().to(original.device), qparams.zero.float().to(original.device))
     rtn = dequantize(quantize(original, qp, spec), qp, spec)
     latent = original if torch.equal(rtn, written) else written
@@ -72,11 +90,17 @@ def clamp_ste(x: Tensor, low: float, high: float) -> Tensor:
     return x + (x.clamp(low, high) - x).detach()
 
 
-def finalize_linear(weight: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> FinalLinear | None:
-    """Round (s, z) to storable values and write the weight; None if any value is not finite."""
+def finalize_linear(weight: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec | GGMLSpec,
+                    grid: GGMLParams | None = None) -> FinalLinear | None:
+    """Round (s, z) to storable values and write the weight; None if any value is not finite.
+    A ggml type: (s, z) are the sub-block scales and mins on the type's `grid` (`quant.ggml_ste`)."""
     weight, scale, zero = weight.detach().float(), scale.detach().float(), zero.detach().float()
     if not (torch.isfinite(weight).all() and torch.isfinite(scale).all() and torch.isfinite(zero).all()):
         return None
+    if isinstance(spec, GGMLSpec):
+        params = finalize_grid(scale, zero, grid)
+        written = kquant.dequantize(kquant.quantize(weight, params), params)
+        return FinalLinear(_on(params, torch.device("cpu")), written)
     scale = scale.clamp(FP16_TINY, FP16_MAX).half().float()
     if spec.symmetric:
         zero = torch.full_like(scale, float(1 << (spec.bits - 1)))
@@ -104,10 +128,13 @@ class QuantizedBlock:
         self.block = block.requires_grad_(False)
         self.keys, self.transposed, self.specs = dict(keys), dict(transposed), {n: s.spec for n, s in starts.items()}
         self.weight = {n: nn.Parameter(s.weight.to(device, torch.float32).clone()) for n, s in starts.items()}
-        self.scale = {n: nn.Parameter(s.qparams.scale.to(device, torch.float32).clone()) for n, s in starts.items()}
+        self.grid = {n: _on(s.qparams, device) for n, s in starts.items() if isinstance(s.spec, GGMLSpec)}
+        self.scale: dict[str, nn.Parameter] = {}
         self.zero: dict[str, Tensor] = {}
         for n, s in starts.items():
-            zero = s.qparams.zero.to(device, torch.float32).clone()
+            scale, zero = start_grid(self.grid[n]) if n in self.grid else (s.qparams.scale, s.qparams.zero)
+            self.scale[n] = nn.Parameter(scale.to(device, torch.float32).clone())
+            zero = zero.to(device, torch.float32).clone()
             self.zero[n] = zero if s.spec.symmetric else nn.Parameter(zero)
 
     def param_groups(self, quant_lr: float, weight_lr: Mapping[str, float]) -> list[dict]:
@@ -131,15 +158,19 @@ class QuantizedBlock:
         """Differentiable W_hat of every planned linear, keyed by block parameter key."""
         out = {}
         for n, spec in self.specs.items():
-            s = clamp_ste(self.scale[n], FP16_TINY, FP16_MAX)
-            out[self.keys[n]] = self._as_stored(n, fake_quantize_ste(self.weight[n], s, self.zero[n], spec))
+            if n in self.grid:
+                w_hat = fake_quantize_ggml_ste(self.weight[n], self.scale[n], self.zero[n], self.grid[n])
+            else:
+                s = clamp_ste(self.scale[n], FP16_TINY, FP16_MAX)
+                w_hat = fake_quantize_ste(self.weight[n], s, self.zero[n], spec)
+            out[self.keys[n]] = self._as_stored(n, w_hat)
         return out
 
     def finalize(self) -> dict[str, FinalLinear] | None:
         """The storable state of every linear, or None if any linear has a non-finite value."""
         out = {}
         for n, spec in self.specs.items():
-            final = finalize_linear(self.weight[n], self.scale[n], self.zero[n], spec)
+            final = finalize_linear(self.weight[n], self.scale[n], self.zero[n], spec, self.grid.get(n))
             if final is None:
                 return None
             out[n] = final

@@ -37,6 +37,8 @@ from mixbits.model.quantize import quantize_model
 from mixbits.plan import Plan
 from mixbits.quant.affine import QParams
 from mixbits.quant.gptq import GPTQConfig
+from mixbits.quant.kquant import GGMLParams
+from mixbits.quant.spec import GGMLSpec, QuantSpec
 from mixbits.train.activations import Stream, advance, capture_stream
 from mixbits.train.block_ap import BlockHParams, BlockOutcome, train_block
 from mixbits.train.checkpoint import BlockCheckpoint
@@ -164,12 +166,26 @@ def _train_one(run: _Run, index: int, block_q: nn.Module, streams: dict[str, Str
     for n, f in outcome.final.items():
         qparams[n] = f.qparams
         tensors.update({f"{n}.weight": get_weight(block_q.get_submodule(n[len(base):])).detach(),
-                        f"{n}.scale": f.qparams.scale, f"{n}.zero": f.qparams.zero})
+                        **{f"{n}.{k}": t for k, t in _grid_tensors(f.qparams).items()}})
     stats = run.stats(index, outcome, hp, time.perf_counter() - start)
     log.info("block %d: val MSE %.4g -> %.4g (x%.3f), best epoch %.2f%s%s", index, stats.loss_start,
              stats.loss_end, stats.ratio, stats.best_epoch, ", kept the start" if stats.kept_start else "",
              ", FELL BACK after non-finite steps" if stats.fallback else "")
     return stats, tensors
+
+
+def _grid_tensors(qparams: QParams | GGMLParams) -> dict[str, Tensor]:
+    """What a checkpoint keeps of a linear's qparams: scale and zero, or a ggml grid's d, dmin, sc, mn."""
+    if isinstance(qparams, GGMLParams):
+        return {"d": qparams.d, "dmin": qparams.dmin, "sc": qparams.sc, "mn": qparams.mn}
+    return {"scale": qparams.scale, "zero": qparams.zero}
+
+
+def _grid_of(tensors: Mapping[str, Tensor], name: str, spec: QuantSpec | GGMLSpec) -> QParams | GGMLParams:
+    """`_grid_tensors` read back from a checkpoint's tensors."""
+    if isinstance(spec, GGMLSpec):
+        return GGMLParams(spec, *(tensors[f"{name}.{k}"] for k in ("d", "dmin", "sc", "mn")))
+    return QParams(tensors[f"{name}.scale"], tensors[f"{name}.zero"])
 
 
 def _replay(run: _Run, index: int, block_q: nn.Module, ckpt: BlockCheckpoint,
@@ -180,7 +196,7 @@ def _replay(run: _Run, index: int, block_q: nn.Module, ckpt: BlockCheckpoint,
     names = run.names_of(index)
     _write(block_q, base, {n: tensors[f"{n}.weight"] for n in names})
     for n in names:
-        qparams[n] = QParams(tensors[f"{n}.scale"], tensors[f"{n}.zero"])
+        qparams[n] = _grid_of(tensors, n, run.trained[n])
     return BlockStats.from_dict({**stats, "resumed": True})
 
 
