@@ -19,7 +19,10 @@ For every preset of `--llamacpp-types` (issue 16 asks for Q2_K, Q3_K_S/M/L, Q4_K
    importance a = diag(XᵀX) of the original model's inputs to the layer on those windows, which
    is what llama.cpp's imatrix holds, and rounds to nearest; gptq adds GPTQ's error feedback on
    that grid, blockwise in sequence (`quantize_model`, about 4x the time); rtn chooses the grid
-   with uniform importance.
+   with uniform importance; blockap-clip / blockap-gptq start from clip / gptq and train each block
+   with Block-AP on its ggml grids (`train.run.train_model`; `--train-windows`, `--train-val-windows`,
+   `--train-seqlen`, `--train-epochs` from the calibration / validation splits; no E2E-QP, which
+   trains affine step sizes only).
 4. mixbits' writer writes it (`model.gguf`, the tokenizer.ggml.pre of the F16 file), its bytes are
    checked against the prediction, and llama.cpp itself runs it on mixbits' token ids, as every
    llama.cpp row is run.
@@ -47,6 +50,7 @@ import torch
 
 from quality_rows import Built, NotRun, Row
 import quality_llamacpp
+import quality_mixbits
 from mixbits.allocate.feasibility import BudgetInfeasible
 from mixbits.allocate.optimal import allocate_optimal
 from mixbits.config import AllocationConfig
@@ -59,6 +63,8 @@ from mixbits.plan import Plan
 from mixbits.quant import kquant
 from mixbits.sensitivity.fisher import empirical_fisher, fisher_damage
 from mixbits.sensitivity.table import DamageTable
+from mixbits.train.run import train_model
+from mixbits.train.windows import training_windows
 
 log = logging.getLogger("quality")
 
@@ -67,7 +73,11 @@ PEER = "llamacpp-imatrix"
 QUANTIZERS = {"clip": "round to nearest on each ggml grid chosen with importance diag(XᵀX) of the original's inputs "
                       "(what llama.cpp's imatrix holds)",
               "gptq": "GPTQ on each ggml grid (grid chosen with importance diag(XᵀX), then error feedback)",
-              "rtn": "round to nearest on each ggml grid chosen with uniform importance"}
+              "rtn": "round to nearest on each ggml grid chosen with uniform importance",
+              "blockap-clip": "Block-AP on each ggml grid (latent weights, sub-block scales and mins; super-block "
+                              "scales fixed) from the clip start (grid chosen with importance diag(XᵀX) of the "
+                              "quantized model's inputs, round to nearest)",
+              "blockap-gptq": "Block-AP on each ggml grid from the GPTQ start"}
 
 
 def _cfg(bench, target_bytes: int | None = None):
@@ -137,6 +147,14 @@ def quantized(bench, plan: Plan, quantizer: str) -> tuple[object, dict]:
     """(model to write, qparams by layer): clip and rtn choose each ggml layer's grid from the
     original weight (with `importance` for clip) and the writer takes the codes nearest to it on
     that grid, which is the weight `quantize_ggml` makes; gptq goes through `quantize_model`."""
+    if quantizer.startswith("blockap-"):
+        cfg = quality_mixbits.train_config(bench, quantizer.split("-", 1)[1])
+        windows = training_windows(bench.p.tokenizer, dataclasses.replace(cfg, e2e=False))
+        model, report = train_model(bench.p.model, plan, windows["calibration"], windows["validation"],
+                                    dataclasses.replace(cfg, e2e=False), device=bench.p.device, progress=False,
+                                    resume=True, gptq=bench.cfg.gptq,
+                                    checkpoint_dir=bench.out / ARM / "checkpoints" / f"{quantizer}-{plan.meta['gguf']['file_bytes']}")
+        return model, dict(report.qparams)
     if quantizer == "gptq":
         model, report = quantize_model(bench.p.model, plan, quantizer="gptq", device=bench.p.device, progress=False,
                                        windows=bench.calib, gptq=bench.cfg.gptq)

@@ -134,6 +134,23 @@ def test_gguf_file_at_a_size_is_written_at_or_below_it_with_every_planned_type(b
     assert again.path == made.path and again.seconds == 0.0
 
 
+def test_gguf_file_trained_with_block_ap_holds_the_trained_weights_at_the_same_bytes(bench):
+    """`--gguf-quantizer blockap-clip`: the same plan as clip's at that size, trained on its ggml grids; the
+    file has the same bytes and its tensors differ from clip's (training moved codes or scales)."""
+    import gguf
+    import quality_gguf
+    from gguf.quants import dequantize
+    from mixbits.quant.spec import GGML_TYPES
+
+    target = (_uniform_file(bench, GGML_TYPES["Q3_K"]) + _uniform_file(bench, GGML_TYPES["Q5_K"])) // 2
+    clip, trained = (quality_gguf.solve(bench, target, q) for q in ("clip", "blockap-clip"))
+    assert dict(trained.plan.specs) == dict(clip.plan.specs)
+    assert trained.path.stat().st_size == clip.path.stat().st_size == trained.predicted_bytes <= target
+    read = [{t.name: dequantize(t.data, t.tensor_type) for t in gguf.GGUFReader(m.path).tensors} for m in (clip, trained)]
+    layers = [gguf_name(n) for n in clip.plan.specs]
+    assert sum(not (read[0][n] == read[1][n]).all() for n in layers) > len(layers) // 2
+
+
 SHORT = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output", "gate_proj": "ffn_gate",
          "up_proj": "ffn_up", "down_proj": "ffn_down"}
 
