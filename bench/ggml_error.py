@@ -2,13 +2,21 @@
 
     OMP_NUM_THREADS=1 python bench/ggml_error.py --model smollm2-135m --blocks 0,10,20,29 [--importance]
     OMP_NUM_THREADS=1 python bench/ggml_error.py --blocks 0,15,29 --importance --iq4nl-steps 1,2,3
+    OMP_NUM_THREADS=1 python bench/ggml_error.py --blocks all --in-features 1536 --imatrix 16 \
+        --types IQ4_XS,Q4_K,Q3_K,IQ4_NL --reference IQ4_NL [--student-t 4]
 
 For each block linear of the blocks asked for and each ggml type its row length allows, the grid of
-`quant.kquant` (`fake_quantize`; IQ4_NL's through `quant.iq4nl`) and the error sum_i a_i (w_i - w_hat_i)^2
-summed over the layers (a = 1, or with --importance a log-normal exp(2 z) per input, seed 0, standing in
-for an imatrix). Printed per type: bits per weight, the error as a multiple of Q4_0's on the same layers
-(types that need rows of 256 are summed over the layers that have them, against Q4_0 on those same
-layers), and the seconds the grid search took. --iq4nl-steps instead times IQ4_NL's scale search with its
+`quant.kquant` (`fake_quantize`; IQ4_NL's and IQ4_XS's through `quant.iq4nl`) and the error
+sum_i a_i (w_i - w_hat_i)^2 summed over the layers, every type with the same a, which also chose its grid:
+a = 1; with --importance a log-normal exp(2 z) per input, seed 0, standing in for an imatrix; with
+--imatrix N the real one, diag(X^T X) of each layer's inputs over N calibration windows of wiki (512
+tokens, seed 0, as `mixbits run` draws them). Printed per type: bits per weight, the error as a multiple
+of the reference type's (Q4_0 unless --reference) on the same layers (types that need rows of 256 are
+summed over the layers that have them, against the reference on those same layers), and the seconds the
+grid search took. --in-features keeps the layers of one row length (1536: SmolLM2's down_proj, the only
+rows of 256-blocks), --types the types measured. --student-t DF replaces each weight by Student-t(DF)
+draws of its shape and per-row standard deviation (seed 0): the same layers and importance without the
+published Q4_1 grid in the weights (see the caveat below). --iq4nl-steps instead times IQ4_NL's scale search with its
 candidate ends moved every 1, 2, 3... level units (`quant.iq4nl.STEPS` is every 2): the error and the
 seconds of each as a multiple of every unit's. Caveat: the embedded model's weights were stored as Q4_1
 (model/load.py), so Q4_1 reproduces them almost exactly; the other types are not favoured by that grid.
@@ -25,34 +33,51 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from mixbits.data.text import load_text  # noqa: E402
+from mixbits.data.windows import calibration_windows  # noqa: E402
+from mixbits.model.hooks import input_hooks  # noqa: E402
 from mixbits.model.load import load_model  # noqa: E402
 from mixbits.model.arch import find_linears  # noqa: E402
 from mixbits.quant import iq4nl, kquant  # noqa: E402
-from mixbits.quant.spec import GGML_TYPES  # noqa: E402
+from mixbits.quant.spec import GGML_TYPES, GGMLSpec  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
     a = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     a.add_argument("--model", default="smollm2-135m")
-    a.add_argument("--blocks", default="0,10,20,29", help="comma-separated block indices")
+    a.add_argument("--blocks", default="0,10,20,29", help="comma-separated block indices, or all")
     a.add_argument("--importance", action="store_true")
+    a.add_argument("--imatrix", type=int, default=0, help="calibration windows of the real diag(X^T X) (0: off)")
+    a.add_argument("--in-features", type=int, help="only the layers whose rows have this many weights")
+    a.add_argument("--types", help="comma-separated ggml types to measure (default: all)")
+    a.add_argument("--reference", default="Q4_0", help="the type the errors are divided by")
+    a.add_argument("--student-t", type=int, default=0, help="resample the weights as Student-t(DF) (0: off)")
     a.add_argument("--iq4nl-steps", help="comma-separated spacings of IQ4_NL's candidate ends, e.g. 1,2,3")
     args = a.parse_args(argv)
-    model, _ = load_model(args.model, device="cpu")
-    blocks = {int(b) for b in args.blocks.split(",")}
-    layers = {n: model.get_submodule(n) for n, info in find_linears(model).items() if info.block in blocks}
+    model, tokenizer = load_model(args.model, device="cpu")
+    blocks = None if args.blocks == "all" else {int(b) for b in args.blocks.split(",")}
+    layers = {n: model.get_submodule(n) for n, info in find_linears(model).items()
+              if (blocks is None or info.block in blocks)
+              and args.in_features in (None, model.get_submodule(n).weight.shape[1])}
     gen = torch.Generator().manual_seed(0)
     if args.iq4nl_steps:
         return _steps(args, layers, gen)
+    imatrix = _imatrix(model, tokenizer, list(layers), args.imatrix) if args.imatrix else {}
+    types = [GGMLSpec.parse(t).name for t in args.types.split(",")] if args.types else list(GGML_TYPES)
+    ref = GGMLSpec.parse(args.reference)
     errors: dict[str, float] = {}
-    base: dict[str, float] = {}  # Q4_0's error on the layers each type covers
+    base: dict[str, float] = {}  # the reference's error on the layers each type covers
     seconds: dict[str, float] = {}
     for name, module in layers.items():
         w = module.weight.detach().float()
-        imp = torch.exp(2 * torch.randn(w.shape[1], generator=gen)) if args.importance else None
+        if not ref.fits(w.shape[1]):
+            continue
+        w = _student_t(w, args.student_t, gen) if args.student_t else w
+        imp = torch.exp(2 * torch.randn(w.shape[1], generator=gen)) if args.importance else imatrix.get(name)
         a_ = torch.ones(w.shape[1]) if imp is None else imp
-        q40 = float((a_ * (w - kquant.fake_quantize(w, GGML_TYPES["Q4_0"], imp)) ** 2).sum())
-        for tname, spec in GGML_TYPES.items():
+        q40 = float((a_ * (w - kquant.fake_quantize(w, ref, imp)) ** 2).sum())
+        for tname in types:
+            spec = GGML_TYPES[tname]
             if not spec.fits(w.shape[1]):
                 continue
             t = time.perf_counter()
@@ -61,14 +86,35 @@ def main(argv: list[str] | None = None) -> None:
             errors[tname] = errors.get(tname, 0.0) + float((a_ * (w - w_hat) ** 2).sum())
             base[tname] = base.get(tname, 0.0) + q40
         print(f"{name} {tuple(w.shape)}", file=sys.stderr, flush=True)
-    print(f"`python bench/ggml_error.py --model {args.model} --blocks {args.blocks}"
-          f"{' --importance' if args.importance else ''}` ({len(layers)} layers)\n")
-    print("| type | bits per weight | error x Q4_0 | layers | seconds |")
+    print(f"`python bench/ggml_error.py {' '.join(sys.argv[1:] if argv is None else argv)}` ({len(layers)} layers)\n")
+    print(f"| type | bits per weight | error x {ref.name} | layers | seconds |")
     print("|---|---:|---:|---:|---:|")
     for tname in sorted(errors, key=lambda t: (GGML_TYPES[t].bits_per_weight, errors[t] / base[t])):
-        count = sum(GGML_TYPES[tname].fits(m.weight.shape[1]) for m in layers.values())
+        count = sum(GGML_TYPES[tname].fits(m.weight.shape[1]) and ref.fits(m.weight.shape[1]) for m in layers.values())
         print(f"| {tname} | {GGML_TYPES[tname].bits_per_weight:g} | {errors[tname] / base[tname]:.3f} | {count} | "
               f"{seconds[tname]:.1f} |")
+
+
+def _imatrix(model, tokenizer, names: list[str], windows: int) -> dict[str, torch.Tensor]:
+    """diag(X^T X) [in] per named linear over `windows` calibration windows of wiki (512 tokens, seed 0)."""
+    ids = calibration_windows(tokenizer, load_text("wiki", "calibration"), 512, windows, seed=0)
+    sums = {n: torch.zeros(model.get_submodule(n).weight.shape[1], dtype=torch.float64) for n in names}
+
+    def add(name: str, x: torch.Tensor) -> None:
+        sums[name] += x.detach().reshape(-1, x.shape[-1]).double().square().sum(0)
+
+    with torch.no_grad(), input_hooks(model, names, add):
+        for window in ids:
+            model(window[None])
+    return {n: s.float() for n, s in sums.items()}
+
+
+def _student_t(w: torch.Tensor, df: int, gen: torch.Generator) -> torch.Tensor:
+    """Student-t(df) draws of w's shape with w's per-row standard deviation (heavy tails, no stored grid)."""
+    z = torch.randn(w.shape, generator=gen)
+    v = torch.randn(*w.shape, df, generator=gen).square().sum(-1) / df  # chi2(df) / df
+    t = z / v.sqrt()
+    return t / t.std(dim=1, keepdim=True) * w.std(dim=1, keepdim=True)
 
 
 def _steps(args, layers, gen) -> None:
