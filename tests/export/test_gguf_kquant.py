@@ -146,17 +146,19 @@ def test_fake_quantize_model_applies_ggml_types_as_the_file_stores_them(tokenize
 def test_rows_a_type_cannot_store_are_refused_before_writing_with_the_nearest_plan(tmp_path):
     model = tiny_llama()  # 64 wide, mlp 128: no row is a whole K-quant super-block
     plan = Plan({L + "0.mlp.down_proj": GGMLSpec.parse("q4_k"), L + "1.self_attn.v_proj": GGMLSpec.parse("q6_k"),
-                 L + "1.mlp.up_proj": GGMLSpec.parse("q8_0")})
+                 L + "1.mlp.up_proj": GGMLSpec.parse("q8_0"), L + "0.self_attn.o_proj": GGMLSpec.parse("iq4_xs")})
     with pytest.raises(ExportError) as err:
         write_gguf(model, plan, tmp_path / "m.gguf")
     text = str(err.value)
-    assert "2 problem(s)" in text and "--nearest" in text
+    assert "3 problem(s)" in text and "--nearest" in text
     assert f"{L}0.mlp.down_proj q4_k: its 128 inputs are not a multiple of 256, the Q4_K block; nearest: q4_0" in text
     assert f"{L}1.self_attn.v_proj q6_k: its 64 inputs are not a multiple of 256, the Q6_K block; nearest: q8_0" in text
+    assert f"{L}0.self_attn.o_proj iq4_xs: its 64 inputs are not a multiple of 256, the IQ4_XS block; nearest: iq4_nl" in text
     assert list(tmp_path.iterdir()) == []
     nearest = nearest_plan("gguf", plan, layer_shapes(model))
     assert {n: s.label for n, s in nearest.specs.items()} == {
-        L + "0.mlp.down_proj": "q4_0", L + "1.self_attn.v_proj": "q8_0", L + "1.mlp.up_proj": "q8_0"}
+        L + "0.mlp.down_proj": "q4_0", L + "1.self_attn.v_proj": "q8_0", L + "1.mlp.up_proj": "q8_0",
+        L + "0.self_attn.o_proj": "iq4_nl"}  # the same levels at the next size
     write_gguf(model, nearest, tmp_path / "m.gguf")
     assert read_tensors(tmp_path / "m.gguf")["blk.0.ffn_down.weight"][0] == Q.Q4_0
 

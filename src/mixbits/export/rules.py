@@ -13,7 +13,8 @@ in 16 bit. Fused layers that disagree get the most precise of their specs.
 
 A ggml type (`GGMLSpec`, GGUF only) needs rows that are whole blocks (256 weights for the
 K-quants, 32 for the legacy types); its nearest is the cheapest type of the format the row
-allows at no fewer bits per weight (Q4_K on a 576-wide row: Q4_0; Q6_K: Q8_0), else 16 bit.
+allows at no fewer bits per weight (Q4_K on a 576-wide row: Q4_0; Q6_K: Q8_0; IQ4_XS: IQ4_NL, a tie
+going to the same levels), else 16 bit.
 A format without ggml types takes the affine spec with the same code bits and 32-wide groups.
 In a format with ggml types, an affine spec it cannot store (2, 3 or 6 bits) becomes the
 cheapest ggml type with as many code bits that the row allows (w3g128 -> Q3_K), before bits
@@ -74,7 +75,8 @@ def _ggml_nearest(rules: Rules, spec: GGMLSpec, shape: tuple[int, int]) -> Quant
     if not rules.ggml_types:  # another format: the affine spec with the same codes
         return nearest_spec(rules, QuantSpec(spec.code_bits, 32, spec.symmetric), shape)
     allowed = [GGML_TYPES[n] for n in rules.ggml_types if GGML_TYPES[n].fits(in_features)]
-    richer = sorted((s for s in allowed if s.bits_per_weight >= spec.bits_per_weight), key=lambda s: s.bits_per_weight)
+    richer = sorted((s for s in allowed if s.bits_per_weight >= spec.bits_per_weight),
+                    key=lambda s: (s.bits_per_weight, s.levels != spec.levels))  # a tie keeps the grid: IQ4_XS -> IQ4_NL
     if richer:
         return richer[0]
     return max(allowed, key=lambda s: s.bits_per_weight) if allowed else KEEP
