@@ -22,3 +22,11 @@ def test_export_refuses_a_plan_gguf_cannot_store(finished_run, tmp_path):  # noq
                                  "--no-verbose"])
     assert r.exit_code == 2 and "error: the plan cannot be written as gguf" in r.output and "--nearest" in r.output, r.output
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_export_help_names_every_ggml_type_gguf_writes():
+    from mixbits.quant.spec import GGML_TYPES
+
+    r = CliRunner().invoke(app, ["export", "--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0 and "llama.cpp" in r.output
+    assert [n for n in GGML_TYPES if n not in r.output] == []

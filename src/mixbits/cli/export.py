@@ -17,6 +17,7 @@ from mixbits.cli.common import (
 )
 from mixbits.errors import UserError
 from mixbits.outdir import EXPORT_KINDS, adopt, claim, claim_file
+from mixbits.quant.spec import GGML_TYPES
 
 
 EXPORT_FORMATS = ("native", "gptq", "compressed", "gguf")
@@ -24,7 +25,9 @@ EXPORT_FORMATS = ("native", "gptq", "compressed", "gguf")
 
 @app.command("export")
 def export_cmd(
-    fmt: str = typer.Option(..., "--format", "-f", help=f"one of {', '.join(EXPORT_FORMATS)}"),
+    fmt: str = typer.Option(..., "--format", "-f", help=f"one of {', '.join(EXPORT_FORMATS)}; gguf writes one ggml "
+                            f"type per tensor ({', '.join(GGML_TYPES)}; F16 where the plan keeps 16 bit), loaded by "
+                            "llama.cpp, Ollama, LM Studio and transformers (docs/gguf.md)"),
     run_dir: Path = typer.Option(..., help="output folder of `mixbits run` (holds model/ and results.json)"),
     out: Optional[Path] = typer.Option(None, help="where to write; default RUN_DIR/export-FORMAT (gguf: .../model.gguf)"),
     nearest: bool = typer.Option(False, help="if the format cannot store the plan, export the nearest plan it can "
