@@ -4,6 +4,7 @@
     OMP_NUM_THREADS=1 python bench/ggml_error.py --blocks 0,15,29 --importance --iq4nl-steps 1,2,3
     OMP_NUM_THREADS=1 python bench/ggml_error.py --blocks all --in-features 1536 --imatrix 16 \
         --types IQ4_XS,Q4_K,Q3_K,IQ4_NL --reference IQ4_NL [--student-t 4]
+    OMP_NUM_THREADS=1 python bench/ggml_error.py --blocks all --in-features 1536 --imatrix 16 --iq4nl-polish 0,1,2,3,5
 
 For each block linear of the blocks asked for and each ggml type its row length allows, the grid of
 `quant.kquant` (`fake_quantize`; IQ4_NL's and IQ4_XS's through `quant.iq4nl`) and the error
@@ -16,10 +17,12 @@ summed over the layers that have them, against the reference on those same layer
 grid search took. --in-features keeps the layers of one row length (1536: SmolLM2's down_proj, the only
 rows of 256-blocks), --types the types measured. --student-t DF replaces each weight by Student-t(DF)
 draws of its shape and per-row standard deviation (seed 0): the same layers and importance without the
-published Q4_1 grid in the weights (see the caveat below). --iq4nl-steps instead times IQ4_NL's scale search with its
-candidate ends moved every 1, 2, 3... level units (`quant.iq4nl.STEPS` is every 2): the error and the
-seconds of each as a multiple of every unit's. Caveat: the embedded model's weights were stored as Q4_1
-(model/load.py), so Q4_1 reproduces them almost exactly; the other types are not favoured by that grid.
+published Q4_1 grid in the weights (see the caveat below). --iq4nl-steps instead times IQ4_NL's scale
+search with its candidate ends moved every 1, 2, 3... level units (`quant.iq4nl.STEPS` is every 2): the
+error and the seconds of each as a multiple of every unit's; --iq4nl-polish the same for the
+least-squares rounds on the winning scale (`quant.iq4nl.POLISH`), for IQ4_NL and IQ4_XS. Caveat: the
+embedded model's weights were stored as Q4_1 (model/load.py), so Q4_1, Q5_1 and the asymmetric K-quants
+with sub-blocks of 32 (Q4_K, Q5_K) reproduce them almost exactly; the other types are not favoured by that grid.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--reference", default="Q4_0", help="the type the errors are divided by")
     a.add_argument("--student-t", type=int, default=0, help="resample the weights as Student-t(DF) (0: off)")
     a.add_argument("--iq4nl-steps", help="comma-separated spacings of IQ4_NL's candidate ends, e.g. 1,2,3")
+    a.add_argument("--iq4nl-polish", help="comma-separated least-squares rounds on the winning scale, e.g. 0,1,2,3")
     args = a.parse_args(argv)
     model, tokenizer = load_model(args.model, device="cpu")
     blocks = None if args.blocks == "all" else {int(b) for b in args.blocks.split(",")}
@@ -63,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.iq4nl_steps:
         return _steps(args, layers, gen)
     imatrix = _imatrix(model, tokenizer, list(layers), args.imatrix) if args.imatrix else {}
+    if args.iq4nl_polish:
+        return _polish(args, argv, layers, imatrix, gen)
     types = [GGMLSpec.parse(t).name for t in args.types.split(",")] if args.types else list(GGML_TYPES)
     ref = GGMLSpec.parse(args.reference)
     errors: dict[str, float] = {}
@@ -139,6 +145,37 @@ def _steps(args, layers, gen) -> None:
     print("|---:|---:|---:|---:|")
     for spacing, count, error, seconds in rows:
         print(f"| {spacing} | {count} | {error / rows[0][2]:.6f} | {seconds / rows[0][3]:.2f} |")
+
+
+def _polish(args, argv, layers, imatrix, gen) -> None:
+    """IQ4_NL's and IQ4_XS's error and time per number of least-squares rounds on the winning scale
+    (`quant.iq4nl.POLISH`), each against its own at the first number given."""
+    rows = []
+    weights = {n: m.weight.detach().float() for n, m in layers.items()}
+    weights = {n: _student_t(w, args.student_t, gen) if args.student_t else w for n, w in weights.items()}
+    imps = {n: torch.exp(2 * torch.randn(w.shape[1], generator=gen)) if args.importance else imatrix.get(n)
+            for n, w in weights.items()}
+    saved = iq4nl.POLISH
+    try:
+        for rounds in (int(x) for x in args.iq4nl_polish.split(",")):
+            iq4nl.POLISH = rounds
+            for spec in (GGML_TYPES["IQ4_NL"], GGML_TYPES["IQ4_XS"]):
+                error, seconds = 0.0, 0.0
+                for n, w in ((n, w) for n, w in weights.items() if spec.fits(w.shape[1])):
+                    a_ = torch.ones(w.shape[1]) if imps[n] is None else imps[n]
+                    t = time.perf_counter()
+                    w_hat = kquant.fake_quantize(w, spec, imps[n])
+                    seconds += time.perf_counter() - t
+                    error += float((a_ * (w - w_hat) ** 2).sum())
+                rows.append((rounds, spec.name, error, seconds))
+    finally:
+        iq4nl.POLISH = saved
+    first = {name: (e, t) for _, name, e, t in reversed(rows)}
+    print(f"`python bench/ggml_error.py {' '.join(sys.argv[1:] if argv is None else argv)}` ({len(layers)} layers)\n")
+    print("| rounds | type | error x its first | seconds x its first |")
+    print("|---:|---|---:|---:|")
+    for rounds, name, error, seconds in rows:
+        print(f"| {rounds} | {name} | {error / first[name][0]:.4f} | {seconds / first[name][1]:.2f} |")
 
 
 if __name__ == "__main__":

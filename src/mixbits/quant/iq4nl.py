@@ -13,8 +13,11 @@ way: 16 candidates; every unit, 30, lowers the error by at most 2e-6 relative at
 `bench/ggml_error.py --iq4nl-steps 1,2,3`); each is
 refined by weighted least squares d = sum a w L / sum a L^2 on its nearest levels, rounded to
 fp16, and its codes taken again; the lowest E wins (a zero scale when nothing beats an all-zero
-block). llama.cpp's own search (ggml-quants.c, quantize_row_iq4_nl_impl) tries 15 scales at one
-end with heuristic weights; this one tries both ends and weighs by the objective itself.
+block), then `POLISH` more rounds of least squares on the winner's own levels, each kept where E
+drops (3 rounds: 0.937x the error with a real imatrix on the embedded model's down_proj, 0.997x
+uniform, at 1.3x the time; `bench/ggml_error.py --iq4nl-polish 0,1,2,3,5`). llama.cpp's own search
+(ggml-quants.c, quantize_row_iq4_nl_impl) tries 15 scales at one end with heuristic weights and one
+least-squares step each; this one tries both ends and weighs by the objective itself.
 
 IQ4_XS (llama.cpp's 4.25-bpw type: 136 bytes per 256 weights) puts the same levels under a signed
 6-bit scale code per 32 weights and one fp16 d per 256: w = (d * sc) * LEVELS[q], sc in [-32, 31].
@@ -45,6 +48,7 @@ from mixbits.quant.workers import map_pieces
 __all__ = ["LEVELS", "STEPS", "choose_grid", "choose_scales", "codes", "levels_tensor", "nearest_level"]
 
 STEPS = tuple(range(-7, 8, 2))  # moves of the end the largest weight maps to, in level units
+POLISH = 3  # least-squares rounds on the winning candidate
 _CHUNK = 1 << 12  # weights per chunk of rows (x 30 candidates: work buffers that stay in a core's cache)
 _FP16_MAX = torch.finfo(torch.float16).max
 
@@ -90,6 +94,13 @@ def _fp16(t: Tensor) -> Tensor:
     return t.clamp(-_FP16_MAX, _FP16_MAX).half().float()
 
 
+def _least_squares(x: Tensor, a: Tensor, d: Tensor, levels: Tensor) -> Tensor:
+    """fp16 d' = sum a x L / sum a L^2 over the levels L nearest to x / d (d where every L is 0)."""
+    q = _values(x, d, levels)
+    den = (a * q * q).sum(-1, keepdim=True)
+    return _fp16(torch.where(den > 0, (a * x * q).sum(-1, keepdim=True) / torch.where(den > 0, den, 1.0), d))
+
+
 def _scales_of(x: Tensor, a: Tensor, levels: Tensor, steps: tuple[int, ...]) -> Tensor:
     """Best fp16 scale [R, nb, 1] of blocks x [R, nb, k] with importance a [1, nb, k]."""
     mx = x.gather(-1, x.abs().argmax(-1, keepdim=True))  # the signed value of largest magnitude
@@ -97,12 +108,14 @@ def _scales_of(x: Tensor, a: Tensor, levels: Tensor, steps: tuple[int, ...]) -> 
     cand = torch.tensor(ends, dtype=torch.float32, device=x.device).view(-1, 1, 1, 1)
     d = mx / cand  # [C, R, nb, 1]
     d = torch.where(mx == 0, torch.zeros_like(d), d)
-    q = _values(x, d, levels)
-    den = (a * q * q).sum(-1, keepdim=True)
-    d = _fp16(torch.where(den > 0, (a * x * q).sum(-1, keepdim=True) / torch.where(den > 0, den, 1.0), d))
+    d = _least_squares(x, a, d, levels)
     e = _error(x, a, d, levels)  # [C, R, nb, 1]
     best = e.argmin(0, keepdim=True)
     d_best, e_best = d.take_along_dim(best, 0)[0], e.take_along_dim(best, 0)[0]
+    for _ in range(POLISH):  # the winner's least squares on its own levels, levels taken again: kept where E drops
+        d_ls = _least_squares(x, a, d_best, levels)
+        e = _error(x, a, d_ls, levels)
+        d_best, e_best = torch.where(e < e_best, d_ls, d_best), torch.minimum(e, e_best)
     zero = (a * x * x).sum(-1, keepdim=True)
     return torch.where(e_best < zero, d_best, torch.zeros_like(d_best))
 
