@@ -124,6 +124,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.add_argument("--train-val-windows", type=int, default=8)
     a.add_argument("--train-seqlen", type=int, default=256)
     a.add_argument("--train-epochs", type=float, default=2.0)
+    a.add_argument("--train-quant-lr", type=float, default=None,
+                   help="Block-AP lr of the scales and zero-points / ggml sub-block scales and mins (default: EfficientQAT's 1e-4)")
     a.add_argument("--train-inits", default="rtn,gptq",
                    help="Block-AP starts: comma-separated quantizers among rtn, clip, gptq (one blockap arm each)")
     a.add_argument("--models-per-pass", type=int, default=3)

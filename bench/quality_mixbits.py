@@ -137,7 +137,8 @@ def heuristic_rows(bench, seen: dict) -> list[Row]:
 def train_config(bench, init: str) -> TrainConfig:
     args = bench.args
     return TrainConfig(dataset=bench.cfg.data.dataset, train_size=args.train_windows, val_size=args.train_val_windows,
-                       seqlen=args.train_seqlen, epochs=args.train_epochs, init=init, e2e=True)
+                       seqlen=args.train_seqlen, epochs=args.train_epochs, init=init, e2e=True,
+                       **({} if args.train_quant_lr is None else {"quant_lr": args.train_quant_lr}))
 
 
 def blockap_arm(init: str) -> str:
