@@ -34,12 +34,12 @@ CFG = TrainConfig(epochs=2, batch_size=2, quant_lr=1e-5, weight_lr=2e-5)
 
 
 def plan() -> Plan:
-    """Every kind of grid: K-quants with and without mins, IQ4_NL, the legacy types with a scale or a
+    """Every kind of grid: K-quants with and without mins, IQ4_NL and IQ4_XS, the legacy types with a scale or a
     scale and an offset per 32, an affine spec, and a kept layer."""
     labels = {"0.self_attn.q_proj": "Q4_K", "0.self_attn.k_proj": "Q6_K", "0.self_attn.v_proj": "Q3_K",
               "0.self_attn.o_proj": "Q2_K", "0.mlp.gate_proj": "IQ4_NL", "0.mlp.up_proj": "Q4_0",
               "0.mlp.down_proj": "Q5_K", "1.self_attn.q_proj": "w3g64", "1.self_attn.k_proj": "Q4_1",
-              "1.self_attn.v_proj": "Q5_1", "1.self_attn.o_proj": "Q5_0", "1.mlp.gate_proj": "Q2_K",
+              "1.self_attn.v_proj": "Q5_1", "1.self_attn.o_proj": "Q5_0", "1.mlp.gate_proj": "IQ4_XS",
               "1.mlp.up_proj": "Q3_K"}  # 1.mlp.down_proj: kept
     return Plan({L + n: QuantSpec.parse(v) if v.startswith("w") else GGMLSpec.parse(v) for n, v in labels.items()})
 
