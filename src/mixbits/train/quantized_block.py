@@ -12,7 +12,7 @@ that pushes it out of range does not cut its gradient. No module is swapped or p
 block is called through `torch.func.functional_call` with W_hat in place of each weight, so
 every architecture in `model.arch` works unchanged (GPT-2's Conv1D gets W_hat transposed).
 
-A linear planned as a ggml type (`GGMLSpec`: GGUF K-quants, legacy types, IQ4_NL) trains its latent
+A linear planned as a ggml type (`GGMLSpec`: GGUF K-quants, legacy types, IQ4_NL, IQ4_XS) trains its latent
 weight and one scale and one min per sub-block on its type's grid instead (`quant.ggml_ste`: the
 sub-block scale codes move under the start grid's fixed fp16 super-block scales); `self.scale` and
 `self.zero` then hold those scales and mins, and its finalized qparams are `GGMLParams`.
