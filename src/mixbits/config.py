@@ -243,6 +243,14 @@ class IterativeConfig:
         return d
 
 
+def check_damage_rows(rows: int | None) -> None:
+    """Refuse a `damage_rows` (run and analyze) that is not a whole number of rows; 0 / None: every row."""
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 0):
+        raise UserError(f"`damage_rows` {rows!r} must be a whole number of output rows per layer on which each ggml "
+                        "type's damage is measured and scaled to the layer (`sensitivity.damage_rows`), e.g. 64 "
+                        "(0: every row)")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     model: str = "smollm2-135m"
@@ -255,6 +263,7 @@ class RunConfig:
     gptq: GPTQConfig = field(default_factory=lambda: GPTQConfig(clip=True))  # with clip-searched group scales
     damage: str = "follow"  # follow: Fisher x the quantizer's gain over RTN (sensitivity.follow); rtn: Fisher as is
     gain_rows: int | None = 64  # follow: output rows per layer whose gain is measured (evenly strided); 0/None: all
+    damage_rows: int | None = 64  # ggml candidates: rows per layer each type's damage is measured on, scaled; 0/None: all
     use_cache: bool = True  # reuse damage tables cached under $MIXBITS_CACHE_DIR/sensitivity (default MIXBITS_HOME/cache)
     train: TrainConfig | None = None  # Block-AP (+ E2E-QP) of the mixed plan after quantization; None: PTQ only
     baselines: bool = True  # also quantize and score the uniform configs around the budget (False: the mixed model only)
@@ -297,6 +306,7 @@ class RunConfig:
                                            or self.gain_rows < 0):
             raise UserError(f"`gain_rows` {self.gain_rows!r} must be a whole number of output rows per layer, e.g. "
                              "128 (0: every row)")
+        check_damage_rows(self.damage_rows)
 
         if self.iterative is not None and self.plan is not None:
             raise UserError("`iterative` builds its own plan; drop `plan` or `iterative`")

@@ -54,6 +54,7 @@ from mixbits.plan import Plan
 from mixbits.recipe import save_recipe
 from mixbits.report.results import build_layer_statistics, build_results, write_outputs
 from mixbits.sensitivity.cache import cache_key_parts, cached_table
+from mixbits.sensitivity.damage_rows import damage_row_options
 from mixbits.sensitivity.follow import follow_quantizer, gain_cache_options, gain_table
 from mixbits.sensitivity.methods import cached_tables
 from mixbits.sensitivity.table import DamageTable
@@ -161,7 +162,9 @@ def sensitivity(cfg: RunConfig, p: Prepared, calib: torch.Tensor, timer: StageTi
     or cfg.damage is "rtn" (`sensitivity.follow`); each table from the disk cache when the same
     model, tokens, configs and code ran before. The Fisher table comes from the one builder
     `mixbits analyze` uses too (`methods.cached_tables`), so either command reuses the other's;
-    the run's provenance (model, calibration, tied groups, fixed bytes) is added afterwards."""
+    the run's provenance (model, calibration, tied groups, fixed bytes) is added afterwards. The ggml types'
+    damage is measured on cfg.damage_rows rows per layer and scaled (`sensitivity.damage_rows`; the table's
+    meta options and cache key say so)."""
     configs = cfg.allocation.configs()
 
     def gain() -> DamageTable:
@@ -175,6 +178,7 @@ def sensitivity(cfg: RunConfig, p: Prepared, calib: torch.Tensor, timer: StageTi
         else:
             fisher = cached_tables(["fisher"], p.model, calib, p.linears, configs, model_name=cfg.model,
                                    granularity="layer", device=p.device, progress=cfg.progress,
+                                   options=damage_row_options(["fisher"], configs, cfg.damage_rows),
                                    use_cache=cfg.use_cache)[0]["fisher"]
         table = fisher.with_meta(model=cfg.model, calibration=data_info["calibration"],
                                            tied=[list(g) for g in p.groups if len(g) > 1],
@@ -271,7 +275,9 @@ def _run(cfg: RunConfig, owned: Claim) -> dict:
         with timer.stage("allocate"):
             priced = table if p.gguf is None else p.gguf.priced(table)  # GGUF target: options in file bytes
             specs, solution = allocate_optimal(priced, p.groups, p.budget_bits, p.constraints)
-        plan = Plan(specs, {"strategy": "optimal", "budget": p.budget.label, "sensitivity": table.method})
+        rows = table.meta.get("options", {}).get("damage_rows")  # ggml damage sampled (`sensitivity.damage_rows`)
+        plan = Plan(specs, {"strategy": "optimal", "budget": p.budget.label, "sensitivity": table.method,
+                            **({"damage_rows": rows} if rows else {})})
         plan = plan if p.gguf is None else p.gguf.record(plan)
     plans = {"original": Plan({}), "mixed": plan}
     baselines = () if not cfg.baselines else p.gguf.baselines(cfg.allocation.configs()) if p.gguf is not None else \

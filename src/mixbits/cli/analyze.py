@@ -24,6 +24,8 @@ from mixbits.report.console import print_analysis
 ANALYZE_HELPS = {
     **{name: FLAGS[name].help for name in ("model", "dataset", "calib_windows", "seqlen", "bits", "group_sizes",
                                            "device", "compute_dtype", "offload_dir", "stream")},
+    "damage_rows": "ggml candidates: output rows per layer, evenly strided, on which each ggml type's fisher and "
+                   "gradient damage is measured and scaled to the layer's rows (0: every row)",
     "candidates": "configs the tables cover: affine (bits x group sizes), gguf (the ggml types llama.cpp loads, "
                   "each only on layers whose rows allow it) or both; `mixbits allocate` plans over the same",
     "methods": "comma list of fisher, gradient, hessian, output_error, divergence, ablation",

@@ -99,6 +99,9 @@ FLAGS: dict[str, Flag] = {f.name: f for f in [
          "damage of round-to-nearest"),
     Flag("gain_rows", ("gain_rows",), "--damage follow: output rows per layer on which the quantizer's gain is "
          "measured, evenly strided (0: every row; exact per row, the gain's ratio estimated)", Optional[int]),
+    Flag("damage_rows", ("damage_rows",), "ggml candidates: output rows per layer, evenly strided, on which each "
+         "ggml type's Fisher damage is measured and scaled to the layer's rows (0: every row; the grid search costs "
+         "per row; affine damage is always on every row)", Optional[int]),
     Flag("cache", ("use_cache",), "reuse damage tables cached under $MIXBITS_CACHE_DIR/sensitivity (default "
          "MIXBITS_HOME/cache)", bool),
     Flag("gptq_clip", ("gptq.clip",), "gptq: clip-search each group's scale (weighted by diag XᵀX) as it is "

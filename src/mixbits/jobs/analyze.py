@@ -51,6 +51,7 @@ from mixbits.model.load import load_model, resolve_model_source, validate_model_
 from mixbits.model.memory import model_shapes
 from mixbits.report.sensitivity_plots import plot_predicted_vs_measured, plot_scores
 from mixbits.sensitivity.capture import grad_only_on
+from mixbits.sensitivity.damage_rows import damage_row_options
 from mixbits.sensitivity.methods import STREAMED, cached_tables, primary_score
 from mixbits.sensitivity.seedfile import read_seed_file, seed_table
 from mixbits.sensitivity.table import DamageTable
@@ -101,6 +102,7 @@ def _tables(cfg: AnalyzeConfig, methods, model, linears, windows, configs, devic
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     return cached_tables(methods, model, windows, linears, configs, model_name=cfg.model, granularity=cfg.granularity,
                          device=device, progress=cfg.progress, measure_configs=measure_configs, generator=gen,
+                         options=damage_row_options(methods, configs, cfg.damage_rows),
                          use_cache=cfg.use_cache, offload_dir=offload_dir)
 
 

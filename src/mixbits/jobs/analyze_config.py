@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from mixbits.config import DEFAULT_BITS, DEFAULT_GROUPS, candidate_set, check_candidates
+from mixbits.config import DEFAULT_BITS, DEFAULT_GROUPS, candidate_set, check_candidates, check_damage_rows
 from mixbits.devices import compute_torch_dtype
 from mixbits.errors import UserError
 from mixbits.quant.spec import GGMLSpec, QuantSpec, parse_spec
@@ -37,6 +37,7 @@ class AnalyzeConfig:
     bits: tuple[int, ...] = DEFAULT_BITS
     group_sizes: tuple[int | None, ...] = DEFAULT_GROUPS
     candidates: str = "affine"  # affine grids (bits x group sizes), ggml types for GGUF, or both
+    damage_rows: int | None = 64  # ggml types: fisher/gradient damage on this many strided rows per layer, scaled
     measure_configs: tuple[str, ...] | None = None  # configs measured methods run (None: all)
     validate: bool = True
     validate_configs: tuple[str, ...] = ("w2g128", "w3g128")
@@ -55,6 +56,7 @@ class AnalyzeConfig:
         check_methods(self.methods)
         check_granularity(self.granularity)
         check_candidates(self.candidates, "--candidates")
+        check_damage_rows(self.damage_rows)
         compute_torch_dtype(self.compute_dtype)
         if self.offload_dir is not None and Path(self.offload_dir).exists() and not Path(self.offload_dir).is_dir():
             raise UserError(f"--offload-dir {str(self.offload_dir)!r} is a file; give a folder (it is created if "

@@ -47,6 +47,7 @@ from mixbits.model.quantize_streamed import quantize_streamed
 from mixbits.model.stream import BlockSource
 from mixbits.plan import Plan
 from mixbits.quant.spec import QuantSpec
+from mixbits.sensitivity.damage_rows import damage_row_options
 from mixbits.sensitivity.methods import cached_tables
 from mixbits.sensitivity.table import DamageTable
 from mixbits.timing import StageTimer
@@ -151,6 +152,7 @@ def streamed_fisher(cfg: RunConfig, source: BlockSource, calib: torch.Tensor, li
     with boundaries_folder(cfg.offload_dir) as folder:
         tables, cached = cached_tables(["fisher"], source, calib, linears, configs, model_name=cfg.model,
                                        device=source.device, progress=cfg.progress, use_cache=cfg.use_cache,
+                                       options=damage_row_options(["fisher"], configs, cfg.damage_rows),
                                        offload_dir=folder)
     return tables["fisher"] if "fisher" in cached else tables["fisher"].with_meta(streamed=True)
 

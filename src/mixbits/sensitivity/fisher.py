@@ -29,9 +29,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mixbits.model.arch import LinearInfo, get_weight
-from mixbits.quant.fake import fake_quantize, storable
 from mixbits.quant.spec import QuantSpec
 from mixbits.sensitivity.capture import window_gradients
+from mixbits.sensitivity.damage_rows import config_deltas, rows_of, unmeasured
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +58,14 @@ def empirical_fisher(
     return {name: f.div_(n) for name, f in fisher.items()}
 
 
-def fisher_damage(weight: torch.Tensor, fisher: torch.Tensor, configs: Sequence[QuantSpec]) -> np.ndarray:
-    """½ Σ F·(w − q_c(w))² for every config c; weight and fisher are [out, in]."""
+def fisher_damage(weight: torch.Tensor, fisher: torch.Tensor, configs: Sequence[QuantSpec], *,
+                  damage_rows: int | None = None) -> np.ndarray:
+    """½ Σ F·(w − q_c(w))² for every config c; weight and fisher are [out, in]. damage_rows: each ggml
+    type's damage on that many strided rows, scaled to all rows (`damage_rows.py`; None / 0: every row)."""
     w = weight.detach().float()
-    out = np.zeros(len(configs))
-    for j, spec in enumerate(configs):
-        if spec.keep:
-            continue
-        if not storable(spec, w.shape[1]):
-            out[j] = np.nan  # a ggml type this row length cannot take: not measured, masked by allocation
-            continue
-        delta = fake_quantize(w, spec) - w
-        out[j] = 0.5 * float((fisher * delta.square()).sum())
+    out = unmeasured(w.shape[1], configs)  # NaN: a ggml type this row length cannot take, masked by allocation
+    for j, idx, delta, scale in config_deltas(w, configs, damage_rows):
+        out[j] = scale * 0.5 * float((rows_of(fisher, idx) * delta.square()).sum())
     return out
 
 
@@ -81,14 +77,16 @@ def fisher_table(
     *,
     device: torch.device,
     progress: bool = True,
+    damage_rows: int | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Damage [U, C] and scalar scores for every linear, from one Fisher pass."""
+    """Damage [U, C] and scalar scores for every linear, from one Fisher pass (ggml types on `damage_rows`
+    rows per layer, scaled: `fisher_damage`)."""
     fisher = empirical_fisher(model, windows, linears, device=device, progress=progress)
     damage = np.zeros((len(linears), len(configs)))
     trace = np.zeros(len(linears))
     for u, name in enumerate(tqdm(linears, desc="damage table", disable=not progress, leave=False)):
         weight = get_weight(model.get_submodule(name))
-        damage[u] = fisher_damage(weight, fisher[name], configs)
+        damage[u] = fisher_damage(weight, fisher[name], configs, damage_rows=damage_rows)
         trace[u] = float(fisher[name].sum())
         del fisher[name]
     return damage, {"fisher_trace": trace}

@@ -216,15 +216,18 @@ def streamed_fisher_table(
     windows: torch.Tensor,
     linears: Mapping[str, LinearInfo],
     configs: Sequence[QuantSpec],
+    *,
+    damage_rows: int | None = None,
     **kwargs,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Damage [U, C] and the Fisher trace per linear, as `fisher_table` returns them; each block's
-    damage is computed while the block is materialized, then its Fisher is freed."""
+    """Damage [U, C] and the Fisher trace per linear, as `fisher_table` returns them (ggml types on
+    `damage_rows` rows per layer, scaled); each block's damage is computed while the block is
+    materialized, then its Fisher is freed."""
     row = {name: u for u, name in enumerate(linears)}
     damage = np.zeros((len(linears), len(configs)))
     trace = np.zeros(len(linears))
     for _, loaded, fisher, _ in fisher_by_block(model, windows, linears, **kwargs):
-        _fill_rows(loaded, fisher, configs, [row[name] for name in fisher], damage, trace)
+        _fill_rows(loaded, fisher, configs, [row[name] for name in fisher], damage, trace, damage_rows)
     return damage, {"fisher_trace": trace}
 
 
@@ -235,6 +238,7 @@ def streamed_gradient_fisher_tables(
     configs: Sequence[QuantSpec],
     *,
     absolute: bool = False,
+    damage_rows: int | None = None,
     **kwargs,
 ) -> dict[str, tuple[np.ndarray, dict[str, np.ndarray]]]:
     """{"gradient": table, "fisher": table} from ONE streamed pass, each as `gradient.gradient_fisher_tables`
@@ -246,15 +250,17 @@ def streamed_gradient_fisher_tables(
                                                    mean_gradient="absolute" if absolute else "signed", **kwargs):
         for name in list(mean):
             g = mean.pop(name)
-            damage["gradient"][row[name]] = gradient_damage(get_weight(loaded.get_submodule(name)), g, configs)
+            damage["gradient"][row[name]] = gradient_damage(get_weight(loaded.get_submodule(name)), g, configs,
+                                                            damage_rows=damage_rows)
             l1[row[name]] = float(g.abs().sum())
-        _fill_rows(loaded, fisher, configs, [row[name] for name in fisher], damage["fisher"], trace)
+        _fill_rows(loaded, fisher, configs, [row[name] for name in fisher], damage["fisher"], trace, damage_rows)
     return {"gradient": (damage["gradient"], {"gradient_l1": l1}), "fisher": (damage["fisher"], {"fisher_trace": trace})}
 
 
-def _fill_rows(model: nn.Module, fisher: dict[str, torch.Tensor], configs, rows: list[int], damage, trace) -> None:
+def _fill_rows(model: nn.Module, fisher: dict[str, torch.Tensor], configs, rows: list[int], damage, trace,
+               damage_rows: int | None = None) -> None:
     """Damage and trace rows of one block's linears; each Fisher is dropped as soon as its row is done."""
     for name, u in zip(list(fisher), rows):
         f = fisher.pop(name)
-        damage[u] = fisher_damage(get_weight(model.get_submodule(name)), f, configs)
+        damage[u] = fisher_damage(get_weight(model.get_submodule(name)), f, configs, damage_rows=damage_rows)
         trace[u] = float(f.sum())

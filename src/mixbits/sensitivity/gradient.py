@@ -13,7 +13,7 @@ damage is in units of that mean loss, like the Fisher damage). With ``absolute=T
 
 The same per-window gradients give the empirical Fisher diagonal F = (1/N) Σ_n g_n², so
 `gradient_statistics` computes both in one pass and `gradient_fisher_tables` returns both
-tables from it (the Fisher damage through `fisher.fisher_damage`).
+tables from it (each δ once for both sums, `damage_rows.config_deltas`).
 
 Trade-off: near a converged optimum ḡ is small and noisy, and a first-order term says nothing
 about curvature; cheap (one forward + backward per window, as Fisher) and label-free apart
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from functools import partial
 
 import numpy as np
 import torch
@@ -34,10 +35,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mixbits.model.arch import LinearInfo, get_weight
-from mixbits.quant.fake import fake_quantize, storable
 from mixbits.quant.spec import QuantSpec
 from mixbits.sensitivity.capture import window_gradients
-from mixbits.sensitivity.fisher import fisher_damage
+from mixbits.sensitivity.damage_rows import config_deltas, rows_of, unmeasured
 
 log = logging.getLogger(__name__)
 
@@ -77,18 +77,15 @@ def gradient_statistics(
     return mean_grad, fisher
 
 
-def gradient_damage(weight: torch.Tensor, grad: torch.Tensor, configs: Sequence[QuantSpec]) -> np.ndarray:
-    """Σ |g ⊙ (w − q_c(w))| for every config c; weight and grad are [out, in]."""
+def gradient_damage(weight: torch.Tensor, grad: torch.Tensor, configs: Sequence[QuantSpec], *,
+                    damage_rows: int | None = None) -> np.ndarray:
+    """Σ |g ⊙ (w − q_c(w))| for every config c; weight and grad are [out, in]. damage_rows: each ggml
+    type's damage on that many strided rows, scaled to all rows (`damage_rows.py`; None / 0: every row)."""
     w = weight.detach().to(grad.device, torch.float32)
     g = grad.float()
-    out = np.zeros(len(configs))
-    for j, spec in enumerate(configs):
-        if spec.keep:
-            continue
-        if not storable(spec, w.shape[1]):
-            out[j] = np.nan  # a ggml type this row length cannot take
-            continue
-        out[j] = float((g * (w - fake_quantize(w, spec))).abs().sum())
+    out = unmeasured(w.shape[1], configs)  # NaN: a ggml type this row length cannot take
+    for j, idx, delta, scale in config_deltas(w, configs, damage_rows):
+        out[j] = scale * float((rows_of(g, idx) * delta).abs().sum())
     return out
 
 
@@ -112,6 +109,7 @@ def gradient_table(
     device: torch.device,
     progress: bool = True,
     mean_grad: Mapping[str, torch.Tensor] | None = None,
+    damage_rows: int | None = None,
 ) -> Table:
     """Damage [U, C] and scores["gradient_l1"] = Σ|ḡ| per unit.
 
@@ -119,7 +117,7 @@ def gradient_table(
     """
     if mean_grad is None:
         mean_grad, _ = gradient_statistics(model, windows, linears, device=device, progress=progress)
-    damage = _table(model, linears, configs, mean_grad, gradient_damage, progress)
+    damage = _table(model, linears, configs, mean_grad, partial(gradient_damage, damage_rows=damage_rows), progress)
     l1 = np.array([float(mean_grad[n].abs().sum()) for n in linears])
     return damage, {"gradient_l1": l1}
 
@@ -133,23 +131,22 @@ def gradient_fisher_tables(
     device: torch.device,
     progress: bool = True,
     absolute: bool = False,
+    damage_rows: int | None = None,
 ) -> dict[str, Table]:
     """{"gradient": table, "fisher": table} from ONE calibration pass; each table as `fisher_table`.
 
     Each δ = q_c(w) − w is computed once and feeds both sums, so the two tables cost one
-    fake-quantization per linear and config, like one table alone."""
+    fake-quantization per linear and config, like one table alone (ggml types on `damage_rows` rows
+    per layer, scaled to all: `damage_rows.py`)."""
     mean_grad, fisher = gradient_statistics(model, windows, linears, device=device, progress=progress,
                                             absolute=absolute)
     grad_dmg, fisher_dmg = np.zeros((len(linears), len(configs))), np.zeros((len(linears), len(configs)))
     for u, name in enumerate(tqdm(linears, desc="damage tables", disable=not progress, leave=False)):
         w = get_weight(model.get_submodule(name)).detach().to(fisher[name].device, torch.float32)
-        for j, spec in enumerate(configs):
-            if not storable(spec, w.shape[1]):
-                grad_dmg[u, j] = fisher_dmg[u, j] = np.nan  # a ggml type this row length cannot take
-            elif not spec.keep:
-                delta = fake_quantize(w, spec) - w
-                grad_dmg[u, j] = float((mean_grad[name] * delta).abs().sum())
-                fisher_dmg[u, j] = 0.5 * float((fisher[name] * delta.square()).sum())
+        grad_dmg[u] = fisher_dmg[u] = unmeasured(w.shape[1], configs)  # NaN: a ggml type this row length cannot take
+        for j, idx, delta, scale in config_deltas(w, configs, damage_rows):
+            grad_dmg[u, j] = scale * float((rows_of(mean_grad[name], idx) * delta).abs().sum())
+            fisher_dmg[u, j] = scale * 0.5 * float((rows_of(fisher[name], idx) * delta.square()).sum())
     l1 = np.array([float(mean_grad[n].abs().sum()) for n in linears])
     trace = np.array([float(fisher[n].sum()) for n in linears])
     return {"gradient": (grad_dmg, {"gradient_l1": l1}), "fisher": (fisher_dmg, {"fisher_trace": trace})}

@@ -115,7 +115,7 @@ def _run(name, model, windows, linears, configs, granularity, *, device, progres
             return streamed_gradient_fisher_tables(model, windows, linears, configs, device=device, progress=progress,
                                                    offload_dir=offload_dir, **options.get(name, {}))["gradient"]
         return streamed_fisher_table(model, windows, linears, configs, device=device, progress=progress,
-                                     offload_dir=offload_dir)
+                                     offload_dir=offload_dir, **options.get(name, {}))
     method = METHODS[name]
     kwargs = _kwargs(name, options, generator)
     if method.kind == "measured":
@@ -125,6 +125,14 @@ def _run(name, model, windows, linears, configs, granularity, *, device, progres
     return method.fn(model, windows, linears, configs, device=device, progress=progress, **kwargs)
 
 
+def _shared_damage_rows(options: Mapping[str, Mapping[str, object]]) -> int | None:
+    """The `damage_rows` of the shared fisher + gradient pass: one δ feeds both tables, so both must ask the same."""
+    rows = {m: options.get(m, {}).get("damage_rows") for m in SHARED_PASS}
+    if len(set(rows.values())) > 1:
+        raise UserError(f"fisher and gradient share one pass, so their damage_rows must agree; got {rows}")
+    return rows["fisher"]
+
+
 def _raw_tables(methods, model, windows, linears, configs, granularity, **kw) -> dict[str, tuple[Raw, float, dict]]:
     """method -> ((damage, scores), seconds, extra meta), in the order asked."""
     out: dict[str, tuple[Raw, float, dict]] = {}
@@ -132,13 +140,14 @@ def _raw_tables(methods, model, windows, linears, configs, granularity, **kw) ->
         log.info("fisher + gradient: one shared gradient pass")
         start = time.perf_counter()
         absolute = bool(kw["options"].get("gradient", {}).get("absolute", False))
+        rows = _shared_damage_rows(kw["options"])
         if isinstance(model, nn.Module):
             both = gradient_fisher_tables(model, windows, linears, configs, device=kw["device"],
-                                          progress=kw["progress"], absolute=absolute)
+                                          progress=kw["progress"], absolute=absolute, damage_rows=rows)
         else:  # a block source: the same pass block by block
             both = streamed_gradient_fisher_tables(model, windows, linears, configs, device=kw["device"],
                                                    progress=kw["progress"], absolute=absolute,
-                                                   offload_dir=kw["offload_dir"])
+                                                   offload_dir=kw["offload_dir"], damage_rows=rows)
         seconds = time.perf_counter() - start
         for m, other in zip(SHARED_PASS, reversed(SHARED_PASS)):
             out[m] = (both[m], seconds, {"shared_pass_with": other})
