@@ -198,7 +198,8 @@ def test_llama_cpp_runs_the_mixed_file(written, tokenizer):
 
 
 @pytest.mark.parametrize("name, preset", [("Q2_K", "Q2_K"), ("Q3_K", "Q3_K_S"), ("Q4_K", "Q4_K_S"), ("Q5_K", "Q5_K_S"),
-                                          ("Q6_K", "Q6_K"), ("Q4_0", "Q4_0"), ("Q8_0", "Q8_0"), ("IQ4_XS", "IQ4_XS")])
+                                          ("Q6_K", "Q6_K"), ("Q4_0", "Q4_0"), ("Q8_0", "Q8_0"), ("IQ4_XS", "IQ4_XS"),
+                                          ("IQ4_NL", "IQ4_NL")])
 def test_k_quants_have_lower_weight_error_than_llama_cpp_quantizer(tmp_path, name, preset):
     """llama.cpp's own quantizer (llama_model_quantize, no imatrix) on an F16 export of the same
     heavy-tailed weights: mixbits' grid search gives a lower squared error, tensor type by tensor type."""

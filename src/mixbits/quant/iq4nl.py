@@ -3,19 +3,19 @@
 A weight is w = d * LEVELS[q], q a 4-bit index, d the block's fp16 scale: llama.cpp's IQ4_NL
 (`kvalues_iq4nl`, 18 bytes per 32 weights = 4.5 bits per weight, Q4_0's size). The levels are
 denser near zero than a uniform grid, as trained weights are, so at Q4_0's size the error is
-lower (on the embedded model's linears 0.76x Q4_0's squared error, `quant.kquant` grids for both;
+lower (on the embedded model's linears 0.75x Q4_0's squared error, `quant.kquant` grids for both;
 docs/gguf.md "IQ4_NL").
 
 The scale minimises the importance-weighted squared error E = sum_i a_i (w_i - d L_q_i)^2 of a
 block (a = diag(X^T X), llama.cpp's imatrix, else 1). Candidates map the block's largest |w| to
 either end of the grid (-127 or 113), moved by `STEPS` level units (every other unit up to 7 each
-way: 16 candidates; every unit, 30, lowers the error by at most 2e-6 relative at 1.8x the time,
+way: 16 candidates; every unit, 30, lowers the error by at most 1e-6 relative at 1.5x the time,
 `bench/ggml_error.py --iq4nl-steps 1,2,3`); each is
 refined by weighted least squares d = sum a w L / sum a L^2 on its nearest levels, rounded to
 fp16, and its codes taken again; the lowest E wins (a zero scale when nothing beats an all-zero
 block), then `POLISH` more rounds of least squares on the winner's own levels, each kept where E
 drops (3 rounds: 0.937x the error with a real imatrix on the embedded model's down_proj, 0.997x
-uniform, at 1.3x the time; `bench/ggml_error.py --iq4nl-polish 0,1,2,3,5`). llama.cpp's own search
+uniform, at 1.5x the time; `bench/ggml_error.py --iq4nl-polish 0,1,2,3,5`). llama.cpp's own search
 (ggml-quants.c, quantize_row_iq4_nl_impl) tries 15 scales at one end with heuristic weights and one
 least-squares step each; this one tries both ends and weighs by the objective itself.
 
