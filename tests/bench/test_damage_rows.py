@@ -38,9 +38,9 @@ def test_the_table_prices_each_plan_under_the_full_table(tmp_path):
     assert [r["layers typed differently"] for r in rows] == [0, 2]
     assert [r["predicted damage (full table)"] for r in rows] == [4 + 1 + 1, 1 + 2 + 1]
     assert rows[1]["vs reference"] == pytest.approx(4 / 6 - 1)
-    med, p90 = rows[1]["ggml entries: median / p90 error"]
-    errors = sorted([0.25, 0, 0, 0, 1, 0])  # |3/4 - 1|, |2/1 - 1| and four exact entries
-    assert med == pytest.approx(np.median(errors)) and p90 == pytest.approx(np.quantile(errors, 0.9))
+    med, summed = rows[1]["ggml entries: median / summed error"]
+    assert med == pytest.approx(np.median([0.25, 0, 0, 0, 1, 0]))  # |3/4 - 1|, |2/1 - 1| and four exact entries
+    assert summed == pytest.approx((1 + 1) / (4 + 1 + 2 + 1 + 8 + 1))
     assert rows[1]["damage rows"] == 16 and rows[0]["damage rows"] == "all" and rows[1]["sensitivity s"] == 10.0
     text = bench.main([str(full), str(part), "--out", str(tmp_path / "t.md")])
     assert "| -33.33 % |" in text and (tmp_path / "t.md").read_text().startswith("    python bench/damage_rows.py")
