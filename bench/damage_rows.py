@@ -43,9 +43,11 @@ def load(folder: Path) -> dict:
 
 
 def entry_error(table: DamageTable, reference: DamageTable) -> tuple[float, float]:
-    """Median of |damage / reference − 1| and Σ|damage − reference| / Σ reference over the measured ggml entries."""
+    """Median of |damage / reference − 1| and Σ|damage − reference| / Σ reference over the measured ggml
+    entries."""
     if table.units != reference.units or table.configs != reference.configs:
-        raise SystemExit(f"{table.method} tables over other layers or configs: compare runs of one model and candidates")
+        raise SystemExit(f"{table.method} tables over other layers or configs: compare runs of one model and "
+                         "candidates")
     ggml = [j for j, c in enumerate(table.configs) if isinstance(c, GGMLSpec)]
     est, ref = table.damage[:, ggml], reference.damage[:, ggml]
     ok = np.isfinite(ref) & (ref > 0)
