@@ -53,6 +53,16 @@ def test_sampled_ggml_damage_is_the_sampled_rows_scaled_and_affine_stays_exact()
     assert part[-1] == g_part[-1] == 0.0
 
 
+@pytest.mark.parametrize("name", list(GGML_TYPES))
+def test_every_ggml_type_quantizes_the_sampled_rows_as_the_whole_layer_does(name):
+    """What makes the sampled damage exact on its rows: no ggml type's grid depends on other rows."""
+    from mixbits.quant.fake import fake_quantize
+
+    w, _, _ = layer()
+    idx = sample_rows(48, 8)
+    assert torch.equal(fake_quantize(w[idx], GGML_TYPES[name]), fake_quantize(w, GGML_TYPES[name])[idx])
+
+
 def test_a_type_the_row_cannot_take_stays_nan_when_sampled():
     w, fisher, grad = layer(inp=96)  # 96 = 3 blocks of 32: no K-quant
     q3k = CONFIGS.index(GGML_TYPES["Q3_K"])
