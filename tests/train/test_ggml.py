@@ -12,7 +12,7 @@ from mixbits.config import TrainConfig
 from mixbits.export.gguf import write_gguf
 from mixbits.export.native import load_native, save_native
 from mixbits.export.native_shards import block_file
-from mixbits.model.arch import get_weight
+from mixbits.model.arch import find_linears, get_weight
 from mixbits.model.quantize import quantize_model
 from mixbits.model.quantize_streamed import dequantized_block
 from mixbits.plan import Plan
@@ -151,14 +151,8 @@ def test_streamed_from_a_checkpoint_writes_the_same_shards(trained, tmp_path):
     specs = plan().quantized()
     for i in range(2):
         block = {n: s for n, s in specs.items() if n.startswith(f"{L}{i}.")}
-        for name, (weight, _) in dequantized_block(writer.read_block(i), block, _linears(model)).items():
+        for name, (weight, _) in dequantized_block(writer.read_block(i), block, find_linears(model)).items():
             assert torch.equal(weight, get_weight(model_q.get_submodule(name))), name
     save_native(model_q, plan(), tmp_path / "whole", qparams=report.qparams)
     for i in range(2):
         assert sha256(tmp_path / "model")[block_file(i)] == sha256(tmp_path / "whole")[block_file(i)], i
-
-
-def _linears(model):
-    from mixbits.model.arch import find_linears
-
-    return find_linears(model)

@@ -48,24 +48,21 @@ def start_grid(params: GGMLParams) -> tuple[Tensor, Tensor]:
     return params.grid()
 
 
-def _coded(x: Tensor, sup: Tensor, subs: int, lo: int, hi: int, ste: bool) -> Tensor:
-    """Codes clamp(round(x / sup), lo, hi) (STE when `ste`), sup [out, nb] per block; 0 where sup is 0."""
-    sup = sup.repeat_interleave(subs, dim=1)
+def _coded(x: Tensor, sup: Tensor, keep: Tensor, lo: int, hi: int, ste: bool) -> Tensor:
+    """Codes clamp(round(x / sup), lo, hi) (STE when `ste`) per sub-block, sup [out, nb] per block;
+    the start's codes `keep` where sup is 0 (the block's values are 0 whatever its codes)."""
+    sup = sup.repeat_interleave(keep.shape[1] // sup.shape[1], dim=1)
     zero = sup == 0
     ratio = x / torch.where(zero, torch.ones_like(sup), sup)
     codes = torch.clamp(round_ste(ratio) if ste else torch.round(ratio), lo, hi)
-    return torch.where(zero, torch.zeros_like(codes), codes)
+    return torch.where(zero, keep.to(codes.dtype), codes)
 
 
-def _projected(scale: Tensor, mins: Tensor, params: GGMLParams, ste: bool) -> tuple[Tensor, Tensor]:
-    """(s_hat, m_hat) per sub-block [out, in / sub_block]: the storable grid nearest to (s, m)."""
+def _projected(scale: Tensor, mins: Tensor, params: GGMLParams) -> tuple[Tensor, Tensor]:
+    """(s_hat, m_hat) per sub-block [out, in / sub_block]: the storable grid nearest to (s, m), rounded with STE."""
     spec, subs = params.spec, params.spec.subs
     if spec.scale_bits:
-        lo, hi = spec.sc_range
-        sc = _coded(scale, params.d, subs, lo, hi, ste)
-        s_hat = params.d.repeat_interleave(subs, dim=1) * sc
-        fixed = (params.d == 0).repeat_interleave(subs, dim=1)  # keep the start's (zero) scale
-        s_hat = torch.where(fixed, params.grid()[0], s_hat)
+        s_hat = params.d.repeat_interleave(subs, dim=1) * _coded(scale, params.d, params.sc, *spec.sc_range, ste=True)
     else:
         s_hat = scale
     if spec.symmetric:
@@ -73,7 +70,7 @@ def _projected(scale: Tensor, mins: Tensor, params: GGMLParams, ste: bool) -> tu
     elif spec.min_bits == 16:
         m_hat = mins
     else:
-        mn = _coded(mins, params.dmin, subs, 0, (1 << spec.min_bits) - 1, ste)
+        mn = _coded(mins, params.dmin, params.mn, 0, (1 << spec.min_bits) - 1, ste=True)
         m_hat = params.dmin.repeat_interleave(subs, dim=1) * mn
     return s_hat, m_hat
 
@@ -82,7 +79,7 @@ def fake_quantize_ggml_ste(w: Tensor, scale: Tensor, mins: Tensor, params: GGMLP
     """Differentiable w_hat [out, in] float32 of latent `w` with per sub-block `scale`, `mins` on the grid
     of `params`' type (its d, dmin fixed); see the module docstring."""
     spec = params.spec
-    s_hat, m_hat = _projected(scale.float(), mins.float(), params, ste=True)
+    s_hat, m_hat = _projected(scale.float(), mins.float(), params)
     s = s_hat.repeat_interleave(spec.sub_block, dim=1)
     m = m_hat.repeat_interleave(spec.sub_block, dim=1)
     zero = s == 0
@@ -107,14 +104,11 @@ def finalize_grid(scale: Tensor, mins: Tensor, params: GGMLParams) -> GGMLParams
     spec, scale, mins = params.spec, scale.detach().float(), mins.detach().float()
     d, dmin, sc, mn = params.d, params.dmin, params.sc, params.mn
     if spec.scale_bits:
-        lo, hi = spec.sc_range
-        sc = torch.where(params.d.repeat_interleave(spec.subs, dim=1) == 0, params.sc,
-                         _coded(scale, params.d, spec.subs, lo, hi, ste=False).to(torch.int32))
+        sc = _coded(scale, params.d, params.sc, *spec.sc_range, ste=False).to(torch.int32)
     else:
         d = _fp16(scale)
     if spec.min_bits == 16:
         dmin = _fp16(mins)
     elif not spec.symmetric:
-        mn = torch.where(params.dmin.repeat_interleave(spec.subs, dim=1) == 0, params.mn,
-                         _coded(mins, params.dmin, spec.subs, 0, (1 << spec.min_bits) - 1, ste=False).to(torch.int32))
+        mn = _coded(mins, params.dmin, params.mn, 0, (1 << spec.min_bits) - 1, ste=False).to(torch.int32)
     return GGMLParams(spec, d.to(scale.device), dmin.to(scale.device), sc.to(scale.device), mn.to(scale.device))
