@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from mixbits.data.text import load_text  # noqa: E402
 from mixbits.data.windows import calibration_windows  # noqa: E402
-from mixbits.model.hooks import input_hooks  # noqa: E402
+from mixbits.model.hooks import input_square_sums  # noqa: E402
 from mixbits.model.load import load_model  # noqa: E402
 from mixbits.model.arch import find_linears  # noqa: E402
 from mixbits.quant import iq4nl, kquant  # noqa: E402
@@ -104,15 +104,7 @@ def main(argv: list[str] | None = None) -> None:
 def _imatrix(model, tokenizer, names: list[str], windows: int) -> dict[str, torch.Tensor]:
     """diag(X^T X) [in] per named linear over `windows` calibration windows of wiki (512 tokens, seed 0)."""
     ids = calibration_windows(tokenizer, load_text("wiki", "calibration"), 512, windows, seed=0)
-    sums = {n: torch.zeros(model.get_submodule(n).weight.shape[1], dtype=torch.float64) for n in names}
-
-    def add(name: str, x: torch.Tensor) -> None:
-        sums[name] += x.detach().reshape(-1, x.shape[-1]).double().square().sum(0)
-
-    with torch.no_grad(), input_hooks(model, names, add):
-        for window in ids:
-            model(window[None])
-    return {n: s.float() for n, s in sums.items()}
+    return input_square_sums(model, names, ids)
 
 
 def _student_t(w: torch.Tensor, df: int, gen: torch.Generator) -> torch.Tensor:

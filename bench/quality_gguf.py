@@ -57,7 +57,7 @@ from mixbits.config import AllocationConfig
 from mixbits.export.gguf import write_gguf
 from mixbits.jobs.gguf_budget import GGUFBudget, gguf_budget
 from mixbits.model.arch import get_weight
-from mixbits.model.hooks import input_hooks
+from mixbits.model.hooks import input_square_sums
 from mixbits.model.quantize import quantize_model
 from mixbits.plan import Plan
 from mixbits.quant import kquant
@@ -129,15 +129,7 @@ def importance(bench) -> dict[str, torch.Tensor]:
     if "gguf_importance" not in bench.memo and path.is_file():
         bench.memo["gguf_importance"] = torch.load(path)
     if "gguf_importance" not in bench.memo:
-        sums = {name: torch.zeros(shape[1], dtype=torch.float64) for name, shape in bench.p.shapes.items()}
-
-        def add(name: str, x: torch.Tensor) -> None:
-            sums[name] += x.detach().reshape(-1, x.shape[-1]).double().square().sum(0).cpu()
-
-        with torch.no_grad(), input_hooks(bench.p.model, list(sums), add):
-            for window in bench.calib:
-                bench.p.model(window[None].to(bench.p.device))
-        bench.memo["gguf_importance"] = {n: s.float() for n, s in sums.items()}
+        bench.memo["gguf_importance"] = input_square_sums(bench.p.model, list(bench.p.shapes), bench.calib)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(bench.memo["gguf_importance"], path)
     return bench.memo["gguf_importance"]

@@ -66,3 +66,22 @@ def test_hooks_are_removed_even_when_the_forward_raises():
     with pytest.raises(ZeroDivisionError), input_hooks(model, ["q"], lambda name, x: 1 / 0):
         model(torch.randn(1, 6))
     model(torch.randn(1, 6))  # would raise again if the hook were still there
+
+
+def test_input_square_sums_are_the_diagonal_of_the_inputs_gram():
+    import torch
+    from mixbits.model.arch import find_linears
+    from mixbits.model.hooks import input_hooks, input_square_sums
+    from tests.conftest import tiny_llama
+
+    model, names = tiny_llama(), ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    windows = torch.randint(0, 256, (3, 8), generator=torch.Generator().manual_seed(0))
+    seen = {n: [] for n in names}
+    with torch.no_grad(), input_hooks(model, names, lambda n, x: seen[n].append(x.reshape(-1, x.shape[-1]))):
+        for w in windows:
+            model(w[None])
+    got = input_square_sums(model, names, windows)
+    for n in names:
+        x = torch.cat(seen[n]).double()
+        torch.testing.assert_close(got[n], torch.diagonal(x.T @ x).float())
+        assert got[n].shape == (find_linears(model)[n].in_features,)

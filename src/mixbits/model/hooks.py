@@ -87,3 +87,21 @@ class SharedInputGrams:
         for name, owner in self.owner.items():
             out.setdefault(owner, []).append(name)
         return list(out.values())
+
+
+@torch.no_grad()
+def input_square_sums(model: nn.Module, names: list[str], windows: Tensor) -> dict[str, Tensor]:
+    """diag(XᵀX) per named linear: the sum over `windows` (LongTensor [n, seqlen], one forward each, on the
+    model's device) of the squared inputs of each input channel, float32 on the CPU (llama.cpp's imatrix
+    is this per token averaged)."""
+    device = next(model.parameters()).device
+    sums: dict[str, Tensor] = {}
+
+    def add(name: str, x: Tensor) -> None:
+        part = x.detach().reshape(-1, x.shape[-1]).double().square().sum(0).cpu()
+        sums[name] = part if name not in sums else sums[name] + part
+
+    with input_hooks(model, names, add):
+        for window in windows:
+            model(window[None].to(device))
+    return {n: s.float() for n, s in sums.items()}
