@@ -112,8 +112,7 @@ def table(bench) -> DamageTable:
     damage = np.zeros((len(bench.p.linears), len(configs)))
     for u, name in enumerate(bench.p.linears):
         weight = get_weight(bench.p.model.get_submodule(name)).detach()
-        picked = torch.arange(0, weight.shape[0], max(1, weight.shape[0] // rows))
-        damage[u] = fisher_damage(weight[picked], fisher.pop(name)[picked], configs) * weight.shape[0] / len(picked)
+        damage[u] = fisher_damage(weight, fisher.pop(name), configs, damage_rows=rows)  # sampled as `mixbits run`
     found = DamageTable(tuple(bench.p.linears), tuple(bench.p.shapes[n] for n in bench.p.linears), tuple(configs),
                         damage, damage_method(rows))
     path.parent.mkdir(parents=True, exist_ok=True)
